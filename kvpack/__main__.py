@@ -1,0 +1,3 @@
+from kvpack.cli.app import entry_point
+
+entry_point()

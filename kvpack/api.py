@@ -1,0 +1,462 @@
+"""The public Python API: compress / decompress tensors and files, compare caches.
+
+Tensors are KV-cache tensors of shape ``(batch, num_kv_heads, seq_len, head_dim)`` named
+``layers.{i}.key`` / ``layers.{i}.value``; any other tensor (``token_ids``) is stored
+losslessly. Work is done one tensor at a time so a cache is never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvpack import __version__
+from kvpack.codecs.base import KIND_CODES, check_fp16_range
+from kvpack.config import CodecConfig
+from kvpack.errors import FormatError, InvalidInputError
+from kvpack.formats.constants import DTYPE_SIZES, FLOAT_DTYPES
+from kvpack.formats.header import TensorEntry, section_specs
+from kvpack.formats.reader import KvpReader, is_kvp_file
+from kvpack.formats.safetensors_io import SafetensorsSource, parse_kv_name, write_safetensors
+from kvpack.formats.writer import KvpWriter, check_output_path
+from kvpack.grouping import GroupLayout, from_groups, merge_outliers, outliers_per_side, split_outliers, to_groups
+from kvpack.packing import pack, unpack
+from kvpack.stats import ErrorAccumulator, size_breakdown
+
+Progress = Callable[[int, int, str], None]
+
+TORCH_DTYPES = {
+    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
+    "uint8": torch.uint8, "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise InvalidInputError(f"unsupported tensor dtype {dtype}; supported: {', '.join(TORCH_DTYPES)}") from None
+
+
+# --- one tensor ------------------------------------------------------------------------
+
+
+def encode_tensor(name: str, x: torch.Tensor, config: CodecConfig | None) -> dict[str, bytes]:
+    """Serialize one tensor into the sections of a ``.kvp`` entry.
+
+    Args:
+        name: tensor name (for messages).
+        x: with a codec, a float16 / bfloat16 / float32 tensor ``(batch, num_kv_heads,
+            seq_len, head_dim)``; without (``config=None``), any supported tensor, stored as is.
+        config: the codec config, or ``None`` for lossless storage.
+
+    Returns:
+        Section name -> bytes, in the order :func:`kvpack.formats.header.section_specs` gives.
+
+    Raises:
+        InvalidInputError: wrong shape or dtype, NaN/Inf values, values beyond the float16
+            metadata range, or a group size that does not divide the features.
+    """
+    dtype = dtype_name(x.dtype)
+    if config is None:
+        return {"data": _tensor_bytes(x)}
+    if dtype not in FLOAT_DTYPES:
+        raise InvalidInputError(f"tensor {name!r}: dtype {dtype} cannot be quantized (expected {', '.join(FLOAT_DTYPES)})")
+    try:
+        layout = GroupLayout(tuple(x.shape), config.group_size)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"tensor {name!r}: {exc}") from None
+    values = x.detach().to("cpu", torch.float32)
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise InvalidInputError(f"tensor {name!r} holds {bad} NaN or Inf values; refusing to quantize it")
+    try:
+        check_fp16_range(values)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"tensor {name!r}: {exc}") from None
+    groups = to_groups(values, layout)
+    per_side = outliers_per_side(config.outlier_ratio, config.group_size)
+    mask = None
+    if per_side:
+        positions, outlier_values, mask = split_outliers(groups, per_side)
+    arrays = config.make_codec().encode(groups, layout, mask)
+    specs = section_specs(tuple(x.shape), dtype, config)
+    out = {}
+    for section, spec in specs.items():
+        if section == "outlier_index":
+            out[section] = pack(positions.reshape(-1).numpy(), spec.bits).tobytes()
+        elif section == "outlier_value":
+            out[section] = _tensor_bytes(outlier_values.to(TORCH_DTYPES[dtype]))
+        elif spec.dtype == "code":
+            out[section] = pack(arrays[section].reshape(-1).numpy(), spec.bits).tobytes()
+        else:
+            out[section] = _tensor_bytes(arrays[section].to(TORCH_DTYPES[spec.dtype]))
+    return out
+
+
+def decode_entry(entry: TensorEntry, sections: dict[str, bytes | np.ndarray], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rebuild a tensor from its header entry and section bytes.
+
+    Args:
+        entry: the tensor's header entry (shape, dtype, codec).
+        sections: section name -> raw bytes (as read from the file).
+        dtype: output dtype; default the stored dtype.
+
+    Returns:
+        Tensor of ``entry.shape``.
+
+    Raises:
+        FormatError: a section has the wrong size (only possible if not read through the reader).
+    """
+    specs = section_specs(entry.shape, entry.dtype, entry.codec)
+    out_dtype = dtype or TORCH_DTYPES[entry.dtype]
+    try:
+        if entry.codec is None:
+            return _from_bytes(sections["data"], entry.dtype).reshape(entry.shape).to(out_dtype)
+        layout = entry.layout
+        arrays = {}
+        for section, spec in specs.items():
+            if spec.dtype == "code":
+                codes = torch.from_numpy(unpack(_as_uint8(sections[section]), spec.bits, spec.count).astype(np.int64))
+                arrays[section] = codes.reshape(layout.n_groups, -1) if spec.kind == KIND_CODES else codes
+            else:
+                arrays[section] = _from_bytes(sections[section], spec.dtype).to(torch.float32)
+        groups = entry.codec.make_codec().decode(arrays, layout)
+        if "outlier_index" in arrays:
+            per_side = outliers_per_side(entry.codec.outlier_ratio, entry.codec.group_size)
+            positions = arrays["outlier_index"].reshape(layout.n_groups, 2 * per_side)
+            if positions.numel() and int(positions.max()) >= layout.group_size:
+                raise FormatError(f"tensor {entry.name!r}: outlier position beyond the group size")
+            merge_outliers(groups, positions, arrays["outlier_value"].reshape(layout.n_groups, 2 * per_side))
+        return from_groups(groups, layout).to(out_dtype)
+    except InvalidInputError as exc:
+        raise FormatError(f"tensor {entry.name!r}: {exc}") from None
+
+
+def _tensor_bytes(x: torch.Tensor) -> bytes:
+    return x.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _as_uint8(data: bytes | np.ndarray) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data, np.uint8)
+
+
+def _from_bytes(data: bytes | np.ndarray, dtype: str) -> torch.Tensor:
+    raw = _as_uint8(data)
+    if raw.size % DTYPE_SIZES[dtype]:
+        raise FormatError(f"{raw.size} bytes is not a whole number of {dtype} values")
+    return torch.from_numpy(raw.copy()).view(TORCH_DTYPES[dtype])
+
+
+# --- dicts of tensors ------------------------------------------------------------------
+
+
+def compress_tensors(
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    config: CodecConfig,
+    metadata: dict[str, str] | None = None,
+    force: bool = False,
+) -> list[TensorEntry]:
+    """Write a dict of tensors to a ``.kvp``: ``layers.{i}.key|value`` quantized, the rest lossless.
+
+    Raises:
+        InvalidInputError, OutputExistsError: see :func:`encode_tensor` and :class:`KvpWriter`.
+    """
+    with KvpWriter(path, _file_metadata(metadata or {}, config), force=force) as writer:
+        for name, x in tensors.items():
+            codec = config if parse_kv_name(name) else None
+            writer.add_tensor(name, tuple(x.shape), dtype_name(x.dtype), codec, encode_tensor(name, x, codec))
+        return writer.entries
+
+
+def load_kvp(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor of a ``.kvp`` (decoded) and its metadata.
+
+    Raises:
+        FormatError: see :class:`KvpReader`.
+    """
+    with KvpReader(path) as reader:
+        tensors = {name: decode_entry(reader.entry(name), reader.read_sections(name), dtype if parse_kv_name(name) else None) for name in reader.keys()}
+        return tensors, dict(reader.metadata)
+
+
+def _file_metadata(source: dict[str, str], config: CodecConfig) -> dict[str, str]:
+    meta = dict(source)
+    meta["kvpack_version"] = __version__
+    meta["codec"] = config.describe()
+    return meta
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+class CacheSource:
+    """A KV cache file of either format, read one tensor at a time (``.kvp`` decoded)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if is_kvp_file(self.path):
+            self.kind = "kvp"
+            self._kvp = KvpReader(self.path)
+            self.metadata = dict(self._kvp.metadata)
+            self._keys = self._kvp.keys()
+        else:
+            self.kind = "safetensors"
+            self._st = SafetensorsSource(self.path)
+            self.metadata = self._st.metadata
+            self._keys = self._st.keys()
+
+    def __enter__(self) -> CacheSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.kind == "kvp":
+            self._kvp.close()
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.kind == "kvp":
+            return self._kvp.read_tensor(name)
+        return self._st.get(name)
+
+
+@contextmanager
+def open_cache(path: str | os.PathLike) -> Iterator[CacheSource]:
+    """Open a ``.kvp`` or safetensors cache (see :class:`CacheSource`)."""
+    source = CacheSource(path)
+    try:
+        yield source
+    finally:
+        source.__exit__()
+
+
+def compress_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: CodecConfig,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Compress a safetensors KV-cache dump into a ``.kvp`` file and measure the result.
+
+    Every ``layers.{i}.key|value`` tensor is quantized with ``config``; other tensors are
+    stored losslessly. Each tensor is decoded again from the bytes written, so the error
+    statistics are those of the file.
+
+    Returns:
+        The report (see :func:`build_report`).
+
+    Raises:
+        InvalidInputError: missing input, bad tensor (NaN/Inf, shape), group size that does
+            not divide, an input without K/V tensors, or a ``.kvp`` given as input.
+        FormatError: the input is not a readable safetensors file.
+        OutputExistsError: the output exists and ``force`` is false.
+    """
+    check_output_path(output_path, force)
+    if is_kvp_file(input_path):
+        raise InvalidInputError(f"{input_path} is already a .kvp file; compress takes a safetensors dump")
+    if Path(input_path).resolve() == Path(output_path).resolve():
+        raise InvalidInputError("input and output are the same file")
+    errors: dict[str, ErrorAccumulator] = {}
+    with SafetensorsSource(input_path) as source:
+        names = source.keys()
+        if not any(parse_kv_name(n) for n in names):
+            raise InvalidInputError(f"{input_path}: no layers.<i>.key / layers.<i>.value tensors found")
+        with KvpWriter(output_path, _file_metadata(source.metadata, config), force=force) as writer:
+            for index, name in enumerate(names):
+                if progress:
+                    progress(index, len(names), name)
+                x = source.get(name)
+                codec = config if parse_kv_name(name) else None
+                sections = encode_tensor(name, x, codec)
+                entry = writer.add_tensor(name, tuple(x.shape), dtype_name(x.dtype), codec, sections)
+                if codec is not None:
+                    errors[name] = ErrorAccumulator()
+                    errors[name].add(x, decode_entry(entry, sections))
+            if progress:
+                progress(len(names), len(names), "")
+            entries = writer.entries
+        file_size = Path(output_path).stat().st_size
+        input_size = source.file_size
+    report = build_report(entries, file_size, errors)
+    report.update(input=str(input_path), output=str(output_path), input_bytes=input_size,
+                  ratio_vs_input=input_size / file_size, config=config.to_dict())
+    return report
+
+
+def build_report(entries: list[TensorEntry], file_size: int, errors: dict[str, ErrorAccumulator] | None) -> dict:
+    """Size breakdown (bits per element by section kind) joined with error statistics.
+
+    Returns:
+        ``{"file_bytes", "kv_elements", "ratio_vs_fp16", "rows": {"key"|"value"|"all": {...}},
+        "layers": [...]}``; each row has ``elements``, ``bytes``, ``bits_per_element``
+        (codes, scales, codebooks, outliers, header, total), ``ratio_vs_fp16`` and, when
+        ``errors`` is given, ``rel_mse``, ``snr_db``, ``max_abs_err``, ``cosine_mean``.
+    """
+    sizes = size_breakdown(entries, file_size)
+    grouped: dict[str, ErrorAccumulator] = {"key": ErrorAccumulator(), "value": ErrorAccumulator(), "all": ErrorAccumulator()}
+    per_layer: dict[int, ErrorAccumulator] = {}
+    for name, acc in (errors or {}).items():
+        layer, role = parse_kv_name(name)
+        for target in (grouped[role], grouped["all"], per_layer.setdefault(layer, ErrorAccumulator())):
+            target.merge(acc)
+
+    def finish(row: dict, acc: ErrorAccumulator | None) -> dict:
+        total = row["bits_per_element"]["total"]
+        row["ratio_vs_fp16"] = 16 / total if total else None
+        if errors is not None and acc is not None:
+            row.update(acc.result())
+        return row
+
+    rows = {name: finish(row, grouped[name]) for name, row in sizes["rows"].items()}
+    layers = [finish(row, per_layer.get(row["layer"])) for row in sizes["layers"]]
+    return {
+        "file_bytes": file_size,
+        "kv_elements": sizes["kv_elements"],
+        "ratio_vs_fp16": rows["all"]["ratio_vs_fp16"],
+        "rows": rows,
+        "layers": layers,
+    }
+
+
+def decompress_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Restore a ``.kvp`` to a safetensors file with the same tensor names and metadata.
+
+    Args:
+        dtype: dtype of the restored K/V tensors; default the stored dtype.
+
+    Returns:
+        ``{"input", "output", "tensors", "output_bytes"}``.
+
+    Raises:
+        FormatError: the input is not a valid ``.kvp`` (truncated, corrupted, checksum).
+        OutputExistsError: the output exists and ``force`` is false.
+    """
+    check_output_path(output_path, force)
+    tensors = {}
+    with KvpReader(input_path) as reader:
+        names = reader.keys()
+        for index, name in enumerate(names):
+            if progress:
+                progress(index, len(names), name)
+            tensors[name] = decode_entry(reader.entry(name), reader.read_sections(name), dtype if parse_kv_name(name) else None)
+        metadata = dict(reader.metadata)
+    if progress:
+        progress(len(names), len(names), "")
+    if dtype is not None and "dtype" in metadata:
+        metadata["dtype"] = dtype_name(dtype)
+    size = write_safetensors(output_path, tensors, metadata, force=force)
+    return {"input": str(input_path), "output": str(output_path), "tensors": len(tensors), "output_bytes": size}
+
+
+def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike) -> dict:
+    """Error statistics of ``reconstructed`` against ``original`` (either format), per K/V.
+
+    Returns:
+        ``{"rows": {"key"|"value"|"all": {...error stats...}}, "layers": [...], "tensors": n}``.
+
+    Raises:
+        InvalidInputError: the files hold different K/V tensor names or shapes.
+        FormatError: either file is unreadable.
+    """
+    with open_cache(original) as ref, open_cache(reconstructed) as rec:
+        ref_kv = [n for n in ref.keys() if parse_kv_name(n)]
+        rec_kv = {n for n in rec.keys() if parse_kv_name(n)}
+        if not ref_kv:
+            raise InvalidInputError(f"{original}: no layers.<i>.key / layers.<i>.value tensors found")
+        if set(ref_kv) != rec_kv:
+            missing = sorted(set(ref_kv) ^ rec_kv)[:3]
+            raise InvalidInputError(f"the two caches hold different K/V tensors (e.g. {', '.join(missing)})")
+        rows = {"key": ErrorAccumulator(), "value": ErrorAccumulator(), "all": ErrorAccumulator()}
+        layers: dict[int, ErrorAccumulator] = {}
+        for name in ref_kv:
+            a, b = ref.get(name), rec.get(name)
+            if a.shape != b.shape:
+                raise InvalidInputError(f"tensor {name!r}: shape {tuple(a.shape)} vs {tuple(b.shape)}")
+            acc = ErrorAccumulator()
+            acc.add(a, b)
+            layer, role = parse_kv_name(name)
+            for target in (rows[role], rows["all"], layers.setdefault(layer, ErrorAccumulator())):
+                target.merge(acc)
+    return {
+        "original": str(original),
+        "reconstructed": str(reconstructed),
+        "tensors": len(ref_kv),
+        "rows": {name: dict(elements=acc.elements, **acc.result()) for name, acc in rows.items()},
+        "layers": [dict(layer=i, elements=layers[i].elements, **layers[i].result()) for i in sorted(layers)],
+    }
+
+
+def describe_file(path: str | os.PathLike) -> dict:
+    """What a ``.kvp`` or safetensors file holds, without decoding any codes.
+
+    Returns:
+        For ``.kvp``: ``{"format": "kvp", "version", "file_bytes", "metadata", "tensors": [{"name",
+        "shape", "dtype", "codec", "bytes", "bits_per_element"}], "size": build_report(...)}``.
+        For safetensors: ``{"format": "safetensors", "file_bytes", "metadata", "tensors": [{"name",
+        "shape", "dtype", "bytes"}], "kv_bytes", "seq_len", "kv_bytes_per_token"}``.
+
+    Raises:
+        InvalidInputError, FormatError: unreadable or invalid file.
+    """
+    if is_kvp_file(path):
+        with KvpReader(path) as reader:
+            entries = reader.entries()
+            tensors = [
+                {
+                    "name": e.name,
+                    "shape": list(e.shape),
+                    "dtype": e.dtype,
+                    "codec": None if e.codec is None else e.codec.to_dict(),
+                    "bytes": e.stored_bytes,
+                    "bits_per_element": e.stored_bytes * 8 / e.n_elements if e.n_elements else 0.0,
+                }
+                for e in entries
+            ]
+            return {
+                "format": "kvp",
+                "path": str(path),
+                "version": f"{reader.version[0]}.{reader.version[1]}",
+                "file_bytes": reader.file_size,
+                "header_bytes": reader.header_bytes,
+                "metadata": dict(reader.metadata),
+                "tensors": tensors,
+                "size": build_report(entries, reader.file_size, None),
+            }
+    with SafetensorsSource(path) as source:
+        tensors = []
+        for name in source.keys():
+            shape, dtype = source.shape_dtype(name)
+            count = int(np.prod(shape)) if shape else 1
+            tensors.append({"name": name, "shape": list(shape), "dtype": dtype,
+                            "bytes": count * DTYPE_SIZES.get(dtype, 0)})
+        kv = [t for t in tensors if parse_kv_name(t["name"])]
+        seq_len = max((t["shape"][2] for t in kv if len(t["shape"]) == 4), default=0)
+        kv_bytes = sum(t["bytes"] for t in kv)
+        return {
+            "format": "safetensors",
+            "path": str(path),
+            "file_bytes": source.file_size,
+            "metadata": dict(source.metadata),
+            "tensors": tensors,
+            "kv_tensors": len(kv),
+            "kv_bytes": kv_bytes,
+            "seq_len": seq_len,
+            "kv_bytes_per_token": kv_bytes / seq_len if seq_len else None,
+        }

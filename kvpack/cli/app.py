@@ -1,0 +1,58 @@
+"""The typer application and the one place that maps known errors to exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from kvpack import __version__
+from kvpack.cli import compress_cmd, decompress_cmd, dump_cmd, inspect_cmd, methods_cmd, stats_cmd
+from kvpack.errors import KvpackError
+
+app = typer.Typer(
+    name="kvpack",
+    help="Compress the KV caches of large language models.\n\n"
+    "Example: kvpack dump -o cache.safetensors && kvpack compress cache.safetensors --method adaptive",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for module in (dump_cmd, compress_cmd, decompress_cmd, inspect_cmd, stats_cmd, methods_cmd):
+    module.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvpack {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """Compress the KV caches of large language models."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI; known errors print ``error: <message>`` on stderr, exit 2."""
+    try:
+        code = app(args=argv, prog_name="kvpack", standalone_mode=False)
+    except KvpackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except typer.TyperException as exc:  # usage errors raised by the vendored Click
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()
+            return 2
+        print(f"error: {exc.format_message()} (see kvpack --help)", file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+def entry_point() -> None:
+    sys.exit(main())

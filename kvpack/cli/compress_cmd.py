@@ -1,0 +1,70 @@
+"""``kvpack compress``: quantize every K/V tensor of a dump into a ``.kvp`` container."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kvpack.cli.options import (
+    Bits,
+    CodebookScope,
+    Force,
+    GroupSize,
+    JsonPath,
+    Method,
+    Normalization,
+    OutlierRatio,
+    PerLayer,
+    Symmetric,
+    codec_options,
+)
+from kvpack.cli.render import say, bits_table, console, error_table, human_bytes, progress_bar, report_rows, write_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compress")(compress)
+
+
+def compress(
+    input: Annotated[Path, typer.Argument(help="Input .safetensors dump.", dir_okay=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output .kvp [default: INPUT with .kvp].", dir_okay=False)] = None,
+    method: Method = "adaptive",
+    bits: Bits = 4,
+    group_size: GroupSize = 64,
+    symmetric: Symmetric = None,
+    outlier_ratio: OutlierRatio = 0.0,
+    codebook_scope: CodebookScope = None,
+    normalization: Normalization = None,
+    per_layer: PerLayer = False,
+    json_path: JsonPath = None,
+    force: Force = False,
+) -> None:
+    """Quantize every K and V tensor of a dump into a bit-packed .kvp file and report size and error.
+
+    Example: kvpack compress cache.safetensors --method adaptive --bits 3 --group-size 64
+    """
+    from kvpack.api import compress_file
+    from kvpack.config import CodecConfig
+    from kvpack.formats.writer import check_output_path
+
+    config = CodecConfig.build(
+        method, bits, group_size, outlier_ratio, **codec_options(symmetric, codebook_scope, normalization)
+    )
+    output = output or input.with_suffix(".kvp")
+    check_output_path(output, force)
+    if json_path is not None:
+        check_output_path(json_path, force)
+    with progress_bar("compress") as update:
+        report = compress_file(input, output, config, force=force, progress=update)
+    say(
+        f"{input} ({human_bytes(report['input_bytes'])}) -> {output} ({human_bytes(report['file_bytes'])}): "
+        f"{config.describe()}; {report['ratio_vs_input']:.2f}x smaller than the input, "
+        f"{report['ratio_vs_fp16']:.2f}x vs fp16"
+    )
+    rows = report_rows(report, per_layer)
+    console.print(bits_table("bits per element (every byte of the file counted)", rows))
+    console.print(error_table("reconstruction error", rows))
+    if json_path is not None:
+        write_json(json_path, report, force=force)

@@ -1,0 +1,96 @@
+"""``kvpack inspect``: what a ``.kvp`` or safetensors file holds (no decoding)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kvpack.cli.options import JsonFlag, PerLayer
+from kvpack.cli.render import say, bits_table, console, human_bytes, print_json, report_rows
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)
+
+
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A .kvp or .safetensors file.", dir_okay=False)],
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+    per_layer: PerLayer = False,
+    json_output: JsonFlag = False,
+) -> None:
+    """Show the format version, source metadata, codecs, shapes and bits-per-element breakdown.
+
+    Example: kvpack inspect cache.kvp --tensors
+    """
+    from kvpack.api import describe_file
+
+    info = describe_file(path)
+    if json_output:
+        print_json(info)
+        return
+    if info["format"] == "kvp":
+        say(f"{path}: kvpack container, format {info['version']}, {human_bytes(info['file_bytes'])} "
+                      f"(header {info['header_bytes']:,} bytes), {len(info['tensors'])} tensors")
+    else:
+        per_token = info["kv_bytes_per_token"]
+        say(f"{path}: safetensors, {human_bytes(info['file_bytes'])}, {len(info['tensors'])} tensors, "
+                      f"{info['kv_tensors']} K/V tensors, {info['seq_len']} tokens, "
+                      + (f"{per_token:,.0f} bytes of K/V per token" if per_token else "no K/V tensors"))
+    console.print(_metadata_table(info["metadata"]))
+    if tensors:
+        console.print(_tensor_table(info))
+    else:
+        console.print(_shape_summary(info))
+    if info["format"] == "kvp":
+        console.print(bits_table("bits per element (every byte of the file counted)", report_rows(info["size"], per_layer)))
+
+
+def _metadata_table(metadata: dict) -> Table:
+    table = Table(title="metadata", title_justify="left")
+    table.add_column("key")
+    table.add_column("value")
+    for key, value in sorted(metadata.items()):
+        table.add_row(key, value)
+    return table
+
+
+def _describe_codec(codec: dict | None) -> str:
+    if codec is None:
+        return "lossless"
+    options = ", ".join(f"{k}={v}" for k, v in codec["params"].items())
+    text = f"{codec['method']} {codec['bits']}-bit g{codec['group_size']}"
+    if codec["outlier_ratio"]:
+        text += f" outliers {codec['outlier_ratio']:g}"
+    return text + (f" ({options})" if options else "")
+
+
+def _shape_summary(info: dict) -> Table:
+    counts = Counter(
+        (tuple(t["shape"]), t["dtype"], _describe_codec(t.get("codec")) if info["format"] == "kvp" else "")
+        for t in info["tensors"]
+    )
+    table = Table(title="tensors by shape (use --tensors to list each)", title_justify="left")
+    is_kvp = info["format"] == "kvp"
+    for column in ("count", "shape", "dtype") + (("codec",) if is_kvp else ()):
+        table.add_column(column)
+    for (shape, dtype, codec), count in counts.items():
+        table.add_row(str(count), str(list(shape)), dtype, *((codec,) if is_kvp else ()))
+    return table
+
+
+def _tensor_table(info: dict) -> Table:
+    table = Table(title="tensors", title_justify="left")
+    columns = ["name", "shape", "dtype", "bytes"] + (["codec", "bits/el"] if info["format"] == "kvp" else [])
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("bytes", "bits/el") else "left")
+    for t in info["tensors"]:
+        cells = [t["name"], str(t["shape"]), t["dtype"], f"{t['bytes']:,}"]
+        if info["format"] == "kvp":
+            cells += [_describe_codec(t["codec"]), f"{t['bits_per_element']:.3f}"]
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,122 @@
+"""Rich rendering of reports: tables on stdout, progress on stderr, JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kvpack.formats.writer import atomic_output
+from kvpack.stats import BIT_COLUMNS
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator:
+    """Yield a ``callback(done, total, label)`` that drives a transient progress bar on stderr."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[label]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as progress:
+        task = progress.add_task(description, total=None, label="")
+
+        def update(done: int, total: int, label: str = "") -> None:
+            progress.update(task, completed=done, total=total, label=label)
+
+        yield update
+
+
+def write_json(path: Path, data: dict, force: bool = True) -> None:
+    with atomic_output(path, force=force) as tmp:
+        tmp.write_text(json.dumps(_clean(data), indent=2) + "\n", encoding="utf-8")
+
+
+def print_json(data: dict) -> None:
+    console.print_json(json.dumps(_clean(data)))
+
+
+def _clean(value):
+    """JSON-safe: non-finite floats become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def fmt_sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3e}"
+
+
+def fmt_num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def bits_table(title: str, rows: list[tuple[str, dict]]) -> Table:
+    """Rows of ``(label, row dict)``: bits per element by section kind, total, ratio vs fp16."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("part")
+    table.add_column("elements", justify="right")
+    for column in BIT_COLUMNS:
+        table.add_column(column, justify="right")
+    table.add_column("total", justify="right", style="bold")
+    table.add_column("vs fp16", justify="right")
+    for label, row in rows:
+        bits = row["bits_per_element"]
+        ratio = row.get("ratio_vs_fp16")
+        cells = [label, f"{row['elements']:,}"] + [fmt_num(bits[c]) for c in BIT_COLUMNS]
+        cells += [fmt_num(bits["total"]), "-" if ratio is None else f"{ratio:.2f}x"]
+        table.add_row(*cells)
+    return table
+
+
+def error_table(title: str, rows: list[tuple[str, dict]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("part", "elements", "rel MSE", "SNR dB", "max abs error", "cosine"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    for label, row in rows:
+        table.add_row(
+            label,
+            f"{row['elements']:,}",
+            fmt_sci(row["rel_mse"]),
+            fmt_num(row["snr_db"], 2),
+            fmt_num(row["max_abs_err"], 4),
+            fmt_num(row["cosine_mean"], 5),
+        )
+    return table
+
+
+def report_rows(report: dict, per_layer: bool) -> list[tuple[str, dict]]:
+    rows = [(name, report["rows"][name]) for name in ("key", "value", "all")]
+    if per_layer:
+        rows += [(f"layer {row['layer']}", row) for row in report["layers"]]
+    return rows
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def say(text: str) -> None:
+    """One line of plain output on stdout (not wrapped, so it can be grepped)."""
+    console.print(text, soft_wrap=True, highlight=False, markup=False)

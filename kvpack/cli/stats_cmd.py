@@ -1,0 +1,37 @@
+"""``kvpack stats``: compare two caches (safetensors or .kvp)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvpack.cli.options import JsonFlag, PerLayer
+from kvpack.cli.render import console, error_table, print_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("stats")(stats)
+
+
+def stats(
+    original: Annotated[Path, typer.Argument(help="Reference cache (.safetensors or .kvp).", dir_okay=False)],
+    reconstructed: Annotated[Path, typer.Argument(help="Cache to compare (.safetensors or .kvp).", dir_okay=False)],
+    per_layer: PerLayer = False,
+    json_output: JsonFlag = False,
+) -> None:
+    """Error of RECONSTRUCTED against ORIGINAL: relative MSE, SNR, max abs error, cosine.
+
+    Example: kvpack stats cache.safetensors cache.kvp
+    """
+    from kvpack.api import compare_caches
+
+    result = compare_caches(original, reconstructed)
+    if json_output:
+        print_json(result)
+        return
+    rows = [(name, result["rows"][name]) for name in ("key", "value", "all")]
+    if per_layer:
+        rows += [(f"layer {row['layer']}", row) for row in result["layers"]]
+    console.print(error_table(f"{reconstructed} vs {original} ({result['tensors']} K/V tensors)", rows))

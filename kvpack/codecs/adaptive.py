@@ -1,0 +1,160 @@
+"""Adaptive grouped quantization: a codebook learned from the data (1-D k-means).
+
+Each group is normalized to ``z = (x - c) / h``: by default (``minmax``) ``c`` is the
+group's mid-range and ``h`` its half-range, so ``z`` lies in ``[-1, 1]`` (the KVQuant
+normalization); ``meanstd`` uses the mean and standard deviation instead; ``symmetric``
+drops ``c`` (``h`` = max|x| or the RMS). ``c`` and ``h`` are stored as float16.
+
+A codebook of ``L = 2**B`` levels is learned with Lloyd's algorithm (1-D k-means,
+initialised at the empirical quantiles ``(i + 0.5) / L`` of ``z``), per scope:
+``tensor`` (one codebook per tensor), ``head`` (one per layer, key/value and kv head; the
+default) or ``group`` (one per group; costs ``L`` float16 values per group). Each element
+is weighted by ``h**2`` of its group, so the k-means objective is the squared error in
+``x`` rather than in ``z``. Codebooks are stored as float16, sorted; codes are the nearest
+stored level; ``x_hat = c + h * codebook[code]``.
+
+Source: non-uniform, data-derived levels as in KVQuant (Hooper et al., arXiv 2401.18079,
+sensitivity-weighted k-means "nuqX" datatypes); Lloyd, "Least squares quantization in PCM"
+(1982).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvpack.codecs.base import (
+    KIND_CODEBOOKS,
+    Codec,
+    CodecParams,
+    SectionSpec,
+    codes_spec,
+    fp16_nearest,
+    fp16_round_up,
+    masked_abs_max,
+    masked_mean_std,
+    masked_min_max,
+    per_group_spec,
+)
+from kvpack.grouping import GroupLayout, from_heads, to_heads
+
+LLOYD_MAX_ITERATIONS = 30
+LLOYD_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class AdaptiveParams(CodecParams):
+    symmetric: bool = False
+    normalization: str = field(default="minmax", metadata={"choices": ("minmax", "meanstd")})
+    codebook_scope: str = field(default="head", metadata={"choices": ("tensor", "head", "group")})
+
+
+class AdaptiveCodec(Codec):
+    name = "adaptive"
+    summary = "codebook of 2^B levels learned per kv head by weighted 1-D k-means (Lloyd)"
+    source = "data-derived non-uniform levels as in KVQuant (arXiv 2401.18079); Lloyd 1982"
+    Params = AdaptiveParams
+
+    def n_codebooks(self, layout: GroupLayout) -> int:
+        scope = self.params.codebook_scope
+        return 1 if scope == "tensor" else layout.num_heads if scope == "head" else layout.n_groups
+
+    def section_specs(self, layout: GroupLayout) -> dict[str, SectionSpec]:
+        specs = {
+            "codes": codes_spec(layout, self.bits),
+            "codebook": SectionSpec(KIND_CODEBOOKS, "float16", self.n_codebooks(layout) * self.levels),
+            "scale": per_group_spec(layout),
+        }
+        if not self.params.symmetric:
+            specs["zero_point"] = per_group_spec(layout)
+        return specs
+
+    def encode(self, groups, layout, inlier_mask):
+        center, half = self._normalizers(groups, inlier_mask)
+        safe_half = torch.where(half > 0, half, torch.ones_like(half))
+        z = (groups - center[:, None]) / safe_half[:, None]
+        weights = (half**2)[:, None].expand_as(groups)
+        if inlier_mask is not None:
+            weights = weights * inlier_mask
+        z_scoped, w_scoped = self._to_scope(z, layout), self._to_scope(weights.contiguous(), layout)
+        codebook = lloyd_codebooks(z_scoped, w_scoped, self.levels)
+        codebook = fp16_nearest(codebook).sort(dim=1).values
+        codes = nearest_level(z_scoped, codebook)
+        arrays = {
+            "codes": self._from_scope(codes, layout).to(torch.uint8),
+            "codebook": codebook.reshape(-1),
+            "scale": half,
+        }
+        if not self.params.symmetric:
+            arrays["zero_point"] = center
+        return arrays
+
+    def decode(self, arrays, layout):
+        codebook = arrays["codebook"].reshape(self.n_codebooks(layout), self.levels)
+        codes = self._to_scope(arrays["codes"].long(), layout)
+        z = self._from_scope(torch.gather(codebook, 1, codes), layout)
+        x = z * arrays["scale"][:, None]
+        if not self.params.symmetric:
+            x = x + arrays["zero_point"][:, None]
+        return x
+
+    def _normalizers(self, groups, mask):
+        symmetric = self.params.symmetric
+        if self.params.normalization == "meanstd":
+            mean, std = masked_mean_std(groups, mask, symmetric)
+            return fp16_nearest(mean), fp16_nearest(std)
+        if symmetric:
+            return torch.zeros(groups.shape[0]), fp16_round_up(masked_abs_max(groups, mask))
+        lo, hi = masked_min_max(groups, mask)
+        center = fp16_nearest((lo + hi) / 2)
+        return center, fp16_round_up(torch.maximum(hi - center, center - lo))
+
+    def _to_scope(self, values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        scope = self.params.codebook_scope
+        if scope == "head":
+            return to_heads(values, layout)
+        return values.reshape(1, -1) if scope == "tensor" else values
+
+    def _from_scope(self, values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        if self.params.codebook_scope == "head":
+            return from_heads(values, layout)
+        return values.reshape(layout.n_groups, layout.group_size)
+
+
+def nearest_level(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level: ``values (C, N)``, sorted ``codebook (C, L)`` -> int64 ``(C, N)``."""
+    midpoints = (codebook[:, 1:] + codebook[:, :-1]) / 2
+    return torch.searchsorted(midpoints.contiguous(), values.contiguous())
+
+
+def lloyd_codebooks(values: torch.Tensor, weights: torch.Tensor, levels: int) -> torch.Tensor:
+    """Weighted 1-D k-means, batched over codebooks.
+
+    Args:
+        values: float32 ``(C, N)``, ``N`` samples for each of ``C`` codebooks.
+        weights: float32 ``(C, N)``, non-negative sample weights.
+        levels: codebook size ``L``.
+
+    Returns:
+        float32 ``(C, L)`` sorted codebooks. Levels whose cell receives no weight keep
+        their quantile initialisation.
+    """
+    n_books, n_samples = values.shape
+    ordered = values.sort(dim=1).values
+    quantile_index = ((torch.arange(levels, dtype=torch.float64) + 0.5) / levels * n_samples).long()
+    codebook = ordered[:, quantile_index.clamp_max(n_samples - 1)].contiguous()
+    row_offset = (torch.arange(n_books) * levels)[:, None]
+    flat_weights = weights.reshape(-1)
+    weighted_values = (values * weights).reshape(-1)
+    for _ in range(LLOYD_MAX_ITERATIONS):
+        cells = (nearest_level(values, codebook) + row_offset).reshape(-1)
+        mass = torch.zeros(n_books * levels).index_add_(0, cells, flat_weights)
+        total = torch.zeros(n_books * levels).index_add_(0, cells, weighted_values)
+        updated = torch.where(mass > 0, total / mass.clamp_min(1e-30), codebook.reshape(-1)).reshape(n_books, levels)
+        updated = updated.sort(dim=1).values
+        shift = (updated - codebook).abs().max()
+        codebook = updated
+        if float(shift) < LLOYD_TOLERANCE:
+            break
+    return codebook

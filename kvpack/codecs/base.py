@@ -1,0 +1,216 @@
+"""The codec base class, its registry, and numeric helpers shared by the codecs.
+
+A codec turns ``(n_groups, group_size)`` float32 groups into named arrays (codes, scales,
+zero-points, codebooks) and back. It never sees bytes: packing and the container are done
+by :mod:`kvpack.packing` and :mod:`kvpack.formats`. Adding a codec is one new module with
+one subclass of :class:`Codec`; defining the class registers it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kvpack.errors import InvalidInputError
+from kvpack.grouping import GroupLayout
+
+#: Section kinds, used for bits-per-element accounting.
+KIND_CODES = "codes"
+KIND_SCALES = "scales"  # scales and zero-points
+KIND_CODEBOOKS = "codebooks"
+KIND_OUTLIERS = "outliers"
+KIND_DATA = "data"  # lossless tensors
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    """What one named array of an encoded tensor is.
+
+    ``dtype`` is ``"code"`` for unsigned codes stored densely packed at ``bits`` bits, else a
+    storage dtype name (``"float16"``, ``"float32"``, ...); ``count`` is the number of values.
+    """
+
+    kind: str
+    dtype: str
+    count: int
+    bits: int | None = None
+
+
+@dataclass(frozen=True)
+class CodecParams:
+    """Base of every codec's frozen option dataclass.
+
+    Fields with ``metadata={"choices": (...)}`` only accept those values. Loaded from a file
+    through :meth:`from_dict`, which accepts only the declared fields with their declared types.
+    """
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            expected = _FIELD_TYPES[field.type] if isinstance(field.type, str) else field.type
+            if type(value) is not expected and not (expected is float and type(value) is int):
+                raise InvalidInputError(f"option {field.name} must be {expected.__name__}, got {value!r}")
+            choices = field.metadata.get("choices")
+            if choices and value not in choices:
+                raise InvalidInputError(f"option {field.name} must be one of {', '.join(choices)}, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CodecParams:
+        if not isinstance(data, dict):
+            raise InvalidInputError(f"codec options must be an object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known)) or 'none'}"
+            )
+        return cls(**data)
+
+
+_FIELD_TYPES = {"bool": bool, "str": str, "int": int, "float": float}
+
+
+class Codec(ABC):
+    """A grouped quantizer. Subclasses set ``name``, ``summary``, ``source`` and ``Params``.
+
+    Encoding takes ``groups``, a float32 tensor ``(n_groups, group_size)``, the tensor's
+    :class:`GroupLayout`, and an optional boolean ``inlier_mask`` of the same shape (False
+    for outliers stored exactly elsewhere, which must not enter the statistics). It returns
+    a dict of tensors named and sized as :meth:`section_specs` says; codes are integer
+    tensors with values in ``[0, 2**bits - 1]``, other arrays already rounded to their
+    storage dtype. Decoding takes those arrays (as float32 / int64 tensors) and returns
+    float32 ``(n_groups, group_size)`` reconstructions.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    source: ClassVar[str]
+    Params: ClassVar[type[CodecParams]] = CodecParams
+    registry: ClassVar[dict[str, type[Codec]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is None:
+            return
+        if name in Codec.registry:
+            raise TypeError(f"codec name {name!r} is already registered by {Codec.registry[name].__qualname__}")
+        Codec.registry[name] = cls
+
+    def __init__(self, bits: int, params: CodecParams) -> None:
+        self.bits = bits
+        self.params = params
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.bits
+
+    @abstractmethod
+    def section_specs(self, layout: GroupLayout) -> dict[str, SectionSpec]:
+        """The named arrays this codec stores for a tensor of this layout."""
+
+    @abstractmethod
+    def encode(
+        self, groups: torch.Tensor, layout: GroupLayout, inlier_mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Quantize ``(n_groups, group_size)`` float32 groups into named arrays."""
+
+    @abstractmethod
+    def decode(self, arrays: dict[str, torch.Tensor], layout: GroupLayout) -> torch.Tensor:
+        """Reconstruct float32 ``(n_groups, group_size)`` groups from named arrays."""
+
+
+def get_codec_class(method: str) -> type[Codec]:
+    """The registered codec class called ``method``.
+
+    Raises:
+        InvalidInputError: no codec has that name.
+    """
+    try:
+        return Codec.registry[method]
+    except KeyError:
+        raise InvalidInputError(
+            f"unknown method {method!r}; available: {', '.join(sorted(Codec.registry))}"
+        ) from None
+
+
+def codes_spec(layout: GroupLayout, bits: int) -> SectionSpec:
+    return SectionSpec(KIND_CODES, "code", layout.n_elements, bits)
+
+
+def per_group_spec(layout: GroupLayout) -> SectionSpec:
+    return SectionSpec(KIND_SCALES, "float16", layout.n_groups)
+
+
+# --- numeric helpers -------------------------------------------------------------------
+
+
+def fp16_round_down(x: torch.Tensor) -> torch.Tensor:
+    """Largest float16 value <= ``x`` (float32 in, float32 out); ``x`` must be within fp16 range."""
+    h = x.to(torch.float16)
+    h = torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, float("-inf"))), h)
+    return h.float()
+
+
+def fp16_round_up(x: torch.Tensor) -> torch.Tensor:
+    """Smallest float16 value >= ``x`` (float32 in, float32 out); ``x`` must be within fp16 range."""
+    h = x.to(torch.float16)
+    h = torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return h.float()
+
+
+def fp16_nearest(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).float()
+
+
+def masked_min_max(groups: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max over the values where ``mask`` is True (all when ``None``)."""
+    if mask is None:
+        return groups.amin(dim=1), groups.amax(dim=1)
+    inf = torch.tensor(float("inf"), dtype=groups.dtype)
+    lo = torch.where(mask, groups, inf).amin(dim=1)
+    hi = torch.where(mask, groups, -inf).amax(dim=1)
+    return lo, hi
+
+
+def masked_abs_max(groups: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    values = groups.abs()
+    if mask is not None:
+        values = torch.where(mask, values, torch.zeros((), dtype=groups.dtype))
+    return values.amax(dim=1)
+
+
+def masked_mean_std(
+    groups: torch.Tensor, mask: torch.Tensor | None, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group mean and (population) standard deviation over the masked values.
+
+    With ``symmetric`` the mean is 0 and the spread is the root mean square.
+    """
+    weights = torch.ones_like(groups) if mask is None else mask.to(groups.dtype)
+    count = weights.sum(dim=1).clamp_min(1)
+    if symmetric:
+        mean = torch.zeros_like(count)
+    else:
+        mean = (groups * weights).sum(dim=1) / count
+    spread = (((groups - mean[:, None]) ** 2) * weights).sum(dim=1) / count
+    return mean, spread.sqrt()
+
+
+def check_fp16_range(groups: torch.Tensor) -> None:
+    """Scales and zero-points are stored as float16: refuse values beyond its range."""
+    peak = float(groups.abs().max()) if groups.numel() else 0.0
+    if peak > FP16_MAX / 2:
+        raise InvalidInputError(
+            f"values up to {peak:.4g} exceed the float16 range of the scale / zero-point metadata "
+            f"(|x| must stay below {FP16_MAX / 2:.0f})"
+        )

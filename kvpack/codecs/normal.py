@@ -1,0 +1,84 @@
+"""Normal-quantile grouped quantization (levels fixed by the Gaussian, not stored).
+
+Per group: mean ``mu`` and population standard deviation ``sigma`` (with ``symmetric``:
+``mu = 0`` and ``sigma`` = root mean square), both stored as float16 (rounded to
+nearest). With ``L = 2**B``, bin edges are the standard normal quantiles
+``t_i = Phi^-1(i / L)`` (``scipy.stats.norm.ppf``), so every bin holds probability ``1/L``
+under N(0, 1); bin ``i`` is reconstructed at its conditional mean
+``E[Z | t_i < Z < t_{i+1}] = L * (phi(t_i) - phi(t_{i+1}))``. Codes are the bin of
+``(x - mu) / sigma``; ``x_hat = mu + sigma * level[code]``. A group with ``sigma == 0``
+decodes to ``mu``.
+
+Source: NormalFloat levels of QLoRA (Dettmers et al., arXiv 2305.14314) with the optimal
+(Lloyd–Max centroid) reconstruction points of a Gaussian source; the "normal" codec of
+the QAQ-style design. Note: normalization by the standard deviation clips the heavy
+outliers of key channels (see docs/benchmarks.md for what that costs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+from kvpack.codecs.base import (
+    Codec,
+    CodecParams,
+    SectionSpec,
+    codes_spec,
+    fp16_nearest,
+    masked_mean_std,
+    per_group_spec,
+)
+from kvpack.grouping import GroupLayout
+
+
+@lru_cache(maxsize=None)
+def gaussian_bins(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inner bin edges ``(2**bits - 1,)`` and reconstruction levels ``(2**bits,)`` (float32)."""
+    levels = 1 << bits
+    edges = norm.ppf(np.arange(levels + 1) / levels)  # -inf .. inf
+    density = norm.pdf(edges)
+    centroids = levels * (density[:-1] - density[1:])
+    return torch.tensor(edges[1:-1], dtype=torch.float32), torch.tensor(centroids, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class NormalParams(CodecParams):
+    symmetric: bool = False
+
+
+class NormalCodec(Codec):
+    name = "normal"
+    summary = "Gaussian-quantile levels per group, normalized by mean and standard deviation"
+    source = "NormalFloat levels (QLoRA, arXiv 2305.14314) with Gaussian centroid reconstruction"
+    Params = NormalParams
+
+    def section_specs(self, layout: GroupLayout) -> dict[str, SectionSpec]:
+        specs = {"codes": codes_spec(layout, self.bits), "scale": per_group_spec(layout)}
+        if not self.params.symmetric:
+            specs["zero_point"] = per_group_spec(layout)
+        return specs
+
+    def encode(self, groups, layout, inlier_mask):
+        mean, std = masked_mean_std(groups, inlier_mask, self.params.symmetric)
+        mean, std = fp16_nearest(mean), fp16_nearest(std)
+        edges, _ = gaussian_bins(self.bits)
+        safe_std = torch.where(std > 0, std, torch.ones_like(std))
+        z = (groups - mean[:, None]) / safe_std[:, None]
+        codes = torch.bucketize(z, edges).to(torch.uint8)
+        arrays = {"codes": codes, "scale": std}
+        if not self.params.symmetric:
+            arrays["zero_point"] = mean
+        return arrays
+
+    def decode(self, arrays, layout):
+        _, centroids = gaussian_bins(self.bits)
+        levels = centroids[arrays["codes"].long()]
+        x = levels * arrays["scale"][:, None]
+        if not self.params.symmetric:
+            x = x + arrays["zero_point"][:, None]
+        return x

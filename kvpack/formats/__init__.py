@@ -1,0 +1,1 @@
+"""File formats: the ``.kvp`` container and safetensors KV-cache dumps."""

@@ -1,0 +1,40 @@
+"""Constants of the ``.kvp`` container (specified in docs/format.md). Never renumber."""
+
+from __future__ import annotations
+
+import struct
+
+#: File signature: a non-ASCII byte, "KVP", CR LF, Ctrl-Z, LF (catches text-mode mangling).
+MAGIC = b"\x89KVP\r\n\x1a\n"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+
+#: Preamble, 64 bytes, little-endian: magic, major u16, minor u16, flags u32,
+#: header offset u64, header length u64, header CRC-32 u32, 28 reserved zero bytes.
+PREAMBLE = struct.Struct("<8sHHIQQI28x")
+PREAMBLE_SIZE = PREAMBLE.size
+
+#: Every data section starts at a multiple of this many bytes (enough for any dtype).
+SECTION_ALIGNMENT = 8
+
+#: Reader limits: a header larger than this, or declaring more than these, is refused
+#: before it is parsed or anything is allocated.
+MAX_HEADER_BYTES = 64 << 20
+MAX_TENSORS = 1 << 20
+MAX_DIMS = 8
+MAX_METADATA_ENTRIES = 4096
+
+#: Storage dtypes of lossless tensors and metadata arrays: name -> bytes per element.
+DTYPE_SIZES = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")

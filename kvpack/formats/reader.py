@@ -1,0 +1,170 @@
+"""Lazy, validating ``.kvp`` reader.
+
+Opening a file reads only the 64-byte preamble and the header; the whole header is
+validated (magic, version, sizes, offsets, section lengths against shapes) before any
+section is read. A section is read with one seek and one bounded read, and its CRC-32 is
+checked before it is used.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from kvpack.errors import (
+    ChecksumMismatchError,
+    FormatError,
+    HeaderLimitError,
+    InvalidInputError,
+    TruncatedFileError,
+    UnsupportedVersionError,
+)
+from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_HEADER_BYTES, PREAMBLE, PREAMBLE_SIZE
+from kvpack.formats.header import TensorEntry, decode_header
+
+
+def open_input(path: str | os.PathLike):
+    """Open a file for binary reading, turning OS errors into one readable error.
+
+    Raises:
+        InvalidInputError: missing, a directory, or unreadable.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InvalidInputError(f"{path}: is a directory, expected a file")
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def is_kvp_file(path: str | os.PathLike) -> bool:
+    """True when the file starts with the ``.kvp`` magic."""
+    with open_input(path) as handle:
+        return handle.read(len(MAGIC)) == MAGIC
+
+
+class KvpReader:
+    """A ``.kvp`` file opened for reading. Use as a context manager.
+
+    Attributes:
+        path: the file.
+        version: ``(major, minor)`` format version of the file.
+        metadata: the source metadata (str -> str).
+        file_size: bytes.
+
+    Raises (on construction):
+        InvalidInputError: the file is missing or unreadable.
+        FormatError: not a ``.kvp`` file, truncated, corrupted header
+            (:class:`~kvpack.errors.TruncatedFileError`, :class:`~kvpack.errors.ChecksumMismatchError`,
+            :class:`~kvpack.errors.HeaderLimitError`), or a newer major version
+            (:class:`~kvpack.errors.UnsupportedVersionError`).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = open_input(self.path)
+        try:
+            self._load_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _load_header(self) -> None:
+        name = str(self.path)
+        self.file_size = os.fstat(self._file.fileno()).st_size
+        preamble = self._file.read(PREAMBLE_SIZE)
+        if not preamble or preamble[: len(MAGIC)] != MAGIC[: len(preamble)]:
+            raise FormatError(f"{name}: not a .kvp file (wrong magic bytes)")
+        if len(preamble) < PREAMBLE_SIZE:
+            raise TruncatedFileError(f"{name}: truncated: {len(preamble)} bytes, shorter than the 64-byte preamble")
+        magic, major, minor, flags, header_offset, header_length, header_crc = PREAMBLE.unpack(preamble)
+        if magic != MAGIC:
+            raise FormatError(f"{name}: not a .kvp file (wrong magic bytes)")
+        if major != FORMAT_MAJOR:
+            newer = major > FORMAT_MAJOR
+            raise UnsupportedVersionError(
+                f"{name}: format version {major}.{minor} is "
+                + (f"newer than this kvpack reads ({FORMAT_MAJOR}.{FORMAT_MINOR}); upgrade kvpack" if newer
+                   else f"not readable by this kvpack (reads {FORMAT_MAJOR}.x)")
+            )
+        if flags != 0:
+            raise FormatError(f"{name}: unknown flags {flags:#x} in the preamble")
+        self.version = (major, minor)
+        if header_length > MAX_HEADER_BYTES:
+            raise HeaderLimitError(f"{name}: header of {header_length} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+        if header_offset < PREAMBLE_SIZE or header_offset + header_length != self.file_size:
+            if header_offset + header_length > self.file_size:
+                raise TruncatedFileError(
+                    f"{name}: truncated: the header ends at byte {header_offset + header_length}, "
+                    f"the file has {self.file_size}"
+                )
+            raise FormatError(f"{name}: corrupted preamble: header offset {header_offset} / length {header_length} "
+                              f"do not end at the file size {self.file_size}")
+        self._file.seek(header_offset)
+        raw = self._file.read(header_length)
+        if zlib.crc32(raw) != header_crc:
+            raise ChecksumMismatchError(f"{name}: header checksum mismatch (the file is corrupted)")
+        self.metadata, entries = decode_header(raw, PREAMBLE_SIZE, header_offset, name)
+        self._entries = {e.name: e for e in entries}
+        self.header_bytes = header_length
+
+    def __enter__(self) -> KvpReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._entries)
+
+    def entry(self, name: str) -> TensorEntry:
+        """Header entry of a tensor. Raises InvalidInputError for an unknown name."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise InvalidInputError(f"{self.path}: no tensor named {name!r}") from None
+
+    def entries(self) -> list[TensorEntry]:
+        return list(self._entries.values())
+
+    def read_section(self, name: str, section: str) -> np.ndarray:
+        """Raw bytes of one section as a ``uint8`` array, after checking its CRC-32.
+
+        Raises:
+            TruncatedFileError: the file shrank under us.
+            ChecksumMismatchError: the bytes do not match the recorded checksum.
+        """
+        entry = self.entry(name).sections[section]
+        self._file.seek(entry.offset)
+        data = self._file.read(entry.length)
+        if len(data) != entry.length:
+            raise TruncatedFileError(f"{self.path}: truncated in section {section} of tensor {name!r}")
+        if zlib.crc32(data) != entry.crc32:
+            raise ChecksumMismatchError(
+                f"{self.path}: checksum mismatch in section {section} of tensor {name!r} (the file is corrupted)"
+            )
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def read_sections(self, name: str) -> dict[str, np.ndarray]:
+        return {section: self.read_section(name, section) for section in self.entry(name).sections}
+
+    def read_tensor(self, name: str):
+        """Decode one tensor to a torch tensor of its stored shape and dtype (see :func:`kvpack.api.decode_entry`)."""
+        from kvpack.api import decode_entry
+
+        return decode_entry(self.entry(name), self.read_sections(name))
+
+
+def open_kvp(path: str | os.PathLike) -> KvpReader:
+    """Open a ``.kvp`` file lazily (see :class:`KvpReader`)."""
+    return KvpReader(path)

@@ -1,0 +1,102 @@
+"""KV-cache dumps as safetensors files.
+
+A dump holds ``layers.{i}.key`` and ``layers.{i}.value`` for every layer, shape
+``(batch, num_kv_heads, seq_len, head_dim)`` as the model's cache holds them (layers may
+differ in shape), ``token_ids`` (int64, ``(batch, seq_len)``), and string metadata
+(model, num_layers, num_kv_heads, head_dim, seq_len, dtype, versions).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kvpack.errors import FormatError
+from kvpack.formats.reader import open_input
+from kvpack.formats.writer import atomic_output
+
+KV_NAME = re.compile(r"^layers\.(\d+)\.(key|value)$")
+
+
+def kv_tensor_name(layer: int, role: str) -> str:
+    return f"layers.{layer}.{role}"
+
+
+def parse_kv_name(name: str) -> tuple[int, str] | None:
+    """``(layer, "key" | "value")`` for a KV tensor name, else ``None``."""
+    match = KV_NAME.match(name)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+class SafetensorsSource:
+    """A safetensors file opened lazily (one tensor at a time). Use as a context manager.
+
+    Raises:
+        InvalidInputError: missing or unreadable file.
+        FormatError: not a valid safetensors file (also raised by :meth:`get` for a
+            tensor whose data is cut off).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        open_input(self.path).close()
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+            self.metadata = dict(self._handle.metadata() or {})
+            self._keys = list(self._handle.keys())
+        except Exception as exc:  # safetensors raises its own error types for every malformed file
+            raise FormatError(f"{self.path}: not a readable safetensors file ({_first_line(exc)})") from None
+        self.file_size = self.path.stat().st_size
+
+    def __enter__(self) -> SafetensorsSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle = None
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as exc:
+            raise FormatError(f"{self.path}: cannot read tensor {name!r} ({_first_line(exc)})") from None
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        info = self._handle.get_slice(name)
+        return tuple(info.get_shape()), _dtype_name(info.get_dtype())
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str], force: bool = False
+) -> int:
+    """Write ``tensors`` atomically (temp file + rename). Returns the file size in bytes.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is false.
+    """
+    with atomic_output(path, force) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        size = tmp.stat().st_size
+    return size
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def _dtype_name(code: str) -> str:
+    return _SAFETENSORS_DTYPES.get(code, code.lower())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,185 @@
+"""Crash-safe output files and the streaming ``.kvp`` writer.
+
+Every file kvpack writes goes through :func:`atomic_output`: the data goes to a temporary
+file in the target folder, is flushed and fsynced, and only then renamed over the target
+(``os.replace``), so a failure at any point leaves either the previous file or nothing.
+An existing target is refused unless ``force`` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from kvpack.config import CodecConfig
+from kvpack.errors import InvalidInputError, OutputExistsError
+from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR, MAGIC, PREAMBLE, PREAMBLE_SIZE, SECTION_ALIGNMENT
+from kvpack.formats.header import SectionEntry, TensorEntry, encode_header, section_specs, spec_nbytes
+
+
+def check_output_path(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse an existing output (without ``force``) or a missing folder, before any work.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is false.
+        InvalidInputError: the folder does not exist, or ``path`` is a directory.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"output {path} is a directory")
+    if path.exists() and not force:
+        raise OutputExistsError(f"output {path} exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"output folder {path.parent} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``.
+
+    On any exception (including KeyboardInterrupt) the temporary file is removed and
+    ``path`` is untouched.
+
+    Raises:
+        OutputExistsError, InvalidInputError: see :func:`check_output_path`.
+    """
+    target = check_output_path(path, force)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        check_output_path(target, force)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class KvpWriter:
+    """Stream tensors into a ``.kvp`` file; the file appears only when :meth:`close` succeeds.
+
+    Use as a context manager::
+
+        with KvpWriter("cache.kvp", metadata={"model": "..."}) as writer:
+            writer.add_tensor("layers.0.key", shape, "float16", codec_config, {"codes": ..., ...})
+
+    Sections are written as they are added (the header goes at the end of the file and
+    the preamble is rewritten last), so memory stays bounded by one tensor.
+
+    Raises:
+        OutputExistsError: the output exists and ``force`` is false (raised on construction).
+        InvalidInputError: a tensor's sections do not match what its codec declares.
+    """
+
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None, force: bool = False):
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self._output = atomic_output(path, force)
+        self._tmp_path = self._output.__enter__()
+        self._file = open(self._tmp_path, "wb")
+        self._file.write(b"\0" * PREAMBLE_SIZE)
+        self._position = PREAMBLE_SIZE
+        self._entries: list[TensorEntry] = []
+        self._closed = False
+
+    def __enter__(self) -> KvpWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort(exc_type, exc, tb)
+
+    @property
+    def entries(self) -> list[TensorEntry]:
+        return list(self._entries)
+
+    def add_tensor(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: str,
+        codec: CodecConfig | None,
+        sections: dict[str, bytes | np.ndarray],
+    ) -> TensorEntry:
+        """Append one tensor: ``sections`` maps each section name to its serialized bytes.
+
+        Raises:
+            InvalidInputError: duplicate name, or sections not as the codec declares them.
+        """
+        if any(e.name == name for e in self._entries):
+            raise InvalidInputError(f"tensor {name!r} is written twice")
+        specs = section_specs(tuple(shape), dtype, codec)
+        if set(sections) != set(specs):
+            raise InvalidInputError(f"tensor {name!r}: sections {sorted(sections)} != declared {sorted(specs)}")
+        placed = {}
+        for sec_name, spec in specs.items():
+            data = memoryview(sections[sec_name]).cast("B")
+            if len(data) != spec_nbytes(spec):
+                raise InvalidInputError(
+                    f"tensor {name!r}, section {sec_name}: {len(data)} bytes, expected {spec_nbytes(spec)}"
+                )
+            self._pad_to_alignment()
+            self._file.write(data)
+            placed[sec_name] = SectionEntry(self._position, len(data), zlib.crc32(data))
+            self._position += len(data)
+        entry = TensorEntry(name, tuple(int(s) for s in shape), dtype, codec, placed)
+        self._entries.append(entry)
+        return entry
+
+    def close(self) -> int:
+        """Write the header and preamble, fsync and rename into place. Returns the file size in bytes."""
+        if self._closed:
+            return self._position
+        header = encode_header(self.metadata, self._entries)
+        header_offset = self._position
+        self._file.write(header)
+        self._position += len(header)
+        self._file.seek(0)
+        self._file.write(
+            PREAMBLE.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, header_offset, len(header), zlib.crc32(header))
+        )
+        self._file.flush()
+        self._file.close()
+        self._closed = True
+        self._output.__exit__(None, None, None)
+        return self._position
+
+    def abort(self, exc_type=None, exc=None, tb=None) -> None:
+        """Discard everything written so far (the temporary file is removed)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._file.close()
+        with contextlib.suppress(BaseException):
+            self._output.__exit__(exc_type or RuntimeError, exc or RuntimeError("aborted"), tb)
+
+    def _pad_to_alignment(self) -> None:
+        padding = -self._position % SECTION_ALIGNMENT
+        if padding:
+            self._file.write(b"\0" * padding)
+            self._position += padding

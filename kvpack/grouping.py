@@ -1,0 +1,138 @@
+"""Tensor <-> group views of KV-cache tensors, and the outlier split / merge.
+
+A KV-cache tensor has shape ``(batch, num_kv_heads, seq_len, head_dim)`` (the layout of a
+transformers cache). Groups run along each token's feature vector: the ``num_kv_heads *
+head_dim`` values of one token in one layer are cut into consecutive groups of
+``group_size`` elements. So ``group_size == head_dim`` is one group per head and token,
+``group_size == num_kv_heads * head_dim`` one group per layer and token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvpack.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """How a ``(batch, num_kv_heads, seq_len, head_dim)`` tensor is cut into groups.
+
+    Raises:
+        InvalidInputError: the shape is not 4-D with positive sizes, or ``group_size`` does
+            not divide ``num_kv_heads * head_dim``.
+    """
+
+    shape: tuple[int, int, int, int]
+    group_size: int
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 4 or any(int(s) < 0 for s in self.shape):
+            raise InvalidInputError(
+                f"a KV tensor must have shape (batch, num_kv_heads, seq_len, head_dim), got {tuple(self.shape)}"
+            )
+        if self.group_size < 1 or self.features % self.group_size:
+            raise InvalidInputError(
+                f"group size {self.group_size} does not divide the {self.features} features of a token "
+                f"(num_kv_heads {self.shape[1]} x head_dim {self.shape[3]}); "
+                f"choose a divisor of {self.features}"
+            )
+
+    @property
+    def features(self) -> int:
+        """Values per token and layer: ``num_kv_heads * head_dim``."""
+        return self.shape[1] * self.shape[3]
+
+    @property
+    def rows(self) -> int:
+        """Token rows: ``batch * seq_len``."""
+        return self.shape[0] * self.shape[2]
+
+    @property
+    def n_elements(self) -> int:
+        return self.rows * self.features
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_elements // self.group_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.shape[3]
+
+
+def to_groups(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """View ``x`` of shape ``layout.shape`` as ``(n_groups, group_size)`` (a copy when needed)."""
+    return x.permute(0, 2, 1, 3).reshape(layout.n_groups, layout.group_size)
+
+
+def from_groups(groups: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """Inverse of :func:`to_groups`: ``(n_groups, group_size)`` -> ``layout.shape`` (contiguous)."""
+    batch, heads, seq, dim = layout.shape
+    return groups.reshape(batch, seq, heads, dim).permute(0, 2, 1, 3).contiguous()
+
+
+def to_heads(groups: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """Rearrange ``(n_groups, group_size)`` values as ``(num_kv_heads, rows * head_dim)``."""
+    return groups.reshape(layout.rows, layout.num_heads, layout.head_dim).permute(1, 0, 2).reshape(layout.num_heads, -1)
+
+
+def from_heads(values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """Inverse of :func:`to_heads`."""
+    return values.reshape(layout.num_heads, layout.rows, layout.head_dim).permute(1, 0, 2).reshape(
+        layout.n_groups, layout.group_size
+    )
+
+
+def outliers_per_side(outlier_ratio: float, group_size: int) -> int:
+    """How many of the lowest and of the highest values of each group are kept exactly.
+
+    ``ceil(outlier_ratio * group_size / 2)`` on each side when ``outlier_ratio > 0`` (so a
+    non-zero ratio always keeps at least one value per side), else 0.
+
+    Raises:
+        InvalidInputError: fewer than two values of a group would remain for the statistics.
+    """
+    if outlier_ratio <= 0:
+        return 0
+    per_side = math.ceil(outlier_ratio * group_size / 2 - 1e-9)
+    if group_size - 2 * per_side < 2:
+        raise InvalidInputError(
+            f"outlier ratio {outlier_ratio} keeps {2 * per_side} of {group_size} values per group exactly, "
+            "leaving fewer than 2 for the statistics; use a smaller ratio or a larger group size"
+        )
+    return per_side
+
+
+def split_outliers(groups: torch.Tensor, per_side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Find the ``per_side`` lowest and highest values of every group.
+
+    Args:
+        groups: ``(n_groups, group_size)`` float tensor.
+        per_side: values per side (``> 0``).
+
+    Returns:
+        A triple ``(positions, values, inlier_mask)``:
+        positions ``(n_groups, 2*per_side)`` int64 (the lowest first, ascending by value, then
+        the highest, descending), their values (same dtype as ``groups``), and the boolean
+        ``(n_groups, group_size)`` mask of the values left for the statistics.
+    """
+    low = torch.topk(groups, per_side, dim=1, largest=False, sorted=True).indices
+    high = torch.topk(groups, per_side, dim=1, largest=True, sorted=True).indices
+    positions = torch.cat([low, high], dim=1)
+    values = torch.gather(groups, 1, positions)
+    inlier_mask = torch.ones_like(groups, dtype=torch.bool)
+    inlier_mask.scatter_(1, positions, False)
+    return positions, values, inlier_mask
+
+
+def merge_outliers(groups: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Write the exact outlier ``values`` back at their ``positions`` (in place; returns ``groups``)."""
+    return groups.scatter_(1, positions, values.to(groups.dtype))

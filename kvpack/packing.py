@@ -1,0 +1,111 @@
+"""Dense bit-packing of unsigned integer codes.
+
+The only module that knows the bit order of packed codes. Code ``i`` of a stream of
+``b``-bit codes occupies stream bits ``[i*b, (i+1)*b)``, least significant bit first;
+stream bit ``k`` is bit ``k % 8`` (LSB = 0) of byte ``k // 8``. The last byte is padded
+with zero bits. So ``n`` codes of ``b`` bits take exactly ``ceil(n*b/8)`` bytes: 3-, 5-,
+6- and 7-bit codes waste no bits.
+
+Codes of 9 to 16 bits (outlier positions in very large groups) are packed as two planes:
+the low 8 bits of every code as one 8-bit stream, then the high ``b-8`` bits as a
+``(b-8)``-bit stream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvpack.errors import InvalidInputError
+
+MAX_BITS = 16
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes taken by ``count`` codes of ``bits`` bits (1..16) when densely packed."""
+    _check_bits(bits)
+    if count < 0:
+        raise InvalidInputError(f"code count must be >= 0, got {count}")
+    if bits > 8:
+        return packed_nbytes(count, 8) + packed_nbytes(count, bits - 8)
+    return (count * bits + 7) // 8
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned integer codes densely.
+
+    Args:
+        codes: 1-D integer array, every value in ``[0, 2**bits - 1]`` (any integer dtype).
+        bits: code width, 1 to 16.
+
+    Returns:
+        ``uint8`` array of ``packed_nbytes(len(codes), bits)`` bytes.
+
+    Raises:
+        InvalidInputError: ``bits`` out of range, ``codes`` not 1-D, or a code out of range.
+    """
+    _check_bits(bits)
+    codes = np.asarray(codes)
+    if codes.ndim != 1:
+        raise InvalidInputError(f"codes must be 1-D, got shape {codes.shape}")
+    if codes.size and (codes.min() < 0 or int(codes.max()) >= (1 << bits)):
+        raise InvalidInputError(f"codes out of range for {bits}-bit packing")
+    if bits > 8:
+        wide = codes.astype(np.uint32)
+        return np.concatenate([_pack_narrow(wide & 0xFF, 8), _pack_narrow(wide >> 8, bits - 8)])
+    return _pack_narrow(codes, bits)
+
+
+def unpack(data: np.ndarray | bytes, bits: int, count: int) -> np.ndarray:
+    """Unpack ``count`` codes of ``bits`` bits packed by :func:`pack`.
+
+    Args:
+        data: the packed bytes (``uint8`` array or ``bytes``), exactly
+            ``packed_nbytes(count, bits)`` long.
+        bits: code width, 1 to 16.
+        count: number of codes.
+
+    Returns:
+        1-D array of ``count`` codes, ``uint8`` for ``bits <= 8`` else ``uint16``.
+
+    Raises:
+        InvalidInputError: wrong data length or ``bits`` out of range.
+    """
+    _check_bits(bits)
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data, dtype=np.uint8)
+    expected = packed_nbytes(count, bits)
+    if data.size != expected:
+        raise InvalidInputError(f"packed data has {data.size} bytes, expected {expected} for {count} codes of {bits} bits")
+    if bits > 8:
+        split = packed_nbytes(count, 8)
+        low = _unpack_narrow(data[:split], 8, count).astype(np.uint16)
+        high = _unpack_narrow(data[split:], bits - 8, count).astype(np.uint16)
+        return low | (high << 8)
+    return _unpack_narrow(data, bits, count)
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
+        raise InvalidInputError(f"bits must be an integer from 1 to {MAX_BITS}, got {bits!r}")
+
+
+def _pack_narrow(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack codes of 1..8 bits: every 8 codes become ``bits`` bytes via one uint64 word."""
+    count = codes.size
+    padded = np.zeros(-(-count // 8) * 8, dtype=np.uint64)
+    padded[:count] = codes
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    words = np.bitwise_or.reduce(padded.reshape(-1, 8) << shifts, axis=1)
+    out = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits]
+    return np.ascontiguousarray(out).reshape(-1)[: (count * bits + 7) // 8]
+
+
+def _unpack_narrow(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    n_words = -(-count // 8)
+    block = np.zeros((n_words, 8), dtype=np.uint8)
+    flat = np.zeros(n_words * bits, dtype=np.uint8)
+    flat[: data.size] = data
+    block[:, :bits] = flat.reshape(n_words, bits)
+    words = block.view("<u8").reshape(-1)
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    codes = (words[:, None] >> shifts) & np.uint64((1 << bits) - 1)
+    return codes.reshape(-1)[:count].astype(np.uint8)

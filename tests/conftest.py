@@ -1,0 +1,42 @@
+"""Shared fixtures: one real SmolLM2 KV cache per test session (the model loads once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvpack.formats.safetensors_io import SafetensorsSource
+
+WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+REAL_TOKENS = 512
+
+
+def wikitext_excerpt() -> str:
+    """About 600 tokens of WikiText-2 test text, from the shared copy (else the bundled passage)."""
+    if WIKITEXT.is_file():
+        text = WIKITEXT.read_text(encoding="utf-8")
+        return text[200_000:204_000]
+    from kvpack.dump import bundled_text
+
+    return bundled_text()
+
+
+@pytest.fixture(scope="session")
+def real_dump(tmp_path_factory) -> Path:
+    """A safetensors dump of SmolLM2-135M-Instruct on 512 WikiText-2 tokens, made by `kvpack dump`."""
+    from kvpack.cli.app import main
+
+    folder = tmp_path_factory.mktemp("real")
+    text_file = folder / "wikitext.txt"
+    text_file.write_text(wikitext_excerpt(), encoding="utf-8")
+    out = folder / "cache.safetensors"
+    code = main(["dump", "--text-file", str(text_file), "--max-tokens", str(REAL_TOKENS), "-o", str(out)])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_tensors(real_dump) -> dict:
+    with SafetensorsSource(real_dump) as source:
+        return {name: source.get(name) for name in source.keys()}

@@ -1,0 +1,144 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvpack import CodecConfig, compress_tensors
+from kvpack.cli.app import main
+from kvpack.formats.safetensors_io import write_safetensors
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def dump(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"layers.{i}.{r}": torch.randn(1, 2, 10, 32, generator=gen).half() for i in range(2) for r in ("key", "value")}
+    tensors["token_ids"] = torch.arange(10).reshape(1, 10)
+    path = tmp_path / "c.safetensors"
+    write_safetensors(path, tensors, {"model": "unit", "seq_len": "10", "dtype": "float16"})
+    return path
+
+
+def assert_one_line_error(code, err, pattern):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--bits", "9"], "bits must be an integer from 1 to 8"),
+        (["--bits", "0"], "bits must be"),
+        (["--bits", "x"], "--bits"),
+        (["--group-size", "24"], "does not divide"),
+        (["--method", "zip"], "unknown method 'zip'"),
+        (["--method", "uniform", "--codebook-scope", "head"], "unknown option"),
+        (["--outlier-ratio", "0.7"], "outlier ratio"),
+        (["--codebook-scope", "layer"], "codebook_scope must be one of"),
+    ],
+)
+def test_compress_bad_options(dump, tmp_path, capsys, extra, pattern):
+    code, _, err = run(["compress", dump, "-o", tmp_path / "o.kvp", *extra], capsys)
+    assert_one_line_error(code, err, pattern)
+    assert not (tmp_path / "o.kvp").exists()
+
+
+def test_compress_inspect_decompress_stats(dump, tmp_path, capsys):
+    out_kvp, report_json = tmp_path / "c.kvp", tmp_path / "r.json"
+    code, out, _ = run(["compress", dump, "-o", out_kvp, "--method", "uniform", "--bits", "4", "--group-size", "32",
+                        "--json", report_json, "--per-layer"], capsys)
+    assert code == 0 and "bits per element" in out and "layer 1" in out
+    report = json.loads(report_json.read_text())
+    bits = report["rows"]["all"]["bits_per_element"]
+    assert bits["total"] * report["kv_elements"] / 8 == pytest.approx(out_kvp.stat().st_size)
+    assert bits["codes"] == pytest.approx(4.0) and bits["scales"] == pytest.approx(1.0)
+    assert 0 < report["rows"]["key"]["rel_mse"] < 0.02
+
+    code, out, _ = run(["inspect", out_kvp, "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["version"] == "1.0" and info["metadata"]["model"] == "unit"
+    assert info["size"]["rows"]["all"]["bits_per_element"] == pytest.approx(bits)
+    code, out, _ = run(["inspect", out_kvp, "--tensors"], capsys)
+    assert code == 0 and "layers.1.value" in out and "uniform" in out
+    code, out, _ = run(["inspect", dump], capsys)
+    assert code == 0 and "K/V per token" in out
+
+    restored = tmp_path / "r.safetensors"
+    code, _, _ = run(["decompress", out_kvp, "-o", restored, "--dtype", "float32"], capsys)
+    assert code == 0
+    code, out, _ = run(["stats", dump, restored, "--json"], capsys)
+    stats = json.loads(out)
+    assert code == 0 and stats["rows"]["key"]["rel_mse"] == pytest.approx(report["rows"]["key"]["rel_mse"], rel=1e-3)
+    code, out, _ = run(["stats", dump, out_kvp], capsys)
+    assert code == 0 and "rel MSE" in out
+
+
+def test_output_exists_needs_force(dump, tmp_path, capsys):
+    target = tmp_path / "c.kvp"
+    target.write_bytes(b"precious")
+    code, _, err = run(["compress", dump, "-o", target], capsys)
+    assert_one_line_error(code, err, "exists; pass --force")
+    assert target.read_bytes() == b"precious"
+    code, _, _ = run(["compress", dump, "-o", target, "--force"], capsys)
+    assert code == 0 and target.read_bytes() != b"precious"
+
+
+def test_bad_input_files(dump, tmp_path, capsys):
+    code, _, err = run(["compress", tmp_path / "missing.safetensors"], capsys)
+    assert_one_line_error(code, err, "no such file")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    code, _, err = run(["compress", junk, "-o", tmp_path / "j.kvp"], capsys)
+    assert_one_line_error(code, err, "not a readable safetensors file")
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(dump.read_bytes()[:-100])
+    code, _, err = run(["compress", truncated, "-o", tmp_path / "t.kvp"], capsys)
+    assert_one_line_error(code, err, "t.safetensors")
+    code, _, err = run(["decompress", dump, "-o", tmp_path / "x.safetensors"], capsys)
+    assert_one_line_error(code, err, "not a .kvp file")
+    code, _, err = run(["inspect", tmp_path], capsys)
+    assert code == 2
+    nan = tmp_path / "nan.safetensors"
+    write_safetensors(nan, {"layers.0.key": torch.tensor([[[[float("nan")] * 4]]])}, {})
+    code, _, err = run(["compress", nan, "-o", tmp_path / "n.kvp", "--group-size", "4"], capsys)
+    assert_one_line_error(code, err, "NaN or Inf")
+    no_kv = tmp_path / "nokv.safetensors"
+    write_safetensors(no_kv, {"weight": torch.zeros(3)}, {})
+    code, _, err = run(["compress", no_kv, "-o", tmp_path / "k.kvp"], capsys)
+    assert_one_line_error(code, err, "no layers.<i>.key")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "junk.safetensors", "nan.safetensors",
+                                                          "nokv.safetensors", "t.safetensors"]
+
+
+def test_corrupted_kvp_through_the_cli(dump, tmp_path, capsys):
+    path = tmp_path / "c.kvp"
+    compress_tensors({"layers.0.key": torch.randn(1, 1, 4, 8)}, path, CodecConfig.build("uniform", 4, 8))
+    data = bytearray(path.read_bytes())
+    data[70] ^= 0x01
+    path.write_bytes(bytes(data))
+    code, _, err = run(["decompress", path, "-o", tmp_path / "o.safetensors"], capsys)
+    assert_one_line_error(code, err, "checksum mismatch")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_real_subprocess_exit_code_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.kvp"
+    bad.write_bytes(b"\x89KVP\r\n\x1a\n" + b"\xff" * 100)
+    result = subprocess.run([sys.executable, "-m", "kvpack", "inspect", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_methods_lists_the_registry(capsys):
+    code, out, _ = run(["methods"], capsys)
+    assert code == 0 and all(name in out for name in ("uniform", "normal", "adaptive"))

@@ -1,0 +1,236 @@
+import os
+import struct
+import zlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpack import CodecConfig, KvpReader, KvpWriter, compress_tensors, load_kvp
+from kvpack.api import decode_entry, encode_tensor
+from kvpack.errors import (
+    ChecksumMismatchError,
+    FormatError,
+    HeaderLimitError,
+    InvalidInputError,
+    OutputExistsError,
+    TruncatedFileError,
+    UnsupportedVersionError,
+)
+from kvpack.formats.constants import MAGIC, PREAMBLE, PREAMBLE_SIZE
+
+
+def small_cache(seed=0, seq=20, heads=2, dim=16, layers=2, dtype=torch.float16):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"layers.{i}.{role}": torch.randn(1, heads, seq, dim, generator=gen).to(dtype)
+        for i in range(layers)
+        for role in ("key", "value")
+    }
+    tensors["token_ids"] = torch.randint(0, 50000, (1, seq), generator=gen)
+    return tensors
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    method=st.sampled_from(["uniform", "normal", "adaptive"]),
+    bits=st.integers(1, 8),
+    seq=st.integers(1, 12),
+    heads=st.integers(1, 3),
+    group_div=st.sampled_from([1, 2, 4]),
+    ratio=st.sampled_from([0.0, 0.1]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+)
+def test_round_trip_matches_in_memory_decode(tmp_path_factory, method, bits, seq, heads, group_div, ratio, dtype):
+    path = tmp_path_factory.mktemp("rt") / "c.kvp"
+    tensors = small_cache(seq=seq, heads=heads, dtype=dtype)
+    config = CodecConfig.build(method, bits, 16 // group_div, ratio)
+    compress_tensors(tensors, path, config, {"model": "unit-test", "note": "é ü"})
+    restored, metadata = load_kvp(path)
+    assert metadata["model"] == "unit-test" and metadata["note"] == "é ü"
+    assert list(restored) == list(tensors)
+    assert torch.equal(restored["token_ids"], tensors["token_ids"])
+    with KvpReader(path) as reader:
+        assert reader.version == (1, 0)
+        for name, x in tensors.items():
+            if name == "token_ids":
+                continue
+            entry = reader.entry(name)
+            assert entry.codec == config and entry.shape == tuple(x.shape) and restored[name].dtype == x.dtype
+            # the codes, scales and codebooks in the file are exactly what the encoder produced
+            assert {k: bytes(v) for k, v in reader.read_sections(name).items()} == encode_tensor(name, x, config)
+            assert torch.equal(restored[name], decode_entry(entry, encode_tensor(name, x, config)))
+
+
+def test_layers_with_different_shapes(tmp_path):
+    tensors = {
+        "layers.0.key": torch.randn(1, 4, 8, 32).half(),
+        "layers.0.value": torch.randn(1, 4, 8, 32).half(),
+        "layers.1.key": torch.randn(1, 2, 3, 32).half(),  # a sliding-window layer with fewer heads
+        "layers.1.value": torch.randn(1, 2, 3, 32).half(),
+    }
+    compress_tensors(tensors, tmp_path / "m.kvp", CodecConfig.build("adaptive", 4, 32))
+    restored, _ = load_kvp(tmp_path / "m.kvp")
+    for name, x in tensors.items():
+        assert restored[name].shape == x.shape
+        assert float(((restored[name].float() - x.float()) ** 2).sum() / (x.float() ** 2).sum()) < 0.02
+
+
+def test_lossless_tensors_exact(tmp_path):
+    tensors = {"layers.0.key": torch.randn(1, 1, 4, 8), "token_ids": torch.arange(-5, 5).reshape(1, 10),
+               "mask": torch.tensor([[True, False]]), "weights": torch.randn(3, 3).to(torch.bfloat16)}
+    compress_tensors(tensors, tmp_path / "l.kvp", CodecConfig.build("uniform", 8, 8))
+    restored, _ = load_kvp(tmp_path / "l.kvp")
+    for name in ("token_ids", "mask", "weights"):
+        assert restored[name].dtype == tensors[name].dtype and torch.equal(restored[name], tensors[name])
+
+
+@pytest.fixture
+def sample(tmp_path):
+    path = tmp_path / "s.kvp"
+    compress_tensors(small_cache(), path, CodecConfig.build("uniform", 3, 16, 0.1), {"model": "m"})
+    return path
+
+
+def test_truncation_at_every_length_is_a_format_error(sample, tmp_path):
+    data = sample.read_bytes()
+    cut = tmp_path / "cut.kvp"
+    for length in list(range(0, 80)) + list(range(80, len(data), 37)) + [len(data) - 1]:
+        cut.write_bytes(data[:length])
+        with pytest.raises(FormatError):
+            with KvpReader(cut) as reader:
+                for name in reader.keys():
+                    reader.read_tensor(name)
+
+
+def test_wrong_magic_newer_version_and_bad_flags(sample, tmp_path):
+    data = bytearray(sample.read_bytes())
+    bad = tmp_path / "bad.kvp"
+    bad.write_bytes(b"PK\x03\x04" + bytes(data[4:]))
+    with pytest.raises(FormatError, match="not a .kvp file"):
+        KvpReader(bad)
+    newer = bytearray(data)
+    struct.pack_into("<HH", newer, 8, 2, 3)
+    bad.write_bytes(bytes(newer))
+    with pytest.raises(UnsupportedVersionError, match=r"format version 2\.3 is newer than this kvpack reads \(1\.0\); upgrade"):
+        KvpReader(bad)
+    flagged = bytearray(data)
+    struct.pack_into("<I", flagged, 12, 1)
+    bad.write_bytes(bytes(flagged))
+    with pytest.raises(FormatError, match="unknown flags"):
+        KvpReader(bad)
+
+
+def test_header_corruption_and_limits(sample, tmp_path):
+    data = bytearray(sample.read_bytes())
+    _, _, _, _, offset, length, crc = PREAMBLE.unpack(bytes(data[:PREAMBLE_SIZE]))
+    bad = tmp_path / "bad.kvp"
+    flipped = bytearray(data)
+    flipped[offset + 5] ^= 0x20
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(ChecksumMismatchError, match="header checksum"):
+        KvpReader(bad)
+    huge = bytearray(data)
+    struct.pack_into("<QQ", huge, 16, offset, 1 << 60)
+    bad.write_bytes(bytes(huge))
+    with pytest.raises(HeaderLimitError, match="exceeds the limit"):
+        KvpReader(bad)
+
+
+def _rewrite_header(data: bytes, mutate) -> bytes:
+    """A file whose header was edited and re-checksummed (a well-formed but lying header)."""
+    _, major, minor, flags, offset, length, _ = PREAMBLE.unpack(data[:PREAMBLE_SIZE])
+    header = mutate(data[offset : offset + length].decode())
+    raw = header.encode()
+    return PREAMBLE.pack(MAGIC, major, minor, flags, offset, len(raw), zlib.crc32(raw)) + data[PREAMBLE_SIZE:offset] + raw
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda h: h.replace('"shape":[1,2,20,16]', '"shape":[1,2,2000000,16]', 1), "needs"),
+        (lambda h: h.replace('"offset":64', '"offset":999999999', 1), "past the end"),
+        (lambda h: h.replace('"method":"uniform"', '"method":"evil"', 1), "unknown method"),
+        (lambda h: h.replace('"bits":3', '"bits":30', 1), "bits must be"),
+        (lambda h: h[:-1], "not valid UTF-8 JSON"),
+        (lambda h: h.replace('{"metadata":{', '{"metadata":{"model":"x",', 1), "duplicate key"),
+        (lambda h: h.replace('"dtype":"float16"', '"dtype":"complex128"', 1), "unsupported dtype"),
+        (lambda h: h.replace('"group_size":16', '"group_size":5', 1), "does not divide"),
+    ],
+)
+def test_lying_headers_are_refused_before_reading_data(sample, tmp_path, mutate, message):
+    bad = tmp_path / "lie.kvp"
+    bad.write_bytes(_rewrite_header(sample.read_bytes(), mutate))
+    with pytest.raises(FormatError, match=message):
+        KvpReader(bad)
+
+
+def test_overlapping_sections_refused(sample, tmp_path):
+    with KvpReader(sample) as reader:
+        first = reader.entries()[0]
+        codes_offset = first.sections["codes"].offset
+        scale_offset = first.sections["scale"].offset
+    bad = tmp_path / "overlap.kvp"
+    bad.write_bytes(_rewrite_header(sample.read_bytes(), lambda h: h.replace(f'"offset":{scale_offset},', f'"offset":{codes_offset},', 1)))
+    with pytest.raises(FormatError, match="overlaps"):
+        KvpReader(bad)
+
+
+def test_every_bit_flip_in_a_data_section_is_detected(tmp_path):
+    path = tmp_path / "tiny.kvp"
+    compress_tensors({"layers.0.key": torch.randn(1, 1, 4, 8).half()}, path, CodecConfig.build("uniform", 2, 8))
+    data = path.read_bytes()
+    with KvpReader(path) as reader:
+        spans = [(s.offset, s.length, sec) for sec, s in reader.entry("layers.0.key").sections.items()]
+    bad = tmp_path / "flip.kvp"
+    flips = 0
+    for offset, length, section in spans:
+        for byte in range(offset, offset + length):
+            for bit in range(8):
+                mutated = bytearray(data)
+                mutated[byte] ^= 1 << bit
+                bad.write_bytes(bytes(mutated))
+                with KvpReader(bad) as reader, pytest.raises(ChecksumMismatchError, match=section):
+                    reader.read_section("layers.0.key", section)
+                flips += 1
+    assert flips == 8 * sum(length for _, length, _ in spans)
+
+
+def test_existing_output_is_kept_without_force(sample):
+    before = sample.read_bytes()
+    with pytest.raises(OutputExistsError, match="--force"):
+        compress_tensors(small_cache(1), sample, CodecConfig.build("normal", 2, 16))
+    assert sample.read_bytes() == before
+    compress_tensors(small_cache(1), sample, CodecConfig.build("normal", 2, 16), force=True)
+    assert sample.read_bytes() != before
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path):
+    target = tmp_path / "partial.kvp"
+    tensors = small_cache()
+    tensors["layers.1.value"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(InvalidInputError, match="NaN"):
+        compress_tensors(tensors, target, CodecConfig.build("uniform", 4, 16))
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_refuses_sections_that_do_not_match(tmp_path):
+    config = CodecConfig.build("uniform", 4, 16)
+    with pytest.raises(InvalidInputError, match="bytes, expected"):
+        with KvpWriter(tmp_path / "w.kvp") as writer:
+            sections = encode_tensor("layers.0.key", torch.zeros(1, 1, 2, 16), config)
+            sections["codes"] = sections["codes"][:-1]
+            writer.add_tensor("layers.0.key", (1, 1, 2, 16), "float32", config, sections)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_and_non_kvp_inputs(tmp_path):
+    with pytest.raises(InvalidInputError, match="no such file"):
+        KvpReader(tmp_path / "missing.kvp")
+    (tmp_path / "empty.kvp").write_bytes(b"")
+    with pytest.raises(FormatError, match="not a .kvp file"):
+        KvpReader(tmp_path / "empty.kvp")
+    (tmp_path / "short.kvp").write_bytes(MAGIC + b"\x01")
+    with pytest.raises(TruncatedFileError):
+        KvpReader(tmp_path / "short.kvp")
