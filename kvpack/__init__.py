@@ -7,7 +7,6 @@ Public API::
 
 __version__ = "0.1.0"
 
-from kvpack.config import CodecConfig  # noqa: E402
 from kvpack.api import (  # noqa: E402
     build_report,
     compare_caches,
@@ -19,10 +18,23 @@ from kvpack.api import (  # noqa: E402
     load_kvp,
     open_cache,
 )
+from kvpack.config import CodecConfig  # noqa: E402
 from kvpack.formats.reader import KvpReader, open_kvp  # noqa: E402
 from kvpack.formats.writer import KvpWriter  # noqa: E402
 
 __all__ = [
-    "CodecConfig", "KvpReader", "KvpWriter", "__version__", "build_report", "compare_caches", "compress_file",
-    "compress_tensors", "decode_entry", "decompress_file", "encode_tensor", "load_kvp", "open_cache", "open_kvp",
+    "CodecConfig",
+    "KvpReader",
+    "KvpWriter",
+    "__version__",
+    "build_report",
+    "compare_caches",
+    "compress_file",
+    "compress_tensors",
+    "decode_entry",
+    "decompress_file",
+    "encode_tensor",
+    "load_kvp",
+    "open_cache",
+    "open_kvp",
 ]

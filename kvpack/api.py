@@ -20,7 +20,7 @@ from kvpack.codecs.base import KIND_CODES, check_fp16_range
 from kvpack.config import CodecConfig
 from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.constants import DTYPE_SIZES, FLOAT_DTYPES
-from kvpack.formats.header import TensorEntry, section_specs
+from kvpack.formats.header import TensorEntry, section_specs, spec_nbytes
 from kvpack.formats.reader import KvpReader, is_kvp_file
 from kvpack.formats.safetensors_io import SafetensorsSource, parse_kv_name, write_safetensors
 from kvpack.formats.writer import KvpWriter, check_output_path
@@ -31,9 +31,16 @@ from kvpack.stats import ErrorAccumulator, size_breakdown
 Progress = Callable[[int, int, str], None]
 
 TORCH_DTYPES = {
-    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
-    "uint8": torch.uint8, "bool": torch.bool,
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
@@ -67,8 +74,13 @@ def encode_tensor(name: str, x: torch.Tensor, config: CodecConfig | None) -> dic
     dtype = dtype_name(x.dtype)
     if config is None:
         return {"data": _tensor_bytes(x)}
+    if x.numel() == 0:  # nothing to quantize: every section is its declared size of zeros
+        specs = section_specs(tuple(x.shape), dtype, config)
+        return {section: bytes(spec_nbytes(spec)) for section, spec in specs.items()}
     if dtype not in FLOAT_DTYPES:
-        raise InvalidInputError(f"tensor {name!r}: dtype {dtype} cannot be quantized (expected {', '.join(FLOAT_DTYPES)})")
+        raise InvalidInputError(
+            f"tensor {name!r}: dtype {dtype} cannot be quantized (expected {', '.join(FLOAT_DTYPES)})"
+        )
     try:
         layout = GroupLayout(tuple(x.shape), config.group_size)
     except InvalidInputError as exc:
@@ -101,7 +113,9 @@ def encode_tensor(name: str, x: torch.Tensor, config: CodecConfig | None) -> dic
     return out
 
 
-def decode_entry(entry: TensorEntry, sections: dict[str, bytes | np.ndarray], dtype: torch.dtype | None = None) -> torch.Tensor:
+def decode_entry(
+    entry: TensorEntry, sections: dict[str, bytes | np.ndarray], dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Rebuild a tensor from its header entry and section bytes.
 
     Args:
@@ -117,6 +131,8 @@ def decode_entry(entry: TensorEntry, sections: dict[str, bytes | np.ndarray], dt
     """
     specs = section_specs(entry.shape, entry.dtype, entry.codec)
     out_dtype = dtype or TORCH_DTYPES[entry.dtype]
+    if entry.n_elements == 0:
+        return torch.empty(entry.shape, dtype=out_dtype)
     try:
         if entry.codec is None:
             return _from_bytes(sections["data"], entry.dtype).reshape(entry.shape).to(out_dtype)
@@ -124,8 +140,11 @@ def decode_entry(entry: TensorEntry, sections: dict[str, bytes | np.ndarray], dt
         arrays = {}
         for section, spec in specs.items():
             if spec.dtype == "code":
-                codes = torch.from_numpy(unpack(_as_uint8(sections[section]), spec.bits, spec.count).astype(np.int64))
-                arrays[section] = codes.reshape(layout.n_groups, -1) if spec.kind == KIND_CODES else codes
+                codes = torch.from_numpy(unpack(_as_uint8(sections[section]), spec.bits, spec.count))
+                if spec.kind == KIND_CODES:  # uint8, (n_groups, group_size)
+                    arrays[section] = codes.reshape(layout.n_groups, layout.group_size)
+                else:  # outlier positions, used as scatter indices
+                    arrays[section] = codes.long()
             else:
                 arrays[section] = _from_bytes(sections[section], spec.dtype).to(torch.float32)
         groups = entry.codec.make_codec().decode(arrays, layout)
@@ -145,11 +164,17 @@ def _tensor_bytes(x: torch.Tensor) -> bytes:
 
 
 def _as_uint8(data: bytes | np.ndarray) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data, np.uint8)
+    return (
+        np.frombuffer(data, dtype=np.uint8)
+        if isinstance(data, (bytes, bytearray, memoryview))
+        else np.asarray(data, np.uint8)
+    )
 
 
 def _from_bytes(data: bytes | np.ndarray, dtype: str) -> torch.Tensor:
     raw = _as_uint8(data)
+    if raw.size == 0:
+        return torch.empty(0, dtype=TORCH_DTYPES[dtype])
     if raw.size % DTYPE_SIZES[dtype]:
         raise FormatError(f"{raw.size} bytes is not a whole number of {dtype} values")
     return torch.from_numpy(raw.copy()).view(TORCH_DTYPES[dtype])
@@ -177,14 +202,19 @@ def compress_tensors(
         return writer.entries
 
 
-def load_kvp(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_kvp(
+    path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor of a ``.kvp`` (decoded) and its metadata.
 
     Raises:
         FormatError: see :class:`KvpReader`.
     """
     with KvpReader(path) as reader:
-        tensors = {name: decode_entry(reader.entry(name), reader.read_sections(name), dtype if parse_kv_name(name) else None) for name in reader.keys()}
+        tensors = {
+            name: decode_entry(reader.entry(name), reader.read_sections(name), dtype if parse_kv_name(name) else None)
+            for name in reader.keys()
+        }
         return tensors, dict(reader.metadata)
 
 
@@ -289,8 +319,13 @@ def compress_file(
         file_size = Path(output_path).stat().st_size
         input_size = source.file_size
     report = build_report(entries, file_size, errors)
-    report.update(input=str(input_path), output=str(output_path), input_bytes=input_size,
-                  ratio_vs_input=input_size / file_size, config=config.to_dict())
+    report.update(
+        input=str(input_path),
+        output=str(output_path),
+        input_bytes=input_size,
+        ratio_vs_input=input_size / file_size,
+        config=config.to_dict(),
+    )
     return report
 
 
@@ -304,7 +339,11 @@ def build_report(entries: list[TensorEntry], file_size: int, errors: dict[str, E
         ``errors`` is given, ``rel_mse``, ``snr_db``, ``max_abs_err``, ``cosine_mean``.
     """
     sizes = size_breakdown(entries, file_size)
-    grouped: dict[str, ErrorAccumulator] = {"key": ErrorAccumulator(), "value": ErrorAccumulator(), "all": ErrorAccumulator()}
+    grouped: dict[str, ErrorAccumulator] = {
+        "key": ErrorAccumulator(),
+        "value": ErrorAccumulator(),
+        "all": ErrorAccumulator(),
+    }
     per_layer: dict[int, ErrorAccumulator] = {}
     for name, acc in (errors or {}).items():
         layer, role = parse_kv_name(name)
@@ -349,13 +388,17 @@ def decompress_file(
         OutputExistsError: the output exists and ``force`` is false.
     """
     check_output_path(output_path, force)
+    if Path(output_path).resolve() == Path(input_path).resolve():
+        raise InvalidInputError("input and output are the same file")
     tensors = {}
     with KvpReader(input_path) as reader:
         names = reader.keys()
         for index, name in enumerate(names):
             if progress:
                 progress(index, len(names), name)
-            tensors[name] = decode_entry(reader.entry(name), reader.read_sections(name), dtype if parse_kv_name(name) else None)
+            tensors[name] = decode_entry(
+                reader.entry(name), reader.read_sections(name), dtype if parse_kv_name(name) else None
+            )
         metadata = dict(reader.metadata)
     if progress:
         progress(len(names), len(names), "")
@@ -444,8 +487,9 @@ def describe_file(path: str | os.PathLike) -> dict:
         for name in source.keys():
             shape, dtype = source.shape_dtype(name)
             count = int(np.prod(shape)) if shape else 1
-            tensors.append({"name": name, "shape": list(shape), "dtype": dtype,
-                            "bytes": count * DTYPE_SIZES.get(dtype, 0)})
+            tensors.append(
+                {"name": name, "shape": list(shape), "dtype": dtype, "bytes": count * DTYPE_SIZES.get(dtype, 0)}
+            )
         kv = [t for t in tensors if parse_kv_name(t["name"])]
         seq_len = max((t["shape"][2] for t in kv if len(t["shape"]) == 4), default=0)
         kv_bytes = sum(t["bytes"] for t in kv)

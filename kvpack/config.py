@@ -49,7 +49,9 @@ class CodecConfig:
         if type(self.bits) is not int or not MIN_BITS <= self.bits <= MAX_BITS:
             raise InvalidInputError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {self.bits!r}")
         if type(self.group_size) is not int or not 1 <= self.group_size <= MAX_GROUP_SIZE:
-            raise InvalidInputError(f"group size must be an integer from 1 to {MAX_GROUP_SIZE}, got {self.group_size!r}")
+            raise InvalidInputError(
+                f"group size must be an integer from 1 to {MAX_GROUP_SIZE}, got {self.group_size!r}"
+            )
         ratio = self.outlier_ratio
         if type(ratio) not in (int, float) or not math.isfinite(ratio) or not 0 <= ratio < MAX_OUTLIER_RATIO:
             raise InvalidInputError(f"outlier ratio must be a number in [0, {MAX_OUTLIER_RATIO}), got {ratio!r}")

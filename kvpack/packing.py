@@ -71,10 +71,16 @@ def unpack(data: np.ndarray | bytes, bits: int, count: int) -> np.ndarray:
         InvalidInputError: wrong data length or ``bits`` out of range.
     """
     _check_bits(bits)
-    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data, dtype=np.uint8)
+    data = (
+        np.frombuffer(data, dtype=np.uint8)
+        if isinstance(data, (bytes, bytearray, memoryview))
+        else np.asarray(data, dtype=np.uint8)
+    )
     expected = packed_nbytes(count, bits)
     if data.size != expected:
-        raise InvalidInputError(f"packed data has {data.size} bytes, expected {expected} for {count} codes of {bits} bits")
+        raise InvalidInputError(
+            f"packed data has {data.size} bytes, expected {expected} for {count} codes of {bits} bits"
+        )
     if bits > 8:
         split = packed_nbytes(count, 8)
         low = _unpack_narrow(data[:split], 8, count).astype(np.uint16)
@@ -88,24 +94,39 @@ def _check_bits(bits: int) -> None:
         raise InvalidInputError(f"bits must be an integer from 1 to {MAX_BITS}, got {bits!r}")
 
 
+# Words (8 codes each) handled per step: bounds the uint64 temporaries to a few MiB.
+_CHUNK_WORDS = 1 << 16
+
+
 def _pack_narrow(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack codes of 1..8 bits: every 8 codes become ``bits`` bytes via one uint64 word."""
     count = codes.size
-    padded = np.zeros(-(-count // 8) * 8, dtype=np.uint64)
-    padded[:count] = codes
+    n_words = -(-count // 8)
+    out = np.empty((n_words, bits), dtype=np.uint8)
     shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
-    words = np.bitwise_or.reduce(padded.reshape(-1, 8) << shifts, axis=1)
-    out = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits]
-    return np.ascontiguousarray(out).reshape(-1)[: (count * bits + 7) // 8]
+    for first in range(0, n_words, _CHUNK_WORDS):
+        last = min(first + _CHUNK_WORDS, n_words)
+        block = np.zeros((last - first) * 8, dtype=np.uint64)
+        piece = codes[first * 8 : last * 8]
+        block[: piece.size] = piece
+        words = np.bitwise_or.reduce(block.reshape(-1, 8) << shifts, axis=1)
+        out[first:last] = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits]
+    return out.reshape(-1)[: (count * bits + 7) // 8]
 
 
 def _unpack_narrow(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`_pack_narrow`; returns ``uint8`` codes."""
     n_words = -(-count // 8)
-    block = np.zeros((n_words, 8), dtype=np.uint8)
-    flat = np.zeros(n_words * bits, dtype=np.uint8)
-    flat[: data.size] = data
-    block[:, :bits] = flat.reshape(n_words, bits)
-    words = block.view("<u8").reshape(-1)
+    padded = np.zeros(n_words * bits, dtype=np.uint8)
+    padded[: data.size] = data
+    padded = padded.reshape(n_words, bits)
+    out = np.empty(n_words * 8, dtype=np.uint8)
     shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
-    codes = (words[:, None] >> shifts) & np.uint64((1 << bits) - 1)
-    return codes.reshape(-1)[:count].astype(np.uint8)
+    mask = np.uint64((1 << bits) - 1)
+    for first in range(0, n_words, _CHUNK_WORDS):
+        last = min(first + _CHUNK_WORDS, n_words)
+        block = np.zeros((last - first, 8), dtype=np.uint8)
+        block[:, :bits] = padded[first:last]
+        words = block.view("<u8").reshape(-1)
+        out[first * 8 : last * 8] = ((words[:, None] >> shifts) & mask).reshape(-1)
+    return out[:count]

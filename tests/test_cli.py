@@ -19,7 +19,9 @@ def run(args, capsys):
 @pytest.fixture
 def dump(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    tensors = {f"layers.{i}.{r}": torch.randn(1, 2, 10, 32, generator=gen).half() for i in range(2) for r in ("key", "value")}
+    tensors = {
+        f"layers.{i}.{r}": torch.randn(1, 2, 10, 32, generator=gen).half() for i in range(2) for r in ("key", "value")
+    }
     tensors["token_ids"] = torch.arange(10).reshape(1, 10)
     path = tmp_path / "c.safetensors"
     write_safetensors(path, tensors, {"model": "unit", "seq_len": "10", "dtype": "float16"})
@@ -54,8 +56,24 @@ def test_compress_bad_options(dump, tmp_path, capsys, extra, pattern):
 
 def test_compress_inspect_decompress_stats(dump, tmp_path, capsys):
     out_kvp, report_json = tmp_path / "c.kvp", tmp_path / "r.json"
-    code, out, _ = run(["compress", dump, "-o", out_kvp, "--method", "uniform", "--bits", "4", "--group-size", "32",
-                        "--json", report_json, "--per-layer"], capsys)
+    code, out, _ = run(
+        [
+            "compress",
+            dump,
+            "-o",
+            out_kvp,
+            "--method",
+            "uniform",
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--json",
+            report_json,
+            "--per-layer",
+        ],
+        capsys,
+    )
     assert code == 0 and "bits per element" in out and "layer 1" in out
     report = json.loads(report_json.read_text())
     bits = report["rows"]["all"]["bits_per_element"]
@@ -115,8 +133,13 @@ def test_bad_input_files(dump, tmp_path, capsys):
     write_safetensors(no_kv, {"weight": torch.zeros(3)}, {})
     code, _, err = run(["compress", no_kv, "-o", tmp_path / "k.kvp"], capsys)
     assert_one_line_error(code, err, "no layers.<i>.key")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "junk.safetensors", "nan.safetensors",
-                                                          "nokv.safetensors", "t.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "c.safetensors",
+        "junk.safetensors",
+        "nan.safetensors",
+        "nokv.safetensors",
+        "t.safetensors",
+    ]
 
 
 def test_corrupted_kvp_through_the_cli(dump, tmp_path, capsys):
@@ -142,3 +165,53 @@ def test_real_subprocess_exit_code_and_no_traceback(tmp_path):
 def test_methods_lists_the_registry(capsys):
     code, out, _ = run(["methods"], capsys)
     assert code == 0 and all(name in out for name in ("uniform", "normal", "adaptive"))
+
+
+def test_markup_in_file_contents_is_printed_verbatim(tmp_path, capsys):
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, {"layers.0.key": torch.ones(1, 1, 2, 8)}, {"model": "[/bold][link=x]evil"})
+    code, out, err = run(["inspect", path], capsys)
+    assert code == 0 and "[/bold][link=x]evil" in out
+    code, out, _ = run(["compress", path, "-o", tmp_path / "m.kvp", "--group-size", "8"], capsys)
+    assert code == 0
+    code, out, _ = run(["inspect", tmp_path / "m.kvp", "--tensors"], capsys)
+    assert code == 0 and "[/bold][link=x]evil" in out
+
+
+def test_unwritable_output_folder(dump, capsys):
+    code, _, err = run(["compress", dump, "-o", "/proc/kvpack-test.kvp"], capsys)
+    assert_one_line_error(code, err, "cannot write to /proc")
+
+
+def test_json_report_may_not_replace_input_or_output(dump, tmp_path, capsys):
+    before = dump.read_bytes()
+    for target in (dump, tmp_path / "o.kvp"):
+        code, _, err = run(["compress", dump, "-o", tmp_path / "o.kvp", "--json", target, "--force"], capsys)
+        assert_one_line_error(code, err, "must differ from the input and the output")
+    assert dump.read_bytes() == before and not (tmp_path / "o.kvp").exists()
+
+
+def test_decompress_refuses_to_replace_its_input(tmp_path, capsys):
+    path = tmp_path / "c.kvp"
+    compress_tensors({"layers.0.key": torch.randn(1, 1, 4, 8)}, path, CodecConfig.build("uniform", 4, 8))
+    before = path.read_bytes()
+    code, _, err = run(["decompress", path, "-o", path, "--force"], capsys)
+    assert_one_line_error(code, err, "same file")
+    assert path.read_bytes() == before
+
+
+def test_empty_cache_through_the_cli(tmp_path, capsys):
+    path = tmp_path / "e.safetensors"
+    write_safetensors(
+        path,
+        {
+            "layers.0.key": torch.zeros(1, 3, 0, 64, dtype=torch.float16),
+            "layers.0.value": torch.zeros(1, 3, 0, 64, dtype=torch.float16),
+            "token_ids": torch.zeros(1, 0, dtype=torch.int64),
+        },
+        {},
+    )
+    code, out, _ = run(["compress", path, "-o", tmp_path / "e.kvp"], capsys)
+    assert code == 0
+    code, _, _ = run(["decompress", tmp_path / "e.kvp", "-o", tmp_path / "r.safetensors"], capsys)
+    assert code == 0

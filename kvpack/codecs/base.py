@@ -87,8 +87,9 @@ class Codec(ABC):
     for outliers stored exactly elsewhere, which must not enter the statistics). It returns
     a dict of tensors named and sized as :meth:`section_specs` says; codes are integer
     tensors with values in ``[0, 2**bits - 1]``, other arrays already rounded to their
-    storage dtype. Decoding takes those arrays (as float32 / int64 tensors) and returns
-    float32 ``(n_groups, group_size)`` reconstructions.
+    storage dtype. Decoding takes those arrays (codes as ``uint8`` ``(n_groups,
+    group_size)``, the rest as flat float32 tensors) and returns float32 ``(n_groups,
+    group_size)`` reconstructions.
     """
 
     name: ClassVar[str]
@@ -138,9 +139,7 @@ def get_codec_class(method: str) -> type[Codec]:
     try:
         return Codec.registry[method]
     except KeyError:
-        raise InvalidInputError(
-            f"unknown method {method!r}; available: {', '.join(sorted(Codec.registry))}"
-        ) from None
+        raise InvalidInputError(f"unknown method {method!r}; available: {', '.join(sorted(Codec.registry))}") from None
 
 
 def codes_spec(layout: GroupLayout, bits: int) -> SectionSpec:

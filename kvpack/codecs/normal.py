@@ -77,7 +77,7 @@ class NormalCodec(Codec):
 
     def decode(self, arrays, layout):
         _, centroids = gaussian_bins(self.bits)
-        levels = centroids[arrays["codes"].long()]
+        levels = centroids[arrays["codes"].int()]
         x = levels * arrays["scale"][:, None]
         if not self.params.symmetric:
             x = x + arrays["zero_point"][:, None]

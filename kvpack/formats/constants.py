@@ -20,7 +20,8 @@ SECTION_ALIGNMENT = 8
 #: Reader limits: a header larger than this, or declaring more than these, is refused
 #: before it is parsed or anything is allocated.
 MAX_HEADER_BYTES = 64 << 20
-MAX_TENSORS = 1 << 20
+MAX_TENSORS = 1 << 16
+MAX_ELEMENTS = 1 << 48  # per tensor (product of the dimensions, zero-length ones counted as 1)
 MAX_DIMS = 8
 MAX_METADATA_ENTRIES = 4096
 

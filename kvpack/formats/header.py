@@ -23,7 +23,14 @@ from typing import Any
 from kvpack.codecs.base import KIND_DATA, KIND_OUTLIERS, SectionSpec
 from kvpack.config import CodecConfig
 from kvpack.errors import FormatError, HeaderLimitError, InvalidInputError
-from kvpack.formats.constants import DTYPE_SIZES, FLOAT_DTYPES, MAX_DIMS, MAX_METADATA_ENTRIES, MAX_TENSORS
+from kvpack.formats.constants import (
+    DTYPE_SIZES,
+    FLOAT_DTYPES,
+    MAX_DIMS,
+    MAX_ELEMENTS,
+    MAX_METADATA_ENTRIES,
+    MAX_TENSORS,
+)
 from kvpack.grouping import GroupLayout, outliers_per_side
 from kvpack.packing import packed_nbytes
 
@@ -123,11 +130,13 @@ def decode_header(raw: bytes, data_start: int, data_end: int, path: str) -> tupl
         body = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise fail(f"not valid UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise fail("JSON nested too deeply") from None
     if not isinstance(body, dict) or set(body) != {"metadata", "tensors"}:
         raise fail("expected an object with exactly the keys 'metadata' and 'tensors'")
     metadata, tensors_raw = body["metadata"], body["tensors"]
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise fail("'metadata' must map strings to strings")
+    if not isinstance(metadata, dict) or not all(is_text(k) and is_text(v) for k, v in metadata.items()):
+        raise fail("'metadata' must map strings to strings (valid Unicode)")
     if len(metadata) > MAX_METADATA_ENTRIES:
         raise HeaderLimitError(f"{path}: header has {len(metadata)} metadata entries (limit {MAX_METADATA_ENTRIES})")
     if not isinstance(tensors_raw, dict):
@@ -139,9 +148,7 @@ def decode_header(raw: bytes, data_start: int, data_end: int, path: str) -> tupl
     for name, item in tensors_raw.items():
         entries.append(_decode_tensor(name, item, fail))
 
-    spans = sorted(
-        (s.offset, s.offset + s.length, f"{t.name}/{sec}") for t in entries for sec, s in t.sections.items()
-    )
+    spans = sorted((s.offset, s.offset + s.length, f"{t.name}/{sec}") for t in entries for sec, s in t.sections.items())
     position = data_start
     for start, end, label in spans:
         if start < position:
@@ -152,8 +159,28 @@ def decode_header(raw: bytes, data_start: int, data_end: int, path: str) -> tupl
     return metadata, entries
 
 
+def check_tensor_name(name: Any) -> None:
+    """Raises InvalidInputError for a name that cannot be stored (empty, reserved, not valid Unicode)."""
+    if not is_text(name) or not name or name == "__metadata__":
+        raise InvalidInputError(f"invalid tensor name {name!r}")
+
+
+def is_text(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
+        return False
+    return True
+
+
 def _decode_tensor(name: str, item: Any, fail) -> TensorEntry:
     where = f"tensor {name!r}"
+    try:
+        check_tensor_name(name)
+    except InvalidInputError as exc:
+        raise fail(str(exc)) from None
     if not isinstance(item, dict) or set(item) != {"shape", "dtype", "codec", "sections"}:
         raise fail(f"{where}: expected the keys shape, dtype, codec, sections")
     shape = item["shape"]
@@ -163,8 +190,10 @@ def _decode_tensor(name: str, item: Any, fail) -> TensorEntry:
         or not all(type(d) is int and 0 <= d < (1 << 48) for d in shape)
     ):
         raise fail(f"{where}: shape must be a list of at most {MAX_DIMS} non-negative integers, got {shape!r}")
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise HeaderLimitError(f"{where}: shape {shape} exceeds the limit of {MAX_ELEMENTS} elements")
     dtype = item["dtype"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise fail(f"{where}: unsupported dtype {dtype!r}")
     try:
         codec = None if item["codec"] is None else CodecConfig.from_dict(item["codec"])

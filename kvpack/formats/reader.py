@@ -90,8 +90,11 @@ class KvpReader:
             newer = major > FORMAT_MAJOR
             raise UnsupportedVersionError(
                 f"{name}: format version {major}.{minor} is "
-                + (f"newer than this kvpack reads ({FORMAT_MAJOR}.{FORMAT_MINOR}); upgrade kvpack" if newer
-                   else f"not readable by this kvpack (reads {FORMAT_MAJOR}.x)")
+                + (
+                    f"newer than this kvpack reads ({FORMAT_MAJOR}.{FORMAT_MINOR}); upgrade kvpack"
+                    if newer
+                    else f"not readable by this kvpack (reads {FORMAT_MAJOR}.x)"
+                )
             )
         if flags != 0:
             raise FormatError(f"{name}: unknown flags {flags:#x} in the preamble")
@@ -104,8 +107,10 @@ class KvpReader:
                     f"{name}: truncated: the header ends at byte {header_offset + header_length}, "
                     f"the file has {self.file_size}"
                 )
-            raise FormatError(f"{name}: corrupted preamble: header offset {header_offset} / length {header_length} "
-                              f"do not end at the file size {self.file_size}")
+            raise FormatError(
+                f"{name}: corrupted preamble: header offset {header_offset} / length {header_length} "
+                f"do not end at the file size {self.file_size}"
+            )
         self._file.seek(header_offset)
         raw = self._file.read(header_length)
         if zlib.crc32(raw) != header_crc:
@@ -162,7 +167,12 @@ class KvpReader:
         """Decode one tensor to a torch tensor of its stored shape and dtype (see :func:`kvpack.api.decode_entry`)."""
         from kvpack.api import decode_entry
 
-        return decode_entry(self.entry(name), self.read_sections(name))
+        sections = self.read_sections(name)
+        try:
+            return decode_entry(self.entry(name), sections)
+        except (RuntimeError, ValueError, IndexError, TypeError, OverflowError) as exc:
+            # Every size was validated; what remains are values no encoder writes.
+            raise FormatError(f"{self.path}: tensor {name!r} cannot be decoded ({exc})") from None
 
 
 def open_kvp(path: str | os.PathLike) -> KvpReader:

@@ -20,7 +20,15 @@ import numpy as np
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError, OutputExistsError
 from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR, MAGIC, PREAMBLE, PREAMBLE_SIZE, SECTION_ALIGNMENT
-from kvpack.formats.header import SectionEntry, TensorEntry, encode_header, section_specs, spec_nbytes
+from kvpack.formats.header import (
+    SectionEntry,
+    TensorEntry,
+    check_tensor_name,
+    encode_header,
+    is_text,
+    section_specs,
+    spec_nbytes,
+)
 
 
 def check_output_path(path: str | os.PathLike, force: bool) -> Path:
@@ -51,10 +59,16 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
         OutputExistsError, InvalidInputError: see :func:`check_output_path`.
     """
     target = check_output_path(path, force)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot write to {target.parent}: {exc.strerror}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        # mkstemp creates mode 0600; give the output the mode a plain open() would (or keep the old file's)
+        mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -64,6 +78,12 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -97,6 +117,9 @@ class KvpWriter:
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None, force: bool = False):
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        for key, value in self.metadata.items():
+            if not is_text(key) or not is_text(value):
+                raise InvalidInputError(f"metadata {key!r} is not valid Unicode text")
         self._output = atomic_output(path, force)
         self._tmp_path = self._output.__enter__()
         self._file = open(self._tmp_path, "wb")
@@ -131,6 +154,7 @@ class KvpWriter:
         Raises:
             InvalidInputError: duplicate name, or sections not as the codec declares them.
         """
+        check_tensor_name(name)
         if any(e.name == name for e in self._entries):
             raise InvalidInputError(f"tensor {name!r} is written twice")
         specs = section_specs(tuple(shape), dtype, codec)
@@ -155,6 +179,13 @@ class KvpWriter:
         """Write the header and preamble, fsync and rename into place. Returns the file size in bytes."""
         if self._closed:
             return self._position
+        try:
+            return self._finish()
+        except BaseException as exc:
+            self.abort(type(exc), exc, exc.__traceback__)
+            raise
+
+    def _finish(self) -> int:
         header = encode_header(self.metadata, self._entries)
         header_offset = self._position
         self._file.write(header)
