@@ -1,40 +1,37 @@
 """kvpack: compress the KV caches of large language models.
 
-Public API::
+Public API (imported on first use, so ``kvpack --help`` does not load torch)::
 
     from kvpack import CodecConfig, compress_file, decompress_file, compress_tensors, load_kvp, open_kvp
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from kvpack.api import (  # noqa: E402
-    build_report,
-    compare_caches,
-    compress_file,
-    compress_tensors,
-    decode_entry,
-    decompress_file,
-    encode_tensor,
-    load_kvp,
-    open_cache,
-)
-from kvpack.config import CodecConfig  # noqa: E402
-from kvpack.formats.reader import KvpReader, open_kvp  # noqa: E402
-from kvpack.formats.writer import KvpWriter  # noqa: E402
+_EXPORTS = {
+    "CodecConfig": "kvpack.config",
+    "build_report": "kvpack.api",
+    "compare_caches": "kvpack.api",
+    "compress_file": "kvpack.api",
+    "compress_tensors": "kvpack.api",
+    "decode_entry": "kvpack.api",
+    "decompress_file": "kvpack.api",
+    "describe_file": "kvpack.api",
+    "encode_tensor": "kvpack.api",
+    "load_kvp": "kvpack.api",
+    "open_cache": "kvpack.api",
+    "KvpReader": "kvpack.formats.reader",
+    "open_kvp": "kvpack.formats.reader",
+    "KvpWriter": "kvpack.formats.writer",
+}
+__all__ = ["__version__", *_EXPORTS]
 
-__all__ = [
-    "CodecConfig",
-    "KvpReader",
-    "KvpWriter",
-    "__version__",
-    "build_report",
-    "compare_caches",
-    "compress_file",
-    "compress_tensors",
-    "decode_entry",
-    "decompress_file",
-    "encode_tensor",
-    "load_kvp",
-    "open_cache",
-    "open_kvp",
-]
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kvpack' has no attribute {name!r}")

@@ -292,16 +292,15 @@ def compress_file(
         FormatError: the input is not a readable safetensors file.
         OutputExistsError: the output exists and ``force`` is false.
     """
-    check_output_path(output_path, force)
     if is_kvp_file(input_path):
         raise InvalidInputError(f"{input_path} is already a .kvp file; compress takes a safetensors dump")
-    if Path(input_path).resolve() == Path(output_path).resolve():
-        raise InvalidInputError("input and output are the same file")
     errors: dict[str, ErrorAccumulator] = {}
     with SafetensorsSource(input_path) as source:
-        names = source.keys()
-        if not any(parse_kv_name(n) for n in names):
-            raise InvalidInputError(f"{input_path}: no layers.<i>.key / layers.<i>.value tensors found")
+        names = sorted(source.keys(), key=tensor_order)
+        check_compressible(source, config)
+        check_output_path(output_path, force)
+        if Path(input_path).resolve() == Path(output_path).resolve():
+            raise InvalidInputError("input and output are the same file")
         with KvpWriter(output_path, _file_metadata(source.metadata, config), force=force) as writer:
             for index, name in enumerate(names):
                 if progress:
@@ -327,6 +326,34 @@ def compress_file(
         config=config.to_dict(),
     )
     return report
+
+
+def tensor_order(name: str) -> tuple:
+    """Sort key: K/V tensors by layer (numerically), key before value, then other tensors by name."""
+    parsed = parse_kv_name(name)
+    return (0, parsed[0], parsed[1] != "key", "") if parsed else (1, 0, False, name)
+
+
+def check_compressible(source: SafetensorsSource, config: CodecConfig) -> None:
+    """Check every K/V tensor's shape and dtype against ``config`` before any work (no data read).
+
+    Raises:
+        InvalidInputError: no K/V tensors, a non-float or non-4-D K/V tensor, or a group
+            size that does not divide a tensor's features.
+    """
+    kv_names = [n for n in source.keys() if parse_kv_name(n)]
+    if not kv_names:
+        raise InvalidInputError(f"{source.path}: no layers.<i>.key / layers.<i>.value tensors found")
+    for name in sorted(kv_names, key=tensor_order):
+        shape, dtype = source.shape_dtype(name)
+        if dtype not in FLOAT_DTYPES:
+            raise InvalidInputError(
+                f"tensor {name!r}: dtype {dtype} cannot be quantized (expected {', '.join(FLOAT_DTYPES)})"
+            )
+        try:
+            GroupLayout(tuple(shape), config.group_size)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"tensor {name!r}: {exc}") from None
 
 
 def build_report(entries: list[TensorEntry], file_size: int, errors: dict[str, ErrorAccumulator] | None) -> dict:
@@ -446,8 +473,12 @@ def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike
     }
 
 
-def describe_file(path: str | os.PathLike) -> dict:
+def describe_file(path: str | os.PathLike, verify: bool = False) -> dict:
     """What a ``.kvp`` or safetensors file holds, without decoding any codes.
+
+    With ``verify``, every section of a ``.kvp`` is read and its CRC-32 checked (a
+    :class:`~kvpack.errors.ChecksumMismatchError` names the first bad one) and the result
+    has ``"verified_sections"``; safetensors files are read tensor by tensor.
 
     Returns:
         For ``.kvp``: ``{"format": "kvp", "version", "file_bytes", "metadata", "tensors": [{"name",
@@ -472,7 +503,9 @@ def describe_file(path: str | os.PathLike) -> dict:
                 }
                 for e in entries
             ]
+            verified = sum(len(reader.read_sections(e.name)) for e in entries) if verify else None
             return {
+                "verified_sections": verified,
                 "format": "kvp",
                 "path": str(path),
                 "version": f"{reader.version[0]}.{reader.version[1]}",
@@ -484,12 +517,15 @@ def describe_file(path: str | os.PathLike) -> dict:
             }
     with SafetensorsSource(path) as source:
         tensors = []
-        for name in source.keys():
+        for name in sorted(source.keys(), key=tensor_order):
             shape, dtype = source.shape_dtype(name)
             count = int(np.prod(shape)) if shape else 1
             tensors.append(
                 {"name": name, "shape": list(shape), "dtype": dtype, "bytes": count * DTYPE_SIZES.get(dtype, 0)}
             )
+        if verify:
+            for name in source.keys():
+                source.get(name)
         kv = [t for t in tensors if parse_kv_name(t["name"])]
         seq_len = max((t["shape"][2] for t in kv if len(t["shape"]) == 4), default=0)
         kv_bytes = sum(t["bytes"] for t in kv)

@@ -8,7 +8,9 @@ whose ``__init__`` needs dependencies we do not install).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,14 +86,23 @@ def load_model(model: str | None = None, gguf_file: str | None = None, device: s
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if os.path.isdir(model):
         kwargs["local_files_only"] = True
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # loading bars; the CLI shows its own status
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        # the GGUF conversion draws a plain tqdm bar on sys.stderr; keep it off the terminal
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except (OSError, ValueError, ImportError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelUnavailableError(
             f"cannot load model {model}{' / ' + gguf_file if gguf_file else ''}: {first}"
         ) from None
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     lm.to(device).eval()
     return LoadedModel(lm, tokenizer, str(label), gguf_file)
 
@@ -225,6 +236,7 @@ def dump_cache(
     """
     import transformers
 
+    all_ids = tokenize(loaded.tokenizer, text)
     token_ids = tokenize(loaded.tokenizer, text, max_tokens)
     tensors = collect_cache(loaded.model, token_ids, dtype, progress)
     tensors["token_ids"] = token_ids.cpu()
@@ -233,6 +245,7 @@ def dump_cache(
     metadata.update(
         num_layers=str(len(tensors) // 2),
         seq_len=str(token_ids.shape[1]),
+        text_tokens=str(all_ids.shape[1]),
         dtype=dtype,
         transformers_version=transformers.__version__,
         kvpack_version=__version__,

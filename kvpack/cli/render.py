@@ -13,8 +13,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvpack.formats.writer import atomic_output
-from kvpack.stats import BIT_COLUMNS
 
 console = Console()
 err_console = Console(stderr=True)
@@ -42,6 +40,8 @@ def progress_bar(description: str) -> Iterator:
 
 
 def write_json(path: Path, data: dict, force: bool = True) -> None:
+    from kvpack.formats.writer import atomic_output
+
     with atomic_output(path, force=force) as tmp:
         tmp.write_text(json.dumps(_clean(data), indent=2) + "\n", encoding="utf-8")
 
@@ -71,9 +71,10 @@ def fmt_num(value: float | None, digits: int = 3) -> str:
 
 def bits_table(title: str, rows: list[tuple[str, dict]]) -> Table:
     """Rows of ``(label, row dict)``: bits per element by section kind, total, ratio vs fp16."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("part")
-    table.add_column("elements", justify="right")
+    from kvpack.stats import BIT_COLUMNS
+
+    table = Table(title=escape(title), title_justify="left")
+    table.add_column("part", no_wrap=True)
     for column in BIT_COLUMNS:
         table.add_column(column, justify="right")
     table.add_column("total", justify="right", style="bold")
@@ -81,7 +82,7 @@ def bits_table(title: str, rows: list[tuple[str, dict]]) -> Table:
     for label, row in rows:
         bits = row["bits_per_element"]
         ratio = row.get("ratio_vs_fp16")
-        cells = [escape(label), f"{row['elements']:,}"] + [fmt_num(bits[c]) for c in BIT_COLUMNS]
+        cells = [escape(label)] + [fmt_num(bits[c]) for c in BIT_COLUMNS]
         cells += [fmt_num(bits["total"]), "-" if ratio is None else f"{ratio:.2f}x"]
         table.add_row(*cells)
     return table
@@ -90,7 +91,7 @@ def bits_table(title: str, rows: list[tuple[str, dict]]) -> Table:
 def error_table(title: str, rows: list[tuple[str, dict]]) -> Table:
     table = Table(title=escape(title), title_justify="left")
     for column in ("part", "elements", "rel MSE", "SNR dB", "max abs error", "cosine"):
-        table.add_column(column, justify="left" if column == "part" else "right")
+        table.add_column(column, justify="left" if column == "part" else "right", no_wrap=column == "part")
     for label, row in rows:
         table.add_row(
             escape(label),

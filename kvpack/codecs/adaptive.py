@@ -31,10 +31,8 @@ from kvpack.codecs.base import (
     SectionSpec,
     codes_spec,
     fp16_nearest,
-    fp16_round_up,
-    masked_abs_max,
     masked_mean_std,
-    masked_min_max,
+    minmax_normalizers,
     per_group_spec,
 )
 from kvpack.grouping import GroupLayout, from_heads, to_heads
@@ -101,15 +99,10 @@ class AdaptiveCodec(Codec):
         return x
 
     def _normalizers(self, groups, mask):
-        symmetric = self.params.symmetric
         if self.params.normalization == "meanstd":
-            mean, std = masked_mean_std(groups, mask, symmetric)
+            mean, std = masked_mean_std(groups, mask, self.params.symmetric)
             return fp16_nearest(mean), fp16_nearest(std)
-        if symmetric:
-            return torch.zeros(groups.shape[0]), fp16_round_up(masked_abs_max(groups, mask))
-        lo, hi = masked_min_max(groups, mask)
-        center = fp16_nearest((lo + hi) / 2)
-        return center, fp16_round_up(torch.maximum(hi - center, center - lo))
+        return minmax_normalizers(groups, mask, self.params.symmetric)
 
     def _to_scope(self, values: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
         scope = self.params.codebook_scope
@@ -136,6 +129,10 @@ def lloyd_codebooks(values: torch.Tensor, weights: torch.Tensor, levels: int) ->
     ``L - 1`` cell boundaries (binary searches of the level midpoints) and prefix sums of
     the weights and weighted values, so it costs ``O(L log N)`` per codebook instead of
     ``O(N log L)``. Cells are assigned as :func:`nearest_level` does (ties to the lower level).
+    Lloyd only finds a local optimum, so it runs from two starts, the quantiles
+    ``(i + 0.5) / L`` and an even grid over the range of the samples, and each codebook
+    keeps the result with the smaller weighted squared error. Samples of weight 0
+    (outliers) neither seed a level nor bound the grid.
 
     Args:
         values: float32 ``(C, N)``, ``N`` samples for each of ``C`` codebooks.
@@ -143,37 +140,62 @@ def lloyd_codebooks(values: torch.Tensor, weights: torch.Tensor, levels: int) ->
         levels: codebook size ``L``.
 
     Returns:
-        float32 ``(C, L)`` sorted codebooks, started at the quantiles ``(i + 0.5) / L`` of
-        the positive-weight samples. Levels whose cell receives no weight keep their start.
+        float32 ``(C, L)`` sorted codebooks. Levels whose cell receives no weight keep
+        their start.
     """
     n_books, n_samples = values.shape
-    ordered, order = values.sort(dim=1)
-    ordered_weights = weights.gather(1, order).double()
-    zeros = torch.zeros(n_books, 1, dtype=torch.float64)
-    mass_prefix = torch.cat([zeros, ordered_weights.cumsum(dim=1)], dim=1)
-    total_prefix = torch.cat([zeros, (ordered.double() * ordered_weights).cumsum(dim=1)], dim=1)
     if n_samples == 0:
         return torch.zeros(n_books, levels)
-    # Start at the quantiles (i + 0.5) / L of the samples with positive weight, so outliers
-    # (weight 0) never seed a level; a codebook with no such sample uses all its samples.
+    ordered, order = values.sort(dim=1)
+    sorted_weights = weights.gather(1, order).double()
+    ordered64 = ordered.double()
+    zeros = torch.zeros(n_books, 1, dtype=torch.float64)
+    prefix = {
+        "mass": torch.cat([zeros, sorted_weights.cumsum(dim=1)], dim=1),
+        "first": torch.cat([zeros, (ordered64 * sorted_weights).cumsum(dim=1)], dim=1),
+        "second": torch.cat([zeros, (ordered64**2 * sorted_weights).cumsum(dim=1)], dim=1),
+    }
+    # positions of the samples that count (positive weight); all samples where none does
+    counted = torch.cat([zeros, (sorted_weights > 0).double().cumsum(dim=1)], dim=1)
+    n_counted = counted[:, -1:]
+    use_all = n_counted == 0
+    position = torch.where(use_all, torch.arange(1, n_samples + 1, dtype=torch.float64), counted[:, 1:]).contiguous()
+    n_used = torch.where(use_all, torch.full_like(n_counted, float(n_samples)), n_counted)
     fractions = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
-    counted = torch.cat([zeros, (ordered_weights > 0).double().cumsum(dim=1)], dim=1)
-    total = counted[:, -1:]
-    targets = (fractions * torch.where(total > 0, total, torch.full_like(total, float(n_samples)))).contiguous()
-    position = torch.where(total > 0, counted[:, 1:], torch.arange(1, n_samples + 1, dtype=torch.float64))
-    start = torch.searchsorted(position.contiguous(), targets).clamp_max(n_samples - 1)
-    codebook = ordered.gather(1, start).contiguous()
+    quantile_at = torch.searchsorted(position, (fractions * n_used).contiguous()).clamp_max(n_samples - 1)
+    lowest = ordered.gather(1, torch.searchsorted(position, torch.full_like(n_used, 0.5)).clamp_max(n_samples - 1))
+    highest = ordered.gather(1, torch.searchsorted(position, n_used - 0.5).clamp_max(n_samples - 1))
+    grid = lowest + (highest - lowest) * torch.linspace(0, 1, levels)
+    candidates = [_lloyd(ordered, prefix, start) for start in (ordered.gather(1, quantile_at), grid)]
+    errors = torch.stack([sse for _, sse in candidates])
+    best = errors.argmin(dim=0)
+    return torch.where((best == 0)[:, None], candidates[0][0], candidates[1][0])
+
+
+def _lloyd(
+    ordered: torch.Tensor, prefix: dict[str, torch.Tensor], start: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations on sorted samples from ``start (C, L)``; returns (codebook, weighted SSE per row)."""
+    n_books, n_samples = ordered.shape
     first = torch.zeros(n_books, 1, dtype=torch.long)
     last = torch.full((n_books, 1), n_samples, dtype=torch.long)
-    for _ in range(LLOYD_MAX_ITERATIONS):
+
+    def cells(codebook: torch.Tensor) -> dict[str, torch.Tensor]:
         midpoints = ((codebook[:, 1:] + codebook[:, :-1]) / 2).contiguous()
         bounds = torch.cat([first, torch.searchsorted(ordered, midpoints, right=True), last], dim=1)
-        mass = mass_prefix.gather(1, bounds[:, 1:]) - mass_prefix.gather(1, bounds[:, :-1])
-        total = total_prefix.gather(1, bounds[:, 1:]) - total_prefix.gather(1, bounds[:, :-1])
-        updated = torch.where(mass > 0, total / mass.clamp_min(1e-300), codebook.double()).float()
-        updated = updated.sort(dim=1).values
+        return {k: v.gather(1, bounds[:, 1:]) - v.gather(1, bounds[:, :-1]) for k, v in prefix.items()}
+
+    codebook = start.sort(dim=1).values.contiguous()
+    for _ in range(LLOYD_MAX_ITERATIONS):
+        sums = cells(codebook)
+        mass = sums["mass"]
+        updated = torch.where(mass > 0, sums["first"] / mass.clamp_min(1e-300), codebook.double()).float()
+        updated = updated.sort(dim=1).values.contiguous()
         shift = (updated - codebook).abs().max()
         codebook = updated
         if float(shift) < LLOYD_TOLERANCE:
             break
-    return codebook
+    sums = cells(codebook)
+    level = codebook.double()
+    sse = (sums["second"] - 2 * level * sums["first"] + level**2 * sums["mass"]).sum(dim=1)
+    return codebook, sse

@@ -205,6 +205,21 @@ def masked_mean_std(
     return mean, spread.sqrt()
 
 
+def minmax_normalizers(
+    groups: torch.Tensor, mask: torch.Tensor | None, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group center and half-range (float16 values, float32 tensors) with ``|x - c| <= h``.
+
+    Asymmetric: ``c`` = mid-range rounded to nearest, ``h`` = the larger distance from ``c``
+    to the min or max, rounded up. Symmetric: ``c = 0``, ``h`` = max|x| rounded up.
+    """
+    if symmetric:
+        return torch.zeros(groups.shape[0]), fp16_round_up(masked_abs_max(groups, mask))
+    lo, hi = masked_min_max(groups, mask)
+    center = fp16_nearest((lo + hi) / 2)
+    return center, fp16_round_up(torch.maximum(hi - center, center - lo))
+
+
 def check_fp16_range(groups: torch.Tensor) -> None:
     """Scales and zero-points are stored as float16: refuse values beyond its range."""
     peak = float(groups.abs().max()) if groups.numel() else 0.0

@@ -9,6 +9,11 @@ under N(0, 1); bin ``i`` is reconstructed at its conditional mean
 ``(x - mu) / sigma``; ``x_hat = mu + sigma * level[code]``. A group with ``sigma == 0``
 decodes to ``mu``.
 
+With ``normalization="minmax"`` the group is instead mapped to ``[-1, 1]`` by its
+mid-range and half-range (as the adaptive codec does), the same levels are scaled so the
+outermost are +-1, and each value takes the nearest level (NF4-style absmax scaling;
+the standard-deviation normalization clips the heavy outliers of key channels).
+
 Source: NormalFloat levels of QLoRA (Dettmers et al., arXiv 2305.14314) with the optimal
 (Lloyd–Max centroid) reconstruction points of a Gaussian source; the "normal" codec of
 the QAQ-style design. Note: normalization by the standard deviation clips the heavy
@@ -17,7 +22,7 @@ outliers of key channels (see docs/benchmarks.md for what that costs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -31,6 +36,7 @@ from kvpack.codecs.base import (
     codes_spec,
     fp16_nearest,
     masked_mean_std,
+    minmax_normalizers,
     per_group_spec,
 )
 from kvpack.grouping import GroupLayout
@@ -49,11 +55,12 @@ def gaussian_bins(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass(frozen=True)
 class NormalParams(CodecParams):
     symmetric: bool = False
+    normalization: str = field(default="meanstd", metadata={"choices": ("meanstd", "minmax")})
 
 
 class NormalCodec(Codec):
     name = "normal"
-    summary = "Gaussian-quantile levels per group, normalized by mean and standard deviation"
+    summary = "Gaussian-quantile levels per group, normalized by mean/std (or min/max)"
     source = "NormalFloat levels (QLoRA, arXiv 2305.14314) with Gaussian centroid reconstruction"
     Params = NormalParams
 
@@ -63,22 +70,34 @@ class NormalCodec(Codec):
             specs["zero_point"] = per_group_spec(layout)
         return specs
 
+    def levels_for(self) -> torch.Tensor:
+        """Reconstruction levels in normalized units: the Gaussian centroids, or (``minmax``)
+        the same scaled so the outermost are +-1."""
+        _, centroids = gaussian_bins(self.bits)
+        if self.params.normalization == "minmax":
+            return centroids / centroids.abs().max()
+        return centroids
+
     def encode(self, groups, layout, inlier_mask):
-        mean, std = masked_mean_std(groups, inlier_mask, self.params.symmetric)
-        mean, std = fp16_nearest(mean), fp16_nearest(std)
-        edges, _ = gaussian_bins(self.bits)
-        safe_std = torch.where(std > 0, std, torch.ones_like(std))
-        z = (groups - mean[:, None]) / safe_std[:, None]
-        codes = torch.bucketize(z, edges).to(torch.uint8)
-        arrays = {"codes": codes, "scale": std}
+        if self.params.normalization == "minmax":
+            center, spread = minmax_normalizers(groups, inlier_mask, self.params.symmetric)
+        else:
+            center, spread = masked_mean_std(groups, inlier_mask, self.params.symmetric)
+            center, spread = fp16_nearest(center), fp16_nearest(spread)
+        safe_spread = torch.where(spread > 0, spread, torch.ones_like(spread))
+        z = (groups - center[:, None]) / safe_spread[:, None]
+        if self.params.normalization == "minmax":  # nearest level (the grid is not equiprobable any more)
+            levels = self.levels_for()
+            codes = torch.bucketize(z, (levels[1:] + levels[:-1]) / 2)
+        else:  # equiprobable Gaussian bins
+            codes = torch.bucketize(z, gaussian_bins(self.bits)[0])
+        arrays = {"codes": codes.to(torch.uint8), "scale": spread}
         if not self.params.symmetric:
-            arrays["zero_point"] = mean
+            arrays["zero_point"] = center
         return arrays
 
     def decode(self, arrays, layout):
-        _, centroids = gaussian_bins(self.bits)
-        levels = centroids[arrays["codes"].int()]
-        x = levels * arrays["scale"][:, None]
+        x = self.levels_for()[arrays["codes"].int()] * arrays["scale"][:, None]
         if not self.params.symmetric:
             x = x + arrays["zero_point"][:, None]
         return x

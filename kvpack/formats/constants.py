@@ -14,6 +14,11 @@ FORMAT_MINOR = 0
 PREAMBLE = struct.Struct("<8sHHIQQI28x")
 PREAMBLE_SIZE = PREAMBLE.size
 
+#: Preamble flag bit 0: the header is one zstd frame (with its content size) holding the JSON.
+FLAG_HEADER_ZSTD = 1
+KNOWN_FLAGS = FLAG_HEADER_ZSTD
+HEADER_ZSTD_LEVEL = 19
+
 #: Every data section starts at a multiple of this many bytes (enough for any dtype).
 SECTION_ALIGNMENT = 8
 

@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
 from kvpack.errors import (
     ChecksumMismatchError,
@@ -22,7 +23,16 @@ from kvpack.errors import (
     TruncatedFileError,
     UnsupportedVersionError,
 )
-from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_HEADER_BYTES, PREAMBLE, PREAMBLE_SIZE
+from kvpack.formats.constants import (
+    FLAG_HEADER_ZSTD,
+    FORMAT_MAJOR,
+    FORMAT_MINOR,
+    KNOWN_FLAGS,
+    MAGIC,
+    MAX_HEADER_BYTES,
+    PREAMBLE,
+    PREAMBLE_SIZE,
+)
 from kvpack.formats.header import TensorEntry, decode_header
 
 
@@ -79,7 +89,9 @@ class KvpReader:
         name = str(self.path)
         self.file_size = os.fstat(self._file.fileno()).st_size
         preamble = self._file.read(PREAMBLE_SIZE)
-        if not preamble or preamble[: len(MAGIC)] != MAGIC[: len(preamble)]:
+        if not preamble:
+            raise FormatError(f"{name}: empty file")
+        if preamble[: len(MAGIC)] != MAGIC[: len(preamble)]:
             raise FormatError(f"{name}: not a .kvp file (wrong magic bytes)")
         if len(preamble) < PREAMBLE_SIZE:
             raise TruncatedFileError(f"{name}: truncated: {len(preamble)} bytes, shorter than the 64-byte preamble")
@@ -96,7 +108,7 @@ class KvpReader:
                     else f"not readable by this kvpack (reads {FORMAT_MAJOR}.x)"
                 )
             )
-        if flags != 0:
+        if flags & ~KNOWN_FLAGS:
             raise FormatError(f"{name}: unknown flags {flags:#x} in the preamble")
         self.version = (major, minor)
         if header_length > MAX_HEADER_BYTES:
@@ -104,8 +116,8 @@ class KvpReader:
         if header_offset < PREAMBLE_SIZE or header_offset + header_length != self.file_size:
             if header_offset + header_length > self.file_size:
                 raise TruncatedFileError(
-                    f"{name}: truncated: the header ends at byte {header_offset + header_length}, "
-                    f"the file has {self.file_size}"
+                    f"{name}: truncated or corrupted: the preamble puts the header at bytes {header_offset}.."
+                    f"{header_offset + header_length}, the file has {self.file_size}"
                 )
             raise FormatError(
                 f"{name}: corrupted preamble: header offset {header_offset} / length {header_length} "
@@ -115,6 +127,8 @@ class KvpReader:
         raw = self._file.read(header_length)
         if zlib.crc32(raw) != header_crc:
             raise ChecksumMismatchError(f"{name}: header checksum mismatch (the file is corrupted)")
+        if flags & FLAG_HEADER_ZSTD:
+            raw = _inflate_header(raw, name)
         self.metadata, entries = decode_header(raw, PREAMBLE_SIZE, header_offset, name)
         self._entries = {e.name: e for e in entries}
         self.header_bytes = header_length
@@ -173,6 +187,25 @@ class KvpReader:
         except (RuntimeError, ValueError, IndexError, TypeError, OverflowError) as exc:
             # Every size was validated; what remains are values no encoder writes.
             raise FormatError(f"{self.path}: tensor {name!r} cannot be decoded ({exc})") from None
+
+
+def _inflate_header(raw: bytes, name: str) -> bytes:
+    """Decompress a zstd-framed header; its declared size is checked against the limit first."""
+    try:
+        size = zstandard.frame_content_size(raw)
+    except zstandard.ZstdError:
+        raise FormatError(f"{name}: corrupted header: not a zstd frame") from None
+    if size < 0:
+        raise FormatError(f"{name}: corrupted header: the zstd frame does not declare its size")
+    if size > MAX_HEADER_BYTES:
+        raise HeaderLimitError(f"{name}: header of {size} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    try:
+        text = zstandard.ZstdDecompressor().decompress(raw, max_output_size=max(size, 1), allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"{name}: corrupted header: {exc}") from None
+    if len(text) != size:
+        raise FormatError(f"{name}: corrupted header: {len(text)} bytes, the frame declares {size}")
+    return text
 
 
 def open_kvp(path: str | os.PathLike) -> KvpReader:

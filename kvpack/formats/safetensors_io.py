@@ -45,6 +45,8 @@ class SafetensorsSource:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         open_input(self.path).close()
+        if self.path.stat().st_size == 0:
+            raise FormatError(f"{self.path}: empty file")
         try:
             self._handle = safe_open(str(self.path), framework="pt")
             self.metadata = dict(self._handle.metadata() or {})

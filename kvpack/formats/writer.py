@@ -16,10 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError, OutputExistsError
-from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR, MAGIC, PREAMBLE, PREAMBLE_SIZE, SECTION_ALIGNMENT
+from kvpack.formats.constants import (
+    FLAG_HEADER_ZSTD,
+    FORMAT_MAJOR,
+    FORMAT_MINOR,
+    HEADER_ZSTD_LEVEL,
+    MAGIC,
+    PREAMBLE,
+    PREAMBLE_SIZE,
+    SECTION_ALIGNMENT,
+)
 from kvpack.formats.header import (
     SectionEntry,
     TensorEntry,
@@ -186,13 +196,17 @@ class KvpWriter:
             raise
 
     def _finish(self) -> int:
-        header = encode_header(self.metadata, self._entries)
+        header = zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL, write_content_size=True).compress(
+            encode_header(self.metadata, self._entries)
+        )
         header_offset = self._position
         self._file.write(header)
         self._position += len(header)
         self._file.seek(0)
         self._file.write(
-            PREAMBLE.pack(MAGIC, FORMAT_MAJOR, FORMAT_MINOR, 0, header_offset, len(header), zlib.crc32(header))
+            PREAMBLE.pack(
+                MAGIC, FORMAT_MAJOR, FORMAT_MINOR, FLAG_HEADER_ZSTD, header_offset, len(header), zlib.crc32(header)
+            )
         )
         self._file.flush()
         self._file.close()
