@@ -157,7 +157,9 @@ def _header_json(data: bytes) -> str:
 def _with_header(data: bytes, raw: bytes, flags: int = 0) -> bytes:
     """``data`` with its header replaced by ``raw`` (re-checksummed: a well-formed but lying file)."""
     _, major, minor, _, offset, _, _ = PREAMBLE.unpack(data[:PREAMBLE_SIZE])
-    return PREAMBLE.pack(MAGIC, major, minor, flags, offset, len(raw), zlib.crc32(raw)) + data[PREAMBLE_SIZE:offset] + raw
+    return (
+        PREAMBLE.pack(MAGIC, major, minor, flags, offset, len(raw), zlib.crc32(raw)) + data[PREAMBLE_SIZE:offset] + raw
+    )
 
 
 def _rewrite_header(data: bytes, mutate) -> bytes:

@@ -39,8 +39,8 @@ def dump(
     Example: kvpack dump --text-file doc.txt --max-tokens 2048 -o cache.safetensors
     """
     from kvpack.dump import DUMP_DTYPES, bundled_text, dump_cache, load_model
-    from kvpack.formats.writer import check_output_path
     from kvpack.formats.safetensors_io import write_safetensors
+    from kvpack.formats.writer import check_output_path
 
     if text_file is not None and prompt is not None:
         raise InvalidInputError("give either --text-file or --prompt, not both")
