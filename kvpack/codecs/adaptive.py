@@ -29,11 +29,10 @@ from kvpack.codecs.base import (
     Codec,
     CodecParams,
     SectionSpec,
-    codes_spec,
     fp16_nearest,
     masked_mean_std,
     minmax_normalizers,
-    per_group_spec,
+    scaled_codes_specs,
 )
 from kvpack.grouping import GroupLayout, from_heads, to_heads
 
@@ -59,13 +58,8 @@ class AdaptiveCodec(Codec):
         return 1 if scope == "tensor" else layout.num_heads if scope == "head" else layout.n_groups
 
     def section_specs(self, layout: GroupLayout) -> dict[str, SectionSpec]:
-        specs = {
-            "codes": codes_spec(layout, self.bits),
-            "codebook": SectionSpec(KIND_CODEBOOKS, "float16", self.n_codebooks(layout) * self.levels),
-            "scale": per_group_spec(layout),
-        }
-        if not self.params.symmetric:
-            specs["zero_point"] = per_group_spec(layout)
+        specs = scaled_codes_specs(layout, self.bits, self.params.symmetric)
+        specs["codebook"] = SectionSpec(KIND_CODEBOOKS, "float16", self.n_codebooks(layout) * self.levels)
         return specs
 
     def encode(self, groups, layout, inlier_mask):

@@ -150,6 +150,14 @@ def per_group_spec(layout: GroupLayout) -> SectionSpec:
     return SectionSpec(KIND_SCALES, "float16", layout.n_groups)
 
 
+def scaled_codes_specs(layout: GroupLayout, bits: int, symmetric: bool) -> dict[str, SectionSpec]:
+    """``codes``, a float16 ``scale`` per group and, unless ``symmetric``, a float16 ``zero_point``."""
+    specs = {"codes": codes_spec(layout, bits), "scale": per_group_spec(layout)}
+    if not symmetric:
+        specs["zero_point"] = per_group_spec(layout)
+    return specs
+
+
 # --- numeric helpers -------------------------------------------------------------------
 
 

@@ -33,11 +33,10 @@ from kvpack.codecs.base import (
     Codec,
     CodecParams,
     SectionSpec,
-    codes_spec,
     fp16_nearest,
     masked_mean_std,
     minmax_normalizers,
-    per_group_spec,
+    scaled_codes_specs,
 )
 from kvpack.grouping import GroupLayout
 
@@ -65,10 +64,7 @@ class NormalCodec(Codec):
     Params = NormalParams
 
     def section_specs(self, layout: GroupLayout) -> dict[str, SectionSpec]:
-        specs = {"codes": codes_spec(layout, self.bits), "scale": per_group_spec(layout)}
-        if not self.params.symmetric:
-            specs["zero_point"] = per_group_spec(layout)
-        return specs
+        return scaled_codes_specs(layout, self.bits, self.params.symmetric)
 
     def levels_for(self) -> torch.Tensor:
         """Reconstruction levels in normalized units: the Gaussian centroids, or (``minmax``)

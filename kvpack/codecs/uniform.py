@@ -22,12 +22,11 @@ from kvpack.codecs.base import (
     Codec,
     CodecParams,
     SectionSpec,
-    codes_spec,
     fp16_round_down,
     fp16_round_up,
     masked_abs_max,
     masked_min_max,
-    per_group_spec,
+    scaled_codes_specs,
 )
 from kvpack.grouping import GroupLayout
 
@@ -44,10 +43,7 @@ class UniformCodec(Codec):
     Params = UniformParams
 
     def section_specs(self, layout: GroupLayout) -> dict[str, SectionSpec]:
-        specs = {"codes": codes_spec(layout, self.bits), "scale": per_group_spec(layout)}
-        if not self.params.symmetric:
-            specs["zero_point"] = per_group_spec(layout)
-        return specs
+        return scaled_codes_specs(layout, self.bits, self.params.symmetric)
 
     def encode(self, groups, layout, inlier_mask):
         top = self.levels - 1
