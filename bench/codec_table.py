@@ -15,7 +15,6 @@ import argparse
 import datetime
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -45,7 +44,7 @@ VARIANTS = [
 ]
 COLUMNS = (
     "| method | bits | group | outliers | options | total bits/el | codes | scales+zero-points | codebooks "
-    "| outliers | header | rel MSE K | rel MSE V | seconds |\n|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| outliers | header | rel MSE K | rel MSE V |\n|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -53,15 +52,13 @@ def measure(dump_path: Path, out: Path, grid: list) -> list[str]:
     rows = []
     for method, bits, group, ratio, options in grid:
         config = CodecConfig.build(method, bits, group, ratio, **options)
-        start = time.perf_counter()
         report = compress_file(dump_path, out, config, force=True)
-        seconds = time.perf_counter() - start
         b = report["rows"]["all"]["bits_per_element"]
         opts = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
         rows.append(
             f"| {method} | {bits} | {group} | {ratio:g} | {opts} | **{b['total']:.3f}** | {b['codes']:.3f} | "
             f"{b['scales']:.3f} | {b['codebooks']:.4f} | {b['outliers']:.3f} | {b['header']:.4f} | "
-            f"{report['rows']['key']['rel_mse']:.3e} | {report['rows']['value']['rel_mse']:.3e} | {seconds:.2f} |"
+            f"{report['rows']['key']['rel_mse']:.3e} | {report['rows']['value']['rel_mse']:.3e} |"
         )
         print(rows[-1], flush=True)
     return rows
@@ -88,8 +85,7 @@ def main() -> None:
             "of the `.kvp` file: codes, scales and zero-points, codebooks, outlier positions and values, and the "
             "header share (preamble, zstd-compressed JSON header, padding, token ids). Relative MSE is "
             "`||x - x_hat||^2 / ||x||^2` over all keys or all values, measured on the tensors decoded from the "
-            "file. Seconds: one whole `compress_file` call (read, encode, write, decode again for the error), "
-            "single run, for orientation only (speed is measured properly in a later benchmark).",
+            "file.",
             "",
             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
             f"Python {platform.python_version()}; {datetime.date.today().isoformat()}. "

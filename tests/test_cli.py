@@ -215,3 +215,38 @@ def test_empty_cache_through_the_cli(tmp_path, capsys):
     assert code == 0
     code, _, _ = run(["decompress", tmp_path / "e.kvp", "-o", tmp_path / "r.safetensors"], capsys)
     assert code == 0
+
+
+def test_json_to_stdout_and_natural_tensor_order(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"layers.{i}.{r}": torch.randn(1, 1, 3, 8, generator=gen) for i in range(12) for r in ("value", "key")}
+    path = tmp_path / "many.safetensors"
+    write_safetensors(path, tensors, {})
+    code, out, _ = run(["compress", path, "-o", tmp_path / "m.kvp", "-g", "8", "--json", "-"], capsys)
+    report = json.loads(out)  # nothing but the JSON on stdout
+    assert code == 0 and report["kv_elements"] == 24 * 24
+    code, out, _ = run(["inspect", tmp_path / "m.kvp", "--json"], capsys)
+    names = [t["name"] for t in json.loads(out)["tensors"]]
+    assert names == [f"layers.{i}.{r}" for i in range(12) for r in ("key", "value")]
+
+
+def test_inspect_verify_finds_a_corrupted_section(tmp_path, capsys):
+    path = tmp_path / "v.kvp"
+    compress_tensors({"layers.0.key": torch.randn(1, 1, 64, 8)}, path, CodecConfig.build("uniform", 4, 8))
+    code, out, _ = run(["inspect", path, "--verify"], capsys)
+    assert code == 0 and "verified: all 3 sections match their checksums" in out
+    data = bytearray(path.read_bytes())
+    data[80] ^= 0x10  # inside the codes section
+    path.write_bytes(bytes(data))
+    code, _, _ = run(["inspect", path], capsys)
+    assert code == 0  # without --verify the sections are not read
+    code, _, err = run(["inspect", path, "--verify"], capsys)
+    assert_one_line_error(code, err, "checksum mismatch in section codes")
+
+
+def test_input_is_validated_before_the_output_check(dump, tmp_path, capsys):
+    existing = tmp_path / "exists.kvp"
+    existing.write_bytes(b"old")
+    code, _, err = run(["compress", dump, "-o", existing, "-g", "24"], capsys)
+    assert_one_line_error(code, err, "does not divide")
+    assert existing.read_bytes() == b"old"

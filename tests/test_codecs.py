@@ -8,7 +8,7 @@ from scipy.stats import norm
 
 from kvpack.api import compress_tensors, decode_entry, encode_tensor, load_kvp
 from kvpack.codecs import Codec
-from kvpack.codecs.adaptive import lloyd_codebooks, nearest_level
+from kvpack.codecs.adaptive import _lloyd, lloyd_codebooks, nearest_level
 from kvpack.codecs.normal import gaussian_bins
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
@@ -172,6 +172,18 @@ def test_lloyd_codebook_is_near_a_fixed_point_and_beats_its_start():
     grid = (lo + (hi - lo) * torch.linspace(0, 1, 8)).contiguous()
     assert _weighted_mse(heavy, weights, learned) < _weighted_mse(heavy, weights, quantiles)
     assert _weighted_mse(heavy, weights, learned) < _weighted_mse(heavy, weights, grid)
+    # and no worse than Lloyd refined from either start alone: the better start is kept per row
+    ordered, order = heavy.sort(dim=1)
+    w = weights.gather(1, order).double()
+    zero = torch.zeros(3, 1, dtype=torch.float64)
+    prefix = {
+        "mass": torch.cat([zero, w.cumsum(1)], 1),
+        "first": torch.cat([zero, (ordered.double() * w).cumsum(1)], 1),
+        "second": torch.cat([zero, (ordered.double() ** 2 * w).cumsum(1)], 1),
+    }
+    for start in (quantiles, grid):
+        refined, _ = _lloyd(ordered, prefix, start)
+        assert _weighted_mse(heavy, weights, learned) <= _weighted_mse(heavy, weights, refined) * (1 + 1e-6)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -370,3 +370,15 @@ def test_reader_memory_is_bounded_by_the_file_size(tmp_path):
     assert out.shape == x.shape
     # codes unpack to one byte each (8x the 1-bit file), plus the file bytes and a bounded unpacking buffer
     assert peak < 12 * file_size + (16 << 20), (peak, file_size)
+
+
+def test_compressed_header_bomb_is_refused_before_inflating(sample, tmp_path):
+    data = sample.read_bytes()
+    bomb = zstandard.ZstdCompressor(level=19).compress(
+        b'{"metadata":{"a":[' + b"[]," * 10_000_000 + b'[]]},"tensors":{}}'
+    )
+    bad = tmp_path / "bomb.kvp"
+    bad.write_bytes(_with_header(data, bomb, flags=1))
+    assert len(bomb) < 10_000
+    with pytest.raises(HeaderLimitError, match="decompression bomb"):
+        KvpReader(bad)

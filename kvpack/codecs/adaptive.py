@@ -5,8 +5,9 @@ group's mid-range and ``h`` its half-range, so ``z`` lies in ``[-1, 1]`` (the KV
 normalization); ``meanstd`` uses the mean and standard deviation instead; ``symmetric``
 drops ``c`` (``h`` = max|x| or the RMS). ``c`` and ``h`` are stored as float16.
 
-A codebook of ``L = 2**B`` levels is learned with Lloyd's algorithm (1-D k-means,
-initialised at the quantiles ``(i + 0.5) / L`` of the non-outlier ``z``), per scope:
+A codebook of ``L = 2**B`` levels is learned with Lloyd's algorithm (1-D k-means, run
+from two starts, the quantiles ``(i + 0.5) / L`` of the non-outlier ``z`` and an even grid
+over their range, keeping the better), per scope:
 ``tensor`` (one codebook per tensor), ``head`` (one per layer, key/value and kv head; the
 default) or ``group`` (one per group; costs ``L`` float16 values per group). Each element
 is weighted by ``h**2`` of its group, so the k-means objective is the squared error in

@@ -18,6 +18,10 @@ PREAMBLE_SIZE = PREAMBLE.size
 FLAG_HEADER_ZSTD = 1
 KNOWN_FLAGS = FLAG_HEADER_ZSTD
 HEADER_ZSTD_LEVEL = 19
+#: A compressed header may declare at most this many times its stored size, plus the slack
+#: below (real headers shrink about 10x): a few KB of zstd cannot become 64 MiB of JSON.
+MAX_HEADER_EXPANSION = 32
+HEADER_EXPANSION_SLACK = 1 << 20
 
 #: Every data section starts at a multiple of this many bytes (enough for any dtype).
 SECTION_ALIGNMENT = 8

@@ -27,9 +27,11 @@ from kvpack.formats.constants import (
     FLAG_HEADER_ZSTD,
     FORMAT_MAJOR,
     FORMAT_MINOR,
+    HEADER_EXPANSION_SLACK,
     KNOWN_FLAGS,
     MAGIC,
     MAX_HEADER_BYTES,
+    MAX_HEADER_EXPANSION,
     PREAMBLE,
     PREAMBLE_SIZE,
 )
@@ -199,6 +201,11 @@ def _inflate_header(raw: bytes, name: str) -> bytes:
         raise FormatError(f"{name}: corrupted header: the zstd frame does not declare its size")
     if size > MAX_HEADER_BYTES:
         raise HeaderLimitError(f"{name}: header of {size} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    if size > MAX_HEADER_EXPANSION * len(raw) + HEADER_EXPANSION_SLACK:
+        raise HeaderLimitError(
+            f"{name}: a {len(raw)}-byte compressed header declares {size} bytes, "
+            f"more than {MAX_HEADER_EXPANSION}x its size (refused as a decompression bomb)"
+        )
     try:
         text = zstandard.ZstdDecompressor().decompress(raw, max_output_size=max(size, 1), allow_extra_data=False)
     except zstandard.ZstdError as exc:
