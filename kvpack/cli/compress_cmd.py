@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
 
 
 def compress(
-    input: Annotated[Path, typer.Argument(help="Input .safetensors dump.", dir_okay=False)],
+    input: Annotated[Path, typer.Argument(help="Input .safetensors dump.", dir_okay=False, metavar="INPUT")],
     output: Annotated[
         Optional[Path], typer.Option("--output", "-o", help="Output .kvp (default: INPUT with .kvp).", dir_okay=False)
     ] = None,
@@ -83,7 +83,7 @@ def compress(
     )
     rows = report_rows(report, per_layer)
     console.print(bits_table("bits per element (every byte of the file counted)", rows))
-    console.print(error_table("reconstruction error", rows))
+    console.print(error_table("reconstruction error (bytes: stored, header share included)", rows))
     for role in ("key", "value"):
         rel = report["rows"][role].get("rel_mse")
         if rel is not None and rel >= 1:

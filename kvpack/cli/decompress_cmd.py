@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 
 
 def decompress(
-    input: Annotated[Path, typer.Argument(help="Input .kvp file.", dir_okay=False)],
+    input: Annotated[Path, typer.Argument(help="Input .kvp file.", dir_okay=False, metavar="INPUT")],
     output: Annotated[
         Optional[Path],
         typer.Option(

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
 
 
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A .kvp or .safetensors file.", dir_okay=False)],
+    path: Annotated[Path, typer.Argument(help="A .kvp or .safetensors file.", dir_okay=False, metavar="FILE")],
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Also read every section and check its checksum.")] = False,
     per_layer: PerLayer = False,

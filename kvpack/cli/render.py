@@ -88,18 +88,21 @@ def bits_table(title: str, rows: list[tuple[str, dict]]) -> Table:
 
 
 def error_table(title: str, rows: list[tuple[str, dict]]) -> Table:
+    """Rows of ``(label, row dict)``: element count, stored bytes (when known) and error statistics."""
+    with_bytes = all("bytes" in row for _, row in rows)
     table = Table(title=escape(title), title_justify="left")
-    for column in ("part", "elements", "rel MSE", "SNR dB", "max abs error", "cosine"):
-        table.add_column(column, justify="left" if column == "part" else "right", no_wrap=column == "part")
+    columns = ["part", "elements"] + (["bytes"] if with_bytes else []) + ["rel MSE", "SNR dB", "max|err|", "cosine"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "part" else "right", no_wrap=True)
     for label, row in rows:
-        table.add_row(
-            escape(label),
-            f"{row['elements']:,}",
+        cells = [escape(label), f"{row['elements']:,}"] + ([human_bytes(row["bytes"])] if with_bytes else [])
+        cells += [
             fmt_sci(row["rel_mse"]),
             fmt_num(row["snr_db"], 2),
             fmt_num(row["max_abs_err"], 4),
             fmt_num(row["cosine_mean"], 5),
-        )
+        ]
+        table.add_row(*cells)
     return table
 
 

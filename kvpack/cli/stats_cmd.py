@@ -16,8 +16,12 @@ def register(app: typer.Typer) -> None:
 
 
 def stats(
-    original: Annotated[Path, typer.Argument(help="Reference cache (.safetensors or .kvp).", dir_okay=False)],
-    reconstructed: Annotated[Path, typer.Argument(help="Cache to compare (.safetensors or .kvp).", dir_okay=False)],
+    original: Annotated[
+        Path, typer.Argument(help="Reference cache (.safetensors or .kvp).", dir_okay=False, metavar="ORIGINAL")
+    ],
+    reconstructed: Annotated[
+        Path, typer.Argument(help="Cache to compare (.safetensors or .kvp).", dir_okay=False, metavar="RECONSTRUCTED")
+    ],
     per_layer: PerLayer = False,
     json_output: JsonFlag = False,
 ) -> None:
