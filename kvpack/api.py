@@ -8,8 +8,7 @@ losslessly. Work is done one tensor at a time so a cache is never held twice in 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -211,11 +210,21 @@ def load_kvp(
         FormatError: see :class:`KvpReader`.
     """
     with KvpReader(path) as reader:
-        tensors = {
-            name: decode_entry(reader.entry(name), reader.read_sections(name), dtype if parse_kv_name(name) else None)
-            for name in reader.keys()
-        }
-        return tensors, dict(reader.metadata)
+        return _decode_all(reader, dtype), dict(reader.metadata)
+
+
+def _decode_all(reader: KvpReader, dtype: torch.dtype | None, progress: Progress | None = None) -> dict:
+    """Every tensor of an open file, decoded; ``dtype`` applies to the K/V tensors only."""
+    names = reader.keys()
+    tensors = {}
+    for index, name in enumerate(names):
+        if progress:
+            progress(index, len(names), name)
+        entry_dtype = dtype if parse_kv_name(name) else None
+        tensors[name] = decode_entry(reader.entry(name), reader.read_sections(name), entry_dtype)
+    if progress:
+        progress(len(names), len(names), "")
+    return tensors
 
 
 def _file_metadata(source: dict[str, str], config: CodecConfig) -> dict[str, str]:
@@ -260,14 +269,13 @@ class CacheSource:
         return self._st.get(name)
 
 
-@contextmanager
-def open_cache(path: str | os.PathLike) -> Iterator[CacheSource]:
-    """Open a ``.kvp`` or safetensors cache (see :class:`CacheSource`)."""
-    source = CacheSource(path)
-    try:
-        yield source
-    finally:
-        source.__exit__()
+def open_cache(path: str | os.PathLike) -> CacheSource:
+    """Open a ``.kvp`` or safetensors cache for reading one tensor at a time; use with ``with``.
+
+    Raises:
+        InvalidInputError, FormatError: missing or invalid file.
+    """
+    return CacheSource(path)
 
 
 def compress_file(
@@ -417,18 +425,9 @@ def decompress_file(
     check_output_path(output_path, force)
     if Path(output_path).resolve() == Path(input_path).resolve():
         raise InvalidInputError("input and output are the same file")
-    tensors = {}
     with KvpReader(input_path) as reader:
-        names = reader.keys()
-        for index, name in enumerate(names):
-            if progress:
-                progress(index, len(names), name)
-            tensors[name] = decode_entry(
-                reader.entry(name), reader.read_sections(name), dtype if parse_kv_name(name) else None
-            )
+        tensors = _decode_all(reader, dtype, progress)
         metadata = dict(reader.metadata)
-    if progress:
-        progress(len(names), len(names), "")
     if dtype is not None and "dtype" in metadata:
         metadata["dtype"] = dtype_name(dtype)
     size = write_safetensors(output_path, tensors, metadata, force=force)
