@@ -52,7 +52,7 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     if path.is_dir():
         raise InvalidInputError(f"output {path} is a directory")
     if path.exists() and not force:
-        raise OutputExistsError(f"output {path} exists; pass --force to overwrite it")
+        raise OutputExistsError(f"output {path} exists; pass --force (force=True) to overwrite it")
     if not path.parent.is_dir():
         raise InvalidInputError(f"output folder {path.parent} does not exist")
     return path
