@@ -108,9 +108,6 @@ class SizeRow:
         bits["total"] = sum(bits.values())
         return bits
 
-    def stored_bytes(self, overhead_bytes: float, total_elements: int) -> float:
-        return self.bits_per_element(overhead_bytes, total_elements)["total"] * self.elements / 8
-
 
 def size_breakdown(entries: list[TensorEntry], file_size: int) -> dict:
     """Bits per element of keys, values and all K/V tensors, and per layer, from a file's header.

@@ -25,6 +25,13 @@ def _encode_decode(method, bits, groups, layout, mask=None, **options):
     return arrays, decoded
 
 
+def _groups_of(values: np.ndarray) -> tuple[GroupLayout, torch.Tensor]:
+    """Layout and ``(n_groups, 8)`` float32 groups of a float16 array drawn by hypothesis."""
+    x = torch.from_numpy(values.astype(np.float32))
+    layout = GroupLayout(tuple(x.shape), 8)
+    return layout, to_groups(x, layout)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     values=arrays(np.float16, (1, 2, 5, 8), elements=FLOATS),
@@ -32,9 +39,7 @@ def _encode_decode(method, bits, groups, layout, mask=None, **options):
     symmetric=st.booleans(),
 )
 def test_uniform_error_is_at_most_half_a_step(values, bits, symmetric):
-    x = torch.from_numpy(values.astype(np.float32))
-    layout = GroupLayout(tuple(x.shape), 8)
-    groups = to_groups(x, layout)
+    layout, groups = _groups_of(values)
     arrays, decoded = _encode_decode("uniform", bits, groups, layout, symmetric=symmetric)
     scale = arrays["scale"][:, None]
     assert arrays["codes"].max() <= (1 << bits) - 1
@@ -258,9 +263,7 @@ def test_encode_rejects_nan_inf_and_bad_shapes():
     symmetric=st.booleans(),
 )
 def test_normal_minmax_error_is_at_most_half_the_widest_gap(values, bits, symmetric):
-    x = torch.from_numpy(values.astype(np.float32))
-    layout = GroupLayout(tuple(x.shape), 8)
-    groups = to_groups(x, layout)
+    layout, groups = _groups_of(values)
     arrays, decoded = _encode_decode("normal", bits, groups, layout, symmetric=symmetric, normalization="minmax")
     _, centroids = gaussian_bins(bits)
     scaled = (centroids / centroids.abs().max()).double()
