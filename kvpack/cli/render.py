@@ -124,3 +124,24 @@ def human_bytes(n: float) -> str:
 def say(text: str) -> None:
     """One line of plain output on stdout (not wrapped, so it can be grepped)."""
     console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+
+def quality_table(title: str, results: list[dict], pareto: bool = False) -> Table:
+    """One row per evaluated method: bits per element, PPL, ΔPPL %, KL, top-1, attention error (fits 80 columns)."""
+    from rich import box
+
+    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("method", "bits", "PPL", "ΔPPL%", "KL", "top1%", "attn"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column != "method")
+    for r in results:
+        label = ("* " if r.get("pareto") else "  ") + r["label"] if pareto else r["label"]
+        table.add_row(
+            escape(label),
+            fmt_num(r["bits_per_element"]),
+            fmt_num(r["ppl"], 2),
+            f"{r['delta_ppl_pct']:+.2f}",
+            f"{r['kl_mean']:.4f}",
+            fmt_num(r["top1_agreement_pct"], 1),
+            fmt_num(r["attention_error_mean"], 4),
+        )
+    return table

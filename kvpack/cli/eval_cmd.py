@@ -1,0 +1,154 @@
+"""``kvpack eval``: perplexity, KL and attention-output error of a codec on real text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kvpack.cli.options import (
+    CodebookScope,
+    Continuation,
+    Device,
+    Force,
+    GgufFile,
+    JsonPath,
+    ModelName,
+    Normalization,
+    Prefix,
+    Symmetric,
+    Windows,
+    codec_options,
+)
+from kvpack.cli.render import console, err_console, print_json, progress_bar, quality_table, say, write_json
+from kvpack.errors import InvalidInputError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(evaluate)
+
+
+def evaluate(
+    text_file: Annotated[Path, typer.Option("--text-file", help="UTF-8 text to evaluate on.", dir_okay=False)],
+    model: ModelName = None,
+    gguf_file: GgufFile = None,
+    device: Device = "cpu",
+    prefix: Prefix = 1024,
+    continuation: Continuation = 256,
+    windows: Windows = 8,
+    method: Annotated[
+        Optional[str], typer.Option("--method", "-m", help="Codec (default adaptive; see `kvpack methods`).")
+    ] = None,
+    bits: Annotated[Optional[int], typer.Option("--bits", "-b", help="Bits per code (default 4).")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", "-g", help="Group size (default 64).")] = None,
+    symmetric: Symmetric = None,
+    outlier_ratio: Annotated[
+        Optional[float], typer.Option("--outlier-ratio", help="Fraction of each group kept exactly.")
+    ] = None,
+    codebook_scope: CodebookScope = None,
+    normalization: Normalization = None,
+    config_file: Annotated[
+        Optional[Path],
+        typer.Option("--config", help="Codec config file (JSON or TOML), instead of codec options.", dir_okay=False),
+    ] = None,
+    baseline: Annotated[
+        Optional[str],
+        typer.Option(
+            "--baseline", help="Evaluate a reference method instead: fp16, fp8-e4m3, fp8-e5m2, kivi-2, kivi-4."
+        ),
+    ] = None,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Print the attention-output error per layer.")] = False,
+    json_path: JsonPath = None,
+    force: Force = False,
+) -> None:
+    """Measure what a codec costs the model: PPL, ΔPPL, KL and top-1 agreement against the fp16 cache.
+
+    Windows of prefix + continuation + 1 tokens start at i * (text tokens // windows). The
+    prefix cache (cast to fp16: the reference) and its compress -> decompress round trip
+    each predict the continuation; see docs/benchmarks.md for the protocol.
+
+    Example: kvpack eval --text-file wiki.test.raw --method uniform --bits 4 --json result.json
+    """
+    from kvpack.config import CodecConfig, load_codec_config
+    from kvpack.dump import load_model, tokenize
+    from kvpack.evaluate import EvalMethod, EvalProtocol
+    from kvpack.evaluate import evaluate as run_evaluation
+    from kvpack.formats.writer import check_output_path
+
+    protocol = EvalProtocol(prefix, continuation, windows)
+    codec_given = [
+        flag
+        for flag, value in {
+            "--method": method,
+            "--bits": bits,
+            "--group-size": group_size,
+            "--symmetric/--asymmetric": symmetric,
+            "--outlier-ratio": outlier_ratio,
+            "--codebook-scope": codebook_scope,
+            "--normalization": normalization,
+        }.items()
+        if value is not None
+    ]
+    if config_file is not None and baseline is not None:
+        raise InvalidInputError("give --config or --baseline, not both")
+    if (config_file is not None or baseline is not None) and codec_given:
+        raise InvalidInputError(f"{', '.join(codec_given)} cannot be combined with --config or --baseline")
+    if baseline is not None:
+        chosen = EvalMethod.named_baseline(baseline)
+    else:
+        config = (
+            load_codec_config(config_file)
+            if config_file is not None
+            else CodecConfig.build(
+                method or "adaptive",
+                4 if bits is None else bits,
+                64 if group_size is None else group_size,
+                outlier_ratio or 0.0,
+                **codec_options(symmetric, codebook_scope, normalization),
+            )
+        )
+        chosen = EvalMethod.codec(config)
+    json_to_stdout = json_path is not None and str(json_path) == "-"
+    if json_path is not None and not json_to_stdout:
+        check_output_path(json_path, force)
+    text = _read_text(text_file)
+    with err_console.status("loading model"):
+        loaded = load_model(model, gguf_file, device)
+    token_ids = tokenize(loaded.tokenizer, text)
+    protocol.offsets(token_ids.shape[1])  # too short a text fails before any work
+    with progress_bar("eval") as update:
+        run = run_evaluation(loaded, token_ids, [chosen], protocol, progress=update)
+    result = run["methods"][0]
+    report = {
+        "model": loaded.name,
+        "text_file": str(text_file),
+        **{k: v for k, v in run.items() if k != "methods"},
+        **result,
+    }
+    if json_to_stdout:
+        print_json(report)
+        return
+    say(
+        f"{text_file}: {run['n_tokens']:,} tokens, {windows} windows of {prefix} + {continuation} tokens, "
+        f"{run['targets']:,} targets; reference (fp16 cache) PPL {run['ppl_ref']:.4f}"
+    )
+    console.print(quality_table("quality against the fp16 cache", run["methods"]))
+    attention = result["attention_error"]
+    if attention:
+        worst = max(range(len(attention)), key=attention.__getitem__)
+        say(
+            f"attention-output error: mean over layers {result['attention_error_mean']:.4f}, "
+            f"worst layer {worst} ({attention[worst]:.4f})"
+        )
+    if per_layer:
+        for layer, value in enumerate(attention):
+            say(f"  layer {layer:3d}  attention-output error {value:.5f}")
+    if json_path is not None:
+        write_json(json_path, report, force=force)
+
+
+def _read_text(path: Path) -> str:
+    from kvpack.cli.dump_cmd import _read_text as read
+
+    return read(path)

