@@ -12,8 +12,11 @@ protocol. fp16 itself is evaluated through a real lossless ``.kvp`` file instead
 - ``kivi-2`` / ``kivi-4``: KIVI (Liu et al. 2024, arXiv 2402.02750): asymmetric min/max
   integer quantization, keys per channel in groups of 32 consecutive tokens, values per
   token in groups of 32 consecutive channels of a head, float16 scale and zero-point per
-  group. Keys' last ``seq_len mod 32`` tokens (KIVI's residual) stay float16 and are
-  counted at 16 bits.
+  group. Keys' last ``seq_len mod 32`` tokens (which do not fill a group) stay float16 and
+  are counted at 16 bits. KIVI also keeps a window of the most recent tokens of keys and
+  values in full precision while generating; this baseline does not (it quantizes the
+  whole prompt cache, as ../shared/BASELINES.md does at 3.0 / 5.0 bits), so it is KIVI's
+  quantizer, not its streaming residual.
 """
 
 from __future__ import annotations

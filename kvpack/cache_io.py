@@ -111,7 +111,11 @@ def save_cache(
     token_ids = torch.as_tensor(token_ids).to("cpu", torch.int64)
     if token_ids.ndim == 1:
         token_ids = token_ids[None]
-    seq_len = max(t.shape[2] for t in tensors.values())
+    if not tensors:
+        raise InvalidInputError("the cache holds no layers")
+    seq_len = (
+        int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else max(t.shape[2] for t in tensors.values())
+    )
     if token_ids.ndim != 2 or token_ids.shape[1] != seq_len:
         raise InvalidInputError(
             f"token_ids of shape {tuple(token_ids.shape)} do not match the cache's {seq_len} tokens"
@@ -134,10 +138,11 @@ def save_cache(
 def check_model(metadata: dict[str, str], model: Any) -> None:
     """Check that a cache file's recorded identity matches ``model``.
 
-    Compared: ``model_type``, ``num_layers``, ``num_kv_heads``, ``head_dim``, ``rope_theta``
-    and the weights fingerprint where both sides have them, and the model name (with its
-    GGUF file) unless the weights fingerprints are present and equal (the same weights
-    loaded from another path).
+    Compared: ``model_type``, ``num_layers``, ``num_kv_heads``, ``head_dim`` and
+    ``rope_theta`` where both sides have them, and the model name (with its GGUF file)
+    unless the weights fingerprints are present and equal (the same weights loaded from
+    another path). A differing fingerprint alone is not an error: the same weights loaded
+    in another dtype hash differently.
 
     Raises:
         ModelMismatchError: naming every differing field with both values.
@@ -148,10 +153,10 @@ def check_model(metadata: dict[str, str], model: Any) -> None:
     current = model_identity(lm, name, gguf_file)
     if not any(metadata.get(key) for key in ("model", "num_layers", "num_kv_heads")):
         raise ModelMismatchError(
-            "the cache file records no model identity (model, layers, kv heads); load it with check=False to skip the check"
+            "the cache file records no model identity (model, layers, kv heads); pass check=False (CLI: --no-check) to load it anyway"
         )
     differences = []
-    for key in (*STRUCTURE_FIELDS, "weights_fingerprint"):
+    for key in STRUCTURE_FIELDS:
         recorded, actual = metadata.get(key), current.get(key)
         if recorded and actual and recorded != actual:
             differences.append(f"{key}: file {recorded}, model {actual}")
@@ -318,12 +323,16 @@ def continue_generation(
         if any(hasattr(layer, "cumulative_length") for layer in getattr(cache, "layers", [])):
             raise InvalidInputError("this model has sliding-window layers; give a non-empty prompt suffix")
         cache.crop(-1)
+    options = {}
+    eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    if getattr(lm.generation_config, "pad_token_id", None) is None and eos is not None:
+        options["pad_token_id"] = eos[0] if isinstance(eos, (list, tuple)) else eos  # silences a warning
     output = lm.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         past_key_values=cache,
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        pad_token_id=getattr(lm.generation_config, "eos_token_id", None) or 0,
+        **options,
     )
     return output[:, input_ids.shape[1] :]

@@ -184,7 +184,7 @@ class QueryCapture:
     def record(self, module: Any, query: torch.Tensor, scaling: float | None) -> None:
         if self.recording:
             scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
-            self.queries[int(module.layer_idx)] = (query.detach().to(torch.float32), float(scale))
+            self.queries[int(module.layer_idx)] = (query.detach().to("cpu", torch.float32), float(scale))
 
     def take(self) -> dict[int, tuple[torch.Tensor, float]]:
         queries, self.queries = self.queries, {}
@@ -265,6 +265,31 @@ def _reconstruct(
     return restored, float(bits)
 
 
+def check_methods(model: Any, methods: list[EvalMethod]) -> None:
+    """Refuse, before any work, a method that cannot encode this model's K/V tensors.
+
+    Raises:
+        InvalidInputError: a group size that does not divide ``num_kv_heads * head_dim``,
+            or a KIVI baseline on a ``head_dim`` that is not a multiple of 32.
+    """
+    from kvpack.baselines import KIVI_GROUP
+    from kvpack.dump import model_identity
+    from kvpack.grouping import GroupLayout
+
+    identity = model_identity(_unwrap(model)[0], "", None)
+    if not (identity["num_kv_heads"] and identity["head_dim"]):
+        return
+    heads, head_dim = int(identity["num_kv_heads"]), int(identity["head_dim"])
+    for method in methods:
+        if method.config is not None:
+            try:
+                GroupLayout((1, heads, 1, head_dim), method.config.group_size)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"{method.label}: {exc}") from None
+        elif (method.baseline or "").startswith("kivi") and head_dim % KIVI_GROUP:
+            raise InvalidInputError(f"{method.label}: KIVI needs head_dim divisible by {KIVI_GROUP}, got {head_dim}")
+
+
 def _layer_pairs(tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     count = len(tensors) // 2
     return [(tensors[kv_tensor_name(i, "key")], tensors[kv_tensor_name(i, "value")]) for i in range(count)]
@@ -314,6 +339,7 @@ def evaluate(
         raise InvalidInputError(f"method labels must be unique: {labels}")
     ids = torch.as_tensor(token_ids).reshape(1, -1).to(torch.int64)
     offsets = protocol.offsets(ids.shape[1])
+    check_methods(lm, methods)
     torch.manual_seed(0)
     totals: dict[str, _Totals] = {}
     ref_nll, n_targets = 0.0, 0
@@ -325,9 +351,14 @@ def evaluate(
             tokens = ids[:, offset + protocol.prefix : offset + protocol.prefix + protocol.continuation]
             targets = ids[0, offset + protocol.prefix + 1 : offset + protocol.window_tokens]
             device = next(lm.parameters()).device
-            out = lm(input_ids=prefix.to(device), use_cache=True)
+            out = lm(input_ids=prefix.to(device), use_cache=True, logits_to_keep=1)
             reference = cache_tensors(out.past_key_values, torch.float16)
             del out
+            if not all(bool(torch.isfinite(t).all()) for t in reference.values()):
+                raise InvalidInputError(
+                    f"window {window}: the prefix cache overflows float16 (the reference); this model's cache "
+                    "cannot be evaluated against an fp16 reference"
+                )
             capture.recording = True
             ref_logp = _continue(lm, reference, tokens, protocol.prefix)
             capture.recording = False

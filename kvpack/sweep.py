@@ -42,6 +42,7 @@ from typing import Any
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError, ModelUnavailableError
 from kvpack.evaluate import EvalMethod, EvalProtocol
+from kvpack.stats import json_safe
 
 _TOP_KEYS = {"baselines", "eval", "grid", "output"}
 _EVAL_KEYS = {"text_file", "prefix", "continuation", "windows", "model", "gguf_file", "device"}
@@ -97,8 +98,9 @@ def _check_keys(path: Path, where: str, table: Any, allowed: set[str]) -> dict:
 def _list_of(path: Path, where: str, value: Any, kind: type | tuple[type, ...]) -> list:
     if not isinstance(value, list) or not value:
         raise _fail(path, f"{where} must be a non-empty list")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
     for item in value:
-        if isinstance(item, bool) and kind is not bool or not isinstance(item, kind):
+        if not isinstance(item, kinds) or (isinstance(item, bool) and bool not in kinds):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise _fail(path, f"{where} must hold {names} values, got {item!r}")
     return value
@@ -267,12 +269,19 @@ def series_name(result: dict) -> str:
     return result["label"].replace(f"{config['method']}-{config['bits']} ", f"{config['method']} ", 1)
 
 
+def require_matplotlib() -> None:
+    """Raises: ModelUnavailableError: matplotlib (for the plot) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ModelUnavailableError("the sweep plot needs matplotlib: pip install 'kvpack[models]'")
+
+
 def plot(results: list[dict], path: Path, title: str) -> None:
     """PNG of ΔPPL % and KL versus bits per element: one line per codec series, baselines as markers."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ModelUnavailableError("the sweep plot needs matplotlib: pip install 'kvpack[models]'") from None
+    require_matplotlib()
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -282,7 +291,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     for axis, key, ylabel in (
         (axes[0], "delta_ppl_pct", "ΔPPL % vs fp16 cache (symlog)"),
-        (axes[1], "kl_mean", "mean KL(ref ‖ method), nats (log)"),
+        (axes[1], "kl_mean", "mean KL(ref ‖ method), nats (log; 0 drawn at 1e-6)"),
     ):
         for name, points in series.items():
             points = sorted(points, key=lambda r: r["bits_per_element"])
@@ -307,6 +316,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         else:
             axis.set_yscale("symlog", linthresh=1.0)
             axis.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+            axis.text(16, 1.0, "+1%", fontsize=7, color="grey", va="bottom", ha="right")
         axis.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=10)
@@ -315,20 +325,26 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def smallest_bits_within(results: list[dict], limit_pct: float = 1.0) -> dict[str, float | None]:
-    """Per codec method (and baseline family), the smallest bits per element with ``|ΔPPL| <= limit_pct``."""
-    best: dict[str, float | None] = {}
+def smallest_bits_within(results: list[dict], limit_pct: float = 1.0) -> dict[str, dict | None]:
+    """Per codec method (and baseline family), the result with the fewest bits per element and ``|ΔPPL| <= limit_pct``.
+
+    Returns:
+        family -> that result (``label``, ``bits_per_element``, ...), or ``None`` when no
+        tested setting stays within the limit.
+    """
+    best: dict[str, dict | None] = {}
     for result in results:
         config = result["config"]
         family = config["method"] if config["kind"] == "codec" else series_name(result)
         best.setdefault(family, None)
         if abs(result["delta_ppl_pct"]) <= limit_pct and math.isfinite(result["bits_per_element"]):
             current = best[family]
-            best[family] = result["bits_per_element"] if current is None else min(current, result["bits_per_element"])
+            if current is None or result["bits_per_element"] < current["bits_per_element"]:
+                best[family] = result
     return best
 
 
 def results_json(run: dict, config: SweepConfig) -> str:
     data = dict(run)
     data["config_file"] = config.source
-    return json.dumps(data, indent=2, default=str) + "\n"
+    return json.dumps(json_safe(data), indent=2, default=str) + "\n"

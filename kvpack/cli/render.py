@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from kvpack.stats import json_safe
 
 console = Console()
 err_console = Console(stderr=True)
@@ -42,22 +43,11 @@ def write_json(path: Path, data: dict, force: bool = True) -> None:
     from kvpack.formats.writer import atomic_output
 
     with atomic_output(path, force=force) as tmp:
-        tmp.write_text(json.dumps(_clean(data), indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
 
 
 def print_json(data: dict) -> None:
-    console.print_json(json.dumps(_clean(data)))
-
-
-def _clean(value):
-    """JSON-safe: non-finite floats become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
+    console.print_json(json.dumps(json_safe(data)))
 
 
 def fmt_sci(value: float | None) -> str:

@@ -42,9 +42,18 @@ def sweep(
     from kvpack.errors import InvalidInputError
     from kvpack.evaluate import evaluate
     from kvpack.formats.writer import atomic_output, check_output_path
-    from kvpack.sweep import csv_text, load_sweep_config, mark_pareto, plot, results_json, smallest_bits_within
+    from kvpack.sweep import (
+        csv_text,
+        load_sweep_config,
+        mark_pareto,
+        plot,
+        require_matplotlib,
+        results_json,
+        smallest_bits_within,
+    )
 
     settings = load_sweep_config(config)
+    require_matplotlib()  # before the long run, not after
     folder = output_dir or settings.output_dir
     if folder.exists() and not folder.is_dir():
         raise InvalidInputError(f"{folder} exists and is not a folder")
@@ -67,19 +76,29 @@ def sweep(
     mark_pareto(results)
     run.update(model=loaded.name, text_file=str(settings.text_file))
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_output(folder / "results.csv", force=force) as tmp:
-        tmp.write_text(csv_text(results), encoding="utf-8")
-    with atomic_output(folder / "results.json", force=force) as tmp:
-        tmp.write_text(results_json(run, settings), encoding="utf-8")
     title = (
         f"{loaded.name} on {settings.text_file.name}: {settings.protocol.windows} windows, prefix "
         f"{settings.protocol.prefix}, continuation {settings.protocol.continuation}; ref PPL {run['ppl_ref']:.3f}"
     )
-    with atomic_output(folder / "plot.png", force=force) as tmp:
-        plot(results, tmp, title)
+    # all three are written to temporary files first: a failure leaves none of them behind
+    with (
+        atomic_output(folder / "plot.png", force=force) as png,
+        atomic_output(folder / "results.json", force=force) as js,
+        atomic_output(folder / "results.csv", force=force) as table,
+    ):
+        plot(results, png, title)
+        js.write_text(results_json(run, settings), encoding="utf-8")
+        table.write_text(csv_text(results), encoding="utf-8")
     say(f"reference (fp16 cache) PPL {run['ppl_ref']:.4f} over {run['targets']:,} targets")
     ordered = sorted(results, key=lambda r: (r["bits_per_element"], r["delta_ppl_pct"]))
     console.print(quality_table("sweep (* = on the Pareto front of bits per element and KL)", ordered, pareto=True))
-    for family, bits in smallest_bits_within(results).items():
-        say(f"{family}: " + (f"ΔPPL within 1% from {bits:.3f} bits per element" if bits else "never within 1% here"))
+    for family, best in smallest_bits_within(results).items():
+        say(
+            f"{family}: "
+            + (
+                f"ΔPPL within 1% from {best['bits_per_element']:.3f} bits per element ({best['label']})"
+                if best
+                else "never within 1% in this sweep"
+            )
+        )
     say(f"wrote {folder / 'results.csv'}, {folder / 'results.json'}, {folder / 'plot.png'}")
