@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kvpack.cli.app import main as kvpack_main
-from kvpack.sweep import series_name, smallest_bits_within
+from kvpack.sweep import plot, series_name, smallest_bits_within
 
 MARKER = "## Model quality on WikiText-2"
 HERE = Path(__file__).resolve().parent
@@ -50,8 +50,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=HERE / "quality.toml")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
+    parser.add_argument("--plot-only", action="store_true", help="Redraw docs/quality.png from the last results.json.")
     args = parser.parse_args()
     results_dir = HERE / "results" / "quality"
+    if args.plot_only:
+        run = json.loads((results_dir / "results.json").read_text())
+        title = (
+            f"{run['model']} on {Path(run['text_file']).name}: {run['protocol']['windows']} windows, prefix "
+            f"{run['protocol']['prefix']}, continuation {run['protocol']['continuation']}; ref PPL {run['ppl_ref']:.3f}"
+        )
+        plot(run["methods"], args.out.parent / "quality.png", title)
+        return
     started = time.perf_counter()
     code = kvpack_main(["sweep", "--config", str(args.config), "--output-dir", str(results_dir), "--force"])
     if code:

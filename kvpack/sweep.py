@@ -289,11 +289,12 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     for result in results:
         series.setdefault(series_name(result), []).append(result)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    colors = plt.get_cmap("tab20").colors if len(series) > 10 else plt.get_cmap("tab10").colors
     for axis, key, ylabel in (
         (axes[0], "delta_ppl_pct", "ΔPPL % vs fp16 cache (symlog)"),
         (axes[1], "kl_mean", "mean KL(ref ‖ method), nats (log; 0 drawn at 1e-6)"),
     ):
-        for name, points in series.items():
+        for index, (name, points) in enumerate(series.items()):
             points = sorted(points, key=lambda r: r["bits_per_element"])
             xs = [p["bits_per_element"] for p in points]
             ys = [max(p[key], 1e-6) if key == "kl_mean" else p[key] for p in points]
@@ -306,6 +307,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
                 linewidth=1.2,
                 markersize=6 if is_baseline else 4,
                 label=name,
+                color=colors[index % len(colors)],
             )
         axis.set_xscale("log", base=2)
         axis.set_xticks([2, 3, 4, 5, 8, 16], labels=["2", "3", "4", "5", "8", "16"])
@@ -315,6 +317,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
             axis.set_yscale("log")
         else:
             axis.set_yscale("symlog", linthresh=1.0)
+            lowest = min(r[key] for r in results)
+            axis.set_ylim(bottom=min(-1.0, lowest * 1.5))
             axis.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
             axis.text(16, 1.0, "+1%", fontsize=7, color="grey", va="bottom", ha="right")
         axis.grid(True, which="both", alpha=0.3)
