@@ -9,6 +9,7 @@ registry and the option dataclasses only, never evaluating anything from the fil
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,13 @@ def load_codec_config(path: str | Path) -> CodecConfig:
             return CodecConfig.from_dict({"bits": 4, "group_size": 64, "outlier_ratio": 0.0, **data})
         flat = dict(data)
         method = flat.pop("method")
+        options = {f.name for f in dataclasses.fields(get_codec_class(method).Params)}
+        unknown = sorted(set(flat) - options - {"bits", "group_size", "outlier_ratio"})
+        if unknown:
+            raise InvalidInputError(
+                f"unknown key(s) {', '.join(unknown)}; accepted: method, bits, group_size, outlier_ratio"
+                + (f" and the {method} options {', '.join(sorted(options))}" if options else "")
+            )
         main = {key: flat.pop(key) for key in ("bits", "group_size", "outlier_ratio") if key in flat}
         return CodecConfig.build(method, **main, **flat)
     except InvalidInputError as exc:

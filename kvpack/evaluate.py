@@ -423,6 +423,8 @@ def _result(method: EvalMethod, total: _Totals, ppl_ref: float) -> dict[str, Any
         "label": method.label,
         "config": method.describe(),
         "bits_per_element": total.stored_bits / total.elements,
+        # "file": size of the real .kvp (header included); "count": the baseline's stored numbers
+        "bits_source": "file" if method.config is not None or method.baseline == FP16 else "count",
         "ppl": ppl,
         "delta_ppl_pct": 100.0 * (ppl / ppl_ref - 1.0),
         "kl_mean": total.kl / total.targets,

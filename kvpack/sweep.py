@@ -5,7 +5,7 @@ The config is TOML (``docs/benchmarks.md`` shows the one ``bench/quality.py`` ru
     baselines = ["fp16", "fp8-e4m3", "kivi-2", "kivi-4"]   # optional
 
     [eval]                      # all optional; text_file is relative to the config file
-    text_file = "../shared/data/wikitext-2-raw-test.txt"
+    text_file = "../shared/data/wikitext-2-raw-test.txt"   # for a config in the project's root
     prefix = 1024
     continuation = 256
     windows = 8
@@ -57,6 +57,7 @@ CSV_COLUMNS = (
     "outlier_ratio",
     "options",
     "bits_per_element",
+    "bits_source",
     "ppl",
     "delta_ppl_pct",
     "kl_mean",

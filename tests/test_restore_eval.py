@@ -103,7 +103,7 @@ def test_codec_config_files(tmp_path):
     assert load_codec_config(flat) == CodecConfig.build("uniform", 2, 64, symmetric=True)
     bad = tmp_path / "bad.toml"
     bad.write_text('method = "uniform"\nbitz = 2\n')
-    with pytest.raises(InvalidInputError, match="bad.toml: .*unknown option"):
+    with pytest.raises(InvalidInputError, match="bad.toml: unknown key.s. bitz; accepted: method, bits, group_size"):
         load_codec_config(bad)
     broken = tmp_path / "broken.json"
     broken.write_text("{")
@@ -207,10 +207,19 @@ def test_sweep_cli_bad_config_is_one_line(tmp_path, capsys):
 
 def test_dump_codec_options_need_a_kvp_output(tmp_path, capsys):
     assert main(["dump", "-o", str(tmp_path / "c.safetensors"), "--method", "uniform"]) == 2
-    assert "only apply to a .kvp output" in capsys.readouterr().err
+    assert "--method only applies to a .kvp output" in capsys.readouterr().err
     assert main(["dump", "-o", str(tmp_path / "c.kvp"), "--lossless", "--bits", "3"]) == 2
     assert "--lossless stores K/V exactly" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_kvp_named_file_without_the_magic_is_named_as_such(tmp_path, capsys):
+    garbage = tmp_path / "prompt.kvp"
+    garbage.write_bytes(b"not a cache at all" * 10)
+    for command in (["inspect", str(garbage)], ["generate", "--cache", str(garbage)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {garbage}: not a kvpack file (it does not start with the .kvp magic bytes)\n"
 
 
 def test_eval_refuses_mixed_method_choices(tmp_path, capsys):

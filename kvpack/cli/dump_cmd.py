@@ -91,7 +91,8 @@ def dump(
     given = [flag for flag, value in given.items() if value is not None] + (["--lossless"] if lossless else [])
     config = None
     if not to_kvp and given:
-        raise InvalidInputError(f"{', '.join(given)} only apply to a .kvp output (-o NAME.kvp)")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise InvalidInputError(f"{', '.join(given)} only {verb} to a .kvp output (-o NAME.kvp)")
     if lossless and len(given) > 1:
         raise InvalidInputError("--lossless stores K/V exactly; drop the codec options")
     if to_kvp and not lossless:

@@ -130,7 +130,8 @@ def evaluate(
         print_json(report)
         return
     say(
-        f"{text_file}: {run['n_tokens']:,} tokens, {windows} windows of {prefix} + {continuation} tokens, "
+        f"{text_file}: {run['n_tokens']:,} tokens, {windows} window{'s' if windows != 1 else ''} of {prefix} + "
+        f"{continuation} tokens, "
         f"{run['targets']:,} targets; reference (fp16 cache) PPL {run['ppl_ref']:.4f}"
     )
     console.print(quality_table("quality against the fp16 cache", run["methods"]))

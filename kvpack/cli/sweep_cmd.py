@@ -24,7 +24,7 @@ def sweep(
         Optional[Path],
         typer.Option(
             "--output-dir",
-            help="Where results.csv, results.json and plot.png go (default: [output] dir).",
+            help="Where results.csv, results.json and plot.png go (default: output.dir of the config).",
             file_okay=False,
         ),
     ] = None,
@@ -40,7 +40,7 @@ def sweep(
     """
     from kvpack.dump import load_model, tokenize
     from kvpack.errors import InvalidInputError
-    from kvpack.evaluate import evaluate
+    from kvpack.evaluate import check_methods, evaluate
     from kvpack.formats.writer import atomic_output, check_output_path
     from kvpack.sweep import (
         csv_text,
@@ -69,7 +69,11 @@ def sweep(
         loaded = load_model(settings.model, settings.gguf_file, settings.device)
     token_ids = tokenize(loaded.tokenizer, text)
     settings.protocol.offsets(token_ids.shape[1])
-    err_console.print(f"{len(settings.methods)} methods x {settings.protocol.windows} windows", highlight=False)
+    check_methods(loaded, settings.methods)
+    windows = settings.protocol.windows
+    err_console.print(
+        f"{len(settings.methods)} methods x {windows} window{'s' if windows != 1 else ''}", highlight=False
+    )
     with progress_bar("sweep") as update:
         run = evaluate(loaded, token_ids, settings.methods, settings.protocol, progress=update)
     results = run["methods"]

@@ -52,6 +52,10 @@ class SafetensorsSource:
             self.metadata = dict(self._handle.metadata() or {})
             self._keys = list(self._handle.keys())
         except Exception as exc:  # safetensors raises its own error types for every malformed file
+            if self.path.suffix.lower() == ".kvp":  # named as ours: say what it lacks
+                raise FormatError(
+                    f"{self.path}: not a kvpack file (it does not start with the .kvp magic bytes)"
+                ) from None
             raise FormatError(f"{self.path}: not a readable safetensors file ({_first_line(exc)})") from None
         self.file_size = self.path.stat().st_size
 
