@@ -40,3 +40,24 @@ def real_dump(tmp_path_factory) -> Path:
 def real_tensors(real_dump) -> dict:
     with SafetensorsSource(real_dump) as source:
         return {name: source.get(name) for name in source.keys()}
+
+
+def tiny_gemma2(sliding_window: int, max_positions: int):
+    """A random 4-layer Gemma2 (vocab 64) whose layers alternate sliding-window and full attention."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        max_position_embeddings=max_positions,
+    )
+    return Gemma2ForCausalLM(config).eval()

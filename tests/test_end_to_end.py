@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from kvpack.cli.app import main
 from kvpack.formats.reader import KvpReader
-from tests.conftest import REAL_TOKENS
+from tests.conftest import REAL_TOKENS, tiny_gemma2
 
 # Relative MSE ceilings per (method, bits), about 2x above what these codecs measure on
 # SmolLM2 keys and values (docs/benchmarks.md); a regression in any codec breaks them.
@@ -94,25 +94,10 @@ def test_compress_decompress_each_method_within_bounds(real_dump, tmp_path, meth
 
 def test_tiny_model_with_sliding_and_full_layers(tmp_path):
     """Layers that differ (sliding-window layers keep only their last tokens) keep their own shapes."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     from kvpack import CodecConfig, compress_tensors, load_kvp
     from kvpack.dump import collect_cache
 
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        max_position_embeddings=64,
-    )
-    model = Gemma2ForCausalLM(config).eval()
+    model = tiny_gemma2(sliding_window=4, max_positions=64)
     ids = torch.randint(0, 64, (1, 300))
     tensors = collect_cache(model, ids, "float32")
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}

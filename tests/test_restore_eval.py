@@ -15,7 +15,7 @@ from kvpack.config import CodecConfig, load_codec_config
 from kvpack.errors import InvalidInputError, ModelMismatchError
 from kvpack.evaluate import EvalMethod, EvalProtocol, attention_output, codec_label
 from kvpack.sweep import load_sweep_config, pareto_front
-from tests.conftest import wikitext_excerpt
+from tests.conftest import tiny_gemma2, wikitext_excerpt
 
 # --- pieces that need no model ----------------------------------------------------------
 
@@ -353,25 +353,10 @@ def test_cache_from_another_model_is_refused(smollm, wiki_ids, tmp_path):
 
 @pytest.mark.model
 def test_sliding_window_model_restores_and_continues(tmp_path):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     from kvpack.cache_io import load_cache, save_cache
     from kvpack.dump import run_prefill
 
-    torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        max_position_embeddings=128,
-    )
-    model = Gemma2ForCausalLM(config).eval()
+    model = tiny_gemma2(sliding_window=8, max_positions=128)
     ids = torch.randint(0, 64, (1, 60))
     cache = run_prefill(model, ids[:, :50])
     save_cache(tmp_path / "g.kvp", cache, ids[:, :50], model)

@@ -1,4 +1,4 @@
-"""``kvpack dump``: run a model over a text and write its KV cache to safetensors."""
+"""``kvpack dump``: run a model over a text and write its KV cache to safetensors or ``.kvp``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,15 @@ from kvpack.cli.options import (
     DumpDtype,
     Force,
     GgufFile,
+    MaybeBits,
+    MaybeGroupSize,
+    MaybeMethod,
+    MaybeOutlierRatio,
     ModelName,
     Normalization,
     Symmetric,
-    codec_options,
+    build_codec,
+    given_codec_flags,
 )
 from kvpack.cli.render import err_console, human_bytes, progress_bar, say
 from kvpack.errors import InvalidInputError
@@ -42,18 +47,11 @@ def dump(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Keep at most this many tokens.")] = None,
     dtype: DumpDtype = "float16",
     device: Device = "cpu",
-    method: Annotated[
-        Optional[str],
-        typer.Option("--method", "-m", help=".kvp output: codec (default adaptive; see `kvpack methods`)."),
-    ] = None,
-    bits: Annotated[Optional[int], typer.Option("--bits", "-b", help=".kvp output: bits per code (default 4).")] = None,
-    group_size: Annotated[
-        Optional[int], typer.Option("--group-size", "-g", help=".kvp output: elements per group (default 64).")
-    ] = None,
+    method: MaybeMethod = None,
+    bits: MaybeBits = None,
+    group_size: MaybeGroupSize = None,
     symmetric: Symmetric = None,
-    outlier_ratio: Annotated[
-        Optional[float], typer.Option("--outlier-ratio", help=".kvp output: fraction of each group kept exactly.")
-    ] = None,
+    outlier_ratio: MaybeOutlierRatio = None,
     codebook_scope: CodebookScope = None,
     normalization: Normalization = None,
     lossless: Annotated[
@@ -79,16 +77,9 @@ def dump(
     if dtype not in DUMP_DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DUMP_DTYPES)}, got {dtype!r}")
     to_kvp = output.suffix.lower() == ".kvp"
-    given = {
-        "--method": method,
-        "--bits": bits,
-        "--group-size": group_size,
-        "--symmetric/--asymmetric": symmetric,
-        "--outlier-ratio": outlier_ratio,
-        "--codebook-scope": codebook_scope,
-        "--normalization": normalization,
-    }
-    given = [flag for flag, value in given.items() if value is not None] + (["--lossless"] if lossless else [])
+    given = given_codec_flags(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization) + (
+        ["--lossless"] if lossless else []
+    )
     config = None
     if not to_kvp and given:
         verb = "applies" if len(given) == 1 else "apply"
@@ -96,15 +87,7 @@ def dump(
     if lossless and len(given) > 1:
         raise InvalidInputError("--lossless stores K/V exactly; drop the codec options")
     if to_kvp and not lossless:
-        from kvpack.config import CodecConfig
-
-        config = CodecConfig.build(
-            method or "adaptive",
-            4 if bits is None else bits,
-            64 if group_size is None else group_size,
-            outlier_ratio or 0.0,
-            **codec_options(symmetric, codebook_scope, normalization),
-        )
+        config = build_codec(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization)
     check_output_path(output, force)
     if text_file is not None:
         text = _read_text(text_file)

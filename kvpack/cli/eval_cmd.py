@@ -14,12 +14,17 @@ from kvpack.cli.options import (
     Force,
     GgufFile,
     JsonPath,
+    MaybeBits,
+    MaybeGroupSize,
+    MaybeMethod,
+    MaybeOutlierRatio,
     ModelName,
     Normalization,
     Prefix,
     Symmetric,
     Windows,
-    codec_options,
+    build_codec,
+    given_codec_flags,
 )
 from kvpack.cli.render import console, err_console, print_json, progress_bar, quality_table, say, write_json
 from kvpack.errors import InvalidInputError
@@ -37,15 +42,11 @@ def evaluate(
     prefix: Prefix = 1024,
     continuation: Continuation = 256,
     windows: Windows = 8,
-    method: Annotated[
-        Optional[str], typer.Option("--method", "-m", help="Codec (default adaptive; see `kvpack methods`).")
-    ] = None,
-    bits: Annotated[Optional[int], typer.Option("--bits", "-b", help="Bits per code (default 4).")] = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", "-g", help="Group size (default 64).")] = None,
+    method: MaybeMethod = None,
+    bits: MaybeBits = None,
+    group_size: MaybeGroupSize = None,
     symmetric: Symmetric = None,
-    outlier_ratio: Annotated[
-        Optional[float], typer.Option("--outlier-ratio", help="Fraction of each group kept exactly.")
-    ] = None,
+    outlier_ratio: MaybeOutlierRatio = None,
     codebook_scope: CodebookScope = None,
     normalization: Normalization = None,
     config_file: Annotated[
@@ -70,26 +71,14 @@ def evaluate(
 
     Example: kvpack eval --text-file wiki.test.raw --method uniform --bits 4 --json result.json
     """
-    from kvpack.config import CodecConfig, load_codec_config
+    from kvpack.config import load_codec_config
     from kvpack.dump import load_model, tokenize
     from kvpack.evaluate import EvalMethod, EvalProtocol
     from kvpack.evaluate import evaluate as run_evaluation
     from kvpack.formats.writer import check_output_path
 
     protocol = EvalProtocol(prefix, continuation, windows)
-    codec_given = [
-        flag
-        for flag, value in {
-            "--method": method,
-            "--bits": bits,
-            "--group-size": group_size,
-            "--symmetric/--asymmetric": symmetric,
-            "--outlier-ratio": outlier_ratio,
-            "--codebook-scope": codebook_scope,
-            "--normalization": normalization,
-        }.items()
-        if value is not None
-    ]
+    codec_given = given_codec_flags(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization)
     if config_file is not None and baseline is not None:
         raise InvalidInputError("give --config or --baseline, not both")
     if (config_file is not None or baseline is not None) and codec_given:
@@ -100,13 +89,7 @@ def evaluate(
         config = (
             load_codec_config(config_file)
             if config_file is not None
-            else CodecConfig.build(
-                method or "adaptive",
-                4 if bits is None else bits,
-                64 if group_size is None else group_size,
-                outlier_ratio or 0.0,
-                **codec_options(symmetric, codebook_scope, normalization),
-            )
+            else build_codec(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization)
         )
         chosen = EvalMethod.codec(config)
     json_to_stdout = json_path is not None and str(json_path) == "-"

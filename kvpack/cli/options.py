@@ -61,3 +61,46 @@ Continuation = Annotated[
     int, typer.Option("--continuation", help="Continuation tokens per window, fed through the cache.")
 ]
 Windows = Annotated[int, typer.Option("--windows", help="Windows, at token offsets i * (text tokens // windows).")]
+
+# Codec options without defaults, for commands where a codec is one choice among others
+# (`dump` to .kvp, `eval`): None means "not given", so a conflicting choice can be refused.
+MaybeMethod = Annotated[
+    Optional[str], typer.Option("--method", "-m", help="Codec (default adaptive; see `kvpack methods`).")
+]
+MaybeBits = Annotated[Optional[int], typer.Option("--bits", "-b", help="Bits per code, 1 to 8 (default 4).")]
+MaybeGroupSize = Annotated[Optional[int], typer.Option("--group-size", "-g", help="Elements per group (default 64).")]
+MaybeOutlierRatio = Annotated[
+    Optional[float], typer.Option("--outlier-ratio", help="Fraction of each group kept exactly (default 0).")
+]
+
+
+def given_codec_flags(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization) -> list[str]:
+    """The codec flags the user gave (not None), named as on the command line."""
+    values = (method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization)
+    flags = (
+        "--method",
+        "--bits",
+        "--group-size",
+        "--outlier-ratio",
+        "--symmetric/--asymmetric",
+        "--codebook-scope",
+        "--normalization",
+    )
+    return [flag for flag, value in zip(flags, values, strict=True) if value is not None]
+
+
+def build_codec(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization):
+    """A :class:`~kvpack.config.CodecConfig` from optional flags, with the `compress` defaults.
+
+    Raises:
+        InvalidInputError: an unknown method, an option the method lacks, a value out of range.
+    """
+    from kvpack.config import CodecConfig
+
+    return CodecConfig.build(
+        method or "adaptive",
+        4 if bits is None else bits,
+        64 if group_size is None else group_size,
+        outlier_ratio or 0.0,
+        **codec_options(symmetric, codebook_scope, normalization),
+    )
