@@ -45,7 +45,7 @@ class PromptCache:
         return int(self.token_ids.shape[-1])
 
 
-def _unwrap(model: Any) -> tuple[Any, str, str | None]:
+def unwrap_model(model: Any) -> tuple[Any, str, str | None]:
     """``(transformers model, name, gguf file)`` of a :class:`~kvpack.dump.LoadedModel` or a bare model."""
     if hasattr(model, "model") and hasattr(model, "tokenizer") and hasattr(model, "name"):
         return model.model, model.name, model.gguf_file
@@ -106,7 +106,7 @@ def save_cache(
     from kvpack.api import build_report
     from kvpack.dump import model_identity
 
-    lm, name, gguf_file = _unwrap(model)
+    lm, name, gguf_file = unwrap_model(model)
     tensors = cache_tensors(cache, dtype)
     token_ids = torch.as_tensor(token_ids).to("cpu", torch.int64)
     if token_ids.ndim == 1:
@@ -149,7 +149,7 @@ def check_model(metadata: dict[str, str], model: Any) -> None:
     """
     from kvpack.dump import model_identity
 
-    lm, name, gguf_file = _unwrap(model)
+    lm, name, gguf_file = unwrap_model(model)
     current = model_identity(lm, name, gguf_file)
     if not any(metadata.get(key) for key in ("model", "num_layers", "num_kv_heads")):
         raise ModelMismatchError(
@@ -201,7 +201,7 @@ def load_cache(
         InvalidInputError: the file holds no K/V tensors or no ``token_ids``.
         ModelMismatchError: the file was made by another model.
     """
-    lm = _unwrap(model)[0] if model is not None else None
+    lm = unwrap_model(model)[0] if model is not None else None
     if dtype is None and lm is not None:
         dtype = next(lm.parameters()).dtype
     with open_cache(path) as source:
@@ -213,7 +213,7 @@ def load_cache(
         if not kv_names or "token_ids" not in names:
             raise InvalidInputError(f"{path}: not a prompt cache (needs layers.<i>.key/value and token_ids)")
         tensors = {name: source.get(name) for name in (*kv_names, "token_ids")}
-    layers = _layer_pairs(tensors, path)
+    layers = layer_pairs(tensors, path)
     if lm is not None and check:
         _check_shapes(layers, lm, path)
     token_ids = tensors["token_ids"].to(torch.int64)
@@ -238,7 +238,7 @@ def build_cache(
     """
     from transformers import DynamicCache
 
-    lm = _unwrap(model)[0] if model is not None else None
+    lm = unwrap_model(model)[0] if model is not None else None
     cache = DynamicCache(config=lm.config) if lm is not None else DynamicCache()
     for index, (key, value) in enumerate(layers):
         key = key.to(device=device, dtype=dtype or key.dtype, copy=True)
@@ -255,33 +255,33 @@ def build_cache(
     return cache
 
 
-def _layer_pairs(tensors: dict[str, torch.Tensor], path: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def layer_pairs(tensors: dict[str, torch.Tensor], where: Any = "the cache") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(key, value)]`` per layer from ``layers.{i}.key|value`` tensors (other names ignored).
+
+    Raises:
+        InvalidInputError: a layer below the highest one lacks its key or value.
+    """
     count = max(parse_kv_name(n)[0] for n in tensors if parse_kv_name(n)) + 1
     pairs = []
     for index in range(count):
         key, value = tensors.get(kv_tensor_name(index, "key")), tensors.get(kv_tensor_name(index, "value"))
         if key is None or value is None:
-            raise InvalidInputError(f"{path}: layer {index} lacks its key or value tensor")
+            raise InvalidInputError(f"{where}: layer {index} lacks its key or value tensor")
         pairs.append((key, value))
     return pairs
 
 
 def _check_shapes(layers: list, lm: Any, path: Any) -> None:
     """The tensors themselves must fit the model, whatever the metadata says."""
-    from kvpack.dump import model_identity
+    from kvpack.dump import decoder_config, kv_head_shape
 
-    identity = model_identity(lm, "", None)
-    expected_layers = int(identity["num_layers"] or len(layers))
+    expected_layers = getattr(decoder_config(lm), "num_hidden_layers", None) or len(layers)
     if len(layers) != expected_layers:
         raise ModelMismatchError(f"{path} holds {len(layers)} layers, the model has {expected_layers}")
-    heads, head_dim = identity["num_kv_heads"], identity["head_dim"]
+    heads, head_dim = kv_head_shape(lm)
     for index, (key, value) in enumerate(layers):
         for tensor in (key, value):
-            if (
-                tensor.ndim != 4
-                or (heads and tensor.shape[1] != int(heads))
-                or (head_dim and tensor.shape[3] != int(head_dim))
-            ):
+            if tensor.ndim != 4 or (heads and tensor.shape[1] != heads) or (head_dim and tensor.shape[3] != head_dim):
                 raise ModelMismatchError(
                     f"{path}: layer {index} has shape {tuple(tensor.shape)}, the model needs "
                     f"(batch, {heads}, seq_len, {head_dim})"
@@ -311,7 +311,7 @@ def continue_generation(
         InvalidInputError: ``max_new_tokens < 1``, or an empty suffix on a cache whose
             layers cannot drop their last token (sliding-window layers).
     """
-    lm = _unwrap(model)[0]
+    lm = unwrap_model(model)[0]
     if max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     device = next(lm.parameters()).device

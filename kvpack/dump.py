@@ -187,13 +187,40 @@ def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return pairs
 
 
-def model_identity(model: Any, name: str, gguf_file: str | None) -> dict[str, str]:
-    """String metadata that identifies the model a cache came from."""
+def decoder_config(model: Any) -> Any:
+    """The text (decoder) config of a transformers model, also for multimodal ones."""
     config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def kv_head_shape(model: Any) -> tuple[int | None, int | None]:
+    """``(num_kv_heads, head_dim)`` of a transformers model's cache, from its config (None when unknown)."""
+    text_config = decoder_config(model)
     heads = getattr(text_config, "num_attention_heads", None)
     hidden = getattr(text_config, "hidden_size", None)
     head_dim = getattr(text_config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    return getattr(text_config, "num_key_value_heads", heads) or None, head_dim
+
+
+def check_group_size(model: Any, group_size: int) -> None:
+    """Refuse, before any work, a group size that does not divide the model's ``num_kv_heads * head_dim``.
+
+    Raises:
+        InvalidInputError: naming the features and their divisors.
+    """
+    from kvpack.grouping import GroupLayout
+
+    kv_heads, head_dim = kv_head_shape(model)
+    if kv_heads and head_dim:
+        GroupLayout((1, kv_heads, 1, head_dim), group_size)
+
+
+def model_identity(model: Any, name: str, gguf_file: str | None) -> dict[str, str]:
+    """String metadata that identifies the model a cache came from."""
+    config = model.config
+    text_config = decoder_config(model)
+    heads = getattr(text_config, "num_attention_heads", None)
+    kv_heads, head_dim = kv_head_shape(model)
     identity = {
         "model": name,
         "gguf_file": gguf_file or "",
@@ -201,7 +228,7 @@ def model_identity(model: Any, name: str, gguf_file: str | None) -> dict[str, st
         "architecture": ",".join(getattr(config, "architectures", None) or [type(model).__name__]),
         "num_layers": str(getattr(text_config, "num_hidden_layers", "")),
         "num_attention_heads": str(heads or ""),
-        "num_kv_heads": str(getattr(text_config, "num_key_value_heads", heads) or ""),
+        "num_kv_heads": str(kv_heads or ""),
         "head_dim": str(head_dim or ""),
     }
     rope = getattr(text_config, "rope_parameters", None) or {}

@@ -38,10 +38,10 @@ import torch
 
 from kvpack.api import compress_tensors, load_kvp
 from kvpack.baselines import get_baseline
-from kvpack.cache_io import _unwrap, build_cache, cache_tensors
+from kvpack.cache_io import build_cache, cache_tensors, layer_pairs, unwrap_model
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
-from kvpack.formats.safetensors_io import kv_tensor_name, parse_kv_name
+from kvpack.formats.safetensors_io import parse_kv_name
 from kvpack.stats import ErrorAccumulator
 
 FP16 = "fp16"  # the lossless float16 file: the reference itself, through a real .kvp
@@ -273,32 +273,24 @@ def check_methods(model: Any, methods: list[EvalMethod]) -> None:
             or a KIVI baseline on a ``head_dim`` that is not a multiple of 32.
     """
     from kvpack.baselines import KIVI_GROUP
-    from kvpack.dump import model_identity
-    from kvpack.grouping import GroupLayout
+    from kvpack.dump import check_group_size, kv_head_shape
 
-    identity = model_identity(_unwrap(model)[0], "", None)
-    if not (identity["num_kv_heads"] and identity["head_dim"]):
-        return
-    heads, head_dim = int(identity["num_kv_heads"]), int(identity["head_dim"])
+    lm = unwrap_model(model)[0]
+    head_dim = kv_head_shape(lm)[1]
     for method in methods:
         if method.config is not None:
             try:
-                GroupLayout((1, heads, 1, head_dim), method.config.group_size)
+                check_group_size(lm, method.config.group_size)
             except InvalidInputError as exc:
                 raise InvalidInputError(f"{method.label}: {exc}") from None
-        elif (method.baseline or "").startswith("kivi") and head_dim % KIVI_GROUP:
+        elif (method.baseline or "").startswith("kivi") and head_dim and head_dim % KIVI_GROUP:
             raise InvalidInputError(f"{method.label}: KIVI needs head_dim divisible by {KIVI_GROUP}, got {head_dim}")
-
-
-def _layer_pairs(tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    count = len(tensors) // 2
-    return [(tensors[kv_tensor_name(i, "key")], tensors[kv_tensor_name(i, "value")]) for i in range(count)]
 
 
 def _continue(lm: Any, tensors: dict[str, torch.Tensor], tokens: torch.Tensor, prefix: int) -> torch.Tensor:
     """Log-probabilities ``(continuation, vocab)`` float32 of ``tokens`` fed through a cache of ``tensors``."""
     param = next(lm.parameters())
-    cache = build_cache(_layer_pairs(tensors), lm, prefix, param.device, param.dtype)
+    cache = build_cache(layer_pairs(tensors), lm, prefix, param.device, param.dtype)
     logits = lm(input_ids=tokens.to(param.device), past_key_values=cache, use_cache=True).logits[0]
     return torch.log_softmax(logits.to(torch.float32), dim=-1)
 
@@ -331,7 +323,7 @@ def evaluate(
         InvalidInputError: no methods, duplicate labels, or a text too short for the windows.
     """
     protocol = protocol or EvalProtocol()
-    lm = _unwrap(model)[0]
+    lm = unwrap_model(model)[0]
     if not methods:
         raise InvalidInputError("nothing to evaluate: give at least one method")
     labels = [m.label for m in methods]
@@ -368,7 +360,7 @@ def evaluate(
             n_targets += targets.numel()
             ref_top1 = ref_logp.argmax(dim=-1)
             ref_prob = ref_logp.exp()
-            pairs = _layer_pairs(reference)
+            pairs = layer_pairs(reference)
             ref_attn = {
                 layer: attention_output(q, pairs[layer][0], pairs[layer][1], scale)
                 for layer, (q, scale) in queries.items()
@@ -387,7 +379,7 @@ def evaluate(
                 total.targets += targets.numel()
                 total.stored_bits += bits
                 total.elements += sum(t.numel() for t in reference.values())
-                restored_pairs = _layer_pairs(restored)
+                restored_pairs = layer_pairs(restored)
                 for layer, (q, scale) in queries.items():
                     approx = attention_output(q, restored_pairs[layer][0], restored_pairs[layer][1], scale)
                     total.attn_err[layer] += float((approx - ref_attn[layer]).pow(2).sum())

@@ -143,9 +143,10 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         methods += _grid_methods(path, _check_keys(path, "[grid]", data["grid"], _GRID_KEYS))
     if not methods:
         raise _fail(path, "nothing to run: give a [grid] or baselines")
-    labels = [m.label for m in methods]
-    unique = list(dict.fromkeys(labels))
-    methods = [next(m for m in methods if m.label == label) for label in unique]
+    unique: dict[str, EvalMethod] = {}
+    for method in methods:
+        unique.setdefault(method.label, method)  # a setting listed twice runs once
+    methods = list(unique.values())
     output = _check_keys(path, "[output]", data.get("output", {}), _OUTPUT_KEYS)
     if "dir" in output and not isinstance(output["dir"], str):
         raise _fail(path, "output.dir must be a string")

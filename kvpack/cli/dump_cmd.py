@@ -68,7 +68,7 @@ def dump(
     Examples: kvpack dump --text-file doc.txt --max-tokens 2048 -o cache.safetensors;
     kvpack dump --prompt "You are ..." -o prompt.kvp --method uniform --bits 4
     """
-    from kvpack.dump import DUMP_DTYPES, bundled_text, dump_cache, load_model
+    from kvpack.dump import DUMP_DTYPES, bundled_text, check_group_size, dump_cache, load_model
     from kvpack.formats.safetensors_io import write_safetensors
     from kvpack.formats.writer import check_output_path
 
@@ -90,7 +90,7 @@ def dump(
         config = build_codec(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization)
     check_output_path(output, force)
     if text_file is not None:
-        text = _read_text(text_file)
+        text = read_text_file(text_file)
     elif prompt is not None:
         text = prompt
     else:
@@ -99,7 +99,7 @@ def dump(
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
     if config is not None:
-        _check_group_size(loaded, config.group_size)
+        check_group_size(loaded.model, config.group_size)
     with progress_bar("prefill tokens") as update:
         tensors, metadata = dump_cache(
             loaded, text, max_tokens, dtype, progress=lambda done, total: update(done, total)
@@ -133,17 +133,12 @@ def dump(
     )
 
 
-def _check_group_size(loaded, group_size: int) -> None:
-    """Refuse a group size that does not divide the model's K/V features before running it."""
-    from kvpack.dump import model_identity
-    from kvpack.grouping import GroupLayout
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file given on the command line.
 
-    identity = model_identity(loaded.model, loaded.name, loaded.gguf_file)
-    if identity["num_kv_heads"] and identity["head_dim"]:
-        GroupLayout((1, int(identity["num_kv_heads"]), 1, int(identity["head_dim"])), group_size)
-
-
-def _read_text(path: Path) -> str:
+    Raises:
+        InvalidInputError: missing, unreadable or not UTF-8.
+    """
     if not path.is_file():
         raise InvalidInputError(f"{path}: no such file")
     try:

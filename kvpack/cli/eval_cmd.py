@@ -71,6 +71,7 @@ def evaluate(
 
     Example: kvpack eval --text-file wiki.test.raw --method uniform --bits 4 --json result.json
     """
+    from kvpack.cli.dump_cmd import read_text_file
     from kvpack.config import load_codec_config
     from kvpack.dump import load_model, tokenize
     from kvpack.evaluate import EvalMethod, EvalProtocol
@@ -95,7 +96,7 @@ def evaluate(
     json_to_stdout = json_path is not None and str(json_path) == "-"
     if json_path is not None and not json_to_stdout:
         check_output_path(json_path, force)
-    text = _read_text(text_file)
+    text = read_text_file(text_file)
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
     token_ids = tokenize(loaded.tokenizer, text)
@@ -130,9 +131,3 @@ def evaluate(
             say(f"  layer {layer:3d}  attention-output error {value:.5f}")
     if json_path is not None:
         write_json(json_path, report, force=force)
-
-
-def _read_text(path: Path) -> str:
-    from kvpack.cli.dump_cmd import _read_text as read
-
-    return read(path)

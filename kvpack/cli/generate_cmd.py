@@ -38,16 +38,14 @@ def generate(
     Example: kvpack dump --prompt "A long system prompt" -o prompt.kvp --lossless --dtype float32 &&
     kvpack generate --cache prompt.kvp --prompt-suffix " User: hi" --max-new-tokens 20
     """
-    from kvpack.api import describe_file, open_cache
+    from kvpack.api import describe_file
     from kvpack.cache_io import continue_generation, load_cache
     from kvpack.dump import DEFAULT_MODEL_LABEL, load_model, tokenize
     from kvpack.errors import InvalidInputError
 
     if max_new_tokens < 1:
         raise InvalidInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    with open_cache(cache) as source:
-        recorded = dict(source.metadata)
-    describe_file(cache, verify=True)  # every checksum, before the model loads
+    recorded = describe_file(cache, verify=True)["metadata"]  # every checksum, before the model loads
     if model is None and recorded.get("model") not in (None, "", DEFAULT_MODEL_LABEL):
         model, gguf_file = recorded["model"], gguf_file or recorded.get("gguf_file") or None
     with err_console.status("loading model"):

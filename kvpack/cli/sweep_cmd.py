@@ -62,9 +62,9 @@ def sweep(
             check_output_path(folder / name, force)
     if settings.text_file is None:
         raise InvalidInputError(f"{config}: set eval.text_file")
-    from kvpack.cli.dump_cmd import _read_text
+    from kvpack.cli.dump_cmd import read_text_file
 
-    text = _read_text(settings.text_file)
+    text = read_text_file(settings.text_file)
     with err_console.status("loading model"):
         loaded = load_model(settings.model, settings.gguf_file, settings.device)
     token_ids = tokenize(loaded.tokenizer, text)
