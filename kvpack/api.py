@@ -504,7 +504,7 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict:
                 }
                 for e in entries
             ]
-            verified = sum(len(reader.read_sections(e.name)) for e in entries) if verify else None
+            verified = reader.verify() if verify else None
             return {
                 "verified_sections": verified,
                 "format": "kvp",

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import struct
+import zlib
 
 #: File signature: a non-ASCII byte, "KVP", CR LF, Ctrl-Z, LF (catches text-mode mangling).
 MAGIC = b"\x89KVP\r\n\x1a\n"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+#: 1.1 adds the preamble CRC-32, zero padding checks, and optional header keys ("required").
+FORMAT_MINOR = 1
 
 #: Preamble, 64 bytes, little-endian: magic, major u16, minor u16, flags u32,
-#: header offset u64, header length u64, header CRC-32 u32, 28 reserved zero bytes.
-PREAMBLE = struct.Struct("<8sHHIQQI28x")
+#: header offset u64, header length u64, header CRC-32 u32, preamble CRC-32 u32 (of bytes
+#: 0-35; zero in 1.0 files), 24 reserved zero bytes.
+PREAMBLE = struct.Struct("<8sHHIQQII24x")
 PREAMBLE_SIZE = PREAMBLE.size
+PREAMBLE_CRC_OFFSET = 36
 
 #: Preamble flag bit 0: the header is one zstd frame (with its content size) holding the JSON.
 FLAG_HEADER_ZSTD = 1
@@ -22,6 +26,9 @@ HEADER_ZSTD_LEVEL = 19
 #: below (real headers shrink about 10x): a few KB of zstd cannot become 64 MiB of JSON.
 MAX_HEADER_EXPANSION = 32
 HEADER_EXPANSION_SLACK = 1 << 20
+
+#: Header keys (at any level) this reader understands when a file lists them under "required".
+KNOWN_REQUIRED_KEYS: frozenset[str] = frozenset()
 
 #: Every data section starts at a multiple of this many bytes (enough for any dtype).
 SECTION_ALIGNMENT = 8
@@ -48,3 +55,10 @@ DTYPE_SIZES = {
     "bool": 1,
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def pack_preamble(major: int, minor: int, flags: int, header_offset: int, header_length: int, header_crc: int) -> bytes:
+    """The 64-byte preamble, with its own CRC-32 over bytes 0-35 (from format 1.1 on)."""
+    head = PREAMBLE.pack(MAGIC, major, minor, flags, header_offset, header_length, header_crc, 0)
+    crc = zlib.crc32(head[:PREAMBLE_CRC_OFFSET]) if (major, minor) >= (1, 1) else 0
+    return PREAMBLE.pack(MAGIC, major, minor, flags, header_offset, header_length, header_crc, crc)

@@ -15,6 +15,7 @@ from the codec and shape, never read from the file, and every length must match.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -22,14 +23,18 @@ from typing import Any
 
 from kvpack.codecs.base import KIND_DATA, KIND_OUTLIERS, SectionSpec
 from kvpack.config import CodecConfig
-from kvpack.errors import FormatError, HeaderLimitError, InvalidInputError
+from kvpack.errors import FormatError, HeaderLimitError, InvalidInputError, UnsupportedVersionError
 from kvpack.formats.constants import (
     DTYPE_SIZES,
     FLOAT_DTYPES,
+    FORMAT_MAJOR,
+    FORMAT_MINOR,
+    KNOWN_REQUIRED_KEYS,
     MAX_DIMS,
     MAX_ELEMENTS,
     MAX_METADATA_ENTRIES,
     MAX_TENSORS,
+    SECTION_ALIGNMENT,
 )
 from kvpack.grouping import GroupLayout, outliers_per_side
 from kvpack.packing import packed_nbytes
@@ -42,6 +47,7 @@ class SectionEntry:
     offset: int
     length: int
     crc32: int
+    padding: int = 0  # zero bytes between the previous section (or the preamble) and this one
 
 
 @dataclass(frozen=True)
@@ -110,20 +116,40 @@ def encode_header(metadata: dict[str, str], tensors: list[TensorEntry]) -> bytes
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-def decode_header(raw: bytes, data_start: int, data_end: int, path: str) -> tuple[dict[str, str], list[TensorEntry]]:
-    """Parse and validate a header whose sections must lie within ``[data_start, data_end)``.
+def decode_header(
+    raw: bytes, data_start: int, data_end: int, path: str, version: tuple[int, int] = (FORMAT_MAJOR, FORMAT_MINOR)
+) -> tuple[dict[str, str], list[TensorEntry], list[tuple[str, SectionEntry]]]:
+    """Parse and validate the header of a file of format ``version``; sections fill ``[data_start, data_end)``.
 
     Checks types, the tensor count, shapes against their codecs, every section's length
-    against the length derived from shape and codec, and that sections are in bounds,
-    aligned to nothing less than their order, and non-overlapping.
+    against the length derived from shape and codec, and the layout: sections follow each
+    other in header order, each at the next multiple of 8 bytes, the last one ending at
+    ``data_end``. Keys this reader does not know are ignored unless the top-level
+    ``required`` list names them (docs/format.md, "Versions").
+
+    Returns:
+        ``(metadata, tensors, extra_sections)``: ``extra_sections`` are the sections with
+        names this reader does not know, as ``(label, entry)``; they take part in the layout
+        and checksum checks but are not decoded.
 
     Raises:
+        UnsupportedVersionError: a newer file needs a key, codec or option this reader lacks.
         FormatError: anything malformed, naming the file and the offending field.
         HeaderLimitError: more tensors, dimensions or metadata entries than the limits.
     """
+    file_version = "{}.{}".format(*version)
+    reader_version = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
     def fail(message: str) -> FormatError:
         return FormatError(f"{path}: corrupted header: {message}")
+
+    def unknown(message: str) -> FormatError:
+        if version > (FORMAT_MAJOR, FORMAT_MINOR):
+            return UnsupportedVersionError(
+                f"{path}: {message}: the file is format {file_version}, this kvpack reads up to "
+                f"{reader_version}; upgrade kvpack"
+            )
+        return fail(message)
 
     try:
         text = raw.decode("utf-8")
@@ -132,8 +158,14 @@ def decode_header(raw: bytes, data_start: int, data_end: int, path: str) -> tupl
         raise fail(f"not valid UTF-8 JSON ({exc})") from None
     except RecursionError:
         raise fail("JSON nested too deeply") from None
-    if not isinstance(body, dict) or set(body) != {"metadata", "tensors"}:
-        raise fail("expected an object with exactly the keys 'metadata' and 'tensors'")
+    if not isinstance(body, dict) or not {"metadata", "tensors"} <= set(body):
+        raise fail("expected an object with the keys 'metadata' and 'tensors'")
+    required = body.get("required", [])
+    if not isinstance(required, list) or not all(is_text(k) for k in required):
+        raise fail("'required' must be a list of strings")
+    missing = sorted(set(required) - KNOWN_REQUIRED_KEYS)
+    if missing:
+        raise unknown(f"the file requires unknown header key(s) {', '.join(map(repr, missing))}")
     metadata, tensors_raw = body["metadata"], body["tensors"]
     if not isinstance(metadata, dict) or not all(is_text(k) and is_text(v) for k, v in metadata.items()):
         raise fail("'metadata' must map strings to strings (valid Unicode)")
@@ -144,19 +176,27 @@ def decode_header(raw: bytes, data_start: int, data_end: int, path: str) -> tupl
     if len(tensors_raw) > MAX_TENSORS:
         raise HeaderLimitError(f"{path}: header declares {len(tensors_raw)} tensors (limit {MAX_TENSORS})")
 
-    entries = []
+    entries, extra, position = [], [], data_start
     for name, item in tensors_raw.items():
-        entries.append(_decode_tensor(name, item, fail))
-
-    spans = sorted((s.offset, s.offset + s.length, f"{t.name}/{sec}") for t in entries for sec, s in t.sections.items())
-    position = data_start
-    for start, end, label in spans:
-        if start < position:
-            raise fail(f"section {label} at offset {start} overlaps the one before it or the preamble")
-        if end > data_end:
-            raise fail(f"section {label} ends at byte {end}, past the end of the data region ({data_end})")
-        position = end
-    return metadata, entries
+        entry, spans = _decode_tensor(name, item, fail, unknown)
+        placed = {}
+        for sec_name, section in spans:  # file order = header order
+            label = f"tensor {name!r}, section {sec_name}"
+            expected = position + (-position % SECTION_ALIGNMENT)
+            if section.offset != expected:
+                raise fail(f"{label} at offset {section.offset}, expected {expected} (the next 8-byte boundary)")
+            if section.offset + section.length > data_end:
+                raise fail(f"{label} ends at byte {section.offset + section.length}, past the data ({data_end})")
+            section = dataclasses.replace(section, padding=section.offset - position)
+            position = section.offset + section.length
+            if sec_name in entry.sections:
+                placed[sec_name] = section
+            else:
+                extra.append((label, section))
+        entries.append(dataclasses.replace(entry, sections=placed))
+    if position != data_end:
+        raise fail(f"the sections end at byte {position}, but the header starts at {data_end}")
+    return metadata, entries, extra
 
 
 def check_tensor_name(name: Any) -> None:
@@ -175,13 +215,14 @@ def is_text(value: Any) -> bool:
     return True
 
 
-def _decode_tensor(name: str, item: Any, fail) -> TensorEntry:
+def _decode_tensor(name: str, item: Any, fail, unknown) -> tuple[TensorEntry, list[tuple[str, SectionEntry]]]:
+    """One tensor entry, and all of its sections (known and extra) in header order."""
     where = f"tensor {name!r}"
     try:
         check_tensor_name(name)
     except InvalidInputError as exc:
         raise fail(str(exc)) from None
-    if not isinstance(item, dict) or set(item) != {"shape", "dtype", "codec", "sections"}:
+    if not isinstance(item, dict) or not {"shape", "dtype", "codec", "sections"} <= set(item):
         raise fail(f"{where}: expected the keys shape, dtype, codec, sections")
     shape = item["shape"]
     if (
@@ -193,32 +234,42 @@ def _decode_tensor(name: str, item: Any, fail) -> TensorEntry:
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise HeaderLimitError(f"{where}: shape {shape} exceeds the limit of {MAX_ELEMENTS} elements")
     dtype = item["dtype"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise fail(f"{where}: unsupported dtype {dtype!r}")
+    if not isinstance(dtype, str):
+        raise fail(f"{where}: dtype must be a string, got {dtype!r}")
+    if dtype not in DTYPE_SIZES:
+        raise unknown(f"{where}: unsupported dtype {dtype!r}")
+    codec_raw = item["codec"]
     try:
-        codec = None if item["codec"] is None else CodecConfig.from_dict(item["codec"])
+        codec = None if codec_raw is None else CodecConfig.from_dict(codec_raw)
+    except InvalidInputError as exc:  # a later minor version may add codecs, options and values
+        raise unknown(f"{where}: {exc}") from None
+    try:
         if codec is not None and dtype not in FLOAT_DTYPES:
             raise InvalidInputError(f"a quantized tensor must have a float dtype, not {dtype}")
         specs = section_specs(tuple(shape), dtype, codec)
     except InvalidInputError as exc:
         raise fail(f"{where}: {exc}") from None
     sections_raw = item["sections"]
-    if not isinstance(sections_raw, dict) or set(sections_raw) != set(specs):
+    if not isinstance(sections_raw, dict) or not set(specs) <= set(sections_raw):
         found = sorted(sections_raw) if isinstance(sections_raw, dict) else sections_raw
         raise fail(f"{where}: expected sections {sorted(specs)}, found {found}")
-    sections = {}
-    for sec_name, spec in specs.items():
-        raw = sections_raw[sec_name]
-        if not isinstance(raw, dict) or set(raw) != {"offset", "length", "crc32"}:
+    known, spans = {}, []
+    for sec_name, raw in sections_raw.items():
+        if not isinstance(raw, dict) or not {"offset", "length", "crc32"} <= set(raw):
             raise fail(f"{where}, section {sec_name}: expected the keys offset, length, crc32")
         offset, length, crc = raw["offset"], raw["length"], raw["crc32"]
-        if not all(type(v) is int and v >= 0 for v in (offset, length, crc)) or crc >= (1 << 32):
+        if not all(type(v) is int and 0 <= v < (1 << 63) for v in (offset, length, crc)) or crc >= (1 << 32):
             raise fail(f"{where}, section {sec_name}: offset, length and crc32 must be non-negative integers")
-        expected = spec_nbytes(spec)
-        if length != expected:
-            raise fail(f"{where}, section {sec_name}: length {length} bytes, but shape {shape} needs {expected}")
-        sections[sec_name] = SectionEntry(offset, length, crc)
-    return TensorEntry(name, tuple(shape), dtype, codec, sections)
+        spec = specs.get(sec_name)
+        if spec is not None and length != spec_nbytes(spec):
+            raise fail(
+                f"{where}, section {sec_name}: length {length} bytes, but shape {shape} needs {spec_nbytes(spec)}"
+            )
+        section = SectionEntry(offset, length, crc)
+        spans.append((sec_name, section))
+        if spec is not None:
+            known[sec_name] = section
+    return TensorEntry(name, tuple(shape), dtype, codec, known), spans
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

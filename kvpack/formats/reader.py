@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from kvpack import __version__
 from kvpack.errors import (
     ChecksumMismatchError,
     FormatError,
@@ -33,9 +34,10 @@ from kvpack.formats.constants import (
     MAX_HEADER_BYTES,
     MAX_HEADER_EXPANSION,
     PREAMBLE,
+    PREAMBLE_CRC_OFFSET,
     PREAMBLE_SIZE,
 )
-from kvpack.formats.header import TensorEntry, decode_header
+from kvpack.formats.header import SectionEntry, TensorEntry, decode_header
 
 
 def open_input(path: str | os.PathLike):
@@ -97,7 +99,7 @@ class KvpReader:
             raise FormatError(f"{name}: not a .kvp file (wrong magic bytes)")
         if len(preamble) < PREAMBLE_SIZE:
             raise TruncatedFileError(f"{name}: truncated: {len(preamble)} bytes, shorter than the 64-byte preamble")
-        magic, major, minor, flags, header_offset, header_length, header_crc = PREAMBLE.unpack(preamble)
+        magic, major, minor, flags, header_offset, header_length, header_crc, preamble_crc = PREAMBLE.unpack(preamble)
         if magic != MAGIC:
             raise FormatError(f"{name}: not a .kvp file (wrong magic bytes)")
         if major != FORMAT_MAJOR:
@@ -105,11 +107,19 @@ class KvpReader:
             raise UnsupportedVersionError(
                 f"{name}: format version {major}.{minor} is "
                 + (
-                    f"newer than this kvpack reads ({FORMAT_MAJOR}.{FORMAT_MINOR}); upgrade kvpack"
+                    f"newer than this kvpack ({__version__}) reads ({FORMAT_MAJOR}.{FORMAT_MINOR}); "
+                    f"upgrade kvpack to a release that reads format {major}.x"
                     if newer
                     else f"not readable by this kvpack (reads {FORMAT_MAJOR}.x)"
                 )
             )
+        if (major, minor) >= (1, 1):
+            if zlib.crc32(preamble[:PREAMBLE_CRC_OFFSET]) != preamble_crc:
+                raise ChecksumMismatchError(f"{name}: preamble checksum mismatch (the file is corrupted)")
+        elif preamble_crc:
+            raise FormatError(f"{name}: corrupted preamble: reserved bytes 36-39 are not zero in a 1.0 file")
+        if any(preamble[PREAMBLE_CRC_OFFSET + 4 :]):
+            raise FormatError(f"{name}: corrupted preamble: reserved bytes 40-63 are not zero")
         if flags & ~KNOWN_FLAGS:
             raise FormatError(f"{name}: unknown flags {flags:#x} in the preamble")
         self.version = (major, minor)
@@ -131,7 +141,9 @@ class KvpReader:
             raise ChecksumMismatchError(f"{name}: header checksum mismatch (the file is corrupted)")
         if flags & FLAG_HEADER_ZSTD:
             raw = _inflate_header(raw, name)
-        self.metadata, entries = decode_header(raw, PREAMBLE_SIZE, header_offset, name)
+        self.metadata, entries, self._extra_sections = decode_header(
+            raw, PREAMBLE_SIZE, header_offset, name, self.version
+        )
         self._entries = {e.name: e for e in entries}
         self.header_bytes = header_length
 
@@ -165,15 +177,35 @@ class KvpReader:
             TruncatedFileError: the file shrank under us.
             ChecksumMismatchError: the bytes do not match the recorded checksum.
         """
-        entry = self.entry(name).sections[section]
-        self._file.seek(entry.offset)
-        data = self._file.read(entry.length)
-        if len(data) != entry.length:
-            raise TruncatedFileError(f"{self.path}: truncated in section {section} of tensor {name!r}")
-        if zlib.crc32(data) != entry.crc32:
-            raise ChecksumMismatchError(
-                f"{self.path}: checksum mismatch in section {section} of tensor {name!r} (the file is corrupted)"
-            )
+        return self._read_checked(self.entry(name).sections[section], f"section {section} of tensor {name!r}")
+
+    def verify(self) -> int:
+        """Read every section (also those of header keys this reader ignores) and check it.
+
+        Returns:
+            The number of sections checked.
+
+        Raises:
+            TruncatedFileError, ChecksumMismatchError, FormatError: see :meth:`read_section`.
+        """
+        spans = [
+            (f"section {sec} of tensor {e.name!r}", s) for e in self._entries.values() for sec, s in e.sections.items()
+        ]
+        for label, section in spans + self._extra_sections:
+            self._read_checked(section, label)
+        return len(spans) + len(self._extra_sections)
+
+    def _read_checked(self, section: SectionEntry, label: str) -> np.ndarray:
+        """The bytes of one section after checking its checksum and the zero padding before it."""
+        self._file.seek(section.offset - section.padding)
+        data = self._file.read(section.padding + section.length)
+        if len(data) != section.padding + section.length:
+            raise TruncatedFileError(f"{self.path}: truncated in {label}")
+        if any(data[: section.padding]):
+            raise FormatError(f"{self.path}: corrupted: non-zero padding before {label}")
+        data = data[section.padding :]
+        if zlib.crc32(data) != section.crc32:
+            raise ChecksumMismatchError(f"{self.path}: checksum mismatch in {label} (the file is corrupted)")
         return np.frombuffer(data, dtype=np.uint8)
 
     def read_sections(self, name: str) -> dict[str, np.ndarray]:

@@ -25,10 +25,9 @@ from kvpack.formats.constants import (
     FORMAT_MAJOR,
     FORMAT_MINOR,
     HEADER_ZSTD_LEVEL,
-    MAGIC,
-    PREAMBLE,
     PREAMBLE_SIZE,
     SECTION_ALIGNMENT,
+    pack_preamble,
 )
 from kvpack.formats.header import (
     SectionEntry,
@@ -177,9 +176,9 @@ class KvpWriter:
                 raise InvalidInputError(
                     f"tensor {name!r}, section {sec_name}: {len(data)} bytes, expected {spec_nbytes(spec)}"
                 )
-            self._pad_to_alignment()
+            padding = self._pad_to_alignment()
             self._file.write(data)
-            placed[sec_name] = SectionEntry(self._position, len(data), zlib.crc32(data))
+            placed[sec_name] = SectionEntry(self._position, len(data), zlib.crc32(data), padding)
             self._position += len(data)
         entry = TensorEntry(name, tuple(int(s) for s in shape), dtype, codec, placed)
         self._entries.append(entry)
@@ -204,9 +203,7 @@ class KvpWriter:
         self._position += len(header)
         self._file.seek(0)
         self._file.write(
-            PREAMBLE.pack(
-                MAGIC, FORMAT_MAJOR, FORMAT_MINOR, FLAG_HEADER_ZSTD, header_offset, len(header), zlib.crc32(header)
-            )
+            pack_preamble(FORMAT_MAJOR, FORMAT_MINOR, FLAG_HEADER_ZSTD, header_offset, len(header), zlib.crc32(header))
         )
         self._file.flush()
         self._file.close()
@@ -223,8 +220,9 @@ class KvpWriter:
         with contextlib.suppress(BaseException):
             self._output.__exit__(exc_type or RuntimeError, exc or RuntimeError("aborted"), tb)
 
-    def _pad_to_alignment(self) -> None:
+    def _pad_to_alignment(self) -> int:
         padding = -self._position % SECTION_ALIGNMENT
         if padding:
             self._file.write(b"\0" * padding)
             self._position += padding
+        return padding

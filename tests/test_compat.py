@@ -1,0 +1,96 @@
+"""Versioning rules of docs/format.md: older minor versions read, newer minor versions read
+unless they require something unknown (then the error names both versions), unknown optional
+keys and sections ignored, a newer major version refused."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+from kvpack import load_kvp
+from kvpack.errors import ChecksumMismatchError, FormatError, UnsupportedVersionError
+from kvpack.formats.reader import KvpReader
+from tests.golden_files import GOLDEN_DIR, current_folder
+from tests.kvp_bytes import append_section, dumps, header_json, with_header
+
+SAMPLE = current_folder() / "adaptive-head-a4-g32-bf16.kvp"
+
+
+def edited(header_edit, version=(1, 7), data: bytes | None = None) -> bytes:
+    data = SAMPLE.read_bytes() if data is None else data
+    header = json.loads(header_json(data))
+    header_edit(header)
+    return with_header(data, dumps(header), version=version)
+
+
+def read_all(path) -> dict[str, torch.Tensor]:
+    with KvpReader(path) as reader:
+        reader.verify()
+        return {name: reader.read_tensor(name) for name in reader.keys()}
+
+
+def test_older_minor_version_reads_like_the_current_one():
+    for older in sorted((GOLDEN_DIR / "v1.0").glob("*.kvp")):
+        with KvpReader(older) as reader:
+            assert reader.version == (1, 0)
+        old, new = load_kvp(older)[0], load_kvp(current_folder() / older.name)[0]
+        assert all(torch.equal(old[name], new[name]) for name in new)
+
+
+def test_newer_minor_version_with_unknown_optional_keys_and_sections_reads(tmp_path):
+    data, extra = append_section(SAMPLE.read_bytes(), b"an index a later version adds")
+
+    def add_optional(header):
+        header["created_by"] = {"tool": "kvpack 9.9", "nested": [1, 2, {"x": None}]}
+        header["required"] = []
+        tensor = header["tensors"]["layers.0.value"]
+        tensor["key_axis"] = "token"
+        tensor["sections"]["codes"]["compression"] = "none"
+        header["tensors"]["token_ids"]["sections"]["token_index"] = extra  # after the last section
+
+    path = tmp_path / "newer.kvp"
+    path.write_bytes(edited(add_optional, data=data))
+    with KvpReader(path) as reader:
+        assert reader.version == (1, 7)
+        assert reader.verify() == 4 + 4 + 1 + 1  # key, value, token_ids and the extra section
+    expected = load_kvp(SAMPLE)[0]
+    assert all(torch.equal(t, expected[n]) for n, t in read_all(path).items())
+
+    flipped = bytearray(path.read_bytes())
+    flipped[extra["offset"] + 3] ^= 0x10
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ChecksumMismatchError, match="token_index"):
+        read_all(path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda h: h.update(required=["key_axis"]), "requires unknown header key.*'key_axis'"),
+        (lambda h: h["tensors"]["layers.0.key"]["codec"].update(method="fp4-e2m1"), "unknown method 'fp4-e2m1'"),
+        (lambda h: h["tensors"]["layers.0.key"]["codec"]["params"].update(key_axis="channel"), "key_axis"),
+        (lambda h: h["tensors"]["layers.0.key"]["codec"].update(bits=12), "bits"),
+        (lambda h: h["tensors"]["token_ids"].update(dtype="uint32"), "unsupported dtype 'uint32'"),
+    ],
+)
+def test_newer_minor_version_needing_something_unknown_names_both_versions(edit, message, tmp_path):
+    path = tmp_path / "needs.kvp"
+    path.write_bytes(edited(edit, version=(1, 7)))
+    with pytest.raises(UnsupportedVersionError, match=message) as info:
+        KvpReader(path)
+    assert "the file is format 1.7, this kvpack reads up to 1.1; upgrade kvpack" in str(info.value)
+    # the same header in a file claiming the current version is corruption, not a version problem
+    path.write_bytes(edited(edit, version=(1, 1)))
+    with pytest.raises(FormatError, match="corrupted header") as info:
+        KvpReader(path)
+    assert not isinstance(info.value, UnsupportedVersionError)
+
+
+def test_newer_major_version_is_refused_naming_both(tmp_path):
+    path = tmp_path / "major.kvp"
+    data = bytearray(SAMPLE.read_bytes())
+    struct.pack_into("<HH", data, 8, 2, 0)
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedVersionError, match=r"format version 2\.0 is newer .* reads \(1\.1\); upgrade"):
+        KvpReader(path)
