@@ -10,13 +10,12 @@ registry and the option dataclasses only, never evaluating anything from the fil
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvpack.codecs import CodecParams, get_codec_class
-from kvpack.errors import InvalidInputError
+from kvpack.errors import InvalidInputError, brief
 
 MIN_BITS, MAX_BITS = 1, 8
 MAX_GROUP_SIZE = 1 << 16
@@ -49,14 +48,14 @@ class CodecConfig:
     def __post_init__(self) -> None:
         codec_class = get_codec_class(self.method)
         if type(self.bits) is not int or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise InvalidInputError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {self.bits!r}")
+            raise InvalidInputError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {brief(self.bits)}")
         if type(self.group_size) is not int or not 1 <= self.group_size <= MAX_GROUP_SIZE:
             raise InvalidInputError(
-                f"group size must be an integer from 1 to {MAX_GROUP_SIZE}, got {self.group_size!r}"
+                f"group size must be an integer from 1 to {MAX_GROUP_SIZE}, got {brief(self.group_size)}"
             )
         ratio = self.outlier_ratio
-        if type(ratio) not in (int, float) or not math.isfinite(ratio) or not 0 <= ratio < MAX_OUTLIER_RATIO:
-            raise InvalidInputError(f"outlier ratio must be a number in [0, {MAX_OUTLIER_RATIO}), got {ratio!r}")
+        if type(ratio) not in (int, float) or not 0 <= ratio < MAX_OUTLIER_RATIO:  # NaN and inf fail the range
+            raise InvalidInputError(f"outlier ratio must be a number in [0, {MAX_OUTLIER_RATIO}), got {brief(ratio)}")
         object.__setattr__(self, "outlier_ratio", float(ratio))
         if self.params is None:
             object.__setattr__(self, "params", codec_class.Params())
@@ -78,7 +77,7 @@ class CodecConfig:
         try:
             params = codec_class.Params.from_dict(options)
         except InvalidInputError as exc:
-            raise InvalidInputError(f"method {method!r}: {exc}") from None
+            raise InvalidInputError(f"method {brief(method)}: {exc}") from None
         return cls(method, bits, group_size, outlier_ratio, params)
 
     def make_codec(self):

@@ -45,3 +45,9 @@ class ModelMismatchError(KvpackError):
 
 class ModelUnavailableError(KvpackError):
     """The requested model (or the optional model dependencies) cannot be loaded."""
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: error messages echo values read from files."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"

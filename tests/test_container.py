@@ -182,7 +182,7 @@ def test_hostile_compressed_headers(sample, tmp_path, frame, error, message):
         (lambda h: h.replace('"offset":64', '"offset":999999999', 1), "expected 64"),
         (lambda h: h.replace('"method":"uniform"', '"method":"evil"', 1), "unknown method"),
         (lambda h: h.replace('"bits":3', '"bits":30', 1), "bits must be"),
-        (lambda h: h[:-1], "not valid UTF-8 JSON"),
+        (lambda h: h[:-1], "not valid JSON"),
         (lambda h: h.replace('{"metadata":{', '{"metadata":{"model":"x",', 1), "duplicate key"),
         (lambda h: h.replace('"dtype":"float16"', '"dtype":"complex128"', 1), "unsupported dtype"),
         (lambda h: h.replace('"group_size":16', '"group_size":5', 1), "does not divide"),

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvpack.errors import InvalidInputError
+from kvpack.errors import InvalidInputError, brief
 from kvpack.grouping import GroupLayout
 
 #: Section kinds, used for bits-per-element accounting.
@@ -55,10 +55,10 @@ class CodecParams:
             value = getattr(self, field.name)
             expected = _FIELD_TYPES[field.type] if isinstance(field.type, str) else field.type
             if type(value) is not expected and not (expected is float and type(value) is int):
-                raise InvalidInputError(f"option {field.name} must be {expected.__name__}, got {value!r}")
+                raise InvalidInputError(f"option {field.name} must be {expected.__name__}, got {brief(value)}")
             choices = field.metadata.get("choices")
             if choices and value not in choices:
-                raise InvalidInputError(f"option {field.name} must be one of {', '.join(choices)}, got {value!r}")
+                raise InvalidInputError(f"option {field.name} must be one of {', '.join(choices)}, got {brief(value)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,7 +139,9 @@ def get_codec_class(method: str) -> type[Codec]:
     try:
         return Codec.registry[method]
     except KeyError:
-        raise InvalidInputError(f"unknown method {method!r}; available: {', '.join(sorted(Codec.registry))}") from None
+        raise InvalidInputError(
+            f"unknown method {brief(method)}; available: {', '.join(sorted(Codec.registry))}"
+        ) from None
 
 
 def codes_spec(layout: GroupLayout, bits: int) -> SectionSpec:

@@ -23,7 +23,7 @@ from typing import Any
 
 from kvpack.codecs.base import KIND_DATA, KIND_OUTLIERS, SectionSpec
 from kvpack.config import CodecConfig
-from kvpack.errors import FormatError, HeaderLimitError, InvalidInputError, UnsupportedVersionError
+from kvpack.errors import FormatError, HeaderLimitError, InvalidInputError, UnsupportedVersionError, brief
 from kvpack.formats.constants import (
     DTYPE_SIZES,
     FLOAT_DTYPES,
@@ -153,9 +153,12 @@ def decode_header(
 
     try:
         text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(f"not valid UTF-8 ({exc})") from None
+    try:
         body = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
-        raise fail(f"not valid UTF-8 JSON ({exc})") from None
+    except ValueError as exc:  # JSONDecodeError, duplicate keys, NaN/Infinity
+        raise fail(f"not valid JSON ({exc})") from None
     except RecursionError:
         raise fail("JSON nested too deeply") from None
     if not isinstance(body, dict) or not {"metadata", "tensors"} <= set(body):
@@ -181,7 +184,7 @@ def decode_header(
         entry, spans = _decode_tensor(name, item, fail, unknown)
         placed = {}
         for sec_name, section in spans:  # file order = header order
-            label = f"tensor {name!r}, section {sec_name}"
+            label = f"tensor {brief(name)}, section {brief(sec_name)}"
             expected = position + (-position % SECTION_ALIGNMENT)
             if section.offset != expected:
                 raise fail(f"{label} at offset {section.offset}, expected {expected} (the next 8-byte boundary)")
@@ -202,7 +205,7 @@ def decode_header(
 def check_tensor_name(name: Any) -> None:
     """Raises InvalidInputError for a name that cannot be stored (empty, reserved, not valid Unicode)."""
     if not is_text(name) or not name or name == "__metadata__":
-        raise InvalidInputError(f"invalid tensor name {name!r}")
+        raise InvalidInputError(f"invalid tensor name {brief(name)}")
 
 
 def is_text(value: Any) -> bool:
@@ -217,7 +220,7 @@ def is_text(value: Any) -> bool:
 
 def _decode_tensor(name: str, item: Any, fail, unknown) -> tuple[TensorEntry, list[tuple[str, SectionEntry]]]:
     """One tensor entry, and all of its sections (known and extra) in header order."""
-    where = f"tensor {name!r}"
+    where = f"tensor {brief(name)}"
     try:
         check_tensor_name(name)
     except InvalidInputError as exc:
@@ -230,14 +233,14 @@ def _decode_tensor(name: str, item: Any, fail, unknown) -> tuple[TensorEntry, li
         or len(shape) > MAX_DIMS
         or not all(type(d) is int and 0 <= d < (1 << 48) for d in shape)
     ):
-        raise fail(f"{where}: shape must be a list of at most {MAX_DIMS} non-negative integers, got {shape!r}")
+        raise fail(f"{where}: shape must be a list of at most {MAX_DIMS} non-negative integers, got {brief(shape)}")
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise HeaderLimitError(f"{where}: shape {shape} exceeds the limit of {MAX_ELEMENTS} elements")
     dtype = item["dtype"]
     if not isinstance(dtype, str):
-        raise fail(f"{where}: dtype must be a string, got {dtype!r}")
+        raise fail(f"{where}: dtype must be a string, got {brief(dtype)}")
     if dtype not in DTYPE_SIZES:
-        raise unknown(f"{where}: unsupported dtype {dtype!r}")
+        raise unknown(f"{where}: unsupported dtype {brief(dtype)}")
     codec_raw = item["codec"]
     try:
         codec = None if codec_raw is None else CodecConfig.from_dict(codec_raw)
@@ -252,18 +255,18 @@ def _decode_tensor(name: str, item: Any, fail, unknown) -> tuple[TensorEntry, li
     sections_raw = item["sections"]
     if not isinstance(sections_raw, dict) or not set(specs) <= set(sections_raw):
         found = sorted(sections_raw) if isinstance(sections_raw, dict) else sections_raw
-        raise fail(f"{where}: expected sections {sorted(specs)}, found {found}")
+        raise fail(f"{where}: expected sections {sorted(specs)}, found {brief(found)}")
     known, spans = {}, []
     for sec_name, raw in sections_raw.items():
         if not isinstance(raw, dict) or not {"offset", "length", "crc32"} <= set(raw):
-            raise fail(f"{where}, section {sec_name}: expected the keys offset, length, crc32")
+            raise fail(f"{where}, section {brief(sec_name)}: expected the keys offset, length, crc32")
         offset, length, crc = raw["offset"], raw["length"], raw["crc32"]
         if not all(type(v) is int and 0 <= v < (1 << 63) for v in (offset, length, crc)) or crc >= (1 << 32):
-            raise fail(f"{where}, section {sec_name}: offset, length and crc32 must be non-negative integers")
+            raise fail(f"{where}, section {brief(sec_name)}: offset, length and crc32 must be non-negative integers")
         spec = specs.get(sec_name)
         if spec is not None and length != spec_nbytes(spec):
             raise fail(
-                f"{where}, section {sec_name}: length {length} bytes, but shape {shape} needs {spec_nbytes(spec)}"
+                f"{where}, section {brief(sec_name)}: length {length} bytes, but shape {shape} needs {spec_nbytes(spec)}"
             )
         section = SectionEntry(offset, length, crc)
         spans.append((sec_name, section))
@@ -276,7 +279,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = {}
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {brief(key)}")
         result[key] = value
     return result
 
