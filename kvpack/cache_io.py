@@ -21,8 +21,19 @@ from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError, ModelMismatchError
 from kvpack.formats.safetensors_io import kv_tensor_name, parse_kv_name
 
-#: Metadata fields that must agree between a cache file and the model it is loaded into.
-STRUCTURE_FIELDS = ("model_type", "num_layers", "num_kv_heads", "head_dim", "rope_theta")
+#: Metadata fields that must agree between a cache file and the model it is loaded into
+#: (compared where both sides have them: files from earlier versions lack the later ones).
+STRUCTURE_FIELDS = (
+    "model_type",
+    "num_layers",
+    "num_kv_heads",
+    "head_dim",
+    "vocab_size",
+    "rope_theta",
+    "rope_parameters",
+    "partial_rotary_factor",
+    "tokenizer_fingerprint",
+)
 
 
 @dataclass
@@ -43,6 +54,11 @@ class PromptCache:
     @property
     def seq_len(self) -> int:
         return int(self.token_ids.shape[-1])
+
+
+def model_tokenizer(model: Any, tokenizer: Any = None) -> Any:
+    """``tokenizer`` if given, else the tokenizer of a :class:`~kvpack.dump.LoadedModel`, else ``None``."""
+    return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
 
 
 def unwrap_model(model: Any) -> tuple[Any, str, str | None]:
@@ -81,6 +97,7 @@ def save_cache(
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
     force: bool = False,
+    tokenizer: Any = None,
 ) -> dict:
     """Write a transformers cache, its token ids and the model identity to a ``.kvp``.
 
@@ -94,6 +111,7 @@ def save_cache(
         dtype: cast K/V to this dtype first (e.g. ``torch.float16``); default the cache's own.
         metadata: extra string metadata.
         force: overwrite an existing file.
+        tokenizer: its fingerprint is recorded (default: the tokenizer of a ``LoadedModel``).
 
     Returns:
         The size report of the file (see :func:`kvpack.api.build_report`).
@@ -121,7 +139,7 @@ def save_cache(
             f"token_ids of shape {tuple(token_ids.shape)} do not match the cache's {seq_len} tokens"
         )
     first = tensors[kv_tensor_name(0, "key")]
-    meta = model_identity(lm, name, gguf_file)
+    meta = model_identity(lm, name, gguf_file, model_tokenizer(model, tokenizer))
     meta.update(metadata or {})
     meta.update(
         num_layers=str(len(tensors) // 2),
@@ -135,11 +153,12 @@ def save_cache(
     return build_report(entries, os.path.getsize(path), None)
 
 
-def check_model(metadata: dict[str, str], model: Any) -> None:
-    """Check that a cache file's recorded identity matches ``model``.
+def check_model(metadata: dict[str, str], model: Any, tokenizer: Any = None) -> None:
+    """Check that a cache file's recorded identity matches ``model`` (and ``tokenizer``).
 
-    Compared: ``model_type``, ``num_layers``, ``num_kv_heads``, ``head_dim`` and
-    ``rope_theta`` where both sides have them, and the model name (with its GGUF file)
+    Compared: the :data:`STRUCTURE_FIELDS` (architecture type, layer / kv-head / head_dim
+    counts, vocabulary size, rotary parameters, tokenizer fingerprint) where both sides
+    have them, and the model name (with its GGUF file)
     unless the weights fingerprints are present and equal (the same weights loaded from
     another path). A differing fingerprint alone is not an error: the same weights loaded
     in another dtype hash differently.
@@ -150,7 +169,7 @@ def check_model(metadata: dict[str, str], model: Any) -> None:
     from kvpack.dump import model_identity
 
     lm, name, gguf_file = unwrap_model(model)
-    current = model_identity(lm, name, gguf_file)
+    current = model_identity(lm, name, gguf_file, model_tokenizer(model, tokenizer))
     if not any(metadata.get(key) for key in ("model", "num_layers", "num_kv_heads")):
         raise ModelMismatchError(
             "the cache file records no model identity (model, layers, kv heads); pass check=False (CLI: --no-check) to load it anyway"
@@ -168,7 +187,7 @@ def check_model(metadata: dict[str, str], model: Any) -> None:
     if recorded_name and recorded_name != actual_name and not same_weights:
         differences.insert(0, f"model: file {recorded_name}, model {actual_name}")
     if differences:
-        raise ModelMismatchError("the cache was made by another model (" + "; ".join(differences) + ")")
+        raise ModelMismatchError("the cache was made by another model or tokenizer (" + "; ".join(differences) + ")")
 
 
 def _full_name(model: str, gguf_file: str) -> str:
@@ -181,6 +200,7 @@ def load_cache(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     check: bool = True,
+    tokenizer: Any = None,
 ) -> PromptCache:
     """Restore a prompt cache from a ``.kvp`` (or a safetensors dump) as a ``DynamicCache``.
 
@@ -192,6 +212,7 @@ def load_cache(
         device: where the cache tensors go.
         dtype: K/V dtype; default the model's parameter dtype, or the stored one without a model.
         check: compare the file's identity with ``model`` (see :func:`check_model`).
+        tokenizer: also compare its fingerprint (default: the tokenizer of a ``LoadedModel``).
 
     Returns:
         A :class:`PromptCache`; pass ``result.cache`` as ``past_key_values``.
@@ -207,7 +228,7 @@ def load_cache(
     with open_cache(path) as source:
         metadata = dict(source.metadata)
         if lm is not None and check:
-            check_model(metadata, model)
+            check_model(metadata, model, tokenizer)
         names = source.keys()
         kv_names = sorted((n for n in names if parse_kv_name(n)), key=tensor_order)
         if not kv_names or "token_ids" not in names:

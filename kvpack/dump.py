@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -215,8 +216,15 @@ def check_group_size(model: Any, group_size: int) -> None:
         GroupLayout((1, kv_heads, 1, head_dim), group_size)
 
 
-def model_identity(model: Any, name: str, gguf_file: str | None) -> dict[str, str]:
-    """String metadata that identifies the model a cache came from."""
+def model_identity(model: Any, name: str, gguf_file: str | None, tokenizer: Any = None) -> dict[str, str]:
+    """String metadata that identifies the model a cache came from.
+
+    Keys: ``model``, ``gguf_file``, ``model_type``, ``architecture``, ``num_layers``,
+    ``num_attention_heads``, ``num_kv_heads``, ``head_dim``, ``vocab_size``, the rotary
+    parameters (``rope_theta`` and, as sorted JSON, ``rope_parameters``: type, scaling
+    factors, ...; ``partial_rotary_factor`` when set), ``weights_fingerprint`` and, with a
+    tokenizer, ``tokenizer_fingerprint``.
+    """
     config = model.config
     text_config = decoder_config(model)
     heads = getattr(text_config, "num_attention_heads", None)
@@ -230,12 +238,28 @@ def model_identity(model: Any, name: str, gguf_file: str | None) -> dict[str, st
         "num_attention_heads": str(heads or ""),
         "num_kv_heads": str(kv_heads or ""),
         "head_dim": str(head_dim or ""),
+        "vocab_size": str(getattr(text_config, "vocab_size", "") or ""),
     }
     rope = getattr(text_config, "rope_parameters", None) or {}
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        identity["rope_theta"] = str(rope["rope_theta"])
+    if isinstance(rope, dict) and rope:
+        if "rope_theta" in rope:
+            identity["rope_theta"] = str(rope["rope_theta"])
+        identity["rope_parameters"] = json.dumps(rope, sort_keys=True, default=str)
+    if getattr(text_config, "partial_rotary_factor", None) is not None:
+        identity["partial_rotary_factor"] = str(text_config.partial_rotary_factor)
     identity["weights_fingerprint"] = weights_fingerprint(model)
+    if tokenizer is not None:
+        identity["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
     return identity
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of what token ids mean: the vocabulary (token -> id, added tokens
+    included) and the special token ids. Independent of the tokenizer class and of the path
+    it was loaded from. Returns 16 hex digits."""
+    special = {role: getattr(tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "pad", "unk")}
+    content = {"vocab": sorted(tokenizer.get_vocab().items()), "special": special}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def weights_fingerprint(model: Any) -> str:
@@ -294,7 +318,7 @@ def dump_cache(
     token_ids = tokenize(loaded.tokenizer, text, max_tokens)
     tensors = collect_cache(loaded.model, token_ids, dtype, progress)
     tensors["token_ids"] = token_ids.cpu()
-    metadata = model_identity(loaded.model, loaded.name, loaded.gguf_file)
+    metadata = model_identity(loaded.model, loaded.name, loaded.gguf_file, loaded.tokenizer)
     first_key = tensors[kv_tensor_name(0, "key")]
     metadata.update(
         num_layers=str(len(tensors) // 2),

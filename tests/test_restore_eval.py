@@ -12,8 +12,10 @@ import torch
 from kvpack.baselines import KIVI_GROUP, fp8_per_head, kivi
 from kvpack.cli.app import main
 from kvpack.config import CodecConfig, load_codec_config
-from kvpack.errors import InvalidInputError, ModelMismatchError
+from kvpack.errors import ChecksumMismatchError, InvalidInputError, ModelMismatchError
 from kvpack.evaluate import EvalMethod, EvalProtocol, attention_output, codec_label
+from kvpack.formats.reader import KvpReader
+from kvpack.formats.safetensors_io import SafetensorsSource
 from kvpack.sweep import load_sweep_config, pareto_front
 from tests.conftest import tiny_gemma2, wikitext_excerpt
 
@@ -349,6 +351,63 @@ def test_cache_from_another_model_is_refused(smollm, wiki_ids, tmp_path):
         check_model({"codec": "x"}, smollm)
     with pytest.raises(ModelMismatchError, match="holds 30 layers, the model has 2"):
         load_cache(path, other, check=False)
+
+
+@pytest.mark.model
+def test_identity_covers_rotary_vocabulary_and_tokenizer(smollm, wiki_ids, real_dump, tmp_path):
+    import copy
+
+    from kvpack.api import load_kvp
+    from kvpack.cache_io import check_model, load_cache, save_cache
+    from kvpack.dump import tokenizer_fingerprint
+
+    path = tmp_path / "prompt.kvp"
+    save_cache(path, _prefill(smollm, wiki_ids[:, :16]), wiki_ids[:, :16], smollm)
+    _, metadata = load_kvp(path)
+    fingerprint = tokenizer_fingerprint(smollm.tokenizer)
+    assert metadata["tokenizer_fingerprint"] == fingerprint and metadata["vocab_size"] == "49152"
+    assert json.loads(metadata["rope_parameters"]) == {"rope_theta": 100000.0, "rope_type": "default"}
+    with SafetensorsSource(real_dump) as dumped:  # kvpack dump records the same identity
+        assert dumped.metadata["tokenizer_fingerprint"] == fingerprint
+
+    other_tokenizer = copy.deepcopy(smollm.tokenizer)
+    other_tokenizer.add_tokens(["<kvpack-extra-token>"])
+    with pytest.raises(ModelMismatchError, match=f"tokenizer_fingerprint: file {fingerprint}, model [0-9a-f]{{16}}"):
+        load_cache(path, smollm.model, tokenizer=other_tokenizer)
+    rope = json.dumps({"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}, sort_keys=True)
+    with pytest.raises(ModelMismatchError, match=r"rope_theta: file 500000.0, model 100000.0; rope_parameters: file"):
+        check_model(dict(metadata, rope_theta="500000.0", rope_parameters=rope), smollm)
+    with pytest.raises(ModelMismatchError, match="vocab_size: file 32000, model 49152"):
+        check_model(dict(metadata, vocab_size="32000"), smollm)
+
+
+@pytest.mark.model
+def test_a_failed_restore_touches_nothing_the_caller_owns(smollm, wiki_ids, tmp_path):
+    import hashlib
+
+    from kvpack.cache_io import cache_tensors, load_cache, save_cache
+
+    def model_state():
+        digest = hashlib.sha256(json.dumps(smollm.model.config.to_dict(), sort_keys=True, default=str).encode())
+        for name, param in smollm.model.named_parameters():
+            digest.update(name.encode() + param.detach().numpy().tobytes())
+        return digest.hexdigest()
+
+    path = tmp_path / "prompt.kvp"
+    save_cache(path, _prefill(smollm, wiki_ids[:, :24]), wiki_ids[:, :24], smollm, CodecConfig.build("uniform", 4, 64))
+    held = load_cache(path, smollm)  # a cache the caller already holds
+    held_tensors = cache_tensors(held.cache)
+    before = model_state()
+    data = bytearray(path.read_bytes())
+    with KvpReader(path) as reader:  # damage the very last section: everything before it decodes fine
+        last = reader.entries()[-1]
+        section = list(last.sections.values())[-1]
+    data[section.offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=last.name):
+        load_cache(path, smollm)
+    assert model_state() == before
+    assert all(torch.equal(held_tensors[n], t) for n, t in cache_tensors(held.cache).items())
 
 
 @pytest.mark.model

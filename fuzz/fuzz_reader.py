@@ -1,0 +1,83 @@
+"""Coverage-guided fuzzing of the ``.kvp`` reader with atheris (libFuzzer for Python).
+
+Each input is read twice: as it is, and after :func:`fix_checksums` recomputed every CRC-32
+(preamble, header, and each section the header names), so mutations also reach the header
+validation and the decoders behind the checksums instead of stopping at them.
+
+Any exception other than :class:`kvpack.errors.FormatError` is a crash and stops the run
+with the input saved as ``crash-*`` in the working folder. The corpus starts from the golden
+files. Run by hand (it is not part of CI)::
+
+    .venv/bin/pip install -e '.[fuzz]'
+    mkdir -p /tmp/kvp-corpus && cp tests/golden/v*/*.kvp /tmp/kvp-corpus/
+    .venv/bin/python fuzz/fuzz_reader.py /tmp/kvp-corpus -max_total_time=600 -rss_limit_mb=2048
+
+Results of past runs are in docs/fuzzing.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import tempfile
+import zlib
+
+import atheris
+import zstandard
+
+with atheris.instrument_imports():
+    from kvpack.errors import FormatError
+    from kvpack.formats.reader import KvpReader
+
+_FD, _PATH = tempfile.mkstemp(suffix=".kvp")
+os.close(_FD)
+
+
+def fix_checksums(data: bytes) -> bytes:
+    """``data`` with every CRC-32 recomputed where the structure allows (else unchanged)."""
+    if len(data) < 64:
+        return data
+    try:
+        magic, major, minor, flags, offset, length, _, _ = struct.unpack("<8sHHIQQII24x", data[:64])
+        raw = data[offset : offset + length]
+        text = zstandard.ZstdDecompressor().decompress(raw, max_output_size=1 << 20) if flags & 1 else raw
+        header = json.loads(text)
+        for tensor in header["tensors"].values():
+            for section in tensor["sections"].values():
+                start = section["offset"]
+                section["crc32"] = zlib.crc32(data[start : start + min(section["length"], len(data))])
+        raw = json.dumps(header).encode()
+        if flags & 1:
+            raw = zstandard.ZstdCompressor().compress(raw)
+    except Exception:  # not structured enough to repair: only the preamble and header CRCs
+        raw = data[offset : offset + length] if len(data) >= 64 else b""
+    head = struct.pack("<8sHHIQQI", magic, major, minor, flags, offset, len(raw), zlib.crc32(raw))
+    head += struct.pack("<I", zlib.crc32(head) if (major, minor) >= (1, 1) else 0) + bytes(24)
+    return head + data[64:offset] + raw
+
+
+def read_everything(data: bytes) -> None:
+    with open(_PATH, "wb") as handle:
+        handle.write(data)
+    try:
+        with KvpReader(_PATH) as reader:
+            reader.verify()
+            for name in reader.keys():
+                reader.read_tensor(name)
+    except FormatError:
+        pass
+
+
+def test_one_input(data: bytes) -> None:
+    read_everything(data)
+    read_everything(fix_checksums(data))
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, test_one_input)
+    try:
+        atheris.Fuzz()
+    finally:
+        os.unlink(_PATH)
