@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kvpack import __version__
-from kvpack.codecs.base import KIND_CODES, check_fp16_range
+from kvpack.codecs.base import KIND_CODEBOOKS, KIND_CODES, KIND_SCALES, check_fp16_range
 from kvpack.config import CodecConfig
 from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.constants import DTYPE_SIZES, FLOAT_DTYPES
@@ -146,6 +146,8 @@ def decode_entry(
                     arrays[section] = codes.long()
             else:
                 arrays[section] = _from_bytes(sections[section], spec.dtype).to(torch.float32)
+                if spec.kind in (KIND_SCALES, KIND_CODEBOOKS) and not bool(torch.isfinite(arrays[section]).all()):
+                    raise FormatError(f"tensor {entry.name!r}: section {section} holds NaN or infinite values")
         groups = entry.codec.make_codec().decode(arrays, layout)
         if "outlier_index" in arrays:
             per_side = outliers_per_side(entry.codec.outlier_ratio, entry.codec.group_size)
@@ -176,6 +178,8 @@ def _from_bytes(data: bytes | np.ndarray, dtype: str) -> torch.Tensor:
         return torch.empty(0, dtype=TORCH_DTYPES[dtype])
     if raw.size % DTYPE_SIZES[dtype]:
         raise FormatError(f"{raw.size} bytes is not a whole number of {dtype} values")
+    if dtype == "bool" and int(raw.max()) > 1:
+        raise FormatError("a bool tensor holds bytes other than 0 and 1")
     return torch.from_numpy(raw.copy()).view(TORCH_DTYPES[dtype])
 
 
@@ -223,7 +227,7 @@ def _decode_all(reader: KvpReader, dtype: torch.dtype | None, progress: Progress
         if progress:
             progress(index, len(names), name)
         entry_dtype = dtype if parse_kv_name(name) else None
-        tensors[name] = decode_entry(reader.entry(name), reader.read_sections(name), entry_dtype)
+        tensors[name] = reader.read_tensor(name, entry_dtype)
     if progress:
         progress(len(names), len(names), "")
     return tensors

@@ -50,3 +50,13 @@ def append_section(data: bytes, payload: bytes) -> tuple[bytes, dict]:
 
 def dumps(header: dict) -> bytes:
     return json.dumps(header, separators=(",", ":")).encode()
+
+
+def patch_section(data: bytes, tensor: str, section: str, content: bytes) -> bytes:
+    """``data`` with one section's bytes replaced (same length) and its CRC-32 updated in the header."""
+    header = json.loads(header_json(data))
+    where = header["tensors"][tensor]["sections"][section]
+    assert len(content) == where["length"]
+    where["crc32"] = zlib.crc32(content)
+    body = data[: where["offset"]] + content + data[where["offset"] + where["length"] :]
+    return with_header(body, dumps(header))

@@ -19,7 +19,7 @@ from kvpack.errors import (
     UnsupportedVersionError,
 )
 from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR, MAGIC, PREAMBLE, PREAMBLE_SIZE, pack_preamble
-from tests.kvp_bytes import header_json, rewrite_header, with_header
+from tests.kvp_bytes import header_json, patch_section, rewrite_header, with_header
 
 
 def small_cache(seed=0, seq=20, heads=2, dim=16, layers=2, dtype=torch.float16):
@@ -362,3 +362,26 @@ def test_compressed_header_bomb_is_refused_before_inflating(sample, tmp_path):
     assert len(bomb) < 10_000
     with pytest.raises(HeaderLimitError, match="decompression bomb"):
         KvpReader(bad)
+
+
+def test_values_no_encoder_writes_are_refused(tmp_path):
+    """Re-checksummed sections with a NaN scale, an infinite codebook level, or a bool byte of 2."""
+    path = tmp_path / "ok.kvp"
+    tensors = {"layers.0.key": torch.randn(1, 1, 4, 16).half(), "mask": torch.tensor([True, False])}
+    compress_tensors(tensors, path, CodecConfig.build("adaptive", 2, 16))
+    data = path.read_bytes()
+    with KvpReader(path) as reader:
+        scale = bytes(reader.read_section("layers.0.key", "scale"))
+        codebook = bytes(reader.read_section("layers.0.key", "codebook"))
+    nan, inf = struct.pack("<e", float("nan")), struct.pack("<e", float("inf"))
+    cases = {
+        "scale holds NaN": patch_section(data, "layers.0.key", "scale", nan + scale[2:]),
+        "codebook holds inf": patch_section(data, "layers.0.key", "codebook", codebook[:-2] + inf),
+        "bool": patch_section(data, "mask", "data", b"\x02\x00"),
+    }
+    for label, content in cases.items():
+        bad = tmp_path / "bad.kvp"
+        bad.write_bytes(content)
+        with pytest.raises(FormatError, match=r"NaN or infinite|other than 0 and 1") as info:
+            load_kvp(bad)
+        assert str(bad) in str(info.value), label

@@ -23,6 +23,7 @@ from kvpack.errors import (
     InvalidInputError,
     TruncatedFileError,
     UnsupportedVersionError,
+    brief,
 )
 from kvpack.formats.constants import (
     FLAG_HEADER_ZSTD,
@@ -211,16 +212,26 @@ class KvpReader:
     def read_sections(self, name: str) -> dict[str, np.ndarray]:
         return {section: self.read_section(name, section) for section in self.entry(name).sections}
 
-    def read_tensor(self, name: str):
-        """Decode one tensor to a torch tensor of its stored shape and dtype (see :func:`kvpack.api.decode_entry`)."""
+    def read_tensor(self, name: str, dtype=None):
+        """Decode one tensor to a torch tensor of its stored shape (see :func:`kvpack.api.decode_entry`).
+
+        Args:
+            name: the tensor.
+            dtype: a torch dtype to return; default the stored dtype.
+
+        Raises:
+            FormatError: a checksum, the padding or a decoded value is wrong (naming the file).
+        """
         from kvpack.api import decode_entry
 
         sections = self.read_sections(name)
         try:
-            return decode_entry(self.entry(name), sections)
+            return decode_entry(self.entry(name), sections, dtype)
+        except FormatError as exc:
+            raise type(exc)(f"{self.path}: {exc}") from None
         except (RuntimeError, ValueError, IndexError, TypeError, OverflowError) as exc:
             # Every size was validated; what remains are values no encoder writes.
-            raise FormatError(f"{self.path}: tensor {name!r} cannot be decoded ({exc})") from None
+            raise FormatError(f"{self.path}: tensor {brief(name)} cannot be decoded ({exc})") from None
 
 
 def _inflate_header(raw: bytes, name: str) -> bytes:
