@@ -332,6 +332,12 @@ def test_outputs_get_the_usual_file_mode(tmp_path):
     os.chmod(path, 0o640)
     compress_tensors({"x": torch.ones(2)}, path, CodecConfig.build("uniform"), force=True)
     assert path.stat().st_mode & 0o777 == 0o640
+    # safetensors writes through a temp file of its own (mode 0600): the output still gets the usual mode
+    from kvpack.formats.safetensors_io import write_safetensors
+
+    restored = tmp_path / "restored.safetensors"
+    write_safetensors(restored, {"x": torch.zeros(2)}, {})
+    assert restored.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_reader_memory_is_bounded_by_the_file_size(tmp_path):

@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
-    except typer.Abort:
-        print("error: aborted", file=sys.stderr)
-        return 130
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
+    if code == 130:  # typer turns Ctrl-C into exit code 130 itself; say so, as for any error
+        print("error: interrupted", file=sys.stderr)
     return code if isinstance(code, int) else 0
 
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kvpack.errors import FormatError
@@ -88,9 +88,17 @@ def write_safetensors(
         OutputExistsError: ``path`` exists and ``force`` is false.
     """
     with atomic_output(path, force) as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={k: str(v) for k, v in metadata.items()}
-        )
+        try:
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()},
+                str(tmp),
+                metadata={k: str(v) for k, v in metadata.items()},
+            )
+        except SafetensorError as exc:  # I/O failures come back as text: "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(exc))
+            if code:
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+            raise
         size = tmp.stat().st_size
     return size
 

@@ -77,8 +77,8 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     try:
         # mkstemp creates mode 0600; give the output the mode a plain open() would (or keep the old file's)
         mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
-        os.chmod(tmp, mode)
         yield tmp
+        os.chmod(tmp, mode)  # after writing: some writers (safetensors) replace the temp file with their own
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         check_output_path(target, force)
@@ -216,7 +216,8 @@ class KvpWriter:
         if self._closed:
             return
         self._closed = True
-        self._file.close()
+        with contextlib.suppress(BaseException):  # a failing flush must not keep the temp file
+            self._file.close()
         with contextlib.suppress(BaseException):
             self._output.__exit__(exc_type or RuntimeError, exc or RuntimeError("aborted"), tb)
 
