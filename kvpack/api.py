@@ -130,8 +130,6 @@ def decode_entry(
     """
     specs = section_specs(entry.shape, entry.dtype, entry.codec)
     out_dtype = dtype or TORCH_DTYPES[entry.dtype]
-    if entry.n_elements == 0:
-        return torch.empty(entry.shape, dtype=out_dtype)
     try:
         if entry.codec is None:
             return _from_bytes(sections["data"], entry.dtype).reshape(entry.shape).to(out_dtype)
@@ -148,6 +146,8 @@ def decode_entry(
                 arrays[section] = _from_bytes(sections[section], spec.dtype).to(torch.float32)
                 if spec.kind in (KIND_SCALES, KIND_CODEBOOKS) and not bool(torch.isfinite(arrays[section]).all()):
                     raise FormatError(f"tensor {entry.name!r}: section {section} holds NaN or infinite values")
+        if entry.n_elements == 0:  # the sections were still checked: a tensor-scope codebook exists
+            return torch.empty(entry.shape, dtype=out_dtype)
         groups = entry.codec.make_codec().decode(arrays, layout)
         if "outlier_index" in arrays:
             per_side = outliers_per_side(entry.codec.outlier_ratio, entry.codec.group_size)
@@ -482,8 +482,9 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict:
     """What a ``.kvp`` or safetensors file holds, without decoding any codes.
 
     With ``verify``, every section of a ``.kvp`` is read and its CRC-32 checked (a
-    :class:`~kvpack.errors.ChecksumMismatchError` names the first bad one) and the result
-    has ``"verified_sections"``; safetensors files are read tensor by tensor.
+    :class:`~kvpack.errors.ChecksumMismatchError` names the first bad one) and every tensor
+    is decoded (a :class:`~kvpack.errors.FormatError` names values no encoder writes); the
+    result has ``"verified_sections"``. Safetensors files are read tensor by tensor.
 
     Returns:
         For ``.kvp``: ``{"format": "kvp", "version", "file_bytes", "metadata", "tensors": [{"name",
@@ -508,7 +509,11 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict:
                 }
                 for e in entries
             ]
-            verified = reader.verify() if verify else None
+            verified = None
+            if verify:  # checksums, padding, and every value a decoder would refuse
+                verified = reader.verify()
+                for name in reader.keys():
+                    reader.read_tensor(name)
             return {
                 "verified_sections": verified,
                 "format": "kvp",

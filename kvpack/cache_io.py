@@ -10,6 +10,7 @@ built, so a bad file raises before anything the caller owns is touched.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +19,16 @@ import torch
 
 from kvpack.api import compress_tensors, dtype_name, open_cache, tensor_order
 from kvpack.config import CodecConfig
-from kvpack.errors import InvalidInputError, ModelMismatchError
+from kvpack.errors import InvalidInputError, ModelMismatchError, brief_text
 from kvpack.formats.safetensors_io import kv_tensor_name, parse_kv_name
 
 #: Metadata fields that must agree between a cache file and the model it is loaded into
 #: (compared where both sides have them: files from earlier versions lack the later ones).
 STRUCTURE_FIELDS = (
+    "architecture",
     "model_type",
     "num_layers",
+    "num_attention_heads",
     "num_kv_heads",
     "head_dim",
     "vocab_size",
@@ -177,17 +180,31 @@ def check_model(metadata: dict[str, str], model: Any, tokenizer: Any = None) -> 
     differences = []
     for key in STRUCTURE_FIELDS:
         recorded, actual = metadata.get(key), current.get(key)
-        if recorded and actual and recorded != actual:
-            differences.append(f"{key}: file {recorded}, model {actual}")
+        if recorded and actual and _normalized(key, recorded) != _normalized(key, actual):
+            differences.append(f"{key}: file {brief_text(recorded)}, model {brief_text(actual)}")
     same_weights = bool(metadata.get("weights_fingerprint")) and (
         metadata.get("weights_fingerprint") == current.get("weights_fingerprint")
     )
     recorded_name = _full_name(metadata.get("model", ""), metadata.get("gguf_file", ""))
     actual_name = _full_name(current["model"], current.get("gguf_file", ""))
     if recorded_name and recorded_name != actual_name and not same_weights:
-        differences.insert(0, f"model: file {recorded_name}, model {actual_name}")
+        differences.insert(0, f"model: file {brief_text(recorded_name)}, model {brief_text(actual_name)}")
     if differences:
         raise ModelMismatchError("the cache was made by another model or tokenizer (" + "; ".join(differences) + ")")
+
+
+def _normalized(key: str, value: str) -> Any:
+    """Compare rotary parameters as values (another transformers may write 1e4 as 10000.0 or reorder keys)."""
+    if key == "rope_parameters":
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value
+        if isinstance(parsed, dict):
+            return {
+                k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in parsed.items()
+            }
+    return value
 
 
 def _full_name(model: str, gguf_file: str) -> str:
@@ -228,18 +245,25 @@ def load_cache(
     with open_cache(path) as source:
         metadata = dict(source.metadata)
         if lm is not None and check:
-            check_model(metadata, model, tokenizer)
+            try:
+                check_model(metadata, model, tokenizer)
+            except ModelMismatchError as exc:
+                raise ModelMismatchError(
+                    f"{path}: {exc}; restore it into the model that made it (kvpack generate --model ...) "
+                    "or dump the prompt again with this one"
+                ) from None
         names = source.keys()
         kv_names = sorted((n for n in names if parse_kv_name(n)), key=tensor_order)
         if not kv_names or "token_ids" not in names:
             raise InvalidInputError(f"{path}: not a prompt cache (needs layers.<i>.key/value and token_ids)")
         tensors = {name: source.get(name) for name in (*kv_names, "token_ids")}
     layers = layer_pairs(tensors, path)
-    if lm is not None and check:
-        _check_shapes(layers, lm, path)
     token_ids = tensors["token_ids"].to(torch.int64)
     if token_ids.ndim == 1:
         token_ids = token_ids[None]
+    if lm is not None and check:
+        _check_shapes(layers, lm, path)
+        _check_token_ids(token_ids, lm, path)
     cache = build_cache(layers, lm, token_ids.shape[-1], device, dtype)
     return PromptCache(cache, token_ids.to(device), metadata)
 
@@ -290,6 +314,18 @@ def layer_pairs(tensors: dict[str, torch.Tensor], where: Any = "the cache") -> l
             raise InvalidInputError(f"{where}: layer {index} lacks its key or value tensor")
         pairs.append((key, value))
     return pairs
+
+
+def _check_token_ids(token_ids: torch.Tensor, lm: Any, path: Any) -> None:
+    """Cached token ids must be ids of the model's vocabulary."""
+    from kvpack.dump import decoder_config
+
+    vocab = getattr(decoder_config(lm), "vocab_size", None)
+    if token_ids.numel() and (int(token_ids.min()) < 0 or (vocab and int(token_ids.max()) >= vocab)):
+        raise InvalidInputError(
+            f"{path}: token ids range from {int(token_ids.min())} to {int(token_ids.max())}, "
+            f"outside the model's vocabulary of {vocab}"
+        )
 
 
 def _check_shapes(layers: list, lm: Any, path: Any) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpack.codecs import CodecParams, get_codec_class
-from kvpack.errors import InvalidInputError, brief
+from kvpack.errors import InvalidInputError, brief, brief_list
 
 MIN_BITS, MAX_BITS = 1, 8
 MAX_GROUP_SIZE = 1 << 16
@@ -151,7 +151,7 @@ def load_codec_config(path: str | Path) -> CodecConfig:
         unknown = sorted(set(flat) - options - {"bits", "group_size", "outlier_ratio"})
         if unknown:
             raise InvalidInputError(
-                f"unknown key(s) {', '.join(unknown)}; accepted: method, bits, group_size, outlier_ratio"
+                f"unknown key(s) {brief_list(unknown)}; accepted: method, bits, group_size, outlier_ratio"
                 + (f" and the {method} options {', '.join(sorted(options))}" if options else "")
             )
         main = {key: flat.pop(key) for key in ("bits", "group_size", "outlier_ratio") if key in flat}

@@ -47,6 +47,19 @@ class ModelUnavailableError(KvpackError):
     """The requested model (or the optional model dependencies) cannot be loaded."""
 
 
+def brief_list(values, most: int = 5) -> str:
+    """Up to ``most`` values, each cut by :func:`brief`, then "and N more"."""
+    values = list(values)
+    shown = ", ".join(brief(v) for v in values[:most])
+    return shown + (f" and {len(values) - most} more" if len(values) > most else "")
+
+
+def brief_text(text: str, limit: int = 80) -> str:
+    """``text`` as it is when printable (else its repr), cut to ``limit`` characters."""
+    shown = text if text.isprintable() else repr(text)
+    return shown if len(shown) <= limit else f"{shown[: limit - 3]}..."
+
+
 def brief(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters: error messages echo values read from files."""
     text = repr(value)

@@ -54,8 +54,9 @@ class ErrorAccumulator:
         self.elements += ref.numel()
         self.sum_sq_err += float((diff * diff).sum())
         self.sum_sq_ref += float((ref * ref).sum())
-        if diff.numel():
-            self.max_abs_err = max(self.max_abs_err, float(diff.abs().max()))
+        if not diff.numel():  # an empty tensor (e.g. head_dim 0) adds nothing, and cannot be cut into vectors
+            return
+        self.max_abs_err = max(self.max_abs_err, float(diff.abs().max()))
         vec_ref = ref.reshape(-1, ref.shape[-1]) if ref.ndim else ref.reshape(1, 1)
         vec_rec = rec.reshape(-1, rec.shape[-1]) if rec.ndim else rec.reshape(1, 1)
         norms = vec_ref.norm(dim=1) * vec_rec.norm(dim=1)

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -104,10 +105,24 @@ def test_output_exists_needs_force(dump, tmp_path, capsys):
     target = tmp_path / "c.kvp"
     target.write_bytes(b"precious")
     code, _, err = run(["compress", dump, "-o", target], capsys)
-    assert_one_line_error(code, err, "exists; pass --force")
+    assert_one_line_error(code, err, "exists (pass --force to overwrite it)")
     assert target.read_bytes() == b"precious"
     code, _, _ = run(["compress", dump, "-o", target, "--force"], capsys)
     assert code == 0 and target.read_bytes() != b"precious"
+
+
+def test_special_files_are_never_replaced_and_links_are_followed(dump, tmp_path, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = run(["compress", dump, "-o", fifo, "--force"], capsys)
+    assert_one_line_error(code, err, "is not a regular file")
+    assert fifo.is_fifo()
+    real = tmp_path / "real.kvp"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.kvp"
+    link.symlink_to(real)
+    code, _, _ = run(["compress", dump, "-o", link, "--force"], capsys)
+    assert code == 0 and link.is_symlink() and real.read_bytes()[:8] == b"\x89KVP\r\n\x1a\n"
 
 
 def test_bad_input_files(dump, tmp_path, capsys):

@@ -3,16 +3,16 @@ unless they require something unknown (then the error names both versions), unkn
 keys and sections ignored, a newer major version refused."""
 
 import json
-import struct
 
 import pytest
 import torch
 
 from kvpack import load_kvp
 from kvpack.errors import ChecksumMismatchError, FormatError, UnsupportedVersionError
+from kvpack.formats.constants import pack_preamble
 from kvpack.formats.reader import KvpReader
 from tests.golden_files import GOLDEN_DIR, current_folder
-from tests.kvp_bytes import append_section, dumps, header_json, with_header
+from tests.kvp_bytes import append_section, dumps, header_json, preamble_fields, read_everything, with_header
 
 SAMPLE = current_folder() / "adaptive-head-a4-g32-bf16.kvp"
 
@@ -22,12 +22,6 @@ def edited(header_edit, version=(1, 7), data: bytes | None = None) -> bytes:
     header = json.loads(header_json(data))
     header_edit(header)
     return with_header(data, dumps(header), version=version)
-
-
-def read_all(path) -> dict[str, torch.Tensor]:
-    with KvpReader(path) as reader:
-        reader.verify()
-        return {name: reader.read_tensor(name) for name in reader.keys()}
 
 
 def test_older_minor_version_reads_like_the_current_one():
@@ -55,13 +49,13 @@ def test_newer_minor_version_with_unknown_optional_keys_and_sections_reads(tmp_p
         assert reader.version == (1, 7)
         assert reader.verify() == 4 + 4 + 1 + 1  # key, value, token_ids and the extra section
     expected = load_kvp(SAMPLE)[0]
-    assert all(torch.equal(t, expected[n]) for n, t in read_all(path).items())
+    assert all(torch.equal(t, expected[n]) for n, t in read_everything(path).items())
 
     flipped = bytearray(path.read_bytes())
     flipped[extra["offset"] + 3] ^= 0x10
     path.write_bytes(bytes(flipped))
     with pytest.raises(ChecksumMismatchError, match="token_index"):
-        read_all(path)
+        read_everything(path)
 
 
 @pytest.mark.parametrize(
@@ -89,8 +83,8 @@ def test_newer_minor_version_needing_something_unknown_names_both_versions(edit,
 
 def test_newer_major_version_is_refused_naming_both(tmp_path):
     path = tmp_path / "major.kvp"
-    data = bytearray(SAMPLE.read_bytes())
-    struct.pack_into("<HH", data, 8, 2, 0)
-    path.write_bytes(bytes(data))
+    data = SAMPLE.read_bytes()
+    _, _, _, flags, offset, length, crc, _ = preamble_fields(data)
+    path.write_bytes(pack_preamble(2, 0, flags, offset, length, crc) + data[64:])
     with pytest.raises(UnsupportedVersionError, match=r"format version 2\.0 is newer .* reads \(1\.1\); upgrade"):
         KvpReader(path)

@@ -118,18 +118,23 @@ def test_wrong_magic_newer_version_and_bad_flags(sample, tmp_path):
     bad.write_bytes(b"PK\x03\x04" + bytes(data[4:]))
     with pytest.raises(FormatError, match="not a .kvp file"):
         KvpReader(bad)
-    newer = bytearray(data)
-    struct.pack_into("<HH", newer, 8, 2, 3)
-    bad.write_bytes(bytes(newer))
+    _, _, _, flags, offset, length, crc, _ = PREAMBLE.unpack(bytes(data[:PREAMBLE_SIZE]))
+    bad.write_bytes(pack_preamble(2, 3, flags, offset, length, crc) + bytes(data[PREAMBLE_SIZE:]))
     with pytest.raises(
         UnsupportedVersionError,
         match=r"format version 2\.3 is newer than this kvpack \(0\.\d+\.\d+\) reads \(1\.1\); upgrade kvpack to a "
         r"release that reads format 2\.x",
     ):
         KvpReader(bad)
-    _, major, minor, _, offset, length, crc, _ = PREAMBLE.unpack(bytes(data[:PREAMBLE_SIZE]))
-    bad.write_bytes(pack_preamble(major, minor, 2, offset, length, crc) + bytes(data[PREAMBLE_SIZE:]))
+    bad.write_bytes(pack_preamble(1, 1, 2, offset, length, crc) + bytes(data[PREAMBLE_SIZE:]))
     with pytest.raises(FormatError, match="unknown flags"):
+        KvpReader(bad)
+
+    # a flipped bit in the version field is corruption, not a newer version
+    flipped = bytearray(data)
+    flipped[9] ^= 1
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(ChecksumMismatchError, match=r"corrupted preamble \(version field 257\.1"):
         KvpReader(bad)
 
 
@@ -160,7 +165,11 @@ def test_plain_and_zstd_headers_read_the_same(sample, tmp_path):
 @pytest.mark.parametrize(
     "frame, error, message",
     [
-        (lambda j: zstandard.ZstdCompressor(write_content_size=True).compress(j) + b"junk", FormatError, "unused data"),
+        (
+            lambda j: zstandard.ZstdCompressor(write_content_size=True).compress(j) + b"junk",
+            FormatError,
+            "bytes follow the zstd frame",
+        ),
         (lambda j: zstandard.ZstdCompressor(write_content_size=False).compress(j), FormatError, "does not declare"),
         (lambda j: zstandard.ZstdCompressor().compress(j)[:-4], FormatError, "corrupted header"),
         (lambda j: b"not a zstd frame at all", FormatError, "not a zstd frame"),
@@ -292,9 +301,14 @@ def test_empty_tensors_round_trip(tmp_path):
     "mutate, error, message",
     [
         (
-            lambda h: h.replace('{"metadata":', '{"metadata":' + "[" * 100000 + "]" * 100000 + ',"x":', 1),
+            lambda h: h.replace('{"metadata":', '{"x":' + "[" * 30000 + "]" * 30000 + ',"metadata":', 1),
             FormatError,
             "nested too deeply",
+        ),
+        (
+            lambda h: h.replace('{"metadata":', '{"x":' + "[]," * 70000 + '[],"metadata":', 1),
+            HeaderLimitError,
+            "structural characters, more than 65536",
         ),
         (lambda h: h.replace('"dtype":"float16"', '"dtype":["bool"]', 1), FormatError, "dtype must be a string"),
         (lambda h: h.replace('{"metadata":{', '{"metadata":{"bad":"\\ud800",', 1), FormatError, "valid Unicode"),

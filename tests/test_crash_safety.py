@@ -137,15 +137,22 @@ def assert_one_line_error(code: int, err: str, expected_code: int, text: str) ->
 
 @pytest.mark.model
 @pytest.mark.parametrize("existing", [True, False], ids=["over-old-output", "no-old-output"])
-def test_sigint_mid_compress_keeps_old_output_and_removes_temp(big_dump, old_kvp, tmp_path, existing):
+@pytest.mark.parametrize(
+    "signum, code, message",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["INT", "TERM"],
+)
+def test_signal_mid_compress_keeps_old_output_and_removes_temp(
+    big_dump, old_kvp, tmp_path, existing, signum, code, message
+):
     target, before = prepare(tmp_path, "out.kvp", old_kvp if existing else None)
     proc = kvpack("compress", big_dump, "-o", target, *COMPRESS, "--force")
     wait_mid_write(proc, target)
-    proc.send_signal(signal.SIGINT)
-    code, err = finish(proc)
+    proc.send_signal(signum)
+    returncode, err = finish(proc)
     # a clean interrupt: the old file byte for byte (or nothing) and no temp file left behind
     assert folder_state(target.parent) == before, err
-    assert_one_line_error(code, err, 130, "interrupted")
+    assert_one_line_error(returncode, err, code, message)
 
 
 @pytest.mark.model

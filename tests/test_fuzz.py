@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tracemalloc
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -20,10 +22,9 @@ import pytest
 import zstandard
 
 from kvpack.cli.app import main
-from kvpack.errors import FormatError
-from kvpack.formats.reader import KvpReader
+from kvpack.errors import ChecksumMismatchError, FormatError
 from tests.golden_files import GOLDEN_DIR
-from tests.kvp_bytes import dumps, header_json, preamble_fields, with_header
+from tests.kvp_bytes import dumps, header_json, preamble_fields, read_everything, with_header
 
 SEEDS = sorted(GOLDEN_DIR.glob("v*/*.kvp"))
 FUZZ_CASES = int(os.environ.get("FUZZ_CASES", "12000"))
@@ -51,14 +52,6 @@ HOSTILE_VALUES = [
 ]
 
 
-def read_everything(path: Path) -> None:
-    """What a user of the reader does: open, verify every section, decode every tensor."""
-    with KvpReader(path) as reader:
-        reader.verify()
-        for name in reader.keys():
-            reader.read_tensor(name)
-
-
 # --- mutations: each takes (rng, file bytes) and returns new bytes --------------------------
 
 
@@ -80,7 +73,11 @@ def edit_header(edit):
     """A JSON-level edit, re-checksummed, so only the reader's semantic checks can catch it."""
 
     def mutate(rng: random.Random, data: bytes) -> bytes:
-        return with_header(data, edit(rng, json.loads(header_json(data)), header_json(data)), flags=rng.choice([0, 1]))
+        text = header_json(data)
+        raw = edit(rng, json.loads(text), text)
+        if rng.random() < 0.5:  # stored compressed, as kvpack writes it, or plain
+            return with_header(data, zstandard.ZstdCompressor().compress(raw), flags=1)
+        return with_header(data, raw, flags=0)
 
     mutate.__name__ = edit.__name__
     return mutate
@@ -148,12 +145,11 @@ def unknown_codec_or_dtype(rng, header, text):
 
 
 def duplicate_key(rng, header, text):
-    key = rng.choice(['"metadata":', '"shape":', '"codes":', '"offset":', '"tensors":'])
-    at = text.find(key)
-    if at < 0:
-        return text.encode()
-    end = text.find(",", at)
-    return (text[:end] + "," + text[at:end] + text[end:]).encode()
+    """A key repeated at the start of the object that holds it (with another value)."""
+    starts = [match.start() for match in re.finditer(r'\{"', text)]
+    at = rng.choice(starts)
+    key = text[at + 1 : text.index('":', at) + 2]
+    return (text[: at + 1] + key + json.dumps(rng.choice(HOSTILE_VALUES)) + "," + text[at + 1 :]).encode()
 
 
 def invalid_text(rng, header, text):
@@ -256,6 +252,7 @@ def field_boundaries(data: bytes) -> list[int]:
 class Outcomes:
     def __init__(self):
         self.read, self.refused, self.crashes, self.worst_peak_ratio = Counter(), Counter(), [], 0.0
+        self.readable: list[bytes] = []  # a sample of mutants that read, for the CLI
 
     def run(self, path: Path, data: bytes, label: str) -> None:
         path.write_bytes(data)
@@ -264,6 +261,8 @@ class Outcomes:
         try:
             read_everything(path)
             self.read[label] += 1
+            if len(self.readable) < 60 and self.read[label] <= 5:
+                self.readable.append(data)
         except FormatError:
             self.refused[label] += 1
         except Exception as exc:  # anything else is a crash: record it with what caused it
@@ -327,6 +326,15 @@ def test_every_single_bit_flip_anywhere_in_a_file_is_detected(tmp_path):
     data = (GOLDEN_DIR / "v1.1" / "uniform-a4-g64-outliers.kvp").read_bytes()
     path = tmp_path / "flip.kvp"
     _, _, _, _, header_offset, _, _, _ = preamble_fields(data)
+    owner = {}  # byte -> the section holding it
+    for name, tensor in json.loads(header_json(data))["tensors"].items():
+        for section, where in tensor["sections"].items():
+            owner.update(
+                {
+                    b: f"section {section} of tensor {name!r}"
+                    for b in range(where["offset"], where["offset"] + where["length"])
+                }
+            )
     detected = Counter()
     for byte in range(len(data)):
         for bit in range(8):
@@ -335,12 +343,20 @@ def test_every_single_bit_flip_anywhere_in_a_file_is_detected(tmp_path):
             path.write_bytes(bytes(mutated))
             with pytest.raises(FormatError) as info:
                 read_everything(path)
-            region = "preamble" if byte < 64 else "data" if byte < header_offset else "header"
+            message = str(info.value)
+            if byte in owner:  # inside a data section: always that section's own checksum
+                assert isinstance(info.value, ChecksumMismatchError) and owner[byte] in message, (byte, message)
+                region = "section"
+            elif 64 <= byte < header_offset:
+                assert "non-zero padding" in message, (byte, message)
+                region = "padding"
+            elif byte >= header_offset:
+                assert isinstance(info.value, ChecksumMismatchError) and "header checksum" in message
+                region = "header"
+            else:
+                region = "preamble"
             detected[(region, type(info.value).__name__)] += 1
     assert sum(detected.values()) == 8 * len(data)
-    # inside the data sections it is always the section's own checksum that catches the flip
-    data_flips = sum(n for (region, _), n in detected.items() if region == "data")
-    assert detected[("data", "ChecksumMismatchError")] + detected[("data", "FormatError")] == data_flips
     print(f"\nbit flips: {len(data)} bytes x 8 = {8 * len(data)}, all detected: {dict(detected)}")
 
 
@@ -359,7 +375,7 @@ def hostile_files(folder: Path) -> dict[str, Path]:
         "truncated": data[: len(data) // 2],
         "bit flip in a section": bytes(data[:100]) + bytes([data[100] ^ 4]) + data[101:],
         "huge header length": pack_preamble(1, 1, 1, offset, 2**63, crc) + data[64:],
-        "newer major version": data[:8] + (2).to_bytes(2, "little") + data[10:],
+        "newer major version": pack_preamble(2, 0, 1, offset, len(data) - offset, crc) + data[64:],
         "unknown codec": with_header(data, dumps({**header, "tensors": fp4})),
         "unknown codec, newer minor version": with_header(data, dumps({**header, "tensors": fp4}), version=(1, 4)),
         "section past the end": with_header(data, dumps(past_end)),
@@ -410,3 +426,96 @@ def test_hostile_file_through_a_real_subprocess(tmp_path):
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("hostile-")) == []
+
+
+@pytest.mark.parametrize("command", ["inspect", "inspect-verify", "decompress", "stats"])
+def test_harmless_mutants_through_the_cli_succeed_or_fail_in_one_line(outcomes, command, tmp_path, capsys):
+    """Files the reader accepts (edited metadata, optional keys, odd but valid shapes) must not
+    trip anything behind the reader: exit 0, or one error line and exit 2."""
+    assert len(outcomes.readable) >= 20
+    for index, data in enumerate(outcomes.readable):
+        path = tmp_path / f"mutant-{index}.kvp"
+        path.write_bytes(data)
+        out = tmp_path / f"mutant-{index}.safetensors"
+        argv = {
+            "inspect": ["inspect", str(path)],
+            "inspect-verify": ["inspect", "--verify", str(path)],
+            "decompress": ["decompress", str(path), "-o", str(out)],
+            "stats": ["stats", str(path), str(path)],
+        }[command]
+        code = main(argv)
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err + captured.out
+        assert code == 0 or (code == 2 and len(captured.err.strip().splitlines()) == 1), (index, captured.err)
+
+
+def test_empty_and_zero_width_tensors_through_stats(tmp_path, capsys):
+    """A valid file whose K/V tensor has head_dim 0 (found by a review's CLI fuzzing: it crashed stats)."""
+    import torch
+
+    from kvpack import compress_tensors
+
+    path = tmp_path / "zero.kvp"
+    compress_tensors(
+        {"layers.0.key": torch.zeros(1, 1, 1, 0), "token_ids": torch.zeros(1, 1, dtype=torch.int64)}, path, None
+    )
+    assert main(["stats", str(path), str(path)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+RSS_PROBE = """
+import sys
+from kvpack.errors import FormatError
+from kvpack.formats.reader import KvpReader
+import torch  # imported before the baseline: only what reading allocates counts
+
+
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # reset the peak to the current resident size
+base = peak_kib()
+try:
+    with KvpReader(sys.argv[1]) as reader:
+        reader.verify()
+        tensors = [reader.read_tensor(name) for name in reader.keys()]
+    outcome = "read"
+except FormatError as exc:
+    outcome = "refused: " + str(exc)[-80:]
+print(peak_kib() - base, outcome)
+"""
+
+
+def test_process_memory_for_worst_case_files_is_bounded(tmp_path):
+    """Peak RSS growth (what tracemalloc cannot see: torch buffers) for the two worst cases:
+    1-bit codes decoded to float32, and a small zstd header that inflates to the most JSON
+    the limits allow. Bound: 128 x the file size + 64 MiB (docs/format.md section 9)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from kvpack import CodecConfig, compress_tensors
+    from kvpack.formats.constants import pack_preamble
+
+    one_bit = tmp_path / "one-bit.kvp"
+    compress_tensors({"layers.0.key": torch.randn(1, 1, 512, 8192)}, one_bit, CodecConfig.build("uniform", 1, 8192))
+    # random hex makes the frame big enough to allow a large expansion; then as much text and as
+    # many JSON values (under a key the reader ignores) as the limits let through
+    pad = os.urandom(150_000).hex()
+    text = '{"metadata":{},"tensors":{},"pad":"' + pad + '","a":"' + "a" * 4_500_000 + '","x":['
+    text += "[]," * 30_000 + "[]]}"
+    raw = zstandard.ZstdCompressor(level=19).compress(text.encode())
+    json_heavy = tmp_path / "json-heavy.kvp"
+    json_heavy.write_bytes(pack_preamble(1, 1, 1, 64, len(raw), zlib.crc32(raw)) + raw)
+    for path in (one_bit, json_heavy):
+        result = subprocess.run(
+            [sys.executable, "-c", RSS_PROBE, str(path)], capture_output=True, text=True, timeout=300, check=True
+        )
+        grown_kib, outcome = result.stdout.split(" ", 1)
+        size = path.stat().st_size
+        print(f"\n{path.name}: {size:,} bytes, peak RSS grew {int(grown_kib) * 1024:,} bytes, {outcome.strip()}")
+        assert int(grown_kib) * 1024 <= 128 * size + (64 << 20)

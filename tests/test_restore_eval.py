@@ -105,7 +105,7 @@ def test_codec_config_files(tmp_path):
     assert load_codec_config(flat) == CodecConfig.build("uniform", 2, 64, symmetric=True)
     bad = tmp_path / "bad.toml"
     bad.write_text('method = "uniform"\nbitz = 2\n')
-    with pytest.raises(InvalidInputError, match="bad.toml: unknown key.s. bitz; accepted: method, bits, group_size"):
+    with pytest.raises(InvalidInputError, match="bad.toml: unknown key.s. 'bitz'; accepted: method, bits, group_size"):
         load_codec_config(bad)
     broken = tmp_path / "broken.json"
     broken.write_text("{")
@@ -335,7 +335,11 @@ def test_cache_from_another_model_is_refused(smollm, wiki_ids, tmp_path):
             head_dim=16,
         )
     ).eval()
-    with pytest.raises(ModelMismatchError, match=r"num_layers: file 30, model 2.*num_kv_heads: file 3, model 2"):
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"prompt.kvp: .*num_layers: file 30, model 2; num_attention_heads: file 9, model 4; "
+        r"num_kv_heads: file 3, model 2.*; restore it into the model that made it",
+    ):
         load_cache(path, other)
     _, metadata = load_kvp(path)
     check_model(metadata, smollm)  # the same model passes
@@ -385,7 +389,7 @@ def test_identity_covers_rotary_vocabulary_and_tokenizer(smollm, wiki_ids, real_
 def test_a_failed_restore_touches_nothing_the_caller_owns(smollm, wiki_ids, tmp_path):
     import hashlib
 
-    from kvpack.cache_io import cache_tensors, load_cache, save_cache
+    from kvpack.cache_io import load_cache, save_cache
 
     def model_state():
         digest = hashlib.sha256(json.dumps(smollm.model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -395,8 +399,6 @@ def test_a_failed_restore_touches_nothing_the_caller_owns(smollm, wiki_ids, tmp_
 
     path = tmp_path / "prompt.kvp"
     save_cache(path, _prefill(smollm, wiki_ids[:, :24]), wiki_ids[:, :24], smollm, CodecConfig.build("uniform", 4, 64))
-    held = load_cache(path, smollm)  # a cache the caller already holds
-    held_tensors = cache_tensors(held.cache)
     before = model_state()
     data = bytearray(path.read_bytes())
     with KvpReader(path) as reader:  # damage the very last section: everything before it decodes fine
@@ -407,7 +409,20 @@ def test_a_failed_restore_touches_nothing_the_caller_owns(smollm, wiki_ids, tmp_
     with pytest.raises(ChecksumMismatchError, match=last.name):
         load_cache(path, smollm)
     assert model_state() == before
-    assert all(torch.equal(held_tensors[n], t) for n, t in cache_tensors(held.cache).items())
+    # token ids outside the model's vocabulary: refused before a cache is built
+    from tests.kvp_bytes import patch_section
+
+    good = tmp_path / "good.kvp"
+    save_cache(good, _prefill(smollm, wiki_ids[:, :24]), wiki_ids[:, :24], smollm)
+    with KvpReader(good) as reader:
+        ids = bytearray(reader.read_section("token_ids", "data"))
+    ids[:8] = (10**9).to_bytes(8, "little")
+    path.write_bytes(patch_section(good.read_bytes(), "token_ids", "data", bytes(ids)))
+    with pytest.raises(
+        InvalidInputError, match="token ids range from .* to 1000000000, outside the model's vocabulary of 49152"
+    ):
+        load_cache(path, smollm)
+    assert model_state() == before
 
 
 @pytest.mark.model
@@ -477,6 +492,16 @@ def test_cli_dump_kvp_then_generate(cli_model, wiki_ids, tmp_path, capsys):
     assert "uniform 4-bit, group 64" in capsys.readouterr().out
     assert main(["generate", "--cache", str(small), "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+    # a file naming another model never makes generate load it (cli_model refuses any other name)
+    from tests.kvp_bytes import dumps, header_json, with_header
+
+    header = json.loads(header_json(small.read_bytes()))
+    header["metadata"].update(model="evil/remote-model", weights_fingerprint="0" * 16)
+    other = tmp_path / "other.kvp"
+    other.write_bytes(with_header(small.read_bytes(), dumps(header)))
+    assert main(["generate", "--cache", str(other), "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model: file evil/remote-model" in err[0] and "generate --model" in err[0]
 
 
 @pytest.mark.model

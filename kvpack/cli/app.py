@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import typer
 
@@ -55,8 +57,34 @@ def _root(
     """Compress the KV caches of large language models."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so every temporary output file is removed."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI; known errors print ``error: <message>`` on stderr, exit 2."""
+    """Entry point: run the CLI; known errors print ``error: <message>`` on stderr, exit 2.
+
+    Ctrl-C prints ``error: interrupted`` (exit 130) and SIGTERM ``error: terminated`` (exit
+    143); either way the outputs being written are removed and existing ones kept.
+    """
+    previous = (
+        signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    )
+    try:
+        return _run(argv)
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         code = app(args=argv, prog_name="kvpack", standalone_mode=False)
     except KvpackError as exc:
@@ -77,7 +105,3 @@ def main(argv: list[str] | None = None) -> int:
     if code == 130:  # typer turns Ctrl-C into exit code 130 itself; say so, as for any error
         print("error: interrupted", file=sys.stderr)
     return code if isinstance(code, int) else 0
-
-
-def entry_point() -> None:
-    sys.exit(main())

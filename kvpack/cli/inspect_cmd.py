@@ -21,7 +21,9 @@ def register(app: typer.Typer) -> None:
 def inspect(
     path: Annotated[Path, typer.Argument(help="A .kvp or .safetensors file.", dir_okay=False, metavar="FILE")],
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Also read every section and check its checksum.")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Also read every section, check its checksum and decode every tensor.")
+    ] = False,
     per_layer: PerLayer = False,
     json_output: JsonFlag = False,
 ) -> None:
@@ -48,7 +50,7 @@ def inspect(
             + (f"{per_token:,.0f} bytes of K/V per token" if per_token else "no K/V tensors")
         )
     if verify and info["format"] == "kvp":
-        say(f"verified: all {info['verified_sections']} sections match their checksums")
+        say(f"verified: all {info['verified_sections']} sections match their checksums and every tensor decodes")
     elif verify:
         say("verified: every tensor reads")
     console.print(_metadata_table(info["metadata"]))

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvpack.errors import InvalidInputError, brief
+from kvpack.errors import InvalidInputError, brief, brief_list
 from kvpack.grouping import GroupLayout
 
 #: Section kinds, used for bits-per-element accounting.
@@ -71,7 +71,7 @@ class CodecParams:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidInputError(
-                f"unknown option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known)) or 'none'}"
+                f"unknown option(s) {brief_list(unknown)}; accepted: {', '.join(sorted(known)) or 'none'}"
             )
         return cls(**data)
 

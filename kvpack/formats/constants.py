@@ -27,8 +27,12 @@ HEADER_ZSTD_LEVEL = 19
 MAX_HEADER_EXPANSION = 32
 HEADER_EXPANSION_SLACK = 1 << 20
 
-#: Header keys (at any level) this reader understands when a file lists them under "required".
-KNOWN_REQUIRED_KEYS: frozenset[str] = frozenset()
+#: Header keys (at any level) this reader understands when a file lists them under "required":
+#: every key format 1.1 defines. A later version lists the keys it adds that change decoding.
+KNOWN_REQUIRED_KEYS: frozenset[str] = frozenset(
+    {"metadata", "tensors", "required", "shape", "dtype", "codec", "sections", "offset", "length", "crc32"}
+    | {"method", "bits", "group_size", "outlier_ratio", "params", "symmetric", "normalization", "codebook_scope"}
+)
 
 #: Every data section starts at a multiple of this many bytes (enough for any dtype).
 SECTION_ALIGNMENT = 8
@@ -40,6 +44,12 @@ MAX_TENSORS = 1 << 16
 MAX_ELEMENTS = 1 << 48  # per tensor (product of the dimensions, zero-length ones counted as 1)
 MAX_DIMS = 8
 MAX_METADATA_ENTRIES = 4096
+#: The JSON text may hold at most max(file size / 8, 65,536) structural characters ({ [ : ,),
+#: counted before parsing: each becomes a Python object of up to ~200 bytes, so this bounds
+#: what parsing allocates by the file size (a few KB of zstd could otherwise hold a million
+#: empty lists under a key the reader would ignore).
+HEADER_TOKENS_PER_FILE_BYTE = 1 / 8
+MIN_HEADER_TOKEN_LIMIT = 1 << 16
 
 #: Storage dtypes of lossless tensors and metadata arrays: name -> bytes per element.
 DTYPE_SIZES = {

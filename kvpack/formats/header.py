@@ -23,17 +23,19 @@ from typing import Any
 
 from kvpack.codecs.base import KIND_DATA, KIND_OUTLIERS, SectionSpec
 from kvpack.config import CodecConfig
-from kvpack.errors import FormatError, HeaderLimitError, InvalidInputError, UnsupportedVersionError, brief
+from kvpack.errors import FormatError, HeaderLimitError, InvalidInputError, UnsupportedVersionError, brief, brief_list
 from kvpack.formats.constants import (
     DTYPE_SIZES,
     FLOAT_DTYPES,
     FORMAT_MAJOR,
     FORMAT_MINOR,
+    HEADER_TOKENS_PER_FILE_BYTE,
     KNOWN_REQUIRED_KEYS,
     MAX_DIMS,
     MAX_ELEMENTS,
     MAX_METADATA_ENTRIES,
     MAX_TENSORS,
+    MIN_HEADER_TOKEN_LIMIT,
     SECTION_ALIGNMENT,
 )
 from kvpack.grouping import GroupLayout, outliers_per_side
@@ -116,8 +118,18 @@ def encode_header(metadata: dict[str, str], tensors: list[TensorEntry]) -> bytes
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
+def header_token_limit(file_size: int) -> int:
+    """How many structural JSON characters a header of a file of ``file_size`` bytes may hold."""
+    return max(int(file_size * HEADER_TOKENS_PER_FILE_BYTE), MIN_HEADER_TOKEN_LIMIT)
+
+
 def decode_header(
-    raw: bytes, data_start: int, data_end: int, path: str, version: tuple[int, int] = (FORMAT_MAJOR, FORMAT_MINOR)
+    raw: bytes,
+    data_start: int,
+    data_end: int,
+    path: str,
+    version: tuple[int, int] = (FORMAT_MAJOR, FORMAT_MINOR),
+    file_size: int | None = None,
 ) -> tuple[dict[str, str], list[TensorEntry], list[tuple[str, SectionEntry]]]:
     """Parse and validate the header of a file of format ``version``; sections fill ``[data_start, data_end)``.
 
@@ -131,6 +143,9 @@ def decode_header(
         ``(metadata, tensors, extra_sections)``: ``extra_sections`` are the sections with
         names this reader does not know, as ``(label, entry)``; they take part in the layout
         and checksum checks but are not decoded.
+
+    ``file_size`` (default: ``data_end + len(raw)``) sets the limit on structural JSON
+    characters, checked before parsing (:func:`header_token_limit`).
 
     Raises:
         UnsupportedVersionError: a newer file needs a key, codec or option this reader lacks.
@@ -155,6 +170,12 @@ def decode_header(
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise fail(f"not valid UTF-8 ({exc})") from None
+    tokens = sum(text.count(c) for c in "{[:,")
+    limit = header_token_limit(data_end + len(raw) if file_size is None else file_size)
+    if tokens > limit:
+        raise HeaderLimitError(
+            f"{path}: header JSON has {tokens} structural characters, more than {limit} for a file of this size"
+        )
     try:
         body = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except ValueError as exc:  # JSONDecodeError, duplicate keys, NaN/Infinity
@@ -168,7 +189,7 @@ def decode_header(
         raise fail("'required' must be a list of strings")
     missing = sorted(set(required) - KNOWN_REQUIRED_KEYS)
     if missing:
-        raise unknown(f"the file requires unknown header key(s) {', '.join(map(repr, missing))}")
+        raise unknown(f"the file requires unknown header key(s) {brief_list(missing)}")
     metadata, tensors_raw = body["metadata"], body["tensors"]
     if not isinstance(metadata, dict) or not all(is_text(k) and is_text(v) for k, v in metadata.items()):
         raise fail("'metadata' must map strings to strings (valid Unicode)")

@@ -97,6 +97,8 @@ class KvpReader:
         if not preamble:
             raise FormatError(f"{name}: empty file")
         if preamble[: len(MAGIC)] != MAGIC[: len(preamble)]:
+            if not any(preamble[: len(MAGIC)]):  # the writer fills the preamble in last
+                raise FormatError(f"{name}: not a complete .kvp file (it starts with zero bytes: an unfinished write)")
             raise FormatError(f"{name}: not a .kvp file (wrong magic bytes)")
         if len(preamble) < PREAMBLE_SIZE:
             raise TruncatedFileError(f"{name}: truncated: {len(preamble)} bytes, shorter than the 64-byte preamble")
@@ -104,6 +106,12 @@ class KvpReader:
         if magic != MAGIC:
             raise FormatError(f"{name}: not a .kvp file (wrong magic bytes)")
         if major != FORMAT_MAJOR:
+            if zlib.crc32(preamble[:PREAMBLE_CRC_OFFSET]) != preamble_crc:  # not even a valid 1.x preamble
+                raise ChecksumMismatchError(
+                    f"{name}: corrupted preamble (version field {major}.{minor} and a preamble checksum that does "
+                    f"not match), or a format version this kvpack ({__version__}, reads {FORMAT_MAJOR}.x) cannot "
+                    "check"
+                )
             newer = major > FORMAT_MAJOR
             raise UnsupportedVersionError(
                 f"{name}: format version {major}.{minor} is "
@@ -143,7 +151,7 @@ class KvpReader:
         if flags & FLAG_HEADER_ZSTD:
             raw = _inflate_header(raw, name)
         self.metadata, entries, self._extra_sections = decode_header(
-            raw, PREAMBLE_SIZE, header_offset, name, self.version
+            raw, PREAMBLE_SIZE, header_offset, name, self.version, self.file_size
         )
         self._entries = {e.name: e for e in entries}
         self.header_bytes = header_length
@@ -252,7 +260,8 @@ def _inflate_header(raw: bytes, name: str) -> bytes:
     try:
         text = zstandard.ZstdDecompressor().decompress(raw, max_output_size=max(size, 1), allow_extra_data=False)
     except zstandard.ZstdError as exc:
-        raise FormatError(f"{name}: corrupted header: {exc}") from None
+        reason = "bytes follow the zstd frame" if "unused data" in str(exc) else f"bad zstd frame ({exc})"
+        raise FormatError(f"{name}: corrupted header: {reason}") from None
     if len(text) != size:
         raise FormatError(f"{name}: corrupted header: {len(text)} bytes, the frame declares {size}")
     return text

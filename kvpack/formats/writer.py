@@ -19,7 +19,7 @@ import numpy as np
 import zstandard
 
 from kvpack.config import CodecConfig
-from kvpack.errors import InvalidInputError, OutputExistsError
+from kvpack.errors import FormatError, InvalidInputError, OutputExistsError
 from kvpack.formats.constants import (
     FLAG_HEADER_ZSTD,
     FORMAT_MAJOR,
@@ -33,6 +33,7 @@ from kvpack.formats.header import (
     SectionEntry,
     TensorEntry,
     check_tensor_name,
+    decode_header,
     encode_header,
     is_text,
     section_specs,
@@ -45,13 +46,20 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
 
     Raises:
         OutputExistsError: ``path`` exists and ``force`` is false.
-        InvalidInputError: the folder does not exist, or ``path`` is a directory.
+        InvalidInputError: the folder does not exist, or ``path`` is a directory or not a regular file.
+
+    Returns:
+        The path to write: ``path``, or the file it links to.
     """
     path = Path(path)
+    if path.is_symlink():  # write the file the link points to (the link stays)
+        path = path.resolve()
     if path.is_dir():
         raise InvalidInputError(f"output {path} is a directory")
+    if path.exists() and not path.is_file():
+        raise InvalidInputError(f"output {path} is not a regular file (a device, fifo or socket); choose a file path")
     if path.exists() and not force:
-        raise OutputExistsError(f"output {path} exists; pass --force (force=True) to overwrite it")
+        raise OutputExistsError(f"output {path} exists (pass --force to overwrite it)")
     if not path.parent.is_dir():
         raise InvalidInputError(f"output folder {path.parent} does not exist")
     return path
@@ -81,12 +89,31 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
         os.chmod(tmp, mode)  # after writing: some writers (safetensors) replace the temp file with their own
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        check_output_path(target, force)
-        os.replace(tmp, target)
+        if force:
+            os.replace(tmp, target)
+        else:
+            _link_new(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _link_new(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` to ``target`` only if ``target`` does not exist, atomically (no check-then-replace race).
+
+    Raises:
+        OutputExistsError: ``target`` appeared while the output was being written.
+    """
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OutputExistsError(f"output {target} exists (pass --force to overwrite it)") from None
+    except OSError:  # a file system without hard links: the best we can do is check, then rename
+        check_output_path(target, force=False)
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
 
 
 def _umask() -> int:
@@ -129,13 +156,18 @@ class KvpWriter:
         for key, value in self.metadata.items():
             if not is_text(key) or not is_text(value):
                 raise InvalidInputError(f"metadata {key!r} is not valid Unicode text")
-        self._output = atomic_output(path, force)
-        self._tmp_path = self._output.__enter__()
-        self._file = open(self._tmp_path, "wb")
-        self._file.write(b"\0" * PREAMBLE_SIZE)
-        self._position = PREAMBLE_SIZE
+        self.path = Path(path)
         self._entries: list[TensorEntry] = []
         self._closed = False
+        self._output = atomic_output(path, force)
+        self._tmp_path = self._output.__enter__()
+        try:
+            self._file = open(self._tmp_path, "wb")
+            self._file.write(b"\0" * PREAMBLE_SIZE)
+        except BaseException as exc:  # the temp file exists now: remove it
+            self._output.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._position = PREAMBLE_SIZE
 
     def __enter__(self) -> KvpWriter:
         return self
@@ -195,10 +227,14 @@ class KvpWriter:
             raise
 
     def _finish(self) -> int:
-        header = zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL, write_content_size=True).compress(
-            encode_header(self.metadata, self._entries)
-        )
+        text = encode_header(self.metadata, self._entries)
+        header = zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL, write_content_size=True).compress(text)
         header_offset = self._position
+        try:  # the reader's own rules (limits, layout): never write a file kvpack would refuse
+            decode_header(text, PREAMBLE_SIZE, header_offset, str(self.path), file_size=header_offset + len(header))
+        except FormatError as exc:
+            reason = str(exc).split(": ", 1)[-1].removeprefix("corrupted header: ")
+            raise InvalidInputError(f"cannot write {self.path}: {reason}") from None
         self._file.write(header)
         self._position += len(header)
         self._file.seek(0)
@@ -207,8 +243,8 @@ class KvpWriter:
         )
         self._file.flush()
         self._file.close()
-        self._closed = True
         self._output.__exit__(None, None, None)
+        self._closed = True  # only now: an interrupt before this still lets abort() remove the temp file
         return self._position
 
     def abort(self, exc_type=None, exc=None, tb=None) -> None:
