@@ -229,3 +229,13 @@ def test_schema_and_reader_refuse_the_same_malformed_headers(edit, tmp_path):
     with pytest.raises(FormatError):
         with KvpReader(bad) as reader:
             reader.verify()
+
+
+@pytest.mark.parametrize("normalization", ["meanstd", "minmax"])
+def test_gaussian_levels_match_the_spec_for_every_width(normalization):
+    """kvpack's normal levels (scipy) equal the spec's formula computed with the standard library."""
+    from kvpack.codecs.normal import NormalCodec, NormalParams
+
+    for bits in range(1, 9):
+        levels = NormalCodec(bits, NormalParams(normalization=normalization)).levels_for().numpy()
+        assert np.array_equal(levels, gaussian_levels(bits, normalization)), bits
