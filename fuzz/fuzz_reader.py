@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 import tempfile
 import zlib
@@ -29,6 +28,7 @@ import zstandard
 
 with atheris.instrument_imports():
     from kvpack.errors import FormatError
+    from kvpack.formats.constants import PREAMBLE, pack_preamble
     from kvpack.formats.reader import KvpReader
 
 _FD, _PATH = tempfile.mkstemp(suffix=".kvp")
@@ -40,7 +40,7 @@ def fix_checksums(data: bytes) -> bytes:
     if len(data) < 64:
         return data
     try:
-        magic, major, minor, flags, offset, length, _, _ = struct.unpack("<8sHHIQQII24x", data[:64])
+        _, major, minor, flags, offset, length, _, _ = PREAMBLE.unpack(data[:64])
         raw = data[offset : offset + length]
         text = zstandard.ZstdDecompressor().decompress(raw, max_output_size=1 << 20) if flags & 1 else raw
         header = json.loads(text)
@@ -53,9 +53,7 @@ def fix_checksums(data: bytes) -> bytes:
             raw = zstandard.ZstdCompressor().compress(raw)
     except Exception:  # not structured enough to repair: only the preamble and header CRCs
         raw = data[offset : offset + length] if len(data) >= 64 else b""
-    head = struct.pack("<8sHHIQQI", magic, major, minor, flags, offset, len(raw), zlib.crc32(raw))
-    head += struct.pack("<I", zlib.crc32(head) if (major, minor) >= (1, 1) else 0) + bytes(24)
-    return head + data[64:offset] + raw
+    return pack_preamble(major, minor, flags, offset, len(raw), zlib.crc32(raw)) + data[64:offset] + raw
 
 
 def read_everything(data: bytes) -> None:
