@@ -200,10 +200,7 @@ def _normalized(key: str, value: str) -> Any:
             parsed = json.loads(value)
         except ValueError:
             return value
-        if isinstance(parsed, dict):
-            return {
-                k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in parsed.items()
-            }
+        return parsed  # compared as values: key order and 10000 versus 10000.0 do not matter
     return value
 
 

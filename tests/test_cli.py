@@ -123,6 +123,10 @@ def test_special_files_are_never_replaced_and_links_are_followed(dump, tmp_path,
     link.symlink_to(real)
     code, _, _ = run(["compress", dump, "-o", link, "--force"], capsys)
     assert code == 0 and link.is_symlink() and real.read_bytes()[:8] == b"\x89KVP\r\n\x1a\n"
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    code, _, err = run(["compress", dump, "-o", tmp_path / "loop1", "--force"], capsys)
+    assert_one_line_error(code, err, "cannot follow the link")
 
 
 def test_bad_input_files(dump, tmp_path, capsys):

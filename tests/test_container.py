@@ -134,7 +134,7 @@ def test_wrong_magic_newer_version_and_bad_flags(sample, tmp_path):
     flipped = bytearray(data)
     flipped[9] ^= 1
     bad.write_bytes(bytes(flipped))
-    with pytest.raises(ChecksumMismatchError, match=r"corrupted preamble \(version field 257\.1"):
+    with pytest.raises(UnsupportedVersionError, match=r"version 257\.1 is newer.*; or the file is corrupted"):
         KvpReader(bad)
 
 

@@ -383,6 +383,10 @@ def test_identity_covers_rotary_vocabulary_and_tokenizer(smollm, wiki_ids, real_
         check_model(dict(metadata, rope_theta="500000.0", rope_parameters=rope), smollm)
     with pytest.raises(ModelMismatchError, match="vocab_size: file 32000, model 49152"):
         check_model(dict(metadata, vocab_size="32000"), smollm)
+    reordered = json.dumps({"rope_type": "default", "rope_theta": 1e5})  # the same values, written otherwise
+    check_model(dict(metadata, rope_parameters=reordered), smollm)
+    with pytest.raises(ModelMismatchError, match="rope_parameters"):  # a hostile huge number is just different
+        check_model(dict(metadata, rope_parameters='{"rope_theta": 1' + "0" * 400 + "}"), smollm)
 
 
 @pytest.mark.model

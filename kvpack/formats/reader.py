@@ -106,12 +106,8 @@ class KvpReader:
         if magic != MAGIC:
             raise FormatError(f"{name}: not a .kvp file (wrong magic bytes)")
         if major != FORMAT_MAJOR:
-            if zlib.crc32(preamble[:PREAMBLE_CRC_OFFSET]) != preamble_crc:  # not even a valid 1.x preamble
-                raise ChecksumMismatchError(
-                    f"{name}: corrupted preamble (version field {major}.{minor} and a preamble checksum that does "
-                    f"not match), or a format version this kvpack ({__version__}, reads {FORMAT_MAJOR}.x) cannot "
-                    "check"
-                )
+            # a 1.x-style preamble checksum that fails suggests a flipped bit rather than a real version
+            suspect = zlib.crc32(preamble[:PREAMBLE_CRC_OFFSET]) != preamble_crc
             newer = major > FORMAT_MAJOR
             raise UnsupportedVersionError(
                 f"{name}: format version {major}.{minor} is "
@@ -121,6 +117,7 @@ class KvpReader:
                     if newer
                     else f"not readable by this kvpack (reads {FORMAT_MAJOR}.x)"
                 )
+                + ("; or the file is corrupted (its preamble checksum does not match)" if suspect else "")
             )
         if (major, minor) >= (1, 1):
             if zlib.crc32(preamble[:PREAMBLE_CRC_OFFSET]) != preamble_crc:

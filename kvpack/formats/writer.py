@@ -53,7 +53,10 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     """
     path = Path(path)
     if path.is_symlink():  # write the file the link points to (the link stays)
-        path = path.resolve()
+        try:
+            path = path.resolve(strict=False)
+        except (RuntimeError, OSError) as exc:  # a symlink loop
+            raise InvalidInputError(f"output {path}: cannot follow the link ({exc})") from None
     if path.is_dir():
         raise InvalidInputError(f"output {path} is a directory")
     if path.exists() and not path.is_file():
@@ -163,7 +166,11 @@ class KvpWriter:
         self._tmp_path = self._output.__enter__()
         try:
             self._file = open(self._tmp_path, "wb")
-            self._file.write(b"\0" * PREAMBLE_SIZE)
+            try:
+                self._file.write(b"\0" * PREAMBLE_SIZE)
+            except BaseException:
+                self._file.close()
+                raise
         except BaseException as exc:  # the temp file exists now: remove it
             self._output.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -233,7 +240,7 @@ class KvpWriter:
         try:  # the reader's own rules (limits, layout): never write a file kvpack would refuse
             decode_header(text, PREAMBLE_SIZE, header_offset, str(self.path), file_size=header_offset + len(header))
         except FormatError as exc:
-            reason = str(exc).split(": ", 1)[-1].removeprefix("corrupted header: ")
+            reason = str(exc).removeprefix(f"{self.path}: ").removeprefix("corrupted header: ")
             raise InvalidInputError(f"cannot write {self.path}: {reason}") from None
         self._file.write(header)
         self._position += len(header)
