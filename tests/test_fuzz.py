@@ -392,17 +392,24 @@ def hostile_files(folder: Path) -> dict[str, Path]:
     return paths
 
 
-@pytest.mark.parametrize("command", ["inspect", "inspect-verify", "decompress", "stats"])
+CLI_COMMANDS = ["inspect", "inspect-verify", "decompress", "stats"]
+
+
+def cli_args(command: str, path: Path, out: Path) -> list[str]:
+    """The arguments of one of CLI_COMMANDS reading ``path`` (``out``: where decompress writes)."""
+    return {
+        "inspect": ["inspect", str(path)],
+        "inspect-verify": ["inspect", "--verify", str(path)],
+        "decompress": ["decompress", str(path), "-o", str(out)],
+        "stats": ["stats", str(path), str(path)],
+    }[command]
+
+
+@pytest.mark.parametrize("command", CLI_COMMANDS)
 def test_hostile_files_through_the_cli_give_one_line_and_exit_2(command, tmp_path, capsys):
     for label, path in hostile_files(tmp_path).items():
         out = tmp_path / "out.safetensors"
-        argv = {
-            "inspect": ["inspect", str(path)],
-            "inspect-verify": ["inspect", "--verify", str(path)],
-            "decompress": ["decompress", str(path), "-o", str(out)],
-            "stats": ["stats", str(path), str(path)],
-        }[command]
-        code = main(argv)
+        code = main(cli_args(command, path, out))
         captured = capsys.readouterr()
         if code == 0:  # only possible where the damage is outside what the command reads
             assert command == "inspect" and label == "bit flip in a section", label
@@ -428,7 +435,7 @@ def test_hostile_file_through_a_real_subprocess(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("hostile-")) == []
 
 
-@pytest.mark.parametrize("command", ["inspect", "inspect-verify", "decompress", "stats"])
+@pytest.mark.parametrize("command", CLI_COMMANDS)
 def test_harmless_mutants_through_the_cli_succeed_or_fail_in_one_line(outcomes, command, tmp_path, capsys):
     """Files the reader accepts (edited metadata, optional keys, odd but valid shapes) must not
     trip anything behind the reader: exit 0, or one error line and exit 2."""
@@ -437,13 +444,7 @@ def test_harmless_mutants_through_the_cli_succeed_or_fail_in_one_line(outcomes, 
         path = tmp_path / f"mutant-{index}.kvp"
         path.write_bytes(data)
         out = tmp_path / f"mutant-{index}.safetensors"
-        argv = {
-            "inspect": ["inspect", str(path)],
-            "inspect-verify": ["inspect", "--verify", str(path)],
-            "decompress": ["decompress", str(path), "-o", str(out)],
-            "stats": ["stats", str(path), str(path)],
-        }[command]
-        code = main(argv)
+        code = main(cli_args(command, path, out))
         captured = capsys.readouterr()
         assert "Traceback" not in captured.err + captured.out
         assert code == 0 or (code == 2 and len(captured.err.strip().splitlines()) == 1), (index, captured.err)
