@@ -509,11 +509,8 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict:
                 }
                 for e in entries
             ]
-            verified = None
-            if verify:  # checksums, padding, and every value a decoder would refuse
-                verified = reader.verify()
-                for name in reader.keys():
-                    reader.read_tensor(name)
+            # checksums, padding, and every value a decoder would refuse
+            verified = reader.verify(decode=True) if verify else None
             return {
                 "verified_sections": verified,
                 "format": "kvp",

@@ -218,6 +218,8 @@ def load_cache(
 ) -> PromptCache:
     """Restore a prompt cache from a ``.kvp`` (or a safetensors dump) as a ``DynamicCache``.
 
+    :func:`read_prompt_cache`, then :func:`restore_cache`.
+
     Args:
         path: a file written by :func:`save_cache`, ``kvpack dump`` or ``kvpack compress``.
         model: the model that will continue from the cache (transformers model or
@@ -233,27 +235,59 @@ def load_cache(
 
     Raises:
         FormatError: the file is truncated or corrupted.
-        InvalidInputError: the file holds no K/V tensors or no ``token_ids``.
+        InvalidInputError: the file holds no K/V tensors or no ``token_ids``, or token ids
+            outside the model's vocabulary.
         ModelMismatchError: the file was made by another model.
     """
-    lm = unwrap_model(model)[0] if model is not None else None
-    if dtype is None and lm is not None:
-        dtype = next(lm.parameters()).dtype
+    tensors, metadata = read_prompt_cache(path)
+    return restore_cache(path, tensors, metadata, model, device, dtype, check, tokenizer)
+
+
+def read_prompt_cache(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every K/V tensor and the token ids of a prompt cache file, decoded (no model needed).
+
+    Returns:
+        ``(tensors, metadata)``: ``layers.{i}.key|value`` ``(batch, num_kv_heads, seq_len, head_dim)``
+        and ``token_ids``; the file's string metadata.
+
+    Raises:
+        FormatError: the file is truncated or corrupted (every section is read and checked).
+        InvalidInputError: the file holds no K/V tensors or no ``token_ids``.
+    """
     with open_cache(path) as source:
         metadata = dict(source.metadata)
-        if lm is not None and check:
-            try:
-                check_model(metadata, model, tokenizer)
-            except ModelMismatchError as exc:
-                raise ModelMismatchError(
-                    f"{path}: {exc}; restore it into the model that made it (kvpack generate --model ...) "
-                    "or dump the prompt again with this one"
-                ) from None
         names = source.keys()
         kv_names = sorted((n for n in names if parse_kv_name(n)), key=tensor_order)
         if not kv_names or "token_ids" not in names:
             raise InvalidInputError(f"{path}: not a prompt cache (needs layers.<i>.key/value and token_ids)")
-        tensors = {name: source.get(name) for name in (*kv_names, "token_ids")}
+        return {name: source.get(name) for name in (*kv_names, "token_ids")}, metadata
+
+
+def restore_cache(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    model: Any = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    check: bool = True,
+    tokenizer: Any = None,
+) -> PromptCache:
+    """A :class:`PromptCache` from what :func:`read_prompt_cache` returned (see :func:`load_cache`).
+
+    Every check runs before the cache object is built; nothing the caller owns is touched.
+    """
+    lm = unwrap_model(model)[0] if model is not None else None
+    if dtype is None and lm is not None:
+        dtype = next(lm.parameters()).dtype
+    if lm is not None and check:
+        try:
+            check_model(metadata, model, tokenizer)
+        except ModelMismatchError as exc:
+            raise ModelMismatchError(
+                f"{path}: {exc}; restore it into the model that made it (kvpack generate --model ...) "
+                "or dump the prompt again with this one"
+            ) from None
     layers = layer_pairs(tensors, path)
     token_ids = tensors["token_ids"].to(torch.int64)
     if token_ids.ndim == 1:

@@ -38,17 +38,16 @@ def generate(
     Example: kvpack dump --prompt "A long system prompt" -o prompt.kvp --lossless --dtype float32 &&
     kvpack generate --cache prompt.kvp --prompt-suffix " User: hi" --max-new-tokens 20
     """
-    from kvpack.api import describe_file
-    from kvpack.cache_io import continue_generation, load_cache
+    from kvpack.cache_io import continue_generation, read_prompt_cache, restore_cache
     from kvpack.dump import load_model, tokenize
     from kvpack.errors import InvalidInputError
 
     if max_new_tokens < 1:
         raise InvalidInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    recorded = describe_file(cache, verify=True)["metadata"]  # the whole file checked, before the model loads
+    tensors, recorded = read_prompt_cache(cache)  # the whole file decoded and checked, before the model loads
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
-    prompt = load_cache(cache, loaded, device=device, check=not no_check)
+    prompt = restore_cache(cache, tensors, recorded, loaded, device=device, check=not no_check)
     suffix_ids = tokenize(loaded.tokenizer, prompt_suffix) if prompt_suffix else prompt.token_ids[:, :0]
     err_console.print(
         f"restored {prompt.seq_len} cached tokens ({recorded.get('codec', 'uncompressed')}); "

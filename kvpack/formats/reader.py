@@ -185,21 +185,31 @@ class KvpReader:
         """
         return self._read_checked(self.entry(name).sections[section], f"section {section} of tensor {name!r}")
 
-    def verify(self) -> int:
+    def verify(self, decode: bool = False) -> int:
         """Read every section (also those of header keys this reader ignores) and check it.
+
+        Args:
+            decode: also decode every tensor (each section is still read once), so values
+                no encoder writes (NaN scales, bad outlier positions) are found too.
 
         Returns:
             The number of sections checked.
 
         Raises:
-            TruncatedFileError, ChecksumMismatchError, FormatError: see :meth:`read_section`.
+            TruncatedFileError, ChecksumMismatchError, FormatError: see :meth:`read_section`
+            and :meth:`read_tensor`.
         """
-        spans = [
-            (f"section {sec} of tensor {e.name!r}", s) for e in self._entries.values() for sec, s in e.sections.items()
-        ]
-        for label, section in spans + self._extra_sections:
+        checked = 0
+        for entry in self._entries.values():
+            if decode:
+                self.read_tensor(entry.name)
+            else:
+                for section, where in entry.sections.items():
+                    self._read_checked(where, f"section {section} of tensor {entry.name!r}")
+            checked += len(entry.sections)
+        for label, section in self._extra_sections:
             self._read_checked(section, label)
-        return len(spans) + len(self._extra_sections)
+        return checked + len(self._extra_sections)
 
     def _read_checked(self, section: SectionEntry, label: str) -> np.ndarray:
         """The bytes of one section after checking its checksum and the zero padding before it."""
