@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kvpack import __version__
-from kvpack.codecs.base import KIND_CODEBOOKS, KIND_CODES, KIND_SCALES, check_fp16_range
+from kvpack.codecs.base import KIND_CODEBOOKS, KIND_CODES, KIND_SCALES
 from kvpack.config import CodecConfig
 from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.constants import DTYPE_SIZES, FLOAT_DTYPES
@@ -23,8 +23,8 @@ from kvpack.formats.header import TensorEntry, section_specs, spec_nbytes
 from kvpack.formats.reader import KvpReader, is_kvp_file
 from kvpack.formats.safetensors_io import SafetensorsSource, parse_kv_name, write_safetensors
 from kvpack.formats.writer import KvpWriter, check_output_path
-from kvpack.grouping import GroupLayout, from_groups, merge_outliers, outliers_per_side, split_outliers, to_groups
 from kvpack.packing import pack, unpack
+from kvpack.pipeline import plan_for
 from kvpack.stats import ErrorAccumulator, size_breakdown
 
 Progress = Callable[[int, int, str], None]
@@ -73,39 +73,28 @@ def encode_tensor(name: str, x: torch.Tensor, config: CodecConfig | None) -> dic
     dtype = dtype_name(x.dtype)
     if config is None:
         return {"data": _tensor_bytes(x)}
-    if x.numel() == 0:  # nothing to quantize: every section is its declared size of zeros
-        specs = section_specs(tuple(x.shape), dtype, config)
-        return {section: bytes(spec_nbytes(spec)) for section, spec in specs.items()}
-    if dtype not in FLOAT_DTYPES:
+    if x.numel() and dtype not in FLOAT_DTYPES:
         raise InvalidInputError(
             f"tensor {name!r}: dtype {dtype} cannot be quantized (expected {', '.join(FLOAT_DTYPES)})"
         )
     try:
-        layout = GroupLayout(tuple(x.shape), config.group_size)
+        plan = plan_for(tuple(x.shape), dtype, name, config)
+        specs = plan.section_specs()
     except InvalidInputError as exc:
         raise InvalidInputError(f"tensor {name!r}: {exc}") from None
-    values = x.detach().to("cpu", torch.float32)
+    if x.numel() == 0:  # nothing to quantize: every section is its declared size of zeros
+        return {section: bytes(spec_nbytes(spec)) for section, spec in specs.items()}
+    values = x.detach().to("cpu")
     if not torch.isfinite(values).all():
         bad = int((~torch.isfinite(values)).sum())
         raise InvalidInputError(f"tensor {name!r} holds {bad} NaN or Inf values; refusing to quantize it")
     try:
-        check_fp16_range(values)
+        arrays = plan.encode(values)
     except InvalidInputError as exc:
         raise InvalidInputError(f"tensor {name!r}: {exc}") from None
-    groups = to_groups(values, layout)
-    per_side = outliers_per_side(config.outlier_ratio, config.group_size)
-    mask = None
-    if per_side:
-        positions, outlier_values, mask = split_outliers(groups, per_side)
-    arrays = config.make_codec().encode(groups, layout, mask)
-    specs = section_specs(tuple(x.shape), dtype, config)
     out = {}
     for section, spec in specs.items():
-        if section == "outlier_index":
-            out[section] = pack(positions.reshape(-1).numpy(), spec.bits).tobytes()
-        elif section == "outlier_value":
-            out[section] = _tensor_bytes(outlier_values.to(TORCH_DTYPES[dtype]))
-        elif spec.dtype == "code":
+        if spec.dtype == "code":
             out[section] = pack(arrays[section].reshape(-1).numpy(), spec.bits).tobytes()
         else:
             out[section] = _tensor_bytes(arrays[section].to(TORCH_DTYPES[spec.dtype]))
@@ -128,19 +117,20 @@ def decode_entry(
     Raises:
         FormatError: a section has the wrong size (only possible if not read through the reader).
     """
-    specs = section_specs(entry.shape, entry.dtype, entry.codec)
+    specs = section_specs(entry.shape, entry.dtype, entry.codec, entry.name)
     out_dtype = dtype or TORCH_DTYPES[entry.dtype]
     try:
         if entry.codec is None:
             return _from_bytes(sections["data"], entry.dtype).reshape(entry.shape).to(out_dtype)
-        layout = entry.layout
+        plan = entry.plan
+        layout = plan.layout
         arrays = {}
         for section, spec in specs.items():
             if spec.dtype == "code":
                 codes = torch.from_numpy(unpack(_as_uint8(sections[section]), spec.bits, spec.count))
                 if spec.kind == KIND_CODES:  # uint8, (n_groups, group_size)
                     arrays[section] = codes.reshape(layout.n_groups, layout.group_size)
-                else:  # outlier positions, used as scatter indices
+                else:  # outlier positions (scatter indices), rotation signs
                     arrays[section] = codes.long()
             else:
                 arrays[section] = _from_bytes(sections[section], spec.dtype).to(torch.float32)
@@ -148,14 +138,7 @@ def decode_entry(
                     raise FormatError(f"tensor {entry.name!r}: section {section} holds NaN or infinite values")
         if entry.n_elements == 0:  # the sections were still checked: a tensor-scope codebook exists
             return torch.empty(entry.shape, dtype=out_dtype)
-        groups = entry.codec.make_codec().decode(arrays, layout)
-        if "outlier_index" in arrays:
-            per_side = outliers_per_side(entry.codec.outlier_ratio, entry.codec.group_size)
-            positions = arrays["outlier_index"].reshape(layout.n_groups, 2 * per_side)
-            if positions.numel() and int(positions.max()) >= layout.group_size:
-                raise FormatError(f"tensor {entry.name!r}: outlier position beyond the group size")
-            merge_outliers(groups, positions, arrays["outlier_value"].reshape(layout.n_groups, 2 * per_side))
-        return from_groups(groups, layout).to(out_dtype)
+        return plan.decode(arrays).to(out_dtype)
     except InvalidInputError as exc:
         raise FormatError(f"tensor {entry.name!r}: {exc}") from None
 
@@ -195,11 +178,14 @@ def compress_tensors(
 ) -> list[TensorEntry]:
     """Write a dict of tensors to a ``.kvp``: ``layers.{i}.key|value`` quantized, the rest lossless.
 
-    With ``config=None`` every tensor is stored losslessly in its own dtype.
+    With ``config=None`` every tensor is stored losslessly in its own dtype. With
+    ``config.unrope``, the rotary frequencies come from the config (:meth:`CodecConfig.with_rope`)
+    or else from ``metadata`` (what ``kvpack dump`` records).
 
     Raises:
         InvalidInputError, OutputExistsError: see :func:`encode_tensor` and :class:`KvpWriter`.
     """
+    config = with_model_rope(config, metadata or {})
     with KvpWriter(path, _file_metadata(metadata or {}, config), force=force) as writer:
         for name, x in tensors.items():
             codec = config if parse_kv_name(name) else None
@@ -311,6 +297,7 @@ def compress_file(
     errors: dict[str, ErrorAccumulator] = {}
     with SafetensorsSource(input_path) as source:
         names = sorted(source.keys(), key=tensor_order)
+        config = with_model_rope(config, source.metadata)
         check_compressible(source, config)
         check_output_path(output_path, force)
         if Path(input_path).resolve() == Path(output_path).resolve():
@@ -342,6 +329,34 @@ def compress_file(
     return report
 
 
+def with_model_rope(config: CodecConfig | None, metadata: dict[str, str]) -> CodecConfig | None:
+    """``config`` with the rotary frequencies from a dump's ``metadata`` when it un-RoPEs keys without them.
+
+    Raises:
+        InvalidInputError: un-RoPE asked for, and the metadata records no rotary frequencies.
+    """
+    if config is None or not config.unrope or config.rope_inv_freq is not None:
+        return config
+    from kvpack.rope import rope_from_metadata
+
+    rope = rope_from_metadata(metadata)
+    return config.with_rope(rope.inv_freq, rope.attention_scaling)
+
+
+def kv_dims(path: str | os.PathLike) -> tuple[int, int]:
+    """``(num_kv_heads, head_dim)`` of the first K/V tensor of a safetensors dump (no data read).
+
+    Raises:
+        InvalidInputError, FormatError: unreadable file or no 4-D K/V tensor.
+    """
+    with SafetensorsSource(path) as source:
+        for name in sorted(source.keys(), key=tensor_order):
+            shape, _ = source.shape_dtype(name)
+            if parse_kv_name(name) and len(shape) == 4:
+                return int(shape[1]), int(shape[3])
+    raise InvalidInputError(f"{path}: no layers.<i>.key / layers.<i>.value tensors found")
+
+
 def tensor_order(name: str) -> tuple:
     """Sort key: K/V tensors by layer (numerically), key before value, then other tensors by name."""
     parsed = parse_kv_name(name)
@@ -365,7 +380,7 @@ def check_compressible(source: SafetensorsSource, config: CodecConfig) -> None:
                 f"tensor {name!r}: dtype {dtype} cannot be quantized (expected {', '.join(FLOAT_DTYPES)})"
             )
         try:
-            GroupLayout(tuple(shape), config.group_size)
+            plan_for(tuple(shape), dtype, name, config)
         except InvalidInputError as exc:
             raise InvalidInputError(f"tensor {name!r}: {exc}") from None
 

@@ -16,11 +16,30 @@ from typing import Any
 
 from kvpack.codecs import CodecParams, get_codec_class
 from kvpack.errors import InvalidInputError, brief, brief_list
+from kvpack.grouping import AXES, OUTLIER_SELECTIONS
 
 MIN_BITS, MAX_BITS = 1, 8
 MAX_GROUP_SIZE = 1 << 16
 MAX_OUTLIER_RATIO = 0.5
+MAX_KEPT_TOKENS = 1 << 40
+MAX_ROPE_OFFSET = 1 << 40
 _CONFIG_KEYS = ("method", "bits", "group_size", "outlier_ratio", "params")
+#: Keys added in format 1.2 (the tensor transforms), written only when not at their default,
+#: so a file that uses none of them is also a valid 1.1 file's content.
+TRANSFORM_DEFAULTS: dict[str, Any] = {
+    "key_axis": "token",
+    "value_axis": "token",
+    "keep_first": 0,
+    "keep_last": 0,
+    "outlier_select": "tails",
+    "rotate": "none",
+    "rotate_seed": 0,
+    "unrope": False,
+    "rope_dim": 0,
+    "rope_offset": 0,
+    "rope_scaling": 1.0,
+}
+ROTATIONS = ("none", "hadamard")
 
 
 @dataclass(frozen=True)
@@ -31,28 +50,70 @@ class CodecConfig:
         method: registered codec name (``uniform``, ``normal``, ``adaptive``).
         bits: code width in bits, 1 to 8.
         group_size: elements per group; must divide ``num_kv_heads * head_dim`` of each tensor.
-        outlier_ratio: fraction of each group kept exactly (half the lowest, half the
-            highest values), in ``[0, 0.5)``.
+        outlier_ratio: fraction of each group kept exactly, in ``[0, 0.5)``.
         params: the codec's option dataclass; ``None`` means its defaults.
+        key_axis, value_axis: ``token`` (groups along each token's features) or ``channel``
+            (groups of ``group_size`` consecutive tokens of one channel; KIVI, arXiv 2402.02750;
+            KVQuant, arXiv 2401.18079). Key settings apply to ``layers.{i}.key`` tensors, value
+            settings to every other quantized tensor.
+        keep_first, keep_last: tokens at the start (attention sinks) and end (most recent)
+            of every K/V tensor stored exactly in the tensor's dtype (KIVI, KVQuant).
+        outlier_select: ``tails`` (half the lowest, half the highest values; QAQ) or
+            ``magnitude`` (largest ``|x|``; KVQuant's dense-and-sparse).
+        rotate: ``none`` or ``hadamard`` (normalized Walsh-Hadamard times a random sign per
+            channel, seeded by ``rotate_seed``, applied to each head vector; QuaRot, arXiv
+            2404.00456).
+        unrope: keys are rotated back to before the rotary position embedding before
+            quantizing, and re-rotated when decoding (KVQuant's pre-RoPE keys). Needs the
+            model's rotary frequencies (``rope_inv_freq``, not serialized: stored as a section),
+            ``rope_dim`` (rotated channels, 0 = all of head_dim), ``rope_offset`` (position of
+            the first token) and ``rope_scaling`` (the factor on cos / sin).
 
     Raises:
         InvalidInputError: any field out of range or of the wrong type.
     """
 
     method: str
-    bits: int = 4
-    group_size: int = 64
+    bits: int | None = None
+    group_size: int | None = None
     outlier_ratio: float = 0.0
     params: CodecParams | None = field(default=None)
+    key_axis: str = "token"
+    value_axis: str = "token"
+    keep_first: int = 0
+    keep_last: int = 0
+    outlier_select: str = "tails"
+    rotate: str = "none"
+    rotate_seed: int = 0
+    unrope: bool = False
+    rope_dim: int = 0
+    rope_offset: int = 0
+    rope_scaling: float = 1.0
+    rope_inv_freq: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         codec_class = get_codec_class(self.method)
+        if self.bits is None:
+            object.__setattr__(self, "bits", codec_class.fixed_bits or 4)
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", codec_class.block_size or 64)
         if type(self.bits) is not int or not MIN_BITS <= self.bits <= MAX_BITS:
             raise InvalidInputError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {brief(self.bits)}")
+        if codec_class.fixed_bits is not None and self.bits != codec_class.fixed_bits:
+            raise InvalidInputError(
+                f"method {self.method} has {codec_class.fixed_bits}-bit elements; got bits {self.bits} "
+                f"(omit --bits or use {codec_class.fixed_bits})"
+            )
         if type(self.group_size) is not int or not 1 <= self.group_size <= MAX_GROUP_SIZE:
             raise InvalidInputError(
                 f"group size must be an integer from 1 to {MAX_GROUP_SIZE}, got {brief(self.group_size)}"
             )
+        if codec_class.block_size is not None and self.group_size != codec_class.block_size:
+            raise InvalidInputError(
+                f"method {self.method} uses blocks of {codec_class.block_size} elements (its spec fixes them); "
+                f"got group size {self.group_size} (omit --group-size or use {codec_class.block_size})"
+            )
+        self._check_transforms()
         ratio = self.outlier_ratio
         if type(ratio) not in (int, float) or not 0 <= ratio < MAX_OUTLIER_RATIO:  # NaN and inf fail the range
             raise InvalidInputError(f"outlier ratio must be a number in [0, {MAX_OUTLIER_RATIO}), got {brief(ratio)}")
@@ -64,11 +125,56 @@ class CodecConfig:
                 f"options of type {type(self.params).__name__} do not belong to method {self.method!r}"
             )
 
+    def _check_transforms(self) -> None:
+        choices = {
+            "key_axis": AXES,
+            "value_axis": AXES,
+            "outlier_select": OUTLIER_SELECTIONS,
+            "rotate": ROTATIONS,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise InvalidInputError(f"{name} must be one of {', '.join(allowed)}, got {brief(value)}")
+        for name, limit in (
+            ("keep_first", MAX_KEPT_TOKENS),
+            ("keep_last", MAX_KEPT_TOKENS),
+            ("rope_offset", MAX_ROPE_OFFSET),
+            ("rope_dim", MAX_GROUP_SIZE),
+            ("rotate_seed", 1 << 63),
+        ):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value < limit:
+                raise InvalidInputError(f"{name} must be an integer from 0 to {limit - 1}, got {brief(value)}")
+        if type(self.unrope) is not bool:
+            raise InvalidInputError(f"unrope must be true or false, got {brief(self.unrope)}")
+        if self.rope_dim % 2:
+            raise InvalidInputError(f"rope_dim must be even, got {self.rope_dim}")
+        scaling = self.rope_scaling
+        if type(scaling) not in (int, float) or not 0 < scaling < 1e6:  # NaN fails too
+            raise InvalidInputError(f"rope_scaling must be a positive number, got {brief(scaling)}")
+        object.__setattr__(self, "rope_scaling", float(scaling))
+        if self.rope_inv_freq is not None:
+            object.__setattr__(self, "rope_inv_freq", tuple(float(f) for f in self.rope_inv_freq))
+
+    def axis_for(self, role: str) -> str:
+        """Group axis of a ``key`` or ``value`` tensor."""
+        return self.key_axis if role == "key" else self.value_axis
+
     @classmethod
     def build(
-        cls, method: str, bits: int = 4, group_size: int = 64, outlier_ratio: float = 0.0, **options: Any
+        cls,
+        method: str,
+        bits: int | None = None,
+        group_size: int | None = None,
+        outlier_ratio: float = 0.0,
+        transforms: dict[str, Any] | None = None,
+        **options: Any,
     ) -> CodecConfig:
         """Config from flat options; ``options`` go to the codec's parameter dataclass.
+
+        ``bits`` / ``group_size`` default to the codec's fixed element width / block size,
+        else 4 / 64; ``transforms`` holds any of :data:`TRANSFORM_DEFAULTS`' keys.
 
         Raises:
             InvalidInputError: unknown method, an option the method does not take, or a bad value.
@@ -78,18 +184,38 @@ class CodecConfig:
             params = codec_class.Params.from_dict(options)
         except InvalidInputError as exc:
             raise InvalidInputError(f"method {brief(method)}: {exc}") from None
-        return cls(method, bits, group_size, outlier_ratio, params)
+        transforms = dict(transforms or {})
+        unknown = sorted(set(transforms) - set(TRANSFORM_DEFAULTS))
+        if unknown:
+            raise InvalidInputError(f"unknown option(s) {brief_list(unknown)}")
+        return cls(method, bits, group_size, outlier_ratio, params, **transforms)
+
+    def transforms(self) -> dict[str, Any]:
+        """The 1.2 transform settings that differ from their defaults."""
+        return {k: getattr(self, k) for k, v in TRANSFORM_DEFAULTS.items() if getattr(self, k) != v}
+
+    def with_rope(self, inv_freq: tuple[float, ...], scaling: float, offset: int = 0) -> CodecConfig:
+        """This config with the rotary parameters un-RoPE needs (``inv_freq``: ``rope_dim / 2`` values)."""
+        return dataclasses.replace(
+            self,
+            rope_inv_freq=tuple(inv_freq),
+            rope_dim=2 * len(inv_freq),
+            rope_scaling=scaling,
+            rope_offset=offset,
+        )
 
     def make_codec(self):
         return get_codec_class(self.method)(self.bits, self.params)
 
     def to_dict(self) -> dict[str, Any]:
+        """The five base keys plus the transform keys not at their defaults (JSON-ready)."""
         return {
             "method": self.method,
             "bits": self.bits,
             "group_size": self.group_size,
             "outlier_ratio": self.outlier_ratio,
             "params": self.params.to_dict(),
+            **self.transforms(),
         }
 
     @classmethod
@@ -97,30 +223,47 @@ class CodecConfig:
         """Inverse of :meth:`to_dict`; accepts only known keys and registered methods.
 
         Raises:
-            InvalidInputError: unknown keys, unknown method or a bad value.
+            InvalidInputError: missing or unknown keys, unknown method or a bad value.
         """
-        if not isinstance(data, dict) or set(data) != set(_CONFIG_KEYS):
-            raise InvalidInputError(f"a codec config needs exactly the keys {', '.join(_CONFIG_KEYS)}")
+        if not isinstance(data, dict) or not set(_CONFIG_KEYS) <= set(data):
+            raise InvalidInputError(f"a codec config needs the keys {', '.join(_CONFIG_KEYS)}")
+        unknown = sorted(set(data) - set(_CONFIG_KEYS) - set(TRANSFORM_DEFAULTS))
+        if unknown:
+            raise InvalidInputError(f"unknown codec config key(s) {brief_list(unknown)}")
         if not isinstance(data["method"], str):
             raise InvalidInputError("codec method must be a string")
+        if type(data["bits"]) is not int or type(data["group_size"]) is not int:
+            raise InvalidInputError("bits and group_size must be integers")
         params = get_codec_class(data["method"]).Params.from_dict(data["params"])
-        return cls(data["method"], data["bits"], data["group_size"], data["outlier_ratio"], params)
+        transforms = {k: data[k] for k in TRANSFORM_DEFAULTS if k in data}
+        return cls(data["method"], data["bits"], data["group_size"], data["outlier_ratio"], params, **transforms)
 
     def describe(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.params.to_dict().items())
         text = f"{self.method} {self.bits}-bit, group {self.group_size}"
         if self.outlier_ratio:
             text += f", outliers {self.outlier_ratio:g}"
+            if self.outlier_select != "tails":
+                text += f" ({self.outlier_select})"
+        if self.key_axis != "token" or self.value_axis != "token":
+            text += f", keys per {self.key_axis}, values per {self.value_axis}"
+        if self.keep_first or self.keep_last:
+            text += f", exact first {self.keep_first} / last {self.keep_last} tokens"
+        if self.rotate != "none":
+            text += f", {self.rotate} rotation"
+        if self.unrope:
+            text += ", pre-RoPE keys"
         return f"{text}" + (f" ({options})" if options else "")
 
 
 def load_codec_config(path: str | Path) -> CodecConfig:
     """A codec config from a JSON or TOML file.
 
-    Accepted forms: ``{"method", "bits", "group_size", "outlier_ratio", "params"}`` (what
-    :meth:`CodecConfig.to_dict` and ``compress --json`` write, also under a ``"config"``
-    key), or flat: ``method`` plus any of ``bits``, ``group_size``, ``outlier_ratio`` and
-    the codec's options.
+    Accepted forms: ``{"method", "bits", "group_size", "outlier_ratio", "params", ...transforms}``
+    (what :meth:`CodecConfig.to_dict` and ``compress --json`` write, also under a ``"config"``
+    key), or flat: ``method`` plus any of ``bits``, ``group_size``, ``outlier_ratio``, the
+    transform keys (``key_axis``, ``keep_first``, ``rotate``, ``unrope``, ...) and the
+    codec's options.
 
     Raises:
         InvalidInputError: missing or unreadable file, invalid JSON/TOML, unknown keys or values.
@@ -144,19 +287,38 @@ def load_codec_config(path: str | Path) -> CodecConfig:
         raise InvalidInputError(f"{path}: a codec config needs a string 'method'")
     try:
         if "params" in data:
-            return CodecConfig.from_dict({"bits": 4, "group_size": 64, "outlier_ratio": 0.0, **data})
-        flat = dict(data)
-        method = flat.pop("method")
-        options = {f.name for f in dataclasses.fields(get_codec_class(method).Params)}
-        unknown = sorted(set(flat) - options - {"bits", "group_size", "outlier_ratio"})
-        if unknown:
-            raise InvalidInputError(
-                f"unknown key(s) {brief_list(unknown)}; accepted: method, bits, group_size, outlier_ratio"
-                + (f" and the {method} options {', '.join(sorted(options))}" if options else "")
-            )
-        main = {key: flat.pop(key) for key in ("bits", "group_size", "outlier_ratio") if key in flat}
-        return CodecConfig.build(method, **main, **flat)
+            codec_class = get_codec_class(data["method"])
+            defaults = {"bits": codec_class.fixed_bits or 4, "group_size": codec_class.block_size or 64}
+            return CodecConfig.from_dict({**defaults, "outlier_ratio": 0.0, **data})
+        return config_from_flat(data)
     except InvalidInputError as exc:
         raise InvalidInputError(f"{path}: {exc}") from None
     except TypeError as exc:
         raise InvalidInputError(f"{path}: {exc}") from None
+
+
+def config_from_flat(data: dict[str, Any]) -> CodecConfig:
+    """A config from flat keys: ``method`` plus any of ``bits``, ``group_size``,
+    ``outlier_ratio``, the transform keys and the codec's options.
+
+    Raises:
+        InvalidInputError: a missing method, unknown keys or a bad value.
+    """
+    flat = dict(data)
+    method = flat.pop("method", None)
+    if not isinstance(method, str):
+        raise InvalidInputError("a codec config needs a string 'method'")
+    options = {f.name for f in dataclasses.fields(get_codec_class(method).Params)}
+    unknown = sorted(set(flat) - options - {"bits", "group_size", "outlier_ratio"} - set(TRANSFORM_DEFAULTS))
+    if unknown:
+        raise InvalidInputError(
+            f"unknown key(s) {brief_list(unknown)}; accepted: method, bits, group_size, outlier_ratio, "
+            f"{', '.join(TRANSFORM_DEFAULTS)}"
+            + (f" and the {method} options {', '.join(sorted(options))}" if options else "")
+        )
+    main = {key: flat.pop(key) for key in ("bits", "group_size", "outlier_ratio") if key in flat}
+    transforms = {key: flat.pop(key) for key in TRANSFORM_DEFAULTS if key in flat}
+    try:
+        return CodecConfig.build(method, **main, transforms=transforms, **flat)
+    except TypeError as exc:
+        raise InvalidInputError(str(exc)) from None

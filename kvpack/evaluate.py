@@ -25,6 +25,7 @@ Everything runs in the model's dtype on its device with fixed seeds and is deter
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import tempfile
@@ -118,8 +119,9 @@ class EvalMethod:
 def codec_label(config: CodecConfig) -> str:
     """Short label such as ``uniform-4 g64``, ``uniform-3 g128 sym`` or ``adaptive-3 g64 o0.01 meanstd``.
 
-    Options that differ from the codec's defaults are appended: ``sym`` / ``asym`` for
-    ``symmetric``, the value for a choice, ``name=value`` otherwise.
+    Transforms follow (``o0.01m`` magnitude outliers, ``Kch/Vto`` axes, ``unrope``,
+    ``hadamard``, ``keep1/128`` protected tokens), then options that differ from the codec's
+    defaults: ``sym`` / ``asym`` for ``symmetric``, the value for a choice, ``name=value`` otherwise.
     """
     from kvpack.codecs import get_codec_class
 
@@ -136,7 +138,15 @@ def codec_label(config: CodecConfig) -> str:
             options.append(f"{key}={value}")
     text = f"{config.method}-{config.bits} g{config.group_size}"
     if config.outlier_ratio:
-        text += f" o{config.outlier_ratio:g}"
+        text += f" o{config.outlier_ratio:g}" + ("m" if config.outlier_select == "magnitude" else "")
+    if config.key_axis != "token" or config.value_axis != "token":
+        text += f" K{config.key_axis[:2]}/V{config.value_axis[:2]}"
+    if config.unrope:
+        text += " unrope"
+    if config.rotate != "none":
+        text += f" {config.rotate}" + (f"@{config.rotate_seed}" if config.rotate_seed else "")
+    if config.keep_first or config.keep_last:
+        text += f" keep{config.keep_first}/{config.keep_last}"
     return " ".join([text, *options])
 
 
@@ -265,26 +275,32 @@ def _reconstruct(
     return restored, float(bits)
 
 
-def check_methods(model: Any, methods: list[EvalMethod]) -> None:
+def check_methods(model: Any, methods: list[EvalMethod]) -> list[EvalMethod]:
     """Refuse, before any work, a method that cannot encode this model's K/V tensors.
+
+    Returns:
+        The methods, with the model's rotary frequencies in codec configs that un-RoPE keys.
 
     Raises:
         InvalidInputError: a group size that does not divide ``num_kv_heads * head_dim``,
             or a KIVI baseline on a ``head_dim`` that is not a multiple of 32.
     """
     from kvpack.baselines import KIVI_GROUP
-    from kvpack.dump import check_group_size, kv_head_shape
+    from kvpack.dump import check_codec_fits, kv_head_shape
 
     lm = unwrap_model(model)[0]
     head_dim = kv_head_shape(lm)[1]
+    checked = []
     for method in methods:
         if method.config is not None:
             try:
-                check_group_size(lm, method.config.group_size)
+                method = dataclasses.replace(method, config=check_codec_fits(lm, method.config))
             except InvalidInputError as exc:
                 raise InvalidInputError(f"{method.label}: {exc}") from None
         elif (method.baseline or "").startswith("kivi") and head_dim and head_dim % KIVI_GROUP:
             raise InvalidInputError(f"{method.label}: KIVI needs head_dim divisible by {KIVI_GROUP}, got {head_dim}")
+        checked.append(method)
+    return checked
 
 
 def _continue(lm: Any, tensors: dict[str, torch.Tensor], tokens: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -331,7 +347,7 @@ def evaluate(
         raise InvalidInputError(f"method labels must be unique: {labels}")
     ids = torch.as_tensor(token_ids).reshape(1, -1).to(torch.int64)
     offsets = protocol.offsets(ids.shape[1])
-    check_methods(lm, methods)
+    methods = check_methods(lm, methods)
     torch.manual_seed(0)
     totals: dict[str, _Totals] = {}
     ref_nll, n_targets = 0.0, 0

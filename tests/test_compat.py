@@ -24,12 +24,41 @@ def edited(header_edit, version=(1, 7), data: bytes | None = None) -> bytes:
     return with_header(data, dumps(header), version=version)
 
 
-def test_older_minor_version_reads_like_the_current_one():
-    for older in sorted((GOLDEN_DIR / "v1.0").glob("*.kvp")):
+@pytest.mark.parametrize("version", [(1, 0), (1, 1)])
+def test_older_minor_version_reads_like_the_current_one(version):
+    folder = GOLDEN_DIR / "v{}.{}".format(*version)
+    for older in sorted(folder.glob("*.kvp")):
         with KvpReader(older) as reader:
-            assert reader.version == (1, 0)
+            assert reader.version == version
         old, new = load_kvp(older)[0], load_kvp(current_folder() / older.name)[0]
         assert all(torch.equal(old[name], new[name]) for name in new)
+
+
+# every key format 1.1 defined: what a 1.1 reader accepts in `required`
+KEYS_OF_1_1 = {"metadata", "tensors", "required", "shape", "dtype", "codec", "sections", "offset", "length"} | {
+    "crc32",
+    "method",
+    "bits",
+    "group_size",
+    "outlier_ratio",
+    "params",
+    "symmetric",
+    "normalization",
+    "codebook_scope",
+}
+
+
+def test_files_using_the_1_2_transforms_require_them_and_others_look_like_1_1():
+    """A 1.1 reader refuses a file that uses a transform (its `required` names keys 1.1 lacks);
+    a file that uses none has only 1.1 keys and codecs."""
+    for path in sorted(current_folder().glob("*.kvp")):
+        header = json.loads(header_json(path.read_bytes()))
+        used = set()
+        for entry in header["tensors"].values():
+            if entry["codec"] is not None:
+                used |= set(entry["codec"]) - KEYS_OF_1_1
+        assert sorted(used) == header.get("required", []), path.name
+        assert not used & KEYS_OF_1_1
 
 
 def test_newer_minor_version_with_unknown_optional_keys_and_sections_reads(tmp_path):
@@ -61,8 +90,8 @@ def test_newer_minor_version_with_unknown_optional_keys_and_sections_reads(tmp_p
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda h: h.update(required=["key_axis"]), "requires unknown header key.*'key_axis'"),
-        (lambda h: h["tensors"]["layers.0.key"]["codec"].update(method="fp4-e2m1"), "unknown method 'fp4-e2m1'"),
+        (lambda h: h.update(required=["entropy_coder"]), "requires unknown header key.*'entropy_coder'"),
+        (lambda h: h["tensors"]["layers.0.key"]["codec"].update(method="lattice-e8"), "unknown method 'lattice-e8'"),
         (lambda h: h["tensors"]["layers.0.key"]["codec"]["params"].update(key_axis="channel"), "key_axis"),
         (lambda h: h["tensors"]["layers.0.key"]["codec"].update(bits=12), "bits"),
         (lambda h: h["tensors"]["token_ids"].update(dtype="uint32"), "unsupported dtype 'uint32'"),
@@ -73,9 +102,9 @@ def test_newer_minor_version_needing_something_unknown_names_both_versions(edit,
     path.write_bytes(edited(edit, version=(1, 7)))
     with pytest.raises(UnsupportedVersionError, match=message) as info:
         KvpReader(path)
-    assert "the file is format 1.7, this kvpack reads up to 1.1; upgrade kvpack" in str(info.value)
+    assert "the file is format 1.7, this kvpack reads up to 1.2; upgrade kvpack" in str(info.value)
     # the same header in a file claiming the current version is corruption, not a version problem
-    path.write_bytes(edited(edit, version=(1, 1)))
+    path.write_bytes(edited(edit, version=(1, 2)))
     with pytest.raises(FormatError, match="corrupted header") as info:
         KvpReader(path)
     assert not isinstance(info.value, UnsupportedVersionError)
@@ -86,5 +115,5 @@ def test_newer_major_version_is_refused_naming_both(tmp_path):
     data = SAMPLE.read_bytes()
     _, _, _, flags, offset, length, crc, _ = preamble_fields(data)
     path.write_bytes(pack_preamble(2, 0, flags, offset, length, crc) + data[64:])
-    with pytest.raises(UnsupportedVersionError, match=r"format version 2\.0 is newer .* reads \(1\.1\); upgrade"):
+    with pytest.raises(UnsupportedVersionError, match=r"format version 2\.0 is newer .* reads \(1\.2\); upgrade"):
         KvpReader(path)

@@ -165,7 +165,7 @@ def deep_nesting(rng, header, text):
 
 
 def required_keys(rng, header, text):
-    header["required"] = rng.choice([["key_axis"], "x", [1], [], ["required"]])
+    header["required"] = rng.choice([["entropy_coder"], "x", [1], [], ["required"]])
     return dumps(header)
 
 

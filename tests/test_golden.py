@@ -18,12 +18,17 @@ import zstandard
 from kvpack import load_kvp
 from kvpack.errors import FormatError
 from kvpack.formats.reader import KvpReader
-from tests.golden_files import GOLDEN, GOLDEN_DIR, current_folder, golden_inputs, write_golden
+from tests.golden_files import GOLDEN, GOLDEN_DIR, SINCE, current_folder, golden_inputs, write_golden
 from tests.kvp_bytes import with_header
 
 SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "kvp-header.schema.json"
 VERSION_FOLDERS = sorted(p for p in GOLDEN_DIR.iterdir() if p.is_dir())
-GOLDEN_PATHS = [folder / f"{name}.kvp" for folder in VERSION_FOLDERS for name in GOLDEN]
+GOLDEN_PATHS = [
+    folder / f"{name}.kvp"
+    for folder in VERSION_FOLDERS
+    for name in GOLDEN
+    if SINCE.get(name, (1, 0)) <= tuple(int(part) for part in folder.name[1:].split("."))
+]
 STORAGE = {
     "float64": np.dtype("<f8"),
     "float32": np.dtype("<f4"),
@@ -145,7 +150,7 @@ def decode_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_every_version_folder_holds_every_golden_file():
-    assert [p.name for p in VERSION_FOLDERS] == ["v1.0", "v1.1"]
+    assert [p.name for p in VERSION_FOLDERS] == ["v1.0", "v1.1", "v1.2"]
     assert all(p.is_file() for p in GOLDEN_PATHS)
 
 

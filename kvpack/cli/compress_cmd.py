@@ -8,17 +8,28 @@ from typing import Annotated, Optional
 import typer
 
 from kvpack.cli.options import (
-    Bits,
     CodebookScope,
     Force,
-    GroupSize,
     JsonPath,
-    Method,
+    KeepFirst,
+    KeepLast,
+    KeyAxis,
+    Level,
+    MaybeBits,
+    MaybeGroupSize,
+    MaybeMethod,
+    MaybeOutlierRatio,
     Normalization,
-    OutlierRatio,
+    OutlierSelect,
     PerLayer,
+    PresetName,
+    Rotate,
+    RotateSeed,
     Symmetric,
-    codec_options,
+    Unrope,
+    ValueAxis,
+    build_codec,
+    codec_flags,
 )
 from kvpack.cli.render import (
     bits_table,
@@ -43,28 +54,40 @@ def compress(
     output: Annotated[
         Optional[Path], typer.Option("--output", "-o", help="Output .kvp (default: INPUT with .kvp).", dir_okay=False)
     ] = None,
-    method: Method = "adaptive",
-    bits: Bits = 4,
-    group_size: GroupSize = 64,
+    preset: PresetName = None,
+    method: MaybeMethod = None,
+    bits: MaybeBits = None,
+    group_size: MaybeGroupSize = None,
+    level: Level = None,
+    key_axis: KeyAxis = None,
+    value_axis: ValueAxis = None,
     symmetric: Symmetric = None,
-    outlier_ratio: OutlierRatio = 0.0,
+    outlier_ratio: MaybeOutlierRatio = None,
+    outlier_select: OutlierSelect = None,
     codebook_scope: CodebookScope = None,
     normalization: Normalization = None,
+    keep_first: KeepFirst = None,
+    keep_last: KeepLast = None,
+    rotate: Rotate = None,
+    rotate_seed: RotateSeed = None,
+    unrope: Unrope = None,
     per_layer: PerLayer = False,
     json_path: JsonPath = None,
     force: Force = False,
 ) -> None:
     """Quantize every K and V tensor of a dump into a bit-packed .kvp file and report size and error.
 
-    Example: kvpack compress cache.safetensors --method adaptive --bits 3 --group-size 64
+    Examples: kvpack compress cache.safetensors --method adaptive --bits 3 --group-size 64;
+    kvpack compress cache.safetensors --preset kivi-2;
+    kvpack compress cache.safetensors --method uniform --bits 3 --key-axis channel --unrope --keep-first 1
     """
-    from kvpack.api import compress_file
-    from kvpack.config import CodecConfig
+    from kvpack.api import compress_file, kv_dims
     from kvpack.formats.writer import check_output_path
 
-    config = CodecConfig.build(
-        method, bits, group_size, outlier_ratio, **codec_options(symmetric, codebook_scope, normalization)
-    )
+    flags = codec_flags(locals())
+    config = build_codec(flags)  # every flag checked before the input is read
+    if level is not None:
+        config = build_codec(flags, kv_dims(input))
     output = output or input.with_suffix(".kvp")
     json_to_stdout = json_path is not None and str(json_path) == "-"
     if json_path is not None and not json_to_stdout:

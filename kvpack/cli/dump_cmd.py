@@ -13,14 +13,25 @@ from kvpack.cli.options import (
     DumpDtype,
     Force,
     GgufFile,
+    KeepFirst,
+    KeepLast,
+    KeyAxis,
+    Level,
     MaybeBits,
     MaybeGroupSize,
     MaybeMethod,
     MaybeOutlierRatio,
     ModelName,
     Normalization,
+    OutlierSelect,
+    PresetName,
+    Rotate,
+    RotateSeed,
     Symmetric,
+    Unrope,
+    ValueAxis,
     build_codec,
+    codec_flags,
     given_codec_flags,
 )
 from kvpack.cli.render import err_console, human_bytes, progress_bar, say
@@ -47,13 +58,23 @@ def dump(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Keep at most this many tokens.")] = None,
     dtype: DumpDtype = "float16",
     device: Device = "cpu",
+    preset: PresetName = None,
     method: MaybeMethod = None,
     bits: MaybeBits = None,
     group_size: MaybeGroupSize = None,
+    level: Level = None,
+    key_axis: KeyAxis = None,
+    value_axis: ValueAxis = None,
     symmetric: Symmetric = None,
     outlier_ratio: MaybeOutlierRatio = None,
+    outlier_select: OutlierSelect = None,
     codebook_scope: CodebookScope = None,
     normalization: Normalization = None,
+    keep_first: KeepFirst = None,
+    keep_last: KeepLast = None,
+    rotate: Rotate = None,
+    rotate_seed: RotateSeed = None,
+    unrope: Unrope = None,
     lossless: Annotated[
         bool, typer.Option("--lossless", help=".kvp output: store K/V exactly (in --dtype), no codec.")
     ] = False,
@@ -68,7 +89,7 @@ def dump(
     Examples: kvpack dump --text-file doc.txt --max-tokens 2048 -o cache.safetensors;
     kvpack dump --prompt "You are ..." -o prompt.kvp --method uniform --bits 4
     """
-    from kvpack.dump import DUMP_DTYPES, bundled_text, check_group_size, dump_cache, load_model
+    from kvpack.dump import DUMP_DTYPES, bundled_text, check_codec_fits, dump_cache, kv_head_shape, load_model
     from kvpack.formats.safetensors_io import write_safetensors
     from kvpack.formats.writer import check_output_path
 
@@ -77,9 +98,8 @@ def dump(
     if dtype not in DUMP_DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DUMP_DTYPES)}, got {dtype!r}")
     to_kvp = output.suffix.lower() == ".kvp"
-    given = given_codec_flags(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization) + (
-        ["--lossless"] if lossless else []
-    )
+    flags = codec_flags(locals())
+    given = given_codec_flags(flags) + (["--lossless"] if lossless else [])
     config = None
     if not to_kvp and given:
         verb = "applies" if len(given) == 1 else "apply"
@@ -87,7 +107,7 @@ def dump(
     if lossless and len(given) > 1:
         raise InvalidInputError("--lossless stores K/V exactly; drop the codec options")
     if to_kvp and not lossless:
-        config = build_codec(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization)
+        config = build_codec(flags)  # every flag checked before the model loads
     check_output_path(output, force)
     if text_file is not None:
         text = read_text_file(text_file)
@@ -99,7 +119,9 @@ def dump(
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
     if config is not None:
-        check_group_size(loaded.model, config.group_size)
+        if level is not None:
+            config = build_codec(flags, kv_head_shape(loaded.model))
+        config = check_codec_fits(loaded.model, config)
     with progress_bar("prefill tokens") as update:
         tensors, metadata = dump_cache(
             loaded, text, max_tokens, dtype, progress=lambda done, total: update(done, total)

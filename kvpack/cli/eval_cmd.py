@@ -14,16 +14,27 @@ from kvpack.cli.options import (
     Force,
     GgufFile,
     JsonPath,
+    KeepFirst,
+    KeepLast,
+    KeyAxis,
+    Level,
     MaybeBits,
     MaybeGroupSize,
     MaybeMethod,
     MaybeOutlierRatio,
     ModelName,
     Normalization,
+    OutlierSelect,
     Prefix,
+    PresetName,
+    Rotate,
+    RotateSeed,
     Symmetric,
+    Unrope,
+    ValueAxis,
     Windows,
     build_codec,
+    codec_flags,
     given_codec_flags,
 )
 from kvpack.cli.render import console, err_console, print_json, progress_bar, quality_table, say, write_json
@@ -42,13 +53,23 @@ def evaluate(
     prefix: Prefix = 1024,
     continuation: Continuation = 256,
     windows: Windows = 8,
+    preset: PresetName = None,
     method: MaybeMethod = None,
     bits: MaybeBits = None,
     group_size: MaybeGroupSize = None,
+    level: Level = None,
+    key_axis: KeyAxis = None,
+    value_axis: ValueAxis = None,
     symmetric: Symmetric = None,
     outlier_ratio: MaybeOutlierRatio = None,
+    outlier_select: OutlierSelect = None,
     codebook_scope: CodebookScope = None,
     normalization: Normalization = None,
+    keep_first: KeepFirst = None,
+    keep_last: KeepLast = None,
+    rotate: Rotate = None,
+    rotate_seed: RotateSeed = None,
+    unrope: Unrope = None,
     config_file: Annotated[
         Optional[Path],
         typer.Option("--config", help="Codec config file (JSON or TOML), instead of codec options.", dir_okay=False),
@@ -79,7 +100,8 @@ def evaluate(
     from kvpack.formats.writer import check_output_path
 
     protocol = EvalProtocol(prefix, continuation, windows)
-    codec_given = given_codec_flags(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization)
+    flags = codec_flags(locals())
+    codec_given = given_codec_flags(flags)
     if config_file is not None and baseline is not None:
         raise InvalidInputError("give --config or --baseline, not both")
     if (config_file is not None or baseline is not None) and codec_given:
@@ -87,11 +109,7 @@ def evaluate(
     if baseline is not None:
         chosen = EvalMethod.named_baseline(baseline)
     else:
-        config = (
-            load_codec_config(config_file)
-            if config_file is not None
-            else build_codec(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization)
-        )
+        config = load_codec_config(config_file) if config_file is not None else build_codec(flags)
         chosen = EvalMethod.codec(config)
     json_to_stdout = json_path is not None and str(json_path) == "-"
     if json_path is not None and not json_to_stdout:
@@ -99,6 +117,10 @@ def evaluate(
     text = read_text_file(text_file)
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
+    if level is not None and chosen.config is not None:
+        from kvpack.dump import kv_head_shape
+
+        chosen = EvalMethod.codec(build_codec(flags, kv_head_shape(loaded.model)))
     token_ids = tokenize(loaded.tokenizer, text)
     protocol.offsets(token_ids.shape[1])  # too short a text fails before any work
     with progress_bar("eval") as update:

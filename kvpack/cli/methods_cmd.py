@@ -14,18 +14,67 @@ def register(app: typer.Typer) -> None:
 
 
 def methods() -> None:
-    """List the codecs (--method), their options and sources, and the evaluation baselines."""
+    """List the codecs (--method), the transforms every codec takes, the presets (--preset) and the baselines."""
     from kvpack.baselines import BASELINES
     from kvpack.codecs import Codec
+    from kvpack.presets import PRESETS
 
     for name, codec in sorted(Codec.registry.items()):
         options = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(codec.Params)) or "none"
         say(f"{name}: {codec.summary}")
         say(f"    options (defaults): {options}")
+        fixed = []
+        if codec.fixed_bits is not None:
+            fixed.append(f"{codec.fixed_bits}-bit elements")
+        if codec.block_size is not None:
+            fixed.append(f"blocks of {codec.block_size}")
+        if fixed:
+            say(f"    fixed by its spec: {', '.join(fixed)}")
         say(f"    source: {codec.source}")
+    say("")
+    say("transforms, with every codec (flags of compress, eval and dump):")
+    for flag, text in TRANSFORM_HELP:
+        say(f"  {flag}: {text}")
+    say("")
+    say("presets (--preset NAME; flags given with it override it):")
+    for preset in PRESETS.values():
+        say(f"{preset.name}: {preset.summary}")
+        say(f"    expands to: {preset_flags(preset.options)}")
+        say(f"    source: {preset.source}")
     say("")
     say("baselines for `kvpack eval --baseline` and sweeps (not .kvp codecs):")
     say("fp16: the reference float16 cache, stored losslessly in a real .kvp")
     for name, baseline in BASELINES.items():
         say(f"{name}: {baseline.summary}")
         say(f"    source: {baseline.source}")
+
+
+TRANSFORM_HELP = (
+    (
+        "--key-axis / --value-axis token|channel",
+        "groups along each token's features, or along G consecutive tokens of one channel "
+        "(KIVI arXiv 2402.02750, KVQuant arXiv 2401.18079); channel-axis remainder tokens are stored exactly",
+    ),
+    ("--level head|layer", "QAQ (arXiv 2403.04643) group of one token and head / one token and layer"),
+    ("--keep-first N / --keep-last N", "tokens stored exactly (attention sinks / most recent), counted in the bits"),
+    ("--outlier-ratio R --outlier-select tails|magnitude", "values kept exactly per group (QAQ tails, KVQuant |x|)"),
+    (
+        "--rotate hadamard [--rotate-seed S]",
+        "seeded sign flip + normalized Walsh-Hadamard on each head vector (QuaRot arXiv 2404.00456); "
+        "a head_dim that is not a power of two is rotated in blocks of its largest power-of-two divisor",
+    ),
+    ("--unrope", "keys quantized before RoPE, rotated back exactly on decode (KVQuant pre-RoPE keys)"),
+)
+
+
+def preset_flags(options: dict) -> str:
+    """A preset's options written as command-line flags."""
+    flat = {k: v for k, v in options.items() if k != "transforms"} | options.get("transforms", {})
+    parts = []
+    for key, value in flat.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)

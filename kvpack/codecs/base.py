@@ -23,6 +23,8 @@ KIND_CODES = "codes"
 KIND_SCALES = "scales"  # scales and zero-points
 KIND_CODEBOOKS = "codebooks"
 KIND_OUTLIERS = "outliers"
+KIND_EXACT = "exact"  # protected tokens stored exactly (keep_first / keep_last, channel-axis remainder)
+KIND_TRANSFORM = "transform"  # per-tensor parameters of a transform (rotation signs, rotary frequencies)
 KIND_DATA = "data"  # lossless tensors
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -96,6 +98,10 @@ class Codec(ABC):
     summary: ClassVar[str]
     source: ClassVar[str]
     Params: ClassVar[type[CodecParams]] = CodecParams
+    #: Element formats fix their code width (e.g. 4 for mxfp4); ``None``: any of 1 to 8 bits.
+    fixed_bits: ClassVar[int | None] = None
+    #: Formats whose spec fixes the group (block) size (32 for OCP MX); ``None``: any.
+    block_size: ClassVar[int | None] = None
     registry: ClassVar[dict[str, type[Codec]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kvpack.codecs.base import KIND_DATA, KIND_OUTLIERS, SectionSpec
+from kvpack.codecs.base import KIND_DATA, SectionSpec
 from kvpack.config import CodecConfig
 from kvpack.errors import FormatError, HeaderLimitError, InvalidInputError, UnsupportedVersionError, brief, brief_list
 from kvpack.formats.constants import (
@@ -38,8 +38,8 @@ from kvpack.formats.constants import (
     MIN_HEADER_TOKEN_LIMIT,
     SECTION_ALIGNMENT,
 )
-from kvpack.grouping import GroupLayout, outliers_per_side
 from kvpack.packing import packed_nbytes
+from kvpack.pipeline import TensorPlan, plan_for
 
 
 @dataclass(frozen=True)
@@ -65,33 +65,26 @@ class TensorEntry:
         return math.prod(self.shape)
 
     @property
-    def layout(self) -> GroupLayout:
+    def plan(self) -> TensorPlan:
+        """How the quantized tensor is laid out (:class:`kvpack.pipeline.TensorPlan`)."""
         if self.codec is None:
             raise InvalidInputError(f"tensor {self.name!r} is stored losslessly and has no group layout")
-        return GroupLayout(tuple(self.shape), self.codec.group_size)
+        return plan_for(self.shape, self.dtype, self.name, self.codec)
 
     @property
     def stored_bytes(self) -> int:
         return sum(s.length for s in self.sections.values())
 
 
-def section_specs(shape: tuple[int, ...], dtype: str, codec: CodecConfig | None) -> dict[str, SectionSpec]:
-    """The sections a tensor of this shape, dtype and codec stores, in file order.
+def section_specs(shape: tuple[int, ...], dtype: str, codec: CodecConfig | None, name: str) -> dict[str, SectionSpec]:
+    """The sections tensor ``name`` of this shape, dtype and codec stores, in file order.
 
     Raises:
         InvalidInputError: the shape does not fit the codec (e.g. group size does not divide).
     """
     if codec is None:
         return {"data": SectionSpec(KIND_DATA, dtype, math.prod(shape))}
-    layout = GroupLayout(tuple(shape), codec.group_size)
-    specs = dict(codec.make_codec().section_specs(layout))
-    per_side = outliers_per_side(codec.outlier_ratio, codec.group_size)
-    if per_side:
-        count = layout.n_groups * 2 * per_side
-        index_bits = max(1, (codec.group_size - 1).bit_length())
-        specs["outlier_index"] = SectionSpec(KIND_OUTLIERS, "code", count, index_bits)
-        specs["outlier_value"] = SectionSpec(KIND_OUTLIERS, dtype, count)
-    return specs
+    return plan_for(shape, dtype, name, codec).section_specs()
 
 
 def spec_nbytes(spec: SectionSpec) -> int:
@@ -101,7 +94,9 @@ def spec_nbytes(spec: SectionSpec) -> int:
 
 
 def encode_header(metadata: dict[str, str], tensors: list[TensorEntry]) -> bytes:
+    required = sorted({key for t in tensors if t.codec is not None for key in t.codec.transforms()})
     body = {
+        **({"required": required} if required else {}),
         "metadata": metadata,
         "tensors": {
             t.name: {
@@ -270,7 +265,7 @@ def _decode_tensor(name: str, item: Any, fail, unknown) -> tuple[TensorEntry, li
     try:
         if codec is not None and dtype not in FLOAT_DTYPES:
             raise InvalidInputError(f"a quantized tensor must have a float dtype, not {dtype}")
-        specs = section_specs(tuple(shape), dtype, codec)
+        specs = section_specs(tuple(shape), dtype, codec, name)
     except InvalidInputError as exc:
         raise fail(f"{where}: {exc}") from None
     sections_raw = item["sections"]

@@ -205,7 +205,7 @@ class KvpWriter:
         check_tensor_name(name)
         if any(e.name == name for e in self._entries):
             raise InvalidInputError(f"tensor {name!r} is written twice")
-        specs = section_specs(tuple(shape), dtype, codec)
+        specs = section_specs(tuple(shape), dtype, codec, name)
         if set(sections) != set(specs):
             raise InvalidInputError(f"tensor {name!r}: sections {sorted(sections)} != declared {sorted(specs)}")
         placed = {}

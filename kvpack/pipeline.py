@@ -1,0 +1,256 @@
+"""The steps between a quantized K/V tensor and its codec: protected tokens, un-RoPE, rotation, grouping, outliers.
+
+Encoding one tensor ``x`` of shape ``(batch, num_kv_heads, seq_len, head_dim)`` (see
+:class:`TensorPlan`; docs/format.md §6 is normative):
+
+1. **Protected tokens.** The first ``keep_first`` and the last ``keep_last`` tokens are
+   stored exactly, in the tensor's dtype (section ``kept``). With the channel axis, the
+   ``seq_len - keep_first - keep_last`` tokens in between are cut to a multiple of
+   ``group_size`` and the remainder (at the end) is stored exactly too, as KIVI keeps its
+   residual tokens. Every exact value is counted in the file's bits.
+2. **Un-RoPE** (keys, ``unrope``): the coded tokens are rotated back to before the rotary
+   embedding (:mod:`kvpack.rope`); the frequencies are stored (section ``rope_inv_freq``).
+3. **Rotation** (``rotate="hadamard"``): each head vector is multiplied by a random sign
+   per channel and a normalized Walsh-Hadamard matrix (QuaRot, Ashkboos et al., arXiv
+   2404.00456); the signs are stored (section ``rotation_signs``). A head_dim that is not
+   a power of two is rotated block-diagonally, in blocks of its largest power-of-two divisor.
+4. **Groups** along the tensor's axis (:mod:`kvpack.grouping`), **outliers** (the
+   ``outlier_select`` rule) kept at their positions, and the **codec** on the rest.
+
+Decoding reverses 4 to 1. Outlier values are stored in the tensor's dtype: without a
+transform they are exact; after un-RoPE or rotation they are values of the transformed
+tensor rounded to that dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import numpy as np
+import torch
+
+from kvpack.codecs.base import KIND_EXACT, KIND_OUTLIERS, KIND_TRANSFORM, SectionSpec, check_fp16_range
+from kvpack.config import CodecConfig
+from kvpack.errors import InvalidInputError
+from kvpack.grouping import (
+    GroupLayout,
+    from_groups,
+    merge_outliers,
+    outliers_per_group,
+    split_outliers,
+    to_groups,
+)
+from kvpack.rope import rotate_keys
+
+
+def role_of(name: str) -> str:
+    """``key`` for ``layers.{i}.key`` tensors, ``value`` for every other quantized tensor."""
+    from kvpack.formats.safetensors_io import parse_kv_name
+
+    parsed = parse_kv_name(name)
+    return "key" if parsed is not None and parsed[1] == "key" else "value"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one quantized tensor is laid out: which tokens are coded, their group layout, its sections.
+
+    Args:
+        shape: ``(batch, num_kv_heads, seq_len, head_dim)``.
+        dtype: the tensor's dtype name (of the exact tokens and outlier values).
+        role: ``key`` or ``value`` (selects the axis; un-RoPE applies to keys only).
+        config: the codec config.
+
+    Raises:
+        InvalidInputError: the shape does not fit (group size, odd head_dim under rotation,
+            rotary dimension beyond head_dim, outlier ratio for the group size).
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    role: str
+    config: CodecConfig
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 4:
+            raise InvalidInputError(
+                f"a KV tensor must have shape (batch, num_kv_heads, seq_len, head_dim), got {tuple(self.shape)}"
+            )
+        GroupLayout((self.shape[0], self.shape[1], 0, self.shape[3]), self.config.group_size, self.axis)
+        head_dim = self.shape[3]
+        if self.config.rotate == "hadamard" and head_dim % 2:
+            raise InvalidInputError(f"a Hadamard rotation needs an even head_dim, got {head_dim}")
+        if self.unrope and not 0 < self.config.rope_dim <= head_dim:
+            raise InvalidInputError(
+                f"un-RoPE needs a rotary dimension from 2 to head_dim {head_dim}, got {self.config.rope_dim}"
+            )
+        outliers_per_group(self.config.outlier_ratio, self.config.group_size, self.config.outlier_select)
+
+    @property
+    def axis(self) -> str:
+        return self.config.axis_for(self.role)
+
+    @property
+    def unrope(self) -> bool:
+        return self.config.unrope and self.role == "key"
+
+    @cached_property
+    def kept_first(self) -> int:
+        return min(self.config.keep_first, self.shape[2])
+
+    @cached_property
+    def coded_tokens(self) -> int:
+        """Tokens that go through the codec: neither protected nor a channel-axis remainder."""
+        middle = max(self.shape[2] - self.kept_first - self.config.keep_last, 0)
+        return middle - middle % self.config.group_size if self.axis == "channel" else middle
+
+    @property
+    def kept_tokens(self) -> int:
+        return self.shape[2] - self.coded_tokens
+
+    @cached_property
+    def layout(self) -> GroupLayout:
+        batch, heads, _, head_dim = self.shape
+        return GroupLayout((batch, heads, self.coded_tokens, head_dim), self.config.group_size, self.axis)
+
+    def section_specs(self) -> dict[str, SectionSpec]:
+        """Sections in file order: the codec's, outliers, ``kept``, ``rotation_signs``, ``rope_inv_freq``."""
+        config, layout = self.config, self.layout
+        specs = dict(config.make_codec().section_specs(layout))
+        per_group = outliers_per_group(config.outlier_ratio, config.group_size, config.outlier_select)
+        if per_group:
+            count = layout.n_groups * per_group
+            index_bits = max(1, (config.group_size - 1).bit_length())
+            specs["outlier_index"] = SectionSpec(KIND_OUTLIERS, "code", count, index_bits)
+            specs["outlier_value"] = SectionSpec(KIND_OUTLIERS, self.dtype, count)
+        batch, heads, _, head_dim = self.shape
+        if self.kept_tokens:
+            specs["kept"] = SectionSpec(KIND_EXACT, self.dtype, batch * heads * self.kept_tokens * head_dim)
+        if config.rotate == "hadamard":
+            specs["rotation_signs"] = SectionSpec(KIND_TRANSFORM, "code", head_dim, 1)
+        if self.unrope:
+            specs["rope_inv_freq"] = SectionSpec(KIND_TRANSFORM, "float32", config.rope_dim // 2)
+        return specs
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Arrays of every section (codes as integer tensors, the rest in any float dtype).
+
+        Args:
+            x: finite float tensor of ``shape``.
+
+        Raises:
+            InvalidInputError: transformed values beyond the float16 range of the metadata,
+                or un-RoPE without rotary frequencies in the config.
+        """
+        config, layout = self.config, self.layout
+        start, stop = self.kept_first, self.kept_first + self.coded_tokens
+        arrays: dict[str, torch.Tensor] = {}
+        coded = x[:, :, start:stop].to(torch.float32)
+        if self.unrope:
+            if config.rope_inv_freq is None or len(config.rope_inv_freq) != config.rope_dim // 2:
+                raise InvalidInputError("un-RoPE needs the model's rotary frequencies (see CodecConfig.with_rope)")
+            inv_freq = torch.tensor(config.rope_inv_freq, dtype=torch.float32)
+            arrays["rope_inv_freq"] = inv_freq
+            coded = rotate_keys(coded, inv_freq, config.rope_scaling, config.rope_offset + start, inverse=True)
+        if config.rotate == "hadamard":
+            negative = hadamard_signs(config.rotate_seed, self.shape[3])
+            arrays["rotation_signs"] = negative.to(torch.uint8)
+            coded = hadamard_rotate(coded, negative, inverse=False)
+        if self.kept_tokens:
+            arrays["kept"] = torch.cat([x[:, :, :start], x[:, :, stop:]], dim=2)
+        groups = to_groups(coded, layout)
+        check_fp16_range(groups)
+        per_group = outliers_per_group(config.outlier_ratio, config.group_size, config.outlier_select)
+        mask = None
+        if per_group:
+            positions, outlier_values, mask = split_outliers(groups, per_group, config.outlier_select)
+            arrays["outlier_index"], arrays["outlier_value"] = positions, outlier_values
+        if layout.n_elements:
+            arrays.update(config.make_codec().encode(groups, layout, mask))
+        else:  # nothing to quantize: the codec's sections are their declared size of zeros
+            for section, spec in config.make_codec().section_specs(layout).items():
+                arrays[section] = torch.zeros(spec.count, dtype=torch.uint8 if spec.dtype == "code" else torch.float32)
+        return arrays
+
+    def decode(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Float32 tensor of ``shape`` from the section arrays (codes unpacked, the rest float32).
+
+        Raises:
+            InvalidInputError: values no encoder writes (outlier position beyond the group,
+                negative or non-finite rotary frequencies).
+        """
+        config, layout = self.config, self.layout
+        batch, heads, _, head_dim = self.shape
+        if layout.n_elements:
+            groups = config.make_codec().decode(arrays, layout)
+        else:
+            groups = torch.zeros(layout.n_groups, layout.group_size)
+        if "outlier_index" in arrays:
+            per_group = outliers_per_group(config.outlier_ratio, config.group_size, config.outlier_select)
+            positions = arrays["outlier_index"].reshape(layout.n_groups, per_group)
+            if positions.numel() and int(positions.max()) >= layout.group_size:
+                raise InvalidInputError("outlier position beyond the group size")
+            merge_outliers(groups, positions, arrays["outlier_value"].reshape(layout.n_groups, per_group))
+        coded = from_groups(groups, layout)
+        if "rotation_signs" in arrays:
+            coded = hadamard_rotate(coded, arrays["rotation_signs"].bool(), inverse=True)
+        if "rope_inv_freq" in arrays:
+            inv_freq = arrays["rope_inv_freq"]
+            if not bool(torch.isfinite(inv_freq).all()) or bool((inv_freq < 0).any()):
+                raise InvalidInputError("rotary frequencies must be finite and non-negative")
+            coded = rotate_keys(coded, inv_freq, config.rope_scaling, config.rope_offset + self.kept_first, False)
+        if not self.kept_tokens:
+            return coded
+        kept = arrays["kept"].reshape(batch, heads, self.kept_tokens, head_dim).to(torch.float32)
+        return torch.cat([kept[:, :, : self.kept_first], coded, kept[:, :, self.kept_first :]], dim=2)
+
+
+def plan_for(shape: tuple[int, ...], dtype: str, name: str, config: CodecConfig) -> TensorPlan:
+    """The :class:`TensorPlan` of tensor ``name`` (its role comes from the name)."""
+    return TensorPlan(tuple(int(s) for s in shape), dtype, role_of(name), config)
+
+
+# --- Hadamard rotation -----------------------------------------------------------------
+
+
+def hadamard_signs(seed: int, head_dim: int) -> torch.Tensor:
+    """Bool ``(head_dim,)``: True where a channel's sign is flipped (numpy ``default_rng(seed)``)."""
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 2, size=head_dim).astype(bool))
+
+
+@lru_cache(maxsize=16)
+def hadamard_matrix(size: int) -> torch.Tensor:
+    """The normalized Walsh-Hadamard matrix (Sylvester order), float32 ``(size, size)``, ``size`` a power of two."""
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < size:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return (matrix / size**0.5).to(torch.float32)
+
+
+def rotation_block(head_dim: int) -> int:
+    """Size of the Hadamard blocks: the largest power of two dividing ``head_dim``."""
+    return head_dim & -head_dim
+
+
+def hadamard_rotate(x: torch.Tensor, negative: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Rotate each head vector: ``y = (x * s) H`` (forward) or ``x = (y H) * s`` (inverse).
+
+    Args:
+        x: float32 ``(..., head_dim)``.
+        negative: bool ``(head_dim,)``, True where the sign ``s`` is -1.
+        inverse: undo the rotation (``H`` is symmetric and orthogonal).
+
+    Returns:
+        float32 tensor of the same shape.
+    """
+    head_dim = x.shape[-1]
+    if head_dim == 0 or x.numel() == 0:
+        return x.clone()
+    block = rotation_block(head_dim)
+    signs = 1.0 - 2.0 * negative.to(torch.float32)
+    matrix = hadamard_matrix(block)
+    if not inverse:
+        x = x * signs
+    y = (x.reshape(*x.shape[:-1], head_dim // block, block) @ matrix).reshape(x.shape)
+    return y * signs if inverse else y
