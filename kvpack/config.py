@@ -65,9 +65,10 @@ class CodecConfig:
             2404.00456).
         unrope: keys are rotated back to before the rotary position embedding before
             quantizing, and re-rotated when decoding (KVQuant's pre-RoPE keys). Needs the
-            model's rotary frequencies (``rope_inv_freq``, not serialized: stored as a section),
-            ``rope_dim`` (rotated channels, 0 = all of head_dim), ``rope_offset`` (position of
-            the first token) and ``rope_scaling`` (the factor on cos / sin).
+            model's rotary frequencies (``rope_inv_freq``, not serialized: stored as a section;
+            :meth:`with_rope` sets it), ``rope_dim`` (rotated channels per head, ``2 *
+            len(rope_inv_freq)``; 0 until the frequencies are known), ``rope_offset`` (position
+            of the first token) and ``rope_scaling`` (the factor on cos / sin).
 
     Raises:
         InvalidInputError: any field out of range or of the wrong type.
@@ -146,6 +147,8 @@ class CodecConfig:
             value = getattr(self, name)
             if type(value) is not int or not 0 <= value < limit:
                 raise InvalidInputError(f"{name} must be an integer from 0 to {limit - 1}, got {brief(value)}")
+        if self.rotate == "none":  # the seed only means something with a rotation
+            object.__setattr__(self, "rotate_seed", 0)
         if type(self.unrope) is not bool:
             raise InvalidInputError(f"unrope must be true or false, got {brief(self.unrope)}")
         if self.rope_dim % 2:
@@ -191,7 +194,8 @@ class CodecConfig:
         return cls(method, bits, group_size, outlier_ratio, params, **transforms)
 
     def transforms(self) -> dict[str, Any]:
-        """The 1.2 transform settings that differ from their defaults."""
+        """The 1.2 transform settings that differ from their defaults (what a file's ``required`` lists,
+        except the informative ``rotate_seed``)."""
         return {k: getattr(self, k) for k, v in TRANSFORM_DEFAULTS.items() if getattr(self, k) != v}
 
     def with_rope(self, inv_freq: tuple[float, ...], scaling: float, offset: int = 0) -> CodecConfig:

@@ -43,6 +43,9 @@ from kvpack.grouping import (
 )
 from kvpack.rope import rotate_keys
 
+#: Values per chunk of the un-RoPE / rotation loop (float64 temporaries of about 8 bytes each).
+TRANSFORM_CHUNK_ELEMENTS = 1 << 20
+
 
 def role_of(name: str) -> str:
     """``key`` for ``layers.{i}.key`` tensors, ``value`` for every other quantized tensor."""
@@ -146,17 +149,14 @@ class TensorPlan:
         config, layout = self.config, self.layout
         start, stop = self.kept_first, self.kept_first + self.coded_tokens
         arrays: dict[str, torch.Tensor] = {}
-        coded = x[:, :, start:stop].to(torch.float32)
+        coded = x[:, :, start:stop].to(torch.float32, copy=True)  # transformed in place below
         if self.unrope:
             if config.rope_inv_freq is None or len(config.rope_inv_freq) != config.rope_dim // 2:
                 raise InvalidInputError("un-RoPE needs the model's rotary frequencies (see CodecConfig.with_rope)")
-            inv_freq = torch.tensor(config.rope_inv_freq, dtype=torch.float32)
-            arrays["rope_inv_freq"] = inv_freq
-            coded = rotate_keys(coded, inv_freq, config.rope_scaling, config.rope_offset + start, inverse=True)
+            arrays["rope_inv_freq"] = torch.tensor(config.rope_inv_freq, dtype=torch.float32)
         if config.rotate == "hadamard":
-            negative = hadamard_signs(config.rotate_seed, self.shape[3])
-            arrays["rotation_signs"] = negative.to(torch.uint8)
-            coded = hadamard_rotate(coded, negative, inverse=False)
+            arrays["rotation_signs"] = hadamard_signs(config.rotate_seed, self.shape[3]).to(torch.uint8)
+        coded = self._transform(coded, arrays, inverse=False)
         if self.kept_tokens:
             arrays["kept"] = torch.cat([x[:, :, :start], x[:, :, stop:]], dim=2)
         groups = to_groups(coded, layout)
@@ -193,17 +193,38 @@ class TensorPlan:
                 raise InvalidInputError("outlier position beyond the group size")
             merge_outliers(groups, positions, arrays["outlier_value"].reshape(layout.n_groups, per_group))
         coded = from_groups(groups, layout)
-        if "rotation_signs" in arrays:
-            coded = hadamard_rotate(coded, arrays["rotation_signs"].bool(), inverse=True)
+        del groups
         if "rope_inv_freq" in arrays:
             inv_freq = arrays["rope_inv_freq"]
             if not bool(torch.isfinite(inv_freq).all()) or bool((inv_freq < 0).any()):
                 raise InvalidInputError("rotary frequencies must be finite and non-negative")
-            coded = rotate_keys(coded, inv_freq, config.rope_scaling, config.rope_offset + self.kept_first, False)
+        coded = self._transform(coded, arrays, inverse=True)
         if not self.kept_tokens:
             return coded
         kept = arrays["kept"].reshape(batch, heads, self.kept_tokens, head_dim).to(torch.float32)
         return torch.cat([kept[:, :, : self.kept_first], coded, kept[:, :, self.kept_first :]], dim=2)
+
+    def _transform(self, coded: torch.Tensor, arrays: dict[str, torch.Tensor], inverse: bool) -> torch.Tensor:
+        """Un-RoPE then rotate (encode), or rotate back then re-RoPE (decode), in place, a chunk of tokens
+        at a time so the float64 / butterfly temporaries stay small whatever the tensor's size."""
+        config = self.config
+        rope = arrays.get("rope_inv_freq") if self.unrope else None
+        negative = arrays["rotation_signs"].bool() if "rotation_signs" in arrays else None
+        if (rope is None and negative is None) or coded.numel() == 0:
+            return coded
+        batch, heads, tokens, head_dim = coded.shape
+        step = max(1, TRANSFORM_CHUNK_ELEMENTS // max(1, batch * heads * head_dim))
+        first = config.rope_offset + self.kept_first
+        for begin in range(0, tokens, step):
+            chunk = coded[:, :, begin : begin + step]
+            if rope is not None and not inverse:
+                chunk = rotate_keys(chunk, rope, config.rope_scaling, first + begin, inverse=True)
+            if negative is not None:
+                chunk = hadamard_rotate(chunk, negative, inverse=inverse)
+            if rope is not None and inverse:
+                chunk = rotate_keys(chunk, rope, config.rope_scaling, first + begin, inverse=False)
+            coded[:, :, begin : begin + step] = chunk
+        return coded
 
 
 def plan_for(shape: tuple[int, ...], dtype: str, name: str, config: CodecConfig) -> TensorPlan:
@@ -221,7 +242,10 @@ def hadamard_signs(seed: int, head_dim: int) -> torch.Tensor:
 
 @lru_cache(maxsize=16)
 def hadamard_matrix(size: int) -> torch.Tensor:
-    """The normalized Walsh-Hadamard matrix (Sylvester order), float32 ``(size, size)``, ``size`` a power of two."""
+    """The normalized Walsh-Hadamard matrix (Sylvester order), float32 ``(size, size)``, ``size`` a power of two.
+
+    For tests and documentation; the rotation itself never builds it (:func:`fast_hadamard`).
+    """
     matrix = torch.ones(1, 1, dtype=torch.float64)
     while matrix.shape[0] < size:
         matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
@@ -233,24 +257,40 @@ def rotation_block(head_dim: int) -> int:
     return head_dim & -head_dim
 
 
+def fast_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` times the normalized Walsh-Hadamard matrix of size ``block``, on each block of the last axis.
+
+    The fast transform: ``log2(block)`` butterfly passes (``a + b, a - b``) over float32
+    data, ``O(n log block)`` work and no ``block x block`` matrix, so a huge head_dim in a
+    hostile header cannot make us allocate one.
+    """
+    shape = x.shape
+    y = x.reshape(-1, block)
+    half = 1
+    while half < block:
+        pairs = y.reshape(-1, block // (2 * half), 2, half)
+        y = torch.stack([pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]], dim=2)
+        half *= 2
+    return (y.reshape(shape) * (1.0 / block**0.5)).to(torch.float32)
+
+
 def hadamard_rotate(x: torch.Tensor, negative: torch.Tensor, inverse: bool) -> torch.Tensor:
     """Rotate each head vector: ``y = (x * s) H`` (forward) or ``x = (y H) * s`` (inverse).
 
     Args:
-        x: float32 ``(..., head_dim)``.
+        x: float32 ``(..., head_dim)``, ``head_dim`` even (or 0).
         negative: bool ``(head_dim,)``, True where the sign ``s`` is -1.
         inverse: undo the rotation (``H`` is symmetric and orthogonal).
 
     Returns:
-        float32 tensor of the same shape.
+        float32 tensor of the same shape. ``H`` is block-diagonal with blocks of
+        :func:`rotation_block` channels.
     """
     head_dim = x.shape[-1]
     if head_dim == 0 or x.numel() == 0:
         return x.clone()
-    block = rotation_block(head_dim)
     signs = 1.0 - 2.0 * negative.to(torch.float32)
-    matrix = hadamard_matrix(block)
     if not inverse:
         x = x * signs
-    y = (x.reshape(*x.shape[:-1], head_dim // block, block) @ matrix).reshape(x.shape)
+    y = fast_hadamard(x.contiguous(), rotation_block(head_dim))
     return y * signs if inverse else y

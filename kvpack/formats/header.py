@@ -94,7 +94,9 @@ def spec_nbytes(spec: SectionSpec) -> int:
 
 
 def encode_header(metadata: dict[str, str], tensors: list[TensorEntry]) -> bytes:
-    required = sorted({key for t in tensors if t.codec is not None for key in t.codec.transforms()})
+    required = sorted(
+        {key for t in tensors if t.codec is not None for key in t.codec.transforms() if key != "rotate_seed"}
+    )
     body = {
         **({"required": required} if required else {}),
         "metadata": metadata,
