@@ -340,7 +340,7 @@ def with_model_rope(config: CodecConfig | None, metadata: dict[str, str]) -> Cod
     from kvpack.rope import rope_from_metadata
 
     rope = rope_from_metadata(metadata)
-    return config.with_rope(rope.inv_freq, rope.attention_scaling)
+    return config.with_rope(rope.inv_freq, rope.attention_scaling)  # keeps the config's rope_offset
 
 
 def kv_dims(path: str | os.PathLike) -> tuple[int, int]:
@@ -349,6 +349,8 @@ def kv_dims(path: str | os.PathLike) -> tuple[int, int]:
     Raises:
         InvalidInputError, FormatError: unreadable file or no 4-D K/V tensor.
     """
+    if is_kvp_file(path):
+        raise InvalidInputError(f"{path} is already a .kvp file; compress takes a safetensors dump")
     with SafetensorsSource(path) as source:
         for name in sorted(source.keys(), key=tensor_order):
             shape, _ = source.shape_dtype(name)

@@ -113,13 +113,15 @@ BASELINES: dict[str, Baseline] = {
     ),
     "kivi-2": Baseline(
         "kivi-2",
-        "2-bit asym int, keys per channel / values per token, groups of 32",
+        "2-bit asym int, keys per channel / values per token, groups of 32, no full-precision residual "
+        "(the kivi-2 preset keeps one)",
         "KIVI, Liu et al. 2024, arXiv 2402.02750",
         _kivi(2),
     ),
     "kivi-4": Baseline(
         "kivi-4",
-        "4-bit asym int, keys per channel / values per token, groups of 32",
+        "4-bit asym int, keys per channel / values per token, groups of 32, no full-precision residual "
+        "(the kivi-4 preset keeps one)",
         "KIVI, Liu et al. 2024, arXiv 2402.02750",
         _kivi(4),
     ),

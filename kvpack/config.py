@@ -102,8 +102,8 @@ class CodecConfig:
             raise InvalidInputError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {brief(self.bits)}")
         if codec_class.fixed_bits is not None and self.bits != codec_class.fixed_bits:
             raise InvalidInputError(
-                f"method {self.method} has {codec_class.fixed_bits}-bit elements; got bits {self.bits} "
-                f"(omit --bits or use {codec_class.fixed_bits})"
+                f"method {self.method} has {codec_class.fixed_bits}-bit elements, but {self.bits} bits were asked for "
+                f"(by --bits or a preset); leave bits unset or use {codec_class.fixed_bits}"
             )
         if type(self.group_size) is not int or not 1 <= self.group_size <= MAX_GROUP_SIZE:
             raise InvalidInputError(
@@ -111,14 +111,15 @@ class CodecConfig:
             )
         if codec_class.block_size is not None and self.group_size != codec_class.block_size:
             raise InvalidInputError(
-                f"method {self.method} uses blocks of {codec_class.block_size} elements (its spec fixes them); "
-                f"got group size {self.group_size} (omit --group-size or use {codec_class.block_size})"
+                f"method {self.method} uses blocks of {codec_class.block_size} elements (its spec fixes them), but "
+                f"group size {self.group_size} was asked for (by --group-size or a preset); leave it unset or use "
+                f"{codec_class.block_size}"
             )
-        self._check_transforms()
         ratio = self.outlier_ratio
         if type(ratio) not in (int, float) or not 0 <= ratio < MAX_OUTLIER_RATIO:  # NaN and inf fail the range
             raise InvalidInputError(f"outlier ratio must be a number in [0, {MAX_OUTLIER_RATIO}), got {brief(ratio)}")
         object.__setattr__(self, "outlier_ratio", float(ratio))
+        self._check_transforms()
         if self.params is None:
             object.__setattr__(self, "params", codec_class.Params())
         elif type(self.params) is not codec_class.Params:
@@ -136,7 +137,7 @@ class CodecConfig:
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
-                raise InvalidInputError(f"{name} must be one of {', '.join(allowed)}, got {brief(value)}")
+                raise InvalidInputError(f"{_named(name)} must be one of {', '.join(allowed)}, got {brief(value)}")
         for name, limit in (
             ("keep_first", MAX_KEPT_TOKENS),
             ("keep_last", MAX_KEPT_TOKENS),
@@ -146,9 +147,13 @@ class CodecConfig:
         ):
             value = getattr(self, name)
             if type(value) is not int or not 0 <= value < limit:
-                raise InvalidInputError(f"{name} must be an integer from 0 to {limit - 1}, got {brief(value)}")
-        if self.rotate == "none":  # the seed only means something with a rotation
-            object.__setattr__(self, "rotate_seed", 0)
+                raise InvalidInputError(f"{_named(name)} must be an integer from 0 to {limit - 1}, got {brief(value)}")
+        if self.rotate == "none" and self.rotate_seed:
+            raise InvalidInputError("rotate_seed (--rotate-seed) only applies with rotate hadamard (--rotate hadamard)")
+        if self.outlier_select != "tails" and not self.outlier_ratio:
+            raise InvalidInputError(
+                "outlier_select (--outlier-select) only applies with an outlier ratio above 0 (--outlier-ratio)"
+            )
         if type(self.unrope) is not bool:
             raise InvalidInputError(f"unrope must be true or false, got {brief(self.unrope)}")
         if self.rope_dim % 2:
@@ -198,14 +203,16 @@ class CodecConfig:
         except the informative ``rotate_seed``)."""
         return {k: getattr(self, k) for k, v in TRANSFORM_DEFAULTS.items() if getattr(self, k) != v}
 
-    def with_rope(self, inv_freq: tuple[float, ...], scaling: float, offset: int = 0) -> CodecConfig:
-        """This config with the rotary parameters un-RoPE needs (``inv_freq``: ``rope_dim / 2`` values)."""
+    def with_rope(self, inv_freq: tuple[float, ...], scaling: float, offset: int | None = None) -> CodecConfig:
+        """This config with the model's rotary parameters un-RoPE needs (``inv_freq``: ``rope_dim / 2``
+        values; ``scaling``: the factor on cos / sin); ``offset`` (position of the first token)
+        defaults to the config's ``rope_offset``."""
         return dataclasses.replace(
             self,
             rope_inv_freq=tuple(inv_freq),
             rope_dim=2 * len(inv_freq),
             rope_scaling=scaling,
-            rope_offset=offset,
+            rope_offset=self.rope_offset if offset is None else offset,
         )
 
     def make_codec(self):
@@ -242,13 +249,50 @@ class CodecConfig:
         transforms = {k: data[k] for k in TRANSFORM_DEFAULTS if k in data}
         return cls(data["method"], data["bits"], data["group_size"], data["outlier_ratio"], params, **transforms)
 
+    def label(self) -> str:
+        """Short label such as ``uniform-4 g64``, ``uniform-3 g128 sym`` or ``adaptive-3 g64 o0.01 meanstd``.
+
+        Transforms follow (``o0.01m`` magnitude outliers, ``Kch/Vto`` axes, ``unrope``,
+        ``hadamard``, ``keep1/128`` protected tokens), then options that differ from the codec's
+        defaults: ``sym`` / ``asym`` for ``symmetric``, the value for a choice, ``name=value`` otherwise.
+        """
+        defaults = get_codec_class(self.method).Params().to_dict()
+        options = []
+        for key, value in self.params.to_dict().items():
+            if defaults.get(key) == value:
+                continue
+            if key == "symmetric":
+                options.append("sym" if value else "asym")
+            elif isinstance(value, str):
+                options.append(value)
+            else:
+                options.append(f"{key}={value}")
+        text = f"{self.method}-{self.bits} g{self.group_size}"
+        if self.outlier_ratio:
+            text += f" o{self.outlier_ratio:g}" + ("m" if self.outlier_select == "magnitude" else "")
+        if self.key_axis != "token" or self.value_axis != "token":
+            text += f" K{self.key_axis[:2]}/V{self.value_axis[:2]}"
+        if self.unrope:
+            text += " unrope"
+        if self.rotate != "none":
+            text += f" {self.rotate}" + (f"@{self.rotate_seed}" if self.rotate_seed else "")
+        if self.keep_first or self.keep_last:
+            text += f" keep{self.keep_first}/{self.keep_last}"
+        return " ".join([text, *options])
+
     def describe(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.params.to_dict().items())
         text = f"{self.method} {self.bits}-bit, group {self.group_size}"
         if self.outlier_ratio:
-            text += f", outliers {self.outlier_ratio:g}"
-            if self.outlier_select != "tails":
-                text += f" ({self.outlier_select})"
+            from kvpack.grouping import outliers_per_group
+
+            try:
+                kept = outliers_per_group(self.outlier_ratio, self.group_size, self.outlier_select)
+                text += (
+                    f", outliers {self.outlier_ratio:g} ({kept} of {self.group_size} per group, {self.outlier_select})"
+                )
+            except InvalidInputError:
+                text += f", outliers {self.outlier_ratio:g} ({self.outlier_select})"
         if self.key_axis != "token" or self.value_axis != "token":
             text += f", keys per {self.key_axis}, values per {self.value_axis}"
         if self.keep_first or self.keep_last:
@@ -260,14 +304,19 @@ class CodecConfig:
         return f"{text}" + (f" ({options})" if options else "")
 
 
+def _named(key: str) -> str:
+    """A config key with its command-line flag, for messages: ``key_axis (--key-axis)``."""
+    return f"{key} (--{key.replace('_', '-')})"
+
+
 def load_codec_config(path: str | Path) -> CodecConfig:
     """A codec config from a JSON or TOML file.
 
     Accepted forms: ``{"method", "bits", "group_size", "outlier_ratio", "params", ...transforms}``
     (what :meth:`CodecConfig.to_dict` and ``compress --json`` write, also under a ``"config"``
-    key), or flat: ``method`` plus any of ``bits``, ``group_size``, ``outlier_ratio``, the
-    transform keys (``key_axis``, ``keep_first``, ``rotate``, ``unrope``, ...) and the
-    codec's options.
+    key), or flat: ``method`` and/or ``preset`` plus any of ``bits``, ``group_size``,
+    ``outlier_ratio``, the transform keys (``key_axis``, ``keep_first``, ``rotate``,
+    ``unrope``, ...) and the codec's options (given keys override the preset's).
 
     Raises:
         InvalidInputError: missing or unreadable file, invalid JSON/TOML, unknown keys or values.
@@ -287,8 +336,16 @@ def load_codec_config(path: str | Path) -> CodecConfig:
         ) from None
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
+    if isinstance(data, dict) and "preset" in data and "params" not in data:
+        from kvpack.presets import flat_options
+
+        rest = {k: v for k, v in data.items() if k != "preset"}
+        try:
+            data = flat_options(data["preset"] if isinstance(data["preset"], str) else repr(data["preset"]), rest)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{path}: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("method"), str):
-        raise InvalidInputError(f"{path}: a codec config needs a string 'method'")
+        raise InvalidInputError(f"{path}: a codec config needs a string 'method' (or a 'preset')")
     try:
         if "params" in data:
             codec_class = get_codec_class(data["method"])

@@ -117,37 +117,8 @@ class EvalMethod:
 
 
 def codec_label(config: CodecConfig) -> str:
-    """Short label such as ``uniform-4 g64``, ``uniform-3 g128 sym`` or ``adaptive-3 g64 o0.01 meanstd``.
-
-    Transforms follow (``o0.01m`` magnitude outliers, ``Kch/Vto`` axes, ``unrope``,
-    ``hadamard``, ``keep1/128`` protected tokens), then options that differ from the codec's
-    defaults: ``sym`` / ``asym`` for ``symmetric``, the value for a choice, ``name=value`` otherwise.
-    """
-    from kvpack.codecs import get_codec_class
-
-    defaults = get_codec_class(config.method).Params().to_dict()
-    options = []
-    for key, value in config.params.to_dict().items():
-        if defaults.get(key) == value:
-            continue
-        if key == "symmetric":
-            options.append("sym" if value else "asym")
-        elif isinstance(value, str):
-            options.append(value)
-        else:
-            options.append(f"{key}={value}")
-    text = f"{config.method}-{config.bits} g{config.group_size}"
-    if config.outlier_ratio:
-        text += f" o{config.outlier_ratio:g}" + ("m" if config.outlier_select == "magnitude" else "")
-    if config.key_axis != "token" or config.value_axis != "token":
-        text += f" K{config.key_axis[:2]}/V{config.value_axis[:2]}"
-    if config.unrope:
-        text += " unrope"
-    if config.rotate != "none":
-        text += f" {config.rotate}" + (f"@{config.rotate_seed}" if config.rotate_seed else "")
-    if config.keep_first or config.keep_last:
-        text += f" keep{config.keep_first}/{config.keep_last}"
-    return " ".join([text, *options])
+    """Short label of a codec config (:meth:`CodecConfig.label`), e.g. ``uniform-4 g64``."""
+    return config.label()
 
 
 # --- capturing queries ------------------------------------------------------------------

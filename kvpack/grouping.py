@@ -194,7 +194,8 @@ def split_outliers(
         ``(n_groups, group_size)`` mask of the values left for the statistics.
     """
     if select == "magnitude":
-        positions = torch.topk(groups.abs(), count, dim=1, largest=True, sorted=True).indices
+        # a stable sort: among equal |x| the lower position comes first, on every torch version
+        positions = torch.sort(groups.abs(), dim=1, descending=True, stable=True).indices[:, :count]
     else:
         per_side = count // 2
         low = torch.topk(groups, per_side, dim=1, largest=False, sorted=True).indices

@@ -43,8 +43,10 @@ from kvpack.grouping import (
 )
 from kvpack.rope import rotate_keys
 
-#: Values per chunk of the un-RoPE / rotation loop (float64 temporaries of about 8 bytes each).
+#: Values per piece of the un-RoPE / rotation loop (float64 temporaries of about 8 bytes each).
 TRANSFORM_CHUNK_ELEMENTS = 1 << 20
+#: The transforms work on whole head vectors: a bound keeps one piece small (real models: <= 256).
+MAX_TRANSFORM_HEAD_DIM = 1 << 16
 
 
 def role_of(name: str) -> str:
@@ -84,6 +86,10 @@ class TensorPlan:
         head_dim = self.shape[3]
         if self.config.rotate == "hadamard" and head_dim % 2:
             raise InvalidInputError(f"a Hadamard rotation needs an even head_dim, got {head_dim}")
+        if (self.config.rotate == "hadamard" or self.unrope) and head_dim > MAX_TRANSFORM_HEAD_DIM:
+            raise InvalidInputError(
+                f"rotation and un-RoPE support head_dim up to {MAX_TRANSFORM_HEAD_DIM}, got {head_dim}"
+            )
         if self.unrope and not 0 < self.config.rope_dim <= head_dim:
             raise InvalidInputError(
                 f"un-RoPE needs a rotary dimension from 2 to head_dim {head_dim}, got {self.config.rope_dim}"
@@ -149,7 +155,7 @@ class TensorPlan:
         config, layout = self.config, self.layout
         start, stop = self.kept_first, self.kept_first + self.coded_tokens
         arrays: dict[str, torch.Tensor] = {}
-        coded = x[:, :, start:stop].to(torch.float32, copy=True)  # transformed in place below
+        coded = x[:, :, start:stop].to(torch.float32, copy=True).contiguous()  # transformed in place below
         if self.unrope:
             if config.rope_inv_freq is None or len(config.rope_inv_freq) != config.rope_dim // 2:
                 raise InvalidInputError("un-RoPE needs the model's rotary frequencies (see CodecConfig.with_rope)")
@@ -184,6 +190,8 @@ class TensorPlan:
         batch, heads, _, head_dim = self.shape
         if layout.n_elements:
             groups = config.make_codec().decode(arrays, layout)
+            if not bool(torch.isfinite(groups).all()):  # e.g. an E8M0 scale of 2^127 times a large element
+                raise InvalidInputError("decoded values overflow float32; no encoder writes such scales")
         else:
             groups = torch.zeros(layout.n_groups, layout.group_size)
         if "outlier_index" in arrays:
@@ -205,25 +213,29 @@ class TensorPlan:
         return torch.cat([kept[:, :, : self.kept_first], coded, kept[:, :, self.kept_first :]], dim=2)
 
     def _transform(self, coded: torch.Tensor, arrays: dict[str, torch.Tensor], inverse: bool) -> torch.Tensor:
-        """Un-RoPE then rotate (encode), or rotate back then re-RoPE (decode), in place, a chunk of tokens
-        at a time so the float64 / butterfly temporaries stay small whatever the tensor's size."""
+        """Un-RoPE then rotate (encode), or rotate back then re-RoPE (decode), in place, one piece of
+        at most ``TRANSFORM_CHUNK_ELEMENTS`` values (rows of heads x tokens) at a time, so the
+        float64 / butterfly temporaries stay small whatever the tensor's shape."""
         config = self.config
         rope = arrays.get("rope_inv_freq") if self.unrope else None
         negative = arrays["rotation_signs"].bool() if "rotation_signs" in arrays else None
         if (rope is None and negative is None) or coded.numel() == 0:
             return coded
         batch, heads, tokens, head_dim = coded.shape
-        step = max(1, TRANSFORM_CHUNK_ELEMENTS // max(1, batch * heads * head_dim))
+        rows = coded.view(batch * heads, tokens, head_dim)  # coded is contiguous: a view, changed in place
+        token_step = max(1, min(tokens, TRANSFORM_CHUNK_ELEMENTS // head_dim))
+        row_step = max(1, TRANSFORM_CHUNK_ELEMENTS // (token_step * head_dim))
         first = config.rope_offset + self.kept_first
-        for begin in range(0, tokens, step):
-            chunk = coded[:, :, begin : begin + step]
-            if rope is not None and not inverse:
-                chunk = rotate_keys(chunk, rope, config.rope_scaling, first + begin, inverse=True)
-            if negative is not None:
-                chunk = hadamard_rotate(chunk, negative, inverse=inverse)
-            if rope is not None and inverse:
-                chunk = rotate_keys(chunk, rope, config.rope_scaling, first + begin, inverse=False)
-            coded[:, :, begin : begin + step] = chunk
+        for row in range(0, batch * heads, row_step):
+            for begin in range(0, tokens, token_step):
+                piece = rows[row : row + row_step, begin : begin + token_step].unsqueeze(0)
+                if rope is not None and not inverse:
+                    piece = rotate_keys(piece, rope, config.rope_scaling, first + begin, inverse=True)
+                if negative is not None:
+                    piece = hadamard_rotate(piece, negative, inverse=inverse)
+                if rope is not None and inverse:
+                    piece = rotate_keys(piece, rope, config.rope_scaling, first + begin, inverse=False)
+                rows[row : row + row_step, begin : begin + token_step] = piece[0]
         return coded
 
 

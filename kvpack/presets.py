@@ -46,8 +46,8 @@ PRESETS: dict[str, Preset] = {
         _kivi(4),
         Preset(
             "kvquant-3",
-            "3-bit learned codebook (nuq3), pre-RoPE keys per channel, values per token, 1% dense-and-sparse "
-            "outliers by magnitude, the first token exact (attention sink)",
+            "3-bit learned codebook (nuq3), pre-RoPE keys per channel, values per token, dense-and-sparse "
+            "outliers by magnitude (ratio 0.01: 1 of each group of 64), the first token exact (attention sink)",
             "KVQuant, Hooper et al. 2024, arXiv 2401.18079 (codebooks learned per head from the cache itself, "
             "not offline calibration; groups of 64 tokens instead of whole-sequence channel scaling)",
             {
@@ -66,7 +66,8 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "qaq-uniform",
-            "4-bit asym int in groups of 64 (QAQ's head level when head_dim is 64; else add --level head), 1% outliers kept exactly (both tails), "
+            "4-bit asym int in groups of 64 (QAQ's head level when head_dim is 64; else add --level head), "
+            "outliers kept exactly from both tails (ratio 0.01: the lowest and the highest of each group of 64), "
             "at one fixed width (QAQ's attention-aware widths are the bit allocator's job)",
             "QAQ, Dong et al. 2024, arXiv 2403.04643",
             {"method": "uniform", "bits": 4, "group_size": 64, "outlier_ratio": 0.01},

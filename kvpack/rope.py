@@ -79,8 +79,9 @@ def rope_from_metadata(metadata: dict[str, str]) -> RopeSpec:
     raw = metadata.get("rope_inv_freq")
     if raw is None:
         raise InvalidInputError(
-            "--unrope needs the model's rotary frequencies, which this dump does not record "
-            "(dump it again with this kvpack; models with several rotary embeddings are not supported)"
+            "un-RoPE (--unrope) needs the model's rotary frequencies, which this dump does not record "
+            "(dump it again with this kvpack, or pass them with CodecConfig.with_rope; models with several "
+            "rotary embeddings are not supported)"
         )
     try:
         inv_freq = json.loads(raw)

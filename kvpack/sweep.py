@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvpack.config import CodecConfig
+from kvpack.config import TRANSFORM_DEFAULTS, CodecConfig
 from kvpack.errors import InvalidInputError, ModelUnavailableError
 from kvpack.evaluate import EvalMethod, EvalProtocol
 from kvpack.stats import json_safe
@@ -157,7 +157,9 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         raise _fail(path, "nothing to run: give a [grid], [[runs]] or baselines")
     unique: dict[str, EvalMethod] = {}
     for method in methods:
-        unique.setdefault(method.label, method)  # a setting listed twice runs once
+        seen = unique.setdefault(method.label, method)  # a setting listed twice runs once
+        if seen.describe() != method.describe():
+            raise _fail(path, f"two different settings are labelled {method.label!r}")
     methods = list(unique.values())
     output = _check_keys(path, "[output]", data.get("output", {}), _OUTPUT_KEYS)
     if "dir" in output and not isinstance(output["dir"], str):
@@ -290,7 +292,10 @@ def csv_text(results: list[dict]) -> str:
                 "bits": config.get("bits", ""),
                 "group_size": config.get("group_size", ""),
                 "outlier_ratio": config.get("outlier_ratio", ""),
-                "options": ";".join(f"{k}={v}" for k, v in params.items()),
+                "options": ";".join(
+                    f"{k}={v}"
+                    for k, v in {**params, **{k: v for k, v in config.items() if k in TRANSFORM_DEFAULTS}}.items()
+                ),
             }
         )
     return buffer.getvalue()

@@ -164,6 +164,31 @@ def deep_nesting(rng, header, text):
     return text.replace('"metadata":', '"x":' + "[" * depth + "]" * depth + ',"metadata":', 1).encode()
 
 
+TRANSFORM_VALUES = {
+    "key_axis": ["channel", "token", "diagonal"],
+    "value_axis": ["channel", "token"],
+    "keep_first": [1, 3, 5, 2**39, -1],
+    "keep_last": [1, 6, 2**40, 0],
+    "outlier_select": ["magnitude", "tails", "median"],
+    "rotate": ["hadamard", "none", "givens"],
+    "rotate_seed": [1, 2**62, -5],
+    "unrope": [True, False, 1],
+    "rope_dim": [2, 64, 66, 2**15, 3],
+    "rope_offset": [1, 2**39, 2**41],
+    "rope_scaling": [2.0, 1e-300, 1e300, 0],
+}
+
+
+def transform_keys(rng, header, text):
+    """A codec config gains transform keys (format 1.2) with plausible or hostile values."""
+    codecs = [t["codec"] for t in header["tensors"].values() if isinstance(t.get("codec"), dict)]
+    if codecs:
+        codec = rng.choice(codecs)
+        for key in rng.sample(sorted(TRANSFORM_VALUES), rng.randint(1, 3)):
+            codec[key] = rng.choice(TRANSFORM_VALUES[key])
+    return dumps(header)
+
+
 def required_keys(rng, header, text):
     header["required"] = rng.choice([["entropy_coder"], "x", [1], [], ["required"]])
     return dumps(header)
@@ -230,6 +255,7 @@ MUTATIONS = [
             invalid_text,
             deep_nesting,
             required_keys,
+            transform_keys,
         )
     ),
 ]
@@ -491,8 +517,9 @@ print(peak_kib() - base, outcome)
 
 
 def test_process_memory_for_worst_case_files_is_bounded(tmp_path):
-    """Peak RSS growth (what tracemalloc cannot see: torch buffers) for the two worst cases:
-    1-bit codes decoded to float32, and a small zstd header that inflates to the most JSON
+    """Peak RSS growth (what tracemalloc cannot see: torch buffers) for the worst cases:
+    1-bit codes decoded to float32 (plain, and through un-RoPE and a rotation, whose float64
+    temporaries work piece by piece), and a small zstd header that inflates to the most JSON
     the limits allow. Bound: 128 x the file size + 64 MiB (docs/format.md section 9)."""
     import subprocess
     import sys
@@ -512,7 +539,14 @@ def test_process_memory_for_worst_case_files_is_bounded(tmp_path):
     raw = zstandard.ZstdCompressor(level=19).compress(text.encode())
     json_heavy = tmp_path / "json-heavy.kvp"
     json_heavy.write_bytes(pack_preamble(1, 1, 1, 64, len(raw), zlib.crc32(raw)) + raw)
-    for path in (one_bit, json_heavy):
+    # the same with un-RoPE and a rotation, as one long sequence and as many one-token rows
+    transformed = CodecConfig.build("uniform", 1, 1024, transforms={"rotate": "hadamard", "unrope": True})
+    transformed = transformed.with_rope(tuple(0.9**i for i in range(512)), 1.0)
+    long_rows = tmp_path / "one-bit-transformed-long.kvp"
+    compress_tensors({"layers.0.key": torch.randn(1, 1, 4096, 1024)}, long_rows, transformed)
+    many_rows = tmp_path / "one-bit-transformed-batch.kvp"
+    compress_tensors({"layers.0.key": torch.randn(4096, 1, 1, 1024)}, many_rows, transformed)
+    for path in (one_bit, json_heavy, long_rows, many_rows):
         result = subprocess.run(
             [sys.executable, "-c", RSS_PROBE, str(path)], capture_output=True, text=True, timeout=300, check=True
         )

@@ -67,7 +67,7 @@ TRANSFORM_DEFAULTS = {
     "rope_scaling": 1.0,
 }
 #: §5: the role is `key` for tensors named `layers.{i}.key`.
-KEY_NAME = re.compile(r"layers\.[0-9]+\.key")
+KEY_NAME = re.compile(r"layers\.(0|[1-9][0-9]{0,8})\.key")  # §4: ASCII digits, no leading zeros
 #: §8: element formats: method -> (exponent bits, mantissa bits, bias, E8M0 block scale, codes a reader refuses).
 ELEMENT_FORMATS = {
     "fp8-e4m3": (4, 3, 7, False, {0x7F, 0xFF}),

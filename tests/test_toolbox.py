@@ -305,11 +305,11 @@ def test_config_round_trips_and_refuses_bad_transforms():
     assert CodecConfig.from_dict(json.loads(json.dumps(codec.to_dict()))) == codec
     assert "key_axis" not in config().to_dict()  # defaults are not written
     bad = [
-        ({"key_axis": "diagonal"}, "key_axis must be one of token, channel"),
-        ({"keep_first": -1}, "keep_first must be an integer"),
-        ({"keep_last": 1.5}, "keep_last must be an integer"),
-        ({"rotate": "random"}, "rotate must be one of none, hadamard"),
-        ({"outlier_select": "top"}, "outlier_select must be one of"),
+        ({"key_axis": "diagonal"}, r"key_axis \(--key-axis\) must be one of token, channel"),
+        ({"keep_first": -1}, r"keep_first \(--keep-first\) must be an integer"),
+        ({"keep_last": 1.5}, r"keep_last \(--keep-last\) must be an integer"),
+        ({"rotate": "random"}, r"rotate \(--rotate\) must be one of none, hadamard"),
+        ({"outlier_select": "top"}, r"outlier_select \(--outlier-select\) must be one of"),
         ({"rope_scaling": math.nan}, "rope_scaling must be a positive number"),
         ({"rope_dim": 3}, "rope_dim must be even"),
         ({"unrope": 1}, "unrope must be true or false"),
@@ -358,18 +358,35 @@ def test_cli_compress_with_every_flag_and_presets(tmp_path, real_dump, capsys):
         ["compress", real_dump, "-o", out, "--force", "--json", "-", "-m", "uniform", "--level", "layer"], capsys
     )
     assert json.loads(stdout)["config"]["group_size"] == 3 * 64
+    # a level replaces a preset's group size; an explicit --group-size subdivides the level
+    for extra, expected in ((["--level", "layer"], 192), (["--level", "layer", "-g", "96"], 96)):
+        code, stdout, _ = run(
+            ["compress", real_dump, "-o", out, "--force", "--json", "-", "--preset", "qaq-uniform", *extra], capsys
+        )
+        assert json.loads(stdout)["config"]["group_size"] == expected
+    # an element format's block subdivides the level
+    code, stdout, _ = run(
+        ["compress", real_dump, "-o", out, "--force", "--json", "-", "-m", "mxfp4", "--level", "head"], capsys
+    )
+    assert code == 0 and json.loads(stdout)["config"]["group_size"] == 32
+    # a .kvp input is named as such, also when --level needs the dump's shape
+    code, _, err = run(["compress", out, "-o", tmp_path / "again.kvp", "--level", "head"], capsys)
+    assert code == 2 and "already a .kvp file" in err
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--key-axis", "diagonal"], "key_axis must be one of"),
+        (["--key-axis", "diagonal"], "key_axis (--key-axis) must be one of"),
         (["--level", "token"], "not supported"),
+        (["--level", "layer", "--key-axis", "channel"], "--level sets the size of token groups"),
         (["--level", "head", "--group-size", "48"], "does not subdivide the head level"),
         (["--preset", "kivi-9"], "unknown preset"),
         (["--method", "mxfp4", "--bits", "3"], "4-bit elements"),
         (["--method", "uniform", "--group-size", "7", "--rotate", "hadamard"], "does not divide"),
-        (["--keep-first", "-3"], "keep_first must be an integer"),
+        (["--keep-first", "-3"], "keep_first (--keep-first) must be an integer"),
+        (["--rotate-seed", "5"], "rotate_seed (--rotate-seed) only applies"),
+        (["--outlier-select", "magnitude"], "outlier_select (--outlier-select) only applies"),
     ],
 )
 def test_cli_refuses_bad_toolbox_flags_in_one_line(tmp_path, real_dump, capsys, flags, message):

@@ -101,12 +101,23 @@ def compress(
         return
     say(
         f"{input} ({human_bytes(report['input_bytes'])}) -> {output} ({human_bytes(report['file_bytes'])}): "
-        f"{config.describe()}; {report['ratio_vs_input']:.2f}x smaller than the input"
+        f"{config.describe()}; "
+        + (
+            f"{report['ratio_vs_input']:.2f}x smaller than the input"
+            if report["ratio_vs_input"] >= 1
+            else f"{1 / report['ratio_vs_input']:.2f}x larger than the input"
+        )
         + (f", {report['ratio_vs_fp16']:.2f}x vs fp16" if report["ratio_vs_fp16"] else ", no K/V elements")
     )
     rows = report_rows(report, per_layer)
     console.print(bits_table("bits per element (every byte of the file counted)", rows))
     console.print(error_table("reconstruction error (bytes: stored, header share included)", rows))
+    exact = report["rows"]["all"]["bits_per_element"]["exact"] / report["rows"]["all"]["bits_per_element"]["total"]
+    if exact > 0.5:
+        say(
+            f"warning: {100 * exact:.0f}% of the file's K/V bits are tokens stored exactly (--keep-first/--keep-last, "
+            "or channel-axis tokens that do not fill a group of --group-size); use fewer or smaller groups"
+        )
     for role in ("key", "value"):
         rel = report["rows"][role].get("rel_mse")
         if rel is not None and rel >= 1:

@@ -74,17 +74,12 @@ def _metadata_table(metadata: dict) -> Table:
 
 
 def _describe_codec(codec: dict | None) -> str:
-    """Short form, e.g. ``adaptive b4 g64``, plus only the options that differ from the defaults."""
+    """Short form, e.g. ``adaptive-4 g64``, with the transforms and the options that differ from the defaults."""
     if codec is None:
         return "lossless"
-    from kvpack.codecs import get_codec_class
+    from kvpack.config import CodecConfig
 
-    defaults = get_codec_class(codec["method"]).Params().to_dict()
-    text = f"{codec['method']} b{codec['bits']} g{codec['group_size']}"
-    if codec["outlier_ratio"]:
-        text += f" outliers {codec['outlier_ratio']:g}"
-    changed = [f"{k}={v}" for k, v in codec["params"].items() if defaults.get(k) != v]
-    return " ".join([text, *changed])
+    return CodecConfig.from_dict(codec).label()
 
 
 def _shape_summary(info: dict) -> Table:

@@ -81,8 +81,8 @@ Level = Annotated[
     Optional[str],
     typer.Option(
         "--level",
-        help="QAQ granularity of token groups: head (one per token and head) or layer (one per token and layer); "
-        "--group-size may subdivide it.",
+        help="QAQ granularity of token groups: head (one group per token and head) or layer (one per token and "
+        "layer); --group-size may subdivide it. (QAQ's token level, across layers, is not supported.)",
     ),
 ]
 KeepFirst = Annotated[
@@ -169,8 +169,18 @@ def build_codec(flags: dict, dims: tuple[int, int] | None = None):
     }
     options = expand_preset(flags["preset"], given)
     level = flags["level"]
-    if level is not None:
-        options["group_size"] = level_group_size(level, options.get("group_size"), dims)
+    if level is not None:  # the level replaces a preset's group size; only --group-size subdivides it
+        from kvpack.codecs import get_codec_class
+        from kvpack.errors import InvalidInputError
+
+        transforms = options["transforms"]
+        if "channel" in (transforms.get("key_axis"), transforms.get("value_axis")):
+            raise InvalidInputError(
+                "--level sets the size of token groups; with a channel axis give --group-size (tokens per group)"
+            )
+        block = get_codec_class(options.get("method") or "adaptive").block_size
+        size = level_group_size(level, flags["group_size"] or block, dims)
+        options["group_size"] = size if size is not None else options.get("group_size")
     return CodecConfig.build(options.pop("method", "adaptive"), **options)
 
 
@@ -183,7 +193,7 @@ def level_group_size(level: str, group_size: int | None, dims: tuple[int, int] |
     from kvpack.errors import InvalidInputError
 
     if level not in LEVELS:
-        raise InvalidInputError(f"--level must be one of {', '.join(LEVELS)}, got {level!r}")
+        raise InvalidInputError(f"--level must be head or layer, got {level!r}")
     if level == "token":
         raise InvalidInputError(
             "--level token (one group per token across all layers) is not supported: a .kvp stores each layer's "

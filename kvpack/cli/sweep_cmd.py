@@ -30,11 +30,12 @@ def sweep(
     ] = None,
     force: Force = False,
 ) -> None:
-    """Evaluate methods x bits x group sizes x symmetric x outlier ratios, plus baselines, on one text.
+    """Evaluate methods x bits x group sizes x symmetric x outlier ratios, single [[runs]] (transforms,
+    presets), plus baselines, on one text.
 
     Writes results.csv, results.json and plot.png (ΔPPL and KL versus bits per element)
     and prints the table with the Pareto front (bits per element, KL) marked. See
-    bench/quality.toml for an example config.
+    bench/quality.toml (a grid) and bench/toolbox.toml ([[runs]]) for example configs.
 
     Example: kvpack sweep --config bench/quality.toml --output-dir sweep-out
     """
