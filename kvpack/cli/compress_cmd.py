@@ -112,7 +112,8 @@ def compress(
     rows = report_rows(report, per_layer)
     console.print(bits_table("bits per element (every byte of the file counted)", rows))
     console.print(error_table("reconstruction error (bytes: stored, header share included)", rows))
-    exact = report["rows"]["all"]["bits_per_element"]["exact"] / report["rows"]["all"]["bits_per_element"]["total"]
+    all_bits = report["rows"]["all"]["bits_per_element"]
+    exact = all_bits["exact"] / all_bits["total"] if all_bits["total"] else 0.0
     if exact > 0.5:
         say(
             f"warning: {100 * exact:.0f}% of the file's K/V bits are tokens stored exactly (--keep-first/--keep-last, "
