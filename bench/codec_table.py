@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from docs_section import replace_section
 
 from kvpack import CodecConfig, compress_file
 from kvpack.dump import bundled_text, dump_cache, load_model
@@ -103,10 +104,7 @@ def main() -> None:
             "",
         ]
     )
-    existing = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-    head, found, rest = existing.partition(MARKER)
-    tail = rest[rest.find("\n## ") + 1 :] if found and "\n## " in rest else ""
-    args.out.write_text(head.rstrip("\n") + "\n\n" + text + ("\n" + tail if tail else ""))
+    replace_section(args.out, MARKER, text)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from docs_section import replace_section
 
 from kvpack.cli.app import main as kvpack_main
 from kvpack.sweep import plot, series_name, smallest_bits_within
@@ -114,10 +115,7 @@ def main() -> None:
             "",
         ]
     )
-    existing = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-    head, found, rest = existing.partition(MARKER)
-    tail = rest[rest.find("\n## ") + 1 :] if found and "\n## " in rest else ""
-    args.out.write_text(head.rstrip("\n") + "\n\n" + text + ("\n" + tail if tail else ""))
+    replace_section(args.out, MARKER, text)
     print("\n".join(summary))
 
 

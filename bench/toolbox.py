@@ -5,7 +5,7 @@ Runs ``kvpack sweep --config bench/toolbox.toml`` (SmolLM2-135M-Instruct, the Wi
 split from ../shared/data, prefix 1024, continuation 256, 8 windows) and writes the tables into
 docs/benchmarks.md. ``--from-results`` re-renders the last run without evaluating again.
 
-    .venv/bin/python bench/toolbox.py [--from-results] [--out docs/benchmarks.md]
+    .venv/bin/python bench/toolbox.py [--from-results] [--merge OTHER/results.json] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
 import torch
+from docs_section import replace_section
 
 from kvpack.cli.app import main as kvpack_main
 
@@ -25,6 +27,8 @@ MARKER = "## Codec toolbox on WikiText-2"
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "toolbox"
 BUDGETS = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+#: A budget admits its own value plus this: the header and the rotary frequencies cost ~0.005-0.01 bits.
+HEADER_SLACK = 0.01
 BASE = "base (per-token g64)"
 
 
@@ -59,21 +63,30 @@ def flat_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def readable(label: str) -> str:
+    """``knob | b3`` -> ``knob, 3-bit codes`` (a table cell cannot hold a bar)."""
+    knob, _, bits = label.partition(" | b")
+    return f"{knob}, {bits}-bit codes" if bits else label
+
+
 def best_per_budget(results: list[dict]) -> list[str]:
     lines = [
         "| budget (bits/el) | best by KL | bits/el | ΔPPL % | KL | best by ΔPPL | bits/el | ΔPPL % | KL |",
         "|---:|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for budget in BUDGETS:
-        within = [r for r in results if r["bits_per_element"] <= budget and r["config"]["kind"] == "codec"]
+        within = [
+            r for r in results if r["bits_per_element"] <= budget + HEADER_SLACK and r["config"]["kind"] == "codec"
+        ]
         if not within:
             lines.append(f"| ≤ {budget} | none | | | | | | | |")
             continue
         by_kl = min(within, key=lambda r: r["kl_mean"])
         by_ppl = min(within, key=lambda r: abs(r["delta_ppl_pct"]))
         lines.append(
-            f"| ≤ {budget} | {by_kl['label']} | {by_kl['bits_per_element']:.3f} | {by_kl['delta_ppl_pct']:+.2f} | "
-            f"{by_kl['kl_mean']:.4f} | {by_ppl['label']} | {by_ppl['bits_per_element']:.3f} | "
+            f"| ≤ {budget} | {readable(by_kl['label'])} | {by_kl['bits_per_element']:.3f} | "
+            f"{by_kl['delta_ppl_pct']:+.2f} | {by_kl['kl_mean']:.4f} | {readable(by_ppl['label'])} | "
+            f"{by_ppl['bits_per_element']:.3f} | "
             f"{by_ppl['delta_ppl_pct']:+.2f} | {by_ppl['kl_mean']:.4f} |"
         )
     return lines
@@ -83,7 +96,7 @@ def render(run: dict, minutes: float | None) -> str:
     results = run["methods"]
     labels = [r["label"] for r in results]
     knobs = list(dict.fromkeys(label.split(" | ")[0] for label in labels if " | b" in label))
-    isolation = [k for k in knobs if not any(ch in k for ch in (",", ":"))]
+    isolation = [k for k in knobs if not any(ch in re.sub(r"\(.*?\)", "", k) for ch in (",", ":"))]
     combos = [k for k in knobs if k not in isolation]
     others = [r for r in results if " | b" not in r["label"]]
     proto = run["protocol"]
@@ -128,6 +141,11 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=HERE / "toolbox.toml")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     parser.add_argument("--from-results", action="store_true", help="Render the last results.json again.")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="Add the methods of another sweep's results.json (same protocol) to the last results, then render.",
+    )
     args = parser.parse_args()
     minutes = None
     if not args.from_results:
@@ -137,14 +155,15 @@ def main() -> None:
             raise SystemExit(code)
         minutes = (time.perf_counter() - started) / 60
     run = json.loads((RESULTS / "results.json").read_text())
+    if args.merge:
+        extra = json.loads(args.merge.read_text())
+        if extra["protocol"] != run["protocol"] or extra["ppl_ref"] != run["ppl_ref"]:
+            raise SystemExit(f"{args.merge}: another protocol or reference; cannot merge")
+        known = {r["label"] for r in run["methods"]}
+        run["methods"] += [r for r in extra["methods"] if r["label"] not in known]
+        (RESULTS / "results.json").write_text(json.dumps(run, indent=1))
     text = render(run, minutes)
-    existing = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-    head, found, rest = existing.partition(MARKER)
-    tail = rest[rest.find("\n## ") + 1 :] if found and "\n## " in rest else ""
-    if not found:  # first run: put the section before the quality section
-        head, found_quality, rest_quality = existing.partition("## Model quality on WikiText-2")
-        tail = (found_quality + rest_quality) if found_quality else ""
-    args.out.write_text(head.rstrip("\n") + "\n\n" + text + ("\n" + tail if tail else ""))
+    replace_section(args.out, MARKER, text, before="## Model quality on WikiText-2")
     print("\n".join(best_per_budget(run["methods"])))
 
 
