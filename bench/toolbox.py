@@ -144,11 +144,12 @@ def main() -> None:
     parser.add_argument(
         "--merge",
         type=Path,
-        help="Add the methods of another sweep's results.json (same protocol) to the last results, then render.",
+        help="Add the methods of another sweep's results.json (same protocol) to the last results and render "
+        "(no evaluation).",
     )
     args = parser.parse_args()
     minutes = None
-    if not args.from_results:
+    if not args.from_results and not args.merge:
         started = time.perf_counter()
         code = kvpack_main(["sweep", "--config", str(args.config), "--output-dir", str(RESULTS), "--force"])
         if code:
