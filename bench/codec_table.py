@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from docs_section import replace_section
+from bench_common import replace_section
 
 from kvpack import CodecConfig, compress_file
 from kvpack.dump import bundled_text, dump_cache, load_model

@@ -15,13 +15,11 @@ import datetime
 import json
 import platform
 import shutil
-import time
 from pathlib import Path
 
 import torch
-from docs_section import replace_section
+from bench_common import replace_section, run_sweep
 
-from kvpack.cli.app import main as kvpack_main
 from kvpack.sweep import plot, series_name, smallest_bits_within
 
 MARKER = "## Model quality on WikiText-2"
@@ -62,12 +60,7 @@ def main() -> None:
         )
         plot(run["methods"], args.out.parent / "quality.png", title)
         return
-    started = time.perf_counter()
-    code = kvpack_main(["sweep", "--config", str(args.config), "--output-dir", str(results_dir), "--force"])
-    if code:
-        raise SystemExit(code)
-    minutes = (time.perf_counter() - started) / 60
-    run = json.loads((results_dir / "results.json").read_text())
+    run, minutes = run_sweep(args.config, results_dir)
     results = run["methods"]
     plot_path = args.out.parent / "quality.png"
     shutil.copyfile(results_dir / "plot.png", plot_path)

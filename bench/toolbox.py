@@ -15,13 +15,10 @@ import datetime
 import json
 import platform
 import re
-import time
 from pathlib import Path
 
 import torch
-from docs_section import replace_section
-
-from kvpack.cli.app import main as kvpack_main
+from bench_common import replace_section, run_sweep
 
 MARKER = "## Codec toolbox on WikiText-2"
 HERE = Path(__file__).resolve().parent
@@ -149,13 +146,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     minutes = None
-    if not args.from_results and not args.merge:
-        started = time.perf_counter()
-        code = kvpack_main(["sweep", "--config", str(args.config), "--output-dir", str(RESULTS), "--force"])
-        if code:
-            raise SystemExit(code)
-        minutes = (time.perf_counter() - started) / 60
-    run = json.loads((RESULTS / "results.json").read_text())
+    if args.from_results or args.merge:
+        run = json.loads((RESULTS / "results.json").read_text())
+    else:
+        run, minutes = run_sweep(args.config, RESULTS)
     if args.merge:
         extra = json.loads(args.merge.read_text())
         if extra["protocol"] != run["protocol"] or extra["ppl_ref"] != run["ppl_ref"]:

@@ -1,8 +1,25 @@
-"""Replace one ``## `` section of docs/benchmarks.md, leaving the others as they are."""
+"""Shared by the bench scripts: run a sweep, and replace one ``## `` section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
+
+
+def run_sweep(config: Path, results_dir: Path) -> tuple[dict, float]:
+    """``kvpack sweep --config CONFIG --output-dir RESULTS_DIR --force``; returns (results.json, minutes).
+
+    Raises:
+        SystemExit: the sweep failed (its exit code).
+    """
+    from kvpack.cli.app import main as kvpack_main
+
+    started = time.perf_counter()
+    code = kvpack_main(["sweep", "--config", str(config), "--output-dir", str(results_dir), "--force"])
+    if code:
+        raise SystemExit(code)
+    return json.loads((results_dir / "results.json").read_text()), (time.perf_counter() - started) / 60
 
 
 def replace_section(path: Path, marker: str, text: str, before: str | None = None) -> None:
