@@ -28,7 +28,7 @@ import torch
 
 from kvpack.codecs.base import fp16_round_up
 from kvpack.codecs.uniform import UniformCodec, UniformParams
-from kvpack.errors import InvalidInputError
+from kvpack.errors import InvalidInputError, lookup
 from kvpack.formats.safetensors_io import parse_kv_name
 
 KIVI_GROUP = 32
@@ -134,7 +134,4 @@ def get_baseline(name: str) -> Baseline:
     Raises:
         InvalidInputError: no such baseline.
     """
-    try:
-        return BASELINES[name]
-    except KeyError:
-        raise InvalidInputError(f"unknown baseline {name!r}; available: fp16, {', '.join(sorted(BASELINES))}") from None
+    return lookup(BASELINES, name, "baseline", also=("fp16",))

@@ -64,3 +64,16 @@ def brief(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters: error messages echo values read from files."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def lookup(table: dict, name, kind: str, also: tuple[str, ...] = (), sort: bool = True):
+    """``table[name]``, or an :class:`InvalidInputError` naming the ``kind`` and the choices.
+
+    Raises:
+        InvalidInputError: ``name`` is not a key of ``table``.
+    """
+    try:
+        return table[name]
+    except (KeyError, TypeError):  # TypeError: an unhashable name from a file
+        choices = [*also, *(sorted(table) if sort else table)]
+        raise InvalidInputError(f"unknown {kind} {brief(name)}; available: {', '.join(choices)}") from None

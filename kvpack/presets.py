@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvpack.errors import InvalidInputError, brief
+from kvpack.errors import lookup
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,7 @@ def get_preset(name: str) -> Preset:
     Raises:
         InvalidInputError: no such preset.
     """
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise InvalidInputError(f"unknown preset {brief(name)}; available: {', '.join(PRESETS)}") from None
+    return lookup(PRESETS, name, "preset", sort=False)
 
 
 def expand_preset(name: str | None, given: dict[str, Any]) -> dict[str, Any]:

@@ -444,3 +444,14 @@ def test_transforms_in_chunks_equal_one_pass_and_leave_the_input_alone(monkeypat
     assert torch.equal(x, before)
     assert torch.allclose(whole, chunked, atol=1e-6 * float(x.abs().max()))
     assert float(((whole - x) ** 2).sum() / (x**2).sum()) < 0.02
+
+
+def test_every_transform_key_is_known_to_the_reader_and_the_cli():
+    """The transform keys are listed by hand in three places; they must agree."""
+    from kvpack.cli.options import _TRANSFORMS, CODEC_FLAGS
+    from kvpack.config import TRANSFORM_DEFAULTS
+    from kvpack.formats.constants import KNOWN_REQUIRED_KEYS
+
+    assert set(TRANSFORM_DEFAULTS) <= KNOWN_REQUIRED_KEYS
+    assert set(_TRANSFORMS) == {k for k in TRANSFORM_DEFAULTS if not k.startswith("rope_")}  # rope_*: from the model
+    assert set(_TRANSFORMS) <= set(CODEC_FLAGS)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvpack.errors import InvalidInputError, brief, brief_list
+from kvpack.errors import InvalidInputError, brief, brief_list, lookup
 from kvpack.grouping import GroupLayout
 
 #: Section kinds, used for bits-per-element accounting.
@@ -142,12 +142,7 @@ def get_codec_class(method: str) -> type[Codec]:
     Raises:
         InvalidInputError: no codec has that name.
     """
-    try:
-        return Codec.registry[method]
-    except KeyError:
-        raise InvalidInputError(
-            f"unknown method {brief(method)}; available: {', '.join(sorted(Codec.registry))}"
-        ) from None
+    return lookup(Codec.registry, method, "method")
 
 
 def codes_spec(layout: GroupLayout, bits: int) -> SectionSpec:
