@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +22,16 @@ from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.constants import DTYPE_SIZES, FLOAT_DTYPES
 from kvpack.formats.header import TensorEntry, section_specs, spec_nbytes
 from kvpack.formats.reader import KvpReader, is_kvp_file
-from kvpack.formats.safetensors_io import SafetensorsSource, parse_kv_name, write_safetensors
+from kvpack.formats.safetensors_io import (
+    SafetensorsSource,
+    kv_tensor_name,
+    parse_kv_name,
+    stacked_name,
+    write_safetensors,
+)
 from kvpack.formats.writer import KvpWriter, check_output_path
 from kvpack.packing import pack, unpack
-from kvpack.pipeline import plan_for
+from kvpack.pipeline import plan_for, stacked_view, unstacked_view
 from kvpack.stats import ErrorAccumulator, size_breakdown
 
 Progress = Callable[[int, int, str], None]
@@ -42,6 +49,7 @@ TORCH_DTYPES = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+ROLES = ("key", "value")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -60,7 +68,7 @@ def encode_tensor(name: str, x: torch.Tensor, config: CodecConfig | None) -> dic
     Args:
         name: tensor name (for messages).
         x: with a codec, a float16 / bfloat16 / float32 tensor ``(batch, num_kv_heads,
-            seq_len, head_dim)``; without (``config=None``), any supported tensor, stored as is.
+            seq_len, head_dim)`` (``(num_layers, batch, ...)`` with ``config.stack_layers``); without (``config=None``), any supported tensor, stored as is.
         config: the codec config, or ``None`` for lossless storage.
 
     Returns:
@@ -88,6 +96,8 @@ def encode_tensor(name: str, x: torch.Tensor, config: CodecConfig | None) -> dic
     if not torch.isfinite(values).all():
         bad = int((~torch.isfinite(values)).sum())
         raise InvalidInputError(f"tensor {name!r} holds {bad} NaN or Inf values; refusing to quantize it")
+    if config.stack_layers:
+        values = stacked_view(values)
     try:
         arrays = plan.encode(values)
     except InvalidInputError as exc:
@@ -138,7 +148,8 @@ def decode_entry(
                     raise FormatError(f"tensor {entry.name!r}: section {section} holds NaN or infinite values")
         if entry.n_elements == 0:  # the sections were still checked: a tensor-scope codebook exists
             return torch.empty(entry.shape, dtype=out_dtype)
-        return plan.decode(arrays).to(out_dtype)
+        decoded = plan.decode(arrays).to(out_dtype)
+        return unstacked_view(decoded, entry.shape) if entry.codec.stack_layers else decoded
     except InvalidInputError as exc:
         raise FormatError(f"tensor {entry.name!r}: {exc}") from None
 
@@ -180,17 +191,66 @@ def compress_tensors(
 
     With ``config=None`` every tensor is stored losslessly in its own dtype. With
     ``config.unrope``, the rotary frequencies come from the config (:meth:`CodecConfig.with_rope`)
-    or else from ``metadata`` (what ``kvpack dump`` records).
+    or else from ``metadata`` (what ``kvpack dump`` records). With ``config.stack_layers`` the
+    K/V tensors are written as two stacked entries (:func:`entry_layout`).
 
     Raises:
-        InvalidInputError, OutputExistsError: see :func:`encode_tensor` and :class:`KvpWriter`.
+        InvalidInputError, OutputExistsError: see :func:`encode_tensor`, :func:`entry_layout`
+            and :class:`KvpWriter`.
     """
     config = with_model_rope(config, metadata or {})
+    layout = entry_layout({name: (tuple(x.shape), dtype_name(x.dtype)) for name, x in tensors.items()}, config)
     with KvpWriter(path, _file_metadata(metadata or {}, config), force=force) as writer:
-        for name, x in tensors.items():
-            codec = config if parse_kv_name(name) else None
-            writer.add_tensor(name, tuple(x.shape), dtype_name(x.dtype), codec, encode_tensor(name, x, codec))
+        for entry_name, sources, codec in layout:
+            x = tensors[sources[0]] if len(sources) == 1 and entry_name == sources[0] else stack(tensors, sources)
+            writer.add_tensor(
+                entry_name, tuple(x.shape), dtype_name(x.dtype), codec, encode_tensor(entry_name, x, codec)
+            )
         return writer.entries
+
+
+def entry_layout(
+    shapes: dict[str, tuple[tuple[int, ...], str]], config: CodecConfig | None
+) -> list[tuple[str, list[str], CodecConfig | None]]:
+    """Which entries a file of these tensors holds: ``(entry name, source tensor names, codec)``.
+
+    Each tensor is its own entry (K/V quantized with ``config``, the rest lossless), except with
+    ``config.stack_layers``: then ``layers.all.key`` stacks ``layers.0.key`` ... ``layers.{L-1}.key``
+    (shape ``(L, batch, num_kv_heads, seq_len, head_dim)``) and ``layers.all.value`` the values,
+    first in the file.
+
+    Args:
+        shapes: tensor name -> ``(shape, dtype name)``.
+
+    Raises:
+        InvalidInputError: stacking a cache whose K/V tensors are not exactly layers 0 to L-1
+            with a key and a value each, all of one shape and dtype.
+    """
+    if config is None or not config.stack_layers:
+        return [(name, [name], config if config is not None and parse_kv_name(name) else None) for name in shapes]
+    kv = {name: parse_kv_name(name) for name in shapes if parse_kv_name(name)}
+    layers = 1 + max((layer for layer, _ in kv.values()), default=-1)
+    missing = [kv_tensor_name(i, role) for i in range(layers) for role in ROLES if kv_tensor_name(i, role) not in kv]
+    if not kv or missing:
+        raise InvalidInputError(
+            "groups across layers (--level token) need every layer's key and value, layers 0 to L-1"
+            + (f"; missing {', '.join(missing[:3])}" if missing else "")
+        )
+    first = shapes[kv_tensor_name(0, "key")]
+    for name in sorted(kv, key=tensor_order):
+        if shapes[name] != first:
+            raise InvalidInputError(
+                f"groups across layers (--level token) need K/V tensors of one shape and dtype: {name!r} is "
+                f"{shapes[name][0]} {shapes[name][1]}, layers.0.key {first[0]} {first[1]}"
+            )
+    stacked = [(stacked_name(role), [kv_tensor_name(i, role) for i in range(layers)], config) for role in ROLES]
+    return stacked + [(name, [name], None) for name in shapes if name not in kv]
+
+
+def stack(tensors: Any, names: list[str]) -> torch.Tensor:
+    """``(len(names), *shape)``: the named tensors (from a dict or a :class:`SafetensorsSource`) stacked."""
+    get = tensors.get if isinstance(tensors, SafetensorsSource) else tensors.__getitem__
+    return torch.stack([get(name) for name in names])
 
 
 def load_kvp(
@@ -207,7 +267,7 @@ def load_kvp(
 
 def _decode_all(reader: KvpReader, dtype: torch.dtype | None, progress: Progress | None = None) -> dict:
     """Every tensor of an open file, decoded; ``dtype`` applies to the K/V tensors only."""
-    names = reader.keys()
+    names = reader.tensor_names()
     tensors = {}
     for index, name in enumerate(names):
         if progress:
@@ -238,7 +298,7 @@ class CacheSource:
             self.kind = "kvp"
             self._kvp = KvpReader(self.path)
             self.metadata = dict(self._kvp.metadata)
-            self._keys = self._kvp.keys()
+            self._keys = self._kvp.tensor_names()
         else:
             self.kind = "safetensors"
             self._st = SafetensorsSource(self.path)
@@ -296,25 +356,28 @@ def compress_file(
         raise InvalidInputError(f"{input_path} is already a .kvp file; compress takes a safetensors dump")
     errors: dict[str, ErrorAccumulator] = {}
     with SafetensorsSource(input_path) as source:
-        names = sorted(source.keys(), key=tensor_order)
         config = with_model_rope(config, source.metadata)
-        check_compressible(source, config)
+        names = sorted(source.keys(), key=tensor_order)
+        layout = check_compressible(source, config, names)
         check_output_path(output_path, force)
         if Path(input_path).resolve() == Path(output_path).resolve():
             raise InvalidInputError("input and output are the same file")
         with KvpWriter(output_path, _file_metadata(source.metadata, config), force=force) as writer:
-            for index, name in enumerate(names):
+            for index, (entry_name, sources, codec) in enumerate(layout):
                 if progress:
-                    progress(index, len(names), name)
-                x = source.get(name)
-                codec = config if parse_kv_name(name) else None
-                sections = encode_tensor(name, x, codec)
-                entry = writer.add_tensor(name, tuple(x.shape), dtype_name(x.dtype), codec, sections)
+                    progress(index, len(layout), entry_name)
+                stacked = entry_name != sources[0]
+                x = stack(source, sources) if stacked else source.get(entry_name)
+                sections = encode_tensor(entry_name, x, codec)
+                entry = writer.add_tensor(entry_name, tuple(x.shape), dtype_name(x.dtype), codec, sections)
                 if codec is not None:
-                    errors[name] = ErrorAccumulator()
-                    errors[name].add(x, decode_entry(entry, sections))
+                    decoded = decode_entry(entry, sections)
+                    for i, name in enumerate(sources):  # errors per layer, also of a stacked entry
+                        errors[name] = ErrorAccumulator()
+                        errors[name].add(x[i] if stacked else x, decoded[i] if stacked else decoded)
+                del x
             if progress:
-                progress(len(names), len(names), "")
+                progress(len(layout), len(layout), "")
             entries = writer.entries
         file_size = Path(output_path).stat().st_size
         input_size = source.file_size
@@ -343,8 +406,9 @@ def with_model_rope(config: CodecConfig | None, metadata: dict[str, str]) -> Cod
     return config.with_rope(rope.inv_freq, rope.attention_scaling)  # keeps the config's rope_offset
 
 
-def kv_dims(path: str | os.PathLike) -> tuple[int, int]:
-    """``(num_kv_heads, head_dim)`` of the first K/V tensor of a safetensors dump (no data read).
+def kv_dims(path: str | os.PathLike) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a safetensors dump (no data read): the layer
+    count and the shape of the first 4-D K/V tensor.
 
     Raises:
         InvalidInputError, FormatError: unreadable file or no 4-D K/V tensor.
@@ -352,10 +416,11 @@ def kv_dims(path: str | os.PathLike) -> tuple[int, int]:
     if is_kvp_file(path):
         raise InvalidInputError(f"{path} is already a .kvp file; compress takes a safetensors dump")
     with SafetensorsSource(path) as source:
+        layers = {parse_kv_name(name)[0] for name in source.keys() if parse_kv_name(name)}
         for name in sorted(source.keys(), key=tensor_order):
             shape, _ = source.shape_dtype(name)
             if parse_kv_name(name) and len(shape) == 4:
-                return int(shape[1]), int(shape[3])
+                return len(layers), int(shape[1]), int(shape[3])
     raise InvalidInputError(f"{path}: no layers.<i>.key / layers.<i>.value tensors found")
 
 
@@ -365,26 +430,42 @@ def tensor_order(name: str) -> tuple:
     return (0, parsed[0], parsed[1] != "key", "") if parsed else (1, 0, False, name)
 
 
-def check_compressible(source: SafetensorsSource, config: CodecConfig) -> None:
+def check_compressible(
+    source: SafetensorsSource, config: CodecConfig, names: list[str]
+) -> list[tuple[str, list[str], CodecConfig | None]]:
     """Check every K/V tensor's shape and dtype against ``config`` before any work (no data read).
 
+    Returns:
+        The file's entries (:func:`entry_layout`).
+
     Raises:
-        InvalidInputError: no K/V tensors, a non-float or non-4-D K/V tensor, or a group
-            size that does not divide a tensor's features.
+        InvalidInputError: no K/V tensors, a non-float or non-4-D K/V tensor, a group size
+            that does not divide a tensor's features, or K/V tensors that cannot be stacked.
     """
-    kv_names = [n for n in source.keys() if parse_kv_name(n)]
-    if not kv_names:
+    if not any(parse_kv_name(n) for n in names):
         raise InvalidInputError(f"{source.path}: no layers.<i>.key / layers.<i>.value tensors found")
-    for name in sorted(kv_names, key=tensor_order):
-        shape, dtype = source.shape_dtype(name)
+    shapes = {name: source.shape_dtype(name) for name in names}
+    layout = entry_layout(shapes, config)
+    for entry_name, sources, codec in layout:
+        if codec is None:
+            continue
+        shape, dtype = shapes[sources[0]]
         if dtype not in FLOAT_DTYPES:
             raise InvalidInputError(
-                f"tensor {name!r}: dtype {dtype} cannot be quantized (expected {', '.join(FLOAT_DTYPES)})"
+                f"tensor {sources[0]!r}: dtype {dtype} cannot be quantized (expected {', '.join(FLOAT_DTYPES)})"
             )
+        if config.stack_layers:
+            if len(shape) != 4:
+                raise InvalidInputError(
+                    f"tensor {sources[0]!r}: a KV tensor must have shape (batch, num_kv_heads, seq_len, head_dim), "
+                    f"got {tuple(shape)}"
+                )
+            shape = (len(sources), *shape)
         try:
-            plan_for(tuple(shape), dtype, name, config)
+            plan_for(tuple(shape), dtype, entry_name, config)
         except InvalidInputError as exc:
-            raise InvalidInputError(f"tensor {name!r}: {exc}") from None
+            raise InvalidInputError(f"tensor {entry_name!r}: {exc}") from None
+    return layout
 
 
 def build_report(entries: list[TensorEntry], file_size: int, errors: dict[str, ErrorAccumulator] | None) -> dict:

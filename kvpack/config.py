@@ -24,7 +24,7 @@ MAX_OUTLIER_RATIO = 0.5
 MAX_KEPT_TOKENS = 1 << 40
 MAX_ROPE_OFFSET = 1 << 40
 _CONFIG_KEYS = ("method", "bits", "group_size", "outlier_ratio", "params")
-#: Keys added in format 1.2 (the tensor transforms), written only when not at their default,
+#: Keys added in format 1.2 (the tensor transforms) and 1.3 (``stack_layers``), written only when not at their default,
 #: so a file that uses none of them is also a valid 1.1 file's content.
 TRANSFORM_DEFAULTS: dict[str, Any] = {
     "key_axis": "token",
@@ -38,6 +38,7 @@ TRANSFORM_DEFAULTS: dict[str, Any] = {
     "rope_dim": 0,
     "rope_offset": 0,
     "rope_scaling": 1.0,
+    "stack_layers": False,
 }
 ROTATIONS = ("none", "hadamard")
 
@@ -69,6 +70,11 @@ class CodecConfig:
             :meth:`with_rope` sets it), ``rope_dim`` (rotated channels per head, ``2 *
             len(rope_inv_freq)``; 0 until the frequencies are known), ``rope_offset`` (position
             of the first token) and ``rope_scaling`` (the factor on cos / sin).
+        stack_layers: every layer's keys are one entry ``layers.all.key`` of shape ``(num_layers,
+            batch, num_kv_heads, seq_len, head_dim)``, values likewise, so a token group can
+            span all layers (QAQ's token level, arXiv 2403.04643, with ``group_size ==
+            num_layers * num_kv_heads * head_dim``; format 1.3). Readers return the layers
+            one by one as ``layers.{i}.key|value``.
 
     Raises:
         InvalidInputError: any field out of range or of the wrong type.
@@ -90,6 +96,7 @@ class CodecConfig:
     rope_dim: int = 0
     rope_offset: int = 0
     rope_scaling: float = 1.0
+    stack_layers: bool = False
     rope_inv_freq: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -154,8 +161,9 @@ class CodecConfig:
             raise InvalidInputError(
                 "outlier_select (--outlier-select) only applies with an outlier ratio above 0 (--outlier-ratio)"
             )
-        if type(self.unrope) is not bool:
-            raise InvalidInputError(f"unrope must be true or false, got {brief(self.unrope)}")
+        for name in ("unrope", "stack_layers"):
+            if type(getattr(self, name)) is not bool:
+                raise InvalidInputError(f"{name} must be true or false, got {brief(getattr(self, name))}")
         if self.rope_dim % 2:
             raise InvalidInputError(f"rope_dim must be even, got {self.rope_dim}")
         scaling = self.rope_scaling
@@ -199,7 +207,7 @@ class CodecConfig:
         return cls(method, bits, group_size, outlier_ratio, params, **transforms)
 
     def transforms(self) -> dict[str, Any]:
-        """The 1.2 transform settings that differ from their defaults (what a file's ``required`` lists,
+        """The transform settings (format 1.2+) that differ from their defaults (what a file's ``required`` lists,
         except the informative ``rotate_seed``)."""
         return {k: getattr(self, k) for k, v in TRANSFORM_DEFAULTS.items() if getattr(self, k) != v}
 
@@ -252,7 +260,7 @@ class CodecConfig:
     def label(self) -> str:
         """Short label such as ``uniform-4 g64``, ``uniform-3 g128 sym`` or ``adaptive-3 g64 o0.01 meanstd``.
 
-        Transforms follow (``o0.01m`` magnitude outliers, ``Kch/Vto`` axes, ``unrope``,
+        ``all-layers`` marks groups across layers (``stack_layers``). Transforms follow (``o0.01m`` magnitude outliers, ``Kch/Vto`` axes, ``unrope``,
         ``hadamard``, ``keep1/128`` protected tokens), then options that differ from the codec's
         defaults: ``sym`` / ``asym`` for ``symmetric``, the value for a choice, ``name=value`` otherwise.
         """
@@ -267,7 +275,7 @@ class CodecConfig:
                 options.append(value)
             else:
                 options.append(f"{key}={value}")
-        text = f"{self.method}-{self.bits} g{self.group_size}"
+        text = f"{self.method}-{self.bits} g{self.group_size}" + (" all-layers" if self.stack_layers else "")
         if self.outlier_ratio:
             text += f" o{self.outlier_ratio:g}" + ("m" if self.outlier_select == "magnitude" else "")
         if self.key_axis != "token" or self.value_axis != "token":
@@ -283,6 +291,8 @@ class CodecConfig:
     def describe(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.params.to_dict().items())
         text = f"{self.method} {self.bits}-bit, group {self.group_size}"
+        if self.stack_layers:
+            text += " (groups across all layers)"
         if self.outlier_ratio:
             from kvpack.grouping import outliers_per_group
 

@@ -204,6 +204,11 @@ def kv_head_shape(model: Any) -> tuple[int | None, int | None]:
     return getattr(text_config, "num_key_value_heads", heads) or None, head_dim
 
 
+def cache_dims(model: Any) -> tuple[int | None, int | None, int | None]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a transformers model's cache (None when unknown)."""
+    return (getattr(decoder_config(model), "num_hidden_layers", None) or None, *kv_head_shape(model))
+
+
 def check_codec_fits(model: Any, config: Any) -> Any:
     """Refuse, before any work, a codec config that cannot encode this model's K/V tensors.
 
@@ -223,7 +228,11 @@ def check_codec_fits(model: Any, config: Any) -> Any:
         if rotary is None:
             raise InvalidInputError("--unrope needs a model with one rotary embedding; this one has none or several")
         config = config.with_rope(rotary.inv_freq, rotary.attention_scaling)
-    if kv_heads and head_dim:
+    layers = cache_dims(model)[0]
+    if kv_heads and head_dim and config.stack_layers and layers:
+        for name in ("layers.all.key", "layers.all.value"):
+            plan_for((layers, 1, kv_heads, 1, head_dim), "float16", name, config)
+    elif kv_heads and head_dim and not config.stack_layers:
         for name in ("layers.0.key", "layers.0.value"):
             plan_for((1, kv_heads, 1, head_dim), "float16", name, config)
     return config

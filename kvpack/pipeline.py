@@ -33,6 +33,7 @@ import torch
 from kvpack.codecs.base import KIND_EXACT, KIND_OUTLIERS, KIND_TRANSFORM, SectionSpec, check_fp16_range
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
+from kvpack.formats.names import parse_kv_name, parse_stacked_name
 from kvpack.grouping import (
     GroupLayout,
     from_groups,
@@ -47,12 +48,12 @@ from kvpack.rope import rotate_keys
 TRANSFORM_CHUNK_ELEMENTS = 1 << 20
 #: The transforms work on whole head vectors: a bound keeps one piece small (real models: <= 256).
 MAX_TRANSFORM_HEAD_DIM = 1 << 16
+#: Layers in one stacked entry (``stack_layers``): bounds what a reader lists for a hostile header.
+MAX_STACKED_LAYERS = 1 << 16
 
 
 def role_of(name: str) -> str:
     """``key`` for ``layers.{i}.key`` tensors, ``value`` for every other quantized tensor."""
-    from kvpack.formats.safetensors_io import parse_kv_name
-
     parsed = parse_kv_name(name)
     return "key" if parsed is not None and parsed[1] == "key" else "value"
 
@@ -240,8 +241,41 @@ class TensorPlan:
 
 
 def plan_for(shape: tuple[int, ...], dtype: str, name: str, config: CodecConfig) -> TensorPlan:
-    """The :class:`TensorPlan` of tensor ``name`` (its role comes from the name)."""
-    return TensorPlan(tuple(int(s) for s in shape), dtype, role_of(name), config)
+    """The :class:`TensorPlan` of tensor ``name`` (its role comes from the name).
+
+    With ``config.stack_layers`` the entry is ``layers.all.key|value`` of shape ``(num_layers,
+    batch, num_kv_heads, seq_len, head_dim)`` and is planned as :func:`stacked_view` lays it
+    out: ``(batch, num_layers * num_kv_heads, seq_len, head_dim)``, so a token group may span layers.
+
+    Raises:
+        InvalidInputError: see :class:`TensorPlan`; a stacked entry with another name or shape.
+    """
+    shape = tuple(int(s) for s in shape)
+    if not config.stack_layers:
+        return TensorPlan(shape, dtype, role_of(name), config)
+    role = parse_stacked_name(name)
+    if role is None:
+        raise InvalidInputError(f"stack_layers applies to the entries layers.all.key / layers.all.value, not {name!r}")
+    if len(shape) != 5 or not 1 <= shape[0] <= MAX_STACKED_LAYERS:
+        raise InvalidInputError(
+            f"a stacked entry has shape (num_layers from 1 to {MAX_STACKED_LAYERS}, batch, num_kv_heads, seq_len, "
+            f"head_dim), got {shape}"
+        )
+    layers, batch, heads, seq, head_dim = shape
+    return TensorPlan((batch, layers * heads, seq, head_dim), dtype, role, config)
+
+
+def stacked_view(x: torch.Tensor) -> torch.Tensor:
+    """``(num_layers, batch, num_kv_heads, seq_len, head_dim)`` -> ``(batch, num_layers * num_kv_heads,
+    seq_len, head_dim)``: layer-major heads, so one token's features run over every layer."""
+    layers, batch, heads, seq, head_dim = x.shape
+    return x.transpose(0, 1).reshape(batch, layers * heads, seq, head_dim)
+
+
+def unstacked_view(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`stacked_view` to the entry's 5-D ``shape`` (contiguous)."""
+    layers, batch, heads, seq, head_dim = shape
+    return x.reshape(batch, layers, heads, seq, head_dim).transpose(0, 1).contiguous()
 
 
 # --- Hadamard rotation -----------------------------------------------------------------

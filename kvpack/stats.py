@@ -32,7 +32,7 @@ from kvpack.codecs.base import (
     KIND_TRANSFORM,
 )
 from kvpack.formats.header import TensorEntry, section_specs
-from kvpack.formats.safetensors_io import parse_kv_name
+from kvpack.formats.names import parse_kv_name, parse_stacked_name
 
 BIT_COLUMNS = ("codes", "scales", "codebooks", "outliers", "exact", "header")
 _KIND_COLUMN = {
@@ -113,13 +113,14 @@ class SizeRow:
     """Bytes of K/V sections by column, and the element count they cover."""
 
     elements: int = 0
-    section_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BIT_COLUMNS, 0))
+    section_bytes: dict[str, float] = field(default_factory=lambda: dict.fromkeys(BIT_COLUMNS, 0))
 
-    def add_entry(self, entry: TensorEntry) -> None:
-        self.elements += entry.n_elements
+    def add_entry(self, entry: TensorEntry, parts: int = 1) -> None:
+        """Add an entry, or one of ``parts`` equal shares of it (a layer of a stacked entry)."""
+        self.elements += entry.n_elements // parts
         specs = section_specs(entry.shape, entry.dtype, entry.codec, entry.name)
         for name, section in entry.sections.items():
-            self.section_bytes[_KIND_COLUMN[specs[name].kind]] += section.length
+            self.section_bytes[_KIND_COLUMN[specs[name].kind]] += section.length / parts
 
     def bits_per_element(self, overhead_bytes: float, total_elements: int) -> dict[str, float]:
         """Bits per element by column plus ``total``; ``header`` is this row's share of the overhead."""
@@ -148,12 +149,17 @@ def size_breakdown(entries: list[TensorEntry], file_size: int) -> dict:
     layers: dict[int, SizeRow] = {}
     for entry in entries:
         parsed = parse_kv_name(entry.name)
-        if parsed is None:
+        stacked_role = parse_stacked_name(entry.name) if entry.codec is not None and entry.codec.stack_layers else None
+        if parsed is None and stacked_role is None:
             continue
-        layer, role = parsed
+        role = parsed[1] if parsed else stacked_role
         rows[role].add_entry(entry)
         rows["all"].add_entry(entry)
-        layers.setdefault(layer, SizeRow()).add_entry(entry)
+        if parsed:
+            layers.setdefault(parsed[0], SizeRow()).add_entry(entry)
+        else:  # groups span the layers: each layer is charged an equal share
+            for layer in range(entry.shape[0]):
+                layers.setdefault(layer, SizeRow()).add_entry(entry, entry.shape[0])
     total = rows["all"].elements
     overhead = file_size - sum(rows["all"].section_bytes.values())
 

@@ -89,9 +89,18 @@ GOLDEN = {
         _config("mxfp4", None, None, 0.1, rotate="hadamard", rotate_seed=3, outlier_select="magnitude"),
         "d96-f32",
     ),
+    # format 1.3: groups across layers (stacked entries)
+    "uniform-a3-g256-all-layers": (_config("uniform", 3, 256, stack_layers=True), "kv-layers"),
+    "adaptive-head-a2-g128-all-layers-keep1": (
+        _config("adaptive", 2, 128, codebook_scope="head", keep_first=1, stack_layers=True),
+        "kv-layers",
+    ),
 }
 #: The format version that introduced each golden file (older folders do not hold it).
-SINCE = {name: (1, 2) for name in list(GOLDEN)[list(GOLDEN).index("uniform-a2-kchannel-g2-keep1") :]}
+_NAMES = list(GOLDEN)
+SINCE = {name: (1, 2) for name in _NAMES[_NAMES.index("uniform-a2-kchannel-g2-keep1") :]} | {
+    name: (1, 3) for name in _NAMES[_NAMES.index("uniform-a3-g256-all-layers") :]
+}
 
 
 def golden_inputs(kind: str) -> dict[str, torch.Tensor]:
@@ -102,6 +111,15 @@ def golden_inputs(kind: str) -> dict[str, torch.Tensor]:
         return {"layers.0.key": torch.tensor(HAND_VALUES, dtype=torch.float16).reshape(1, 1, 2, 8)}
     if kind == "kv":
         return kv
+    if kind == "kv-layers":  # two layers of one shape: the real tensors, the second layer reversed in time
+        key, value = real["key"], real["value"]
+        return {
+            "layers.0.key": key,
+            "layers.0.value": value,
+            "layers.1.key": key.flip(2),
+            "layers.1.value": value.flip(2),
+            "token_ids": real["token_ids"],
+        }
     if kind == "kv-wide-seq":  # 48 tokens: channel groups of 32 tokens plus a 16-token remainder
         key = torch.cat([real["key"], real["value"]], dim=3).reshape(1, 2, 12, 64).repeat(1, 1, 4, 1)
         return {"layers.0.key": key, "layers.0.value": key.flip(2)}
@@ -133,8 +151,16 @@ def golden_inputs(kind: str) -> dict[str, torch.Tensor]:
 def write_golden(name: str, path: Path, force: bool = False) -> None:
     """Write golden file ``name`` to ``path`` with the current writer."""
     config, kind = GOLDEN[name]
+    inputs = golden_inputs(kind)
+    if config is not None and config.stack_layers:
+        layers = {tensor_name for tensor_name in inputs if tensor_name.startswith("layers.")}
+        stacked = {
+            f"layers.all.{role}": torch.stack([inputs[f"layers.{i}.{role}"] for i in range(len(layers) // 2)])
+            for role in ("key", "value")
+        }
+        inputs = stacked | {n: x for n, x in inputs.items() if n not in layers}
     with KvpWriter(path, METADATA, force=force) as writer:
-        for tensor_name, x in golden_inputs(kind).items():
+        for tensor_name, x in inputs.items():
             codec = config if tensor_name.startswith("layers.") else None
             writer.add_tensor(
                 tensor_name, tuple(x.shape), dtype_name(x.dtype), codec, encode_tensor(tensor_name, x, codec)

@@ -84,7 +84,7 @@ def test_compress_inspect_decompress_stats(dump, tmp_path, capsys):
 
     code, out, _ = run(["inspect", out_kvp, "--json"], capsys)
     info = json.loads(out)
-    assert code == 0 and info["version"] == "1.2" and info["metadata"]["model"] == "unit"
+    assert code == 0 and info["version"] == "1.3" and info["metadata"]["model"] == "unit"
     assert info["size"]["rows"]["all"]["bits_per_element"] == pytest.approx(bits)
     code, out, _ = run(["inspect", out_kvp, "--tensors"], capsys)
     assert code == 0 and "layers.1.value" in out and "uniform" in out

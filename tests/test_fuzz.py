@@ -176,11 +176,12 @@ TRANSFORM_VALUES = {
     "rope_dim": [2, 64, 66, 2**15, 3],
     "rope_offset": [1, 2**39, 2**41],
     "rope_scaling": [2.0, 1e-300, 1e300, 0],
+    "stack_layers": [True, False, 1],
 }
 
 
 def transform_keys(rng, header, text):
-    """A codec config gains transform keys (format 1.2) with plausible or hostile values."""
+    """A codec config gains transform keys (format 1.2+) with plausible or hostile values."""
     codecs = [t["codec"] for t in header["tensors"].values() if isinstance(t.get("codec"), dict)]
     if codecs:
         codec = rng.choice(codecs)

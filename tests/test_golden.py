@@ -65,9 +65,11 @@ TRANSFORM_DEFAULTS = {
     "rope_dim": 0,
     "rope_offset": 0,
     "rope_scaling": 1.0,
+    "stack_layers": False,
 }
-#: §5: the role is `key` for tensors named `layers.{i}.key`.
+#: §5: the role is `key` for tensors named `layers.{i}.key`, and for the stacked entry `layers.all.key`.
 KEY_NAME = re.compile(r"layers\.(0|[1-9][0-9]{0,8})\.key")  # §4: ASCII digits, no leading zeros
+STACKED_NAME = re.compile(r"layers\.all\.(key|value)")
 #: §8: element formats: method -> (exponent bits, mantissa bits, bias, E8M0 block scale, codes a reader refuses).
 ELEMENT_FORMATS = {
     "fp8-e4m3": (4, 3, 7, False, {0x7F, 0xFF}),
@@ -157,7 +159,8 @@ def transforms_of(codec: dict) -> dict:
 
 
 def role_of(name: str) -> str:
-    return "key" if KEY_NAME.fullmatch(name) else "value"
+    stacked = STACKED_NAME.fullmatch(name)
+    return "key" if KEY_NAME.fullmatch(name) or (stacked and stacked.group(1) == "key") else "value"
 
 
 def coded_tokens(name: str, shape: list[int], codec: dict) -> tuple[int, int]:
@@ -290,11 +293,18 @@ def decode_file(path: Path) -> dict[str, torch.Tensor]:
             sections[section] = raw
         dtype = entry["dtype"]
         if entry["codec"] is None:
-            values = storage_values(sections["data"], dtype).reshape(entry["shape"])
+            values = {name: storage_values(sections["data"], dtype).reshape(entry["shape"])}
+        elif transforms_of(entry["codec"])["stack_layers"]:
+            # §5: [L, B, H, S, D] decodes as one [B, L*H, S, D] tensor; layer i is heads i*H .. (i+1)*H - 1
+            layers, batch, heads, seq, dim = entry["shape"]
+            role = STACKED_NAME.fullmatch(name).group(1)
+            whole = decode_quantized(name, [batch, layers * heads, seq, dim], entry["codec"], sections, dtype)
+            values = {f"layers.{i}.{role}": whole[:, i * heads : (i + 1) * heads] for i in range(layers)}
         else:
-            values = decode_quantized(name, entry["shape"], entry["codec"], sections, dtype)
-        tensor = torch.from_numpy(np.array(values))
-        out[name] = tensor.to(getattr(torch, dtype)) if dtype in ("float16", "bfloat16") else tensor
+            values = {name: decode_quantized(name, entry["shape"], entry["codec"], sections, dtype)}
+        for restored_name, value in values.items():
+            tensor = torch.from_numpy(np.array(value))
+            out[restored_name] = tensor.to(getattr(torch, dtype)) if dtype in ("float16", "bfloat16") else tensor
     return out
 
 
@@ -325,7 +335,7 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_version_folder_holds_every_golden_file():
-    assert [p.name for p in VERSION_FOLDERS] == ["v1.0", "v1.1", "v1.2"]
+    assert [p.name for p in VERSION_FOLDERS] == ["v1.0", "v1.1", "v1.2", "v1.3"]
     assert all(p.is_file() for p in GOLDEN_PATHS)
 
 
@@ -335,7 +345,7 @@ def test_golden_file_decodes_as_the_spec_says(path):
     expected = decode_file(path)
     approximate = float32_accuracy_tensors(path)
     assert metadata["source"] == "kvpack golden file"
-    assert list(restored) == list(expected)
+    assert sorted(restored) == sorted(expected)
     for name, tensor in expected.items():
         assert restored[name].dtype == tensor.dtype or tensor.dtype == torch.float32
         mine = tensor.to(restored[name].dtype)
@@ -352,19 +362,22 @@ def test_golden_file_decodes_as_the_spec_says(path):
 
 def test_only_the_rotated_and_unroped_tensors_are_compared_to_float32_accuracy():
     approximate = {golden_id(path): sorted(float32_accuracy_tensors(path)) for path in GOLDEN_PATHS}
+    expected = {
+        "adaptive-a3-kchannel-g4-unrope-keeplast": ["layers.0.key"],  # un-RoPE is for keys only
+        "mxfp6-e3m2": ["layers.0.key", "layers.0.value"],
+        "uniform-a3-g16-hadamard-magnitude": ["layers.0.key", "layers.0.value"],
+        "mxfp4-d96-hadamard-outliers-f32": ["layers.0.key", "layers.0.value"],
+        "uniform-a3-kchannel-g4-hadamard": ["layers.0.key", "layers.0.value"],
+        "uniform-a4-kchannel-g2-unrope-partial-bf16": ["layers.0.key"],
+    }
     assert {name: tensors for name, tensors in approximate.items() if tensors} == {
-        "v1.2/adaptive-a3-kchannel-g4-unrope-keeplast": ["layers.0.key"],  # un-RoPE is for keys only
-        "v1.2/mxfp6-e3m2": ["layers.0.key", "layers.0.value"],
-        "v1.2/uniform-a3-g16-hadamard-magnitude": ["layers.0.key", "layers.0.value"],
-        "v1.2/mxfp4-d96-hadamard-outliers-f32": ["layers.0.key", "layers.0.value"],
-        "v1.2/uniform-a3-kchannel-g4-hadamard": ["layers.0.key", "layers.0.value"],
-        "v1.2/uniform-a4-kchannel-g2-unrope-partial-bf16": ["layers.0.key"],
+        f"{folder}/{name}": tensors for folder in ("v1.2", "v1.3") for name, tensors in expected.items()
     }
 
 
 #: Bounds on the relative squared error ``sum((x' - x)^2) / sum(x^2)`` of the codec families of format 1.0, by width.
 BITS_ERROR_BOUNDS = {2: 0.3, 3: 0.12, 4: 0.04, 8: 1e-4}
-#: The same for the files new in format 1.2, each about 2-3x the error measured when they were written
+#: The same for the files new in format 1.2 and 1.3, each about 2-3x the error measured when they were written
 #: (key / value). 0.0: every token is kept, so the tensors must equal their inputs.
 ERROR_BOUNDS = {
     "uniform-a2-kchannel-g2-keep1": 4e-7,  # 3.2e-8 / 1.3e-7: two tokens per group, both nearly on the 2-bit grid
@@ -378,6 +391,9 @@ ERROR_BOUNDS = {
     "mxfp6-e2m3": 2.5e-3,  # 9.3e-4 / 9.1e-4
     "mxfp6-e3m2": 7e-3,  # 2.8e-3 / 2.8e-3
     "mxfp4": 0.04,  # 0.010 / 0.017
+    # format 1.3: one group per token across both layers (256 values) is coarser than groups of 64
+    "uniform-a3-g256-all-layers": 0.25,  # 0.111 / 0.077
+    "adaptive-head-a2-g128-all-layers-keep1": 0.3,  # 0.140 / 0.133 (layer 0), 0.141 / 0.124 (layer 1)
 }
 
 
@@ -388,11 +404,12 @@ def test_golden_file_is_close_to_its_real_inputs(path):
     entries = parse_file(path.read_bytes())[1]["tensors"]
     bound = ERROR_BOUNDS[path.stem] if path.stem in ERROR_BOUNDS else BITS_ERROR_BOUNDS[config.bits] if config else None
     for name, x in golden_inputs(kind).items():
-        codec = entries[name]["codec"]
+        entry = entries.get(name) or entries[f"layers.all.{name.rsplit('.', 1)[1]}"]  # §5: a stacked layer
+        codec, shape = entry["codec"], entry["shape"][-4:]
         if codec is None:
             assert torch.equal(restored[name], x), name
             continue
-        all_kept = coded_tokens(name, entries[name]["shape"], codec)[1] == 0
+        all_kept = coded_tokens(name, shape, codec)[1] == 0
         assert all_kept == (bound == 0.0), name
         if all_kept:
             assert torch.equal(restored[name], x), name

@@ -378,7 +378,6 @@ def test_cli_compress_with_every_flag_and_presets(tmp_path, real_dump, capsys):
     "flags, message",
     [
         (["--key-axis", "diagonal"], "key_axis (--key-axis) must be one of"),
-        (["--level", "token"], "not supported"),
         (["--level", "layer", "--key-axis", "channel"], "--level sets the size of token groups"),
         (["--level", "head", "--group-size", "48"], "does not subdivide the head level"),
         (["--preset", "kivi-9"], "unknown preset"),
@@ -453,5 +452,6 @@ def test_every_transform_key_is_known_to_the_reader_and_the_cli():
     from kvpack.formats.constants import KNOWN_REQUIRED_KEYS
 
     assert set(TRANSFORM_DEFAULTS) <= KNOWN_REQUIRED_KEYS
-    assert set(_TRANSFORMS) == {k for k in TRANSFORM_DEFAULTS if not k.startswith("rope_")}  # rope_*: from the model
+    # rope_*: from the model; stack_layers: set by --level token
+    assert set(_TRANSFORMS) == {k for k in TRANSFORM_DEFAULTS if not k.startswith("rope_")} - {"stack_layers"}
     assert set(_TRANSFORMS) <= set(CODEC_FLAGS)

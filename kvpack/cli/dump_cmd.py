@@ -89,7 +89,7 @@ def dump(
     Examples: kvpack dump --text-file doc.txt --max-tokens 2048 -o cache.safetensors;
     kvpack dump --prompt "You are ..." -o prompt.kvp --method uniform --bits 4
     """
-    from kvpack.dump import DUMP_DTYPES, bundled_text, check_codec_fits, dump_cache, kv_head_shape, load_model
+    from kvpack.dump import DUMP_DTYPES, bundled_text, cache_dims, check_codec_fits, dump_cache, load_model
     from kvpack.formats.safetensors_io import write_safetensors
     from kvpack.formats.writer import check_output_path
 
@@ -120,7 +120,7 @@ def dump(
         loaded = load_model(model, gguf_file, device)
     if config is not None:
         if level is not None:
-            config = build_codec(flags, kv_head_shape(loaded.model))
+            config = build_codec(flags, cache_dims(loaded.model))
         config = check_codec_fits(loaded.model, config)
     with progress_bar("prefill tokens") as update:
         tensors, metadata = dump_cache(

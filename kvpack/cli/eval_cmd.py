@@ -118,9 +118,9 @@ def evaluate(
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
     if level is not None and chosen.config is not None:
-        from kvpack.dump import kv_head_shape
+        from kvpack.dump import cache_dims
 
-        chosen = EvalMethod.codec(build_codec(flags, kv_head_shape(loaded.model)))
+        chosen = EvalMethod.codec(build_codec(flags, cache_dims(loaded.model)))
     token_ids = tokenize(loaded.tokenizer, text)
     protocol.offsets(token_ids.shape[1])  # too short a text fails before any work
     with progress_bar("eval") as update:

@@ -55,7 +55,11 @@ TRANSFORM_HELP = (
         "groups along each token's features, or along G consecutive tokens of one channel "
         "(KIVI arXiv 2402.02750, KVQuant arXiv 2401.18079); channel-axis remainder tokens are stored exactly",
     ),
-    ("--level head|layer", "QAQ (arXiv 2403.04643) group of one token and head / one token and layer"),
+    (
+        "--level head|layer|token",
+        "QAQ (arXiv 2403.04643) group of one token and head / one token and layer / one token across all layers "
+        "(K and V then stored as one stacked entry each, format 1.3)",
+    ),
     ("--keep-first N / --keep-last N", "tokens stored exactly (attention sinks / most recent), counted in the bits"),
     ("--outlier-ratio R --outlier-select tails|magnitude", "values kept exactly per group (QAQ tails, KVQuant |x|)"),
     (

@@ -81,8 +81,8 @@ Level = Annotated[
     Optional[str],
     typer.Option(
         "--level",
-        help="QAQ granularity of token groups: head (one group per token and head) or layer (one per token and "
-        "layer); --group-size may subdivide it. (QAQ's token level, across layers, is not supported.)",
+        help="QAQ granularity of token groups: head (one group per token and head), layer (per token and layer) "
+        "or token (per token across all layers: K and V stored as one entry each); --group-size may subdivide it.",
     ),
 ]
 KeepFirst = Annotated[
@@ -144,13 +144,13 @@ def given_codec_flags(flags: dict) -> list[str]:
     return [CODEC_FLAGS[name] for name, value in flags.items() if value is not None]
 
 
-def build_codec(flags: dict, dims: tuple[int, int] | None = None):
+def build_codec(flags: dict, dims: tuple[int | None, int | None, int | None] | None = None):
     """A :class:`~kvpack.config.CodecConfig` from the codec flags, a preset under them, and the defaults.
 
     Args:
         flags: :func:`codec_flags` of a command.
-        dims: ``(num_kv_heads, head_dim)`` of the model, needed to resolve ``--level``;
-            without them a level is checked but leaves the group size as given.
+        dims: ``(num_layers, num_kv_heads, head_dim)`` of the cache, needed to resolve
+            ``--level``; without them a level is checked but leaves the group size as given.
 
     Raises:
         InvalidInputError: an unknown method, preset or level, an option the method lacks, a
@@ -181,28 +181,29 @@ def build_codec(flags: dict, dims: tuple[int, int] | None = None):
         block = get_codec_class(options.get("method") or "adaptive").block_size
         size = level_group_size(level, flags["group_size"] or block, dims)
         options["group_size"] = size if size is not None else options.get("group_size")
+        if level == "token":
+            transforms["stack_layers"] = True
     return CodecConfig.build(options.pop("method", "adaptive"), **options)
 
 
-def level_group_size(level: str, group_size: int | None, dims: tuple[int, int] | None) -> int | None:
-    """The group size of a QAQ level (``head``: head_dim, ``layer``: num_kv_heads * head_dim).
+def level_group_size(
+    level: str, group_size: int | None, dims: tuple[int | None, int | None, int | None] | None
+) -> int | None:
+    """The group size of a QAQ level: ``head``: head_dim; ``layer``: num_kv_heads * head_dim;
+    ``token``: num_layers * num_kv_heads * head_dim (with ``stack_layers``). A ``group_size``
+    must divide it and replaces it.
 
     Raises:
-        InvalidInputError: an unknown level, the token level, or a group size that does not divide the level's.
+        InvalidInputError: an unknown level, or a group size that does not divide the level's.
     """
     from kvpack.errors import InvalidInputError
 
     if level not in LEVELS:
-        raise InvalidInputError(f"--level must be head or layer, got {level!r}")
-    if level == "token":
-        raise InvalidInputError(
-            "--level token (one group per token across all layers) is not supported: a .kvp stores each layer's "
-            "tensor on its own; use --level layer (one group per token and layer)"
-        )
-    if dims is None:
+        raise InvalidInputError(f"--level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if dims is None or None in dims:
         return group_size
-    heads, head_dim = dims
-    size = head_dim if level == "head" else heads * head_dim
+    layers, heads, head_dim = dims
+    size = {"head": head_dim, "layer": heads * head_dim, "token": layers * heads * head_dim}[level]
     if group_size is None:
         return size
     if size % group_size:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zstandard
@@ -39,6 +40,7 @@ from kvpack.formats.constants import (
     PREAMBLE_SIZE,
 )
 from kvpack.formats.header import SectionEntry, TensorEntry, decode_header
+from kvpack.formats.names import kv_tensor_name, parse_kv_name, parse_stacked_name
 
 
 def open_input(path: str | os.PathLike):
@@ -151,6 +153,17 @@ class KvpReader:
             raw, PREAMBLE_SIZE, header_offset, name, self.version, self.file_size
         )
         self._entries = {e.name: e for e in entries}
+        self._stacks = {
+            parse_stacked_name(e.name): e for e in entries if e.codec is not None and e.codec.stack_layers
+        }  # role -> stacked entry
+        for entry in entries:
+            parsed = parse_kv_name(entry.name)
+            if parsed and parsed[1] in self._stacks and parsed[0] < self._stacks[parsed[1]].shape[0]:
+                raise FormatError(
+                    f"{name}: corrupted header: tensor {entry.name!r} is also layer {parsed[0]} of "
+                    f"{self._stacks[parsed[1]].name!r}"
+                )
+        self._decoded_stacks: dict[tuple, Any] = {}
         self.header_bytes = header_length
 
     def __enter__(self) -> KvpReader:
@@ -163,8 +176,16 @@ class KvpReader:
         self._file.close()
 
     def keys(self) -> list[str]:
-        """Tensor names in file order."""
+        """Entry names in file order (a stacked entry is one name, ``layers.all.key``)."""
         return list(self._entries)
+
+    def tensor_names(self) -> list[str]:
+        """The tensors the file restores: entry names, with each stacked entry (``stack_layers``)
+        replaced by its layers ``layers.{i}.key|value``; K/V first, by layer, then the others."""
+        names = [n for n in self._entries if n not in {e.name for e in self._stacks.values()}]
+        names += [kv_tensor_name(i, role) for role, e in self._stacks.items() for i in range(e.shape[0])]
+        kv = sorted((n for n in names if parse_kv_name(n)), key=lambda n: (parse_kv_name(n)[0], n))
+        return kv + [n for n in names if not parse_kv_name(n)]
 
     def entry(self, name: str) -> TensorEntry:
         """Header entry of a tensor. Raises InvalidInputError for an unknown name."""
@@ -231,7 +252,8 @@ class KvpReader:
         """Decode one tensor to a torch tensor of its stored shape (see :func:`kvpack.api.decode_entry`).
 
         Args:
-            name: the tensor.
+            name: an entry, or a layer ``layers.{i}.key|value`` of a stacked entry (the stacked
+                entry is decoded once and kept while the reader is open).
             dtype: a torch dtype to return; default the stored dtype.
 
         Raises:
@@ -239,6 +261,15 @@ class KvpReader:
         """
         from kvpack.api import decode_entry
 
+        parsed = parse_kv_name(name)
+        if name not in self._entries and parsed and parsed[1] in self._stacks:
+            stacked = self._stacks[parsed[1]]
+            if parsed[0] < stacked.shape[0]:
+                # one stacked entry holds every layer: decoded once, kept for the other layers
+                key = (stacked.name, dtype)
+                if key not in self._decoded_stacks:
+                    self._decoded_stacks[key] = self.read_tensor(stacked.name, dtype)
+                return self._decoded_stacks[key][parsed[0]].clone()
         sections = self.read_sections(name)
         try:
             return decode_entry(self.entry(name), sections, dtype)

@@ -17,24 +17,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kvpack.errors import FormatError
+from kvpack.formats.names import KV_NAME, kv_tensor_name, parse_kv_name, parse_stacked_name, stacked_name  # noqa: F401
 from kvpack.formats.reader import open_input
 from kvpack.formats.writer import atomic_output
-
-KV_NAME = re.compile(r"layers\.(0|[1-9][0-9]{0,8})\.(key|value)")
-
-
-def kv_tensor_name(layer: int, role: str) -> str:
-    return f"layers.{layer}.{role}"
-
-
-def parse_kv_name(name: str) -> tuple[int, str] | None:
-    """``(layer, "key" | "value")`` for a KV tensor name, else ``None``.
-
-    A KV name is exactly ``layers.<i>.key`` or ``layers.<i>.value``, ``<i>`` in ASCII digits
-    without leading zeros (docs/format.md §4).
-    """
-    match = KV_NAME.fullmatch(name)
-    return (int(match.group(1)), match.group(2)) if match else None
 
 
 class SafetensorsSource:
