@@ -94,8 +94,11 @@ def encode_tensor(name: str, x: torch.Tensor, config: CodecConfig | None) -> dic
         return {section: bytes(spec_nbytes(spec)) for section, spec in specs.items()}
     values = x.detach().to("cpu")
     if not torch.isfinite(values).all():
-        bad = int((~torch.isfinite(values)).sum())
-        raise InvalidInputError(f"tensor {name!r} holds {bad} NaN or Inf values; refusing to quantize it")
+        bad = ~torch.isfinite(values)
+        where = f" (layer {int(bad.flatten(1).any(1).nonzero()[0])})" if config.stack_layers else ""
+        raise InvalidInputError(
+            f"tensor {name!r}{where} holds {int(bad.sum())} NaN or Inf values; refusing to quantize it"
+        )
     if config.stack_layers:
         values = stacked_view(values)
     try:
@@ -224,11 +227,15 @@ def entry_layout(
 
     Raises:
         InvalidInputError: stacking a cache whose K/V tensors are not exactly layers 0 to L-1
-            with a key and a value each, all of one shape and dtype.
+            with a key and a value each, the keys of one shape and dtype and the values of one,
+            or that already holds a tensor named ``layers.all.key|value``.
     """
     if config is None or not config.stack_layers:
         return [(name, [name], config if config is not None and parse_kv_name(name) else None) for name in shapes]
     kv = {name: parse_kv_name(name) for name in shapes if parse_kv_name(name)}
+    taken = [stacked_name(role) for role in ROLES if stacked_name(role) in shapes]
+    if taken:
+        raise InvalidInputError(f"the cache holds a tensor named {taken[0]!r}, the name of a stacked entry")
     layers = 1 + max((layer for layer, _ in kv.values()), default=-1)
     missing = [kv_tensor_name(i, role) for i in range(layers) for role in ROLES if kv_tensor_name(i, role) not in kv]
     if not kv or missing:
@@ -236,12 +243,12 @@ def entry_layout(
             "groups across layers (--level token) need every layer's key and value, layers 0 to L-1"
             + (f"; missing {', '.join(missing[:3])}" if missing else "")
         )
-    first = shapes[kv_tensor_name(0, "key")]
     for name in sorted(kv, key=tensor_order):
-        if shapes[name] != first:
+        first = kv_tensor_name(0, kv[name][1])
+        if shapes[name] != shapes[first]:
             raise InvalidInputError(
-                f"groups across layers (--level token) need K/V tensors of one shape and dtype: {name!r} is "
-                f"{shapes[name][0]} {shapes[name][1]}, layers.0.key {first[0]} {first[1]}"
+                f"groups across layers (--level token) need the layers' {kv[name][1]}s to have one shape and dtype: "
+                f"{name!r} is {shapes[name][0]} {shapes[name][1]}, {first} {shapes[first][0]} {shapes[first][1]}"
             )
     stacked = [(stacked_name(role), [kv_tensor_name(i, role) for i in range(layers)], config) for role in ROLES]
     return stacked + [(name, [name], None) for name in shapes if name not in kv]

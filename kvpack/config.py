@@ -55,7 +55,7 @@ class CodecConfig:
         params: the codec's option dataclass; ``None`` means its defaults.
         key_axis, value_axis: ``token`` (groups along each token's features) or ``channel``
             (groups of ``group_size`` consecutive tokens of one channel; KIVI, arXiv 2402.02750;
-            KVQuant, arXiv 2401.18079). Key settings apply to ``layers.{i}.key`` tensors, value
+            KVQuant, arXiv 2401.18079). Key settings apply to ``layers.{i}.key`` tensors (and ``layers.all.key``), value
             settings to every other quantized tensor.
         keep_first, keep_last: tokens at the start (attention sinks) and end (most recent)
             of every K/V tensor stored exactly in the tensor's dtype (KIVI, KVQuant).
@@ -292,7 +292,7 @@ class CodecConfig:
         options = ", ".join(f"{k}={v}" for k, v in self.params.to_dict().items())
         text = f"{self.method} {self.bits}-bit, group {self.group_size}"
         if self.stack_layers:
-            text += " (groups across all layers)"
+            text += " (K and V of all layers in one entry each)"
         if self.outlier_ratio:
             from kvpack.grouping import outliers_per_group
 

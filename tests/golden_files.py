@@ -95,6 +95,12 @@ GOLDEN = {
         _config("adaptive", 2, 128, codebook_scope="head", keep_first=1, stack_layers=True),
         "kv-layers",
     ),
+    "uniform-a3-kchannel-g4-all-layers-unrope-hadamard": (
+        _config("uniform", 3, 4, key_axis="channel", unrope=True, rotate="hadamard", stack_layers=True).with_rope(
+            SMOLLM2_INV_FREQ, 1.0
+        ),
+        "kv-layers",
+    ),
 }
 #: The format version that introduced each golden file (older folders do not hold it).
 _NAMES = list(GOLDEN)

@@ -107,8 +107,11 @@ def test_every_codec_and_transform_works_across_layers(tmp_path, real_dump, real
         (tmp_path / "x.kvp").stat().st_size
     )
     compress_file(real_dump, tmp_path / "layer.kvp", per_layer)
+    if group <= HEADS * HEAD_DIM:  # no group crosses a layer: the same groups, the same values
+        stack, layer = load_kvp(tmp_path / "x.kvp")[0], load_kvp(tmp_path / "layer.kvp")[0]
+        assert all(torch.equal(stack[name], layer[name]) for name in real_tensors)
     # groups of two layers are coarser than groups of one, but not much on this cache (measured:
-    # adaptive-3 0.041 vs 0.039, normal-4 0.139 vs 0.135; mxfp4 and the channel case never cross a layer)
+    # adaptive-3 0.041 vs 0.039, normal-4 0.139 vs 0.135)
     assert cache_error(tmp_path / "x.kvp") <= 1.25 * cache_error(tmp_path / "layer.kvp") + 1e-6
 
 
@@ -199,3 +202,70 @@ def test_eval_at_the_token_level_on_the_model(cli_model, tmp_path, capsys):
     assert code == 0, err
     with KvpReader(tmp_path / "d.kvp") as reader:
         assert reader.entry("layers.all.value").codec.stack_layers
+
+
+def test_writer_refuses_a_layer_that_is_also_in_a_stacked_entry(tmp_path):
+    from kvpack.api import encode_tensor
+    from kvpack.formats.writer import KvpWriter
+
+    config = stacked(group_size=32)
+    keys = torch.randn(3, 1, 2, 4, 16).half()
+    with pytest.raises(InvalidInputError, match="cannot write .* is also layer 0 of 'layers.all.key'"):
+        with KvpWriter(tmp_path / "x.kvp") as writer:
+            writer.add_tensor(
+                "layers.all.key", (3, 1, 2, 4, 16), "float16", config, encode_tensor("layers.all.key", keys, config)
+            )
+            writer.add_tensor(
+                "layers.0.key", (1, 2, 4, 16), "float16", None, encode_tensor("layers.0.key", keys[0], None)
+            )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stacked_entry_for_one_role_beside_per_layer_tensors(tmp_path, real_tensors):
+    """Valid by the spec: keys stacked, values per layer; the reader restores both kinds."""
+    from kvpack.api import encode_tensor
+    from kvpack.formats.writer import KvpWriter
+
+    config, per_layer = stacked(bits=4, group_size=HEADS * HEAD_DIM), CodecConfig.build("uniform", 4, 64)
+    keys = torch.stack([real_tensors[f"layers.{i}.key"][:, :, :16] for i in range(2)])
+    values = [real_tensors[f"layers.{i}.value"][:, :, :16] for i in range(2)]
+    with KvpWriter(tmp_path / "x.kvp") as writer:
+        encoded = encode_tensor("layers.all.key", keys, config)
+        writer.add_tensor("layers.all.key", tuple(keys.shape), "float16", config, encoded)
+        for i in range(2):
+            name = f"layers.{i}.value"
+            writer.add_tensor(
+                name, tuple(values[i].shape), "float16", per_layer, encode_tensor(name, values[i], per_layer)
+            )
+    restored = load_kvp(tmp_path / "x.kvp")[0]
+    assert list(restored) == ["layers.0.key", "layers.0.value", "layers.1.key", "layers.1.value"]
+    for i in range(2):
+        for name, x in ((f"layers.{i}.key", keys[i]), (f"layers.{i}.value", values[i])):
+            error = float(((restored[name].float() - x.float()) ** 2).sum() / (x.float() ** 2).sum())
+            assert error < 0.05, (name, error)  # 4-bit groups of a token's layer or head
+
+
+def test_stacking_names_the_limits_and_the_bad_layer(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    # 80 layers x 8 kv heads x 128: a token level of 81,920 values, beyond the group size limit
+    big = {f"layers.{i}.{r}": torch.zeros(1, 8, 1, 128).half() for i in range(80) for r in ("key", "value")}
+    save_file(big, tmp_path / "big.safetensors")
+    code, _, err = run(["compress", tmp_path / "big.safetensors", "-m", "uniform", "--level", "token"], capsys)
+    assert code == 2 and "81920 values per group, more than the limit of 65536" in err and "e.g. 40960" in err
+    code, _, err = run(
+        ["compress", tmp_path / "big.safetensors", "-m", "uniform", "--level", "token", "-g", "40960"], capsys
+    )
+    assert code == 0, err
+    # keys and values may differ in shape: each role is its own entry
+    mixed = {f"layers.{i}.key": torch.randn(1, 2, 4, 32).half() for i in range(2)}
+    mixed |= {f"layers.{i}.value": torch.randn(1, 2, 4, 16).half() for i in range(2)}
+    compress_tensors(mixed, tmp_path / "mixed.kvp", stacked(group_size=32))
+    assert sorted(load_kvp(tmp_path / "mixed.kvp")[0]) == sorted(mixed)
+    # a NaN is named with its layer; a tensor already named like a stacked entry is refused
+    mixed["layers.1.value"][0, 1, 2, 3] = float("nan")
+    with pytest.raises(InvalidInputError, match=r"'layers.all.value' \(layer 1\) holds 1 NaN"):
+        compress_tensors(mixed, tmp_path / "nan.kvp", stacked(group_size=32))
+    with pytest.raises(InvalidInputError, match="holds a tensor named 'layers.all.key'"):
+        compress_tensors({**mixed, "layers.all.key": torch.zeros(1)}, tmp_path / "named.kvp", stacked(group_size=32))
+    assert not (tmp_path / "nan.kvp").exists() and not (tmp_path / "named.kvp").exists()

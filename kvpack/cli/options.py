@@ -196,6 +196,7 @@ def level_group_size(
     Raises:
         InvalidInputError: an unknown level, or a group size that does not divide the level's.
     """
+    from kvpack.config import MAX_GROUP_SIZE
     from kvpack.errors import InvalidInputError
 
     if level not in LEVELS:
@@ -204,6 +205,12 @@ def level_group_size(
         return group_size
     layers, heads, head_dim = dims
     size = {"head": head_dim, "layer": heads * head_dim, "token": layers * heads * head_dim}[level]
+    if group_size is None and size > MAX_GROUP_SIZE:
+        largest = max(d for d in range(1, MAX_GROUP_SIZE + 1) if size % d == 0)
+        raise InvalidInputError(
+            f"the {level} level is {size} values per group, more than the limit of {MAX_GROUP_SIZE}; "
+            f"subdivide it with --group-size (e.g. {largest})"
+        )
     if group_size is None:
         return size
     if size % group_size:

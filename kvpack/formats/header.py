@@ -38,6 +38,7 @@ from kvpack.formats.constants import (
     MIN_HEADER_TOKEN_LIMIT,
     SECTION_ALIGNMENT,
 )
+from kvpack.formats.names import parse_kv_name, parse_stacked_name
 from kvpack.packing import packed_nbytes
 from kvpack.pipeline import TensorPlan, plan_for
 
@@ -133,7 +134,7 @@ def decode_header(
     Checks types, the tensor count, shapes against their codecs, every section's length
     against the length derived from shape and codec, and the layout: sections follow each
     other in header order, each at the next multiple of 8 bytes, the last one ending at
-    ``data_end``. Keys this reader does not know are ignored unless the top-level
+    ``data_end``; no tensor is also a layer of a stacked entry. Keys this reader does not know are ignored unless the top-level
     ``required`` list names them (docs/format.md, "Versions").
 
     Returns:
@@ -217,6 +218,11 @@ def decode_header(
         entries.append(dataclasses.replace(entry, sections=placed))
     if position != data_end:
         raise fail(f"the sections end at byte {position}, but the header starts at {data_end}")
+    stacks = {parse_stacked_name(e.name): e for e in entries if e.codec is not None and e.codec.stack_layers}
+    for entry in entries:  # §4: a layer is restored from one entry only
+        parsed = parse_kv_name(entry.name)
+        if parsed and parsed[1] in stacks and parsed[0] < stacks[parsed[1]].shape[0]:
+            raise fail(f"tensor {entry.name!r} is also layer {parsed[0]} of {stacks[parsed[1]].name!r}")
     return metadata, entries, extra
 
 

@@ -156,14 +156,7 @@ class KvpReader:
         self._stacks = {
             parse_stacked_name(e.name): e for e in entries if e.codec is not None and e.codec.stack_layers
         }  # role -> stacked entry
-        for entry in entries:
-            parsed = parse_kv_name(entry.name)
-            if parsed and parsed[1] in self._stacks and parsed[0] < self._stacks[parsed[1]].shape[0]:
-                raise FormatError(
-                    f"{name}: corrupted header: tensor {entry.name!r} is also layer {parsed[0]} of "
-                    f"{self._stacks[parsed[1]].name!r}"
-                )
-        self._decoded_stacks: dict[tuple, Any] = {}
+        self._decoded_stacks: dict[tuple, tuple[Any, set[int]]] = {}  # (entry, dtype) -> (decoded, layers not read)
         self.header_bytes = header_length
 
     def __enter__(self) -> KvpReader:
@@ -253,7 +246,7 @@ class KvpReader:
 
         Args:
             name: an entry, or a layer ``layers.{i}.key|value`` of a stacked entry (the stacked
-                entry is decoded once and kept while the reader is open).
+                entry is decoded once and kept until each of its layers has been read).
             dtype: a torch dtype to return; default the stored dtype.
 
         Raises:
@@ -268,8 +261,13 @@ class KvpReader:
                 # one stacked entry holds every layer: decoded once, kept for the other layers
                 key = (stacked.name, dtype)
                 if key not in self._decoded_stacks:
-                    self._decoded_stacks[key] = self.read_tensor(stacked.name, dtype)
-                return self._decoded_stacks[key][parsed[0]].clone()
+                    decoded = self.read_tensor(stacked.name, dtype)
+                    self._decoded_stacks[key] = (decoded, set(range(stacked.shape[0])))
+                decoded, unread = self._decoded_stacks[key]
+                unread.discard(parsed[0])
+                if not unread:  # every layer has been read once: a reader of the whole cache holds no second copy
+                    del self._decoded_stacks[key]
+                return decoded[parsed[0]].clone()
         sections = self.read_sections(name)
         try:
             return decode_entry(self.entry(name), sections, dtype)
