@@ -68,7 +68,9 @@ def encode_tensor(name: str, x: torch.Tensor, config: CodecConfig | None) -> dic
     Args:
         name: tensor name (for messages).
         x: with a codec, a float16 / bfloat16 / float32 tensor ``(batch, num_kv_heads,
-            seq_len, head_dim)`` (``(num_layers, batch, ...)`` with ``config.stack_layers``); without (``config=None``), any supported tensor, stored as is.
+            seq_len, head_dim)``, or ``(num_layers, batch, num_kv_heads, seq_len, head_dim)``
+            with ``config.stack_layers``; without (``config=None``), any supported tensor,
+            stored as is.
         config: the codec config, or ``None`` for lossless storage.
 
     Returns:
@@ -205,7 +207,7 @@ def compress_tensors(
     layout = entry_layout({name: (tuple(x.shape), dtype_name(x.dtype)) for name, x in tensors.items()}, config)
     with KvpWriter(path, _file_metadata(metadata or {}, config), force=force) as writer:
         for entry_name, sources, codec in layout:
-            x = tensors[sources[0]] if len(sources) == 1 and entry_name == sources[0] else stack(tensors, sources)
+            x = tensors[entry_name] if entry_name == sources[0] else stack(tensors, sources)
             writer.add_tensor(
                 entry_name, tuple(x.shape), dtype_name(x.dtype), codec, encode_tensor(entry_name, x, codec)
             )

@@ -24,8 +24,8 @@ MAX_OUTLIER_RATIO = 0.5
 MAX_KEPT_TOKENS = 1 << 40
 MAX_ROPE_OFFSET = 1 << 40
 _CONFIG_KEYS = ("method", "bits", "group_size", "outlier_ratio", "params")
-#: Keys added in format 1.2 (the tensor transforms) and 1.3 (``stack_layers``), written only when not at their default,
-#: so a file that uses none of them is also a valid 1.1 file's content.
+#: Keys added in format 1.2 (the tensor transforms) and 1.3 (``stack_layers``), written only
+#: when not at their default, so a file that uses none of them is also a valid 1.1 file's content.
 TRANSFORM_DEFAULTS: dict[str, Any] = {
     "key_axis": "token",
     "value_axis": "token",
@@ -55,8 +55,8 @@ class CodecConfig:
         params: the codec's option dataclass; ``None`` means its defaults.
         key_axis, value_axis: ``token`` (groups along each token's features) or ``channel``
             (groups of ``group_size`` consecutive tokens of one channel; KIVI, arXiv 2402.02750;
-            KVQuant, arXiv 2401.18079). Key settings apply to ``layers.{i}.key`` tensors (and ``layers.all.key``), value
-            settings to every other quantized tensor.
+            KVQuant, arXiv 2401.18079). Key settings apply to ``layers.{i}.key`` tensors and
+            ``layers.all.key``, value settings to every other quantized tensor.
         keep_first, keep_last: tokens at the start (attention sinks) and end (most recent)
             of every K/V tensor stored exactly in the tensor's dtype (KIVI, KVQuant).
         outlier_select: ``tails`` (half the lowest, half the highest values; QAQ) or
@@ -207,8 +207,8 @@ class CodecConfig:
         return cls(method, bits, group_size, outlier_ratio, params, **transforms)
 
     def transforms(self) -> dict[str, Any]:
-        """The transform settings (format 1.2+) that differ from their defaults (what a file's ``required`` lists,
-        except the informative ``rotate_seed``)."""
+        """The transform settings (format 1.2+) that differ from their defaults (what a file's
+        ``required`` lists, except the informative ``rotate_seed``)."""
         return {k: getattr(self, k) for k, v in TRANSFORM_DEFAULTS.items() if getattr(self, k) != v}
 
     def with_rope(self, inv_freq: tuple[float, ...], scaling: float, offset: int | None = None) -> CodecConfig:
@@ -260,8 +260,9 @@ class CodecConfig:
     def label(self) -> str:
         """Short label such as ``uniform-4 g64``, ``uniform-3 g128 sym`` or ``adaptive-3 g64 o0.01 meanstd``.
 
-        ``all-layers`` marks groups across layers (``stack_layers``). Transforms follow (``o0.01m`` magnitude outliers, ``Kch/Vto`` axes, ``unrope``,
-        ``hadamard``, ``keep1/128`` protected tokens), then options that differ from the codec's
+        ``all-layers`` marks stacked layers (``stack_layers``). Transforms follow (``o0.01m``
+        magnitude outliers, ``Kch/Vto`` axes, ``unrope``, ``hadamard``, ``keep1/128`` protected
+        tokens), then options that differ from the codec's
         defaults: ``sym`` / ``asym`` for ``symmetric``, the value for a choice, ``name=value`` otherwise.
         """
         defaults = get_codec_class(self.method).Params().to_dict()

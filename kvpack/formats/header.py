@@ -134,8 +134,8 @@ def decode_header(
     Checks types, the tensor count, shapes against their codecs, every section's length
     against the length derived from shape and codec, and the layout: sections follow each
     other in header order, each at the next multiple of 8 bytes, the last one ending at
-    ``data_end``; no tensor is also a layer of a stacked entry. Keys this reader does not know are ignored unless the top-level
-    ``required`` list names them (docs/format.md, "Versions").
+    ``data_end``; no tensor is also a layer of a stacked entry. Keys this reader does not know
+    are ignored unless the top-level ``required`` list names them (docs/format.md, "Versions").
 
     Returns:
         ``(metadata, tensors, extra_sections)``: ``extra_sections`` are the sections with

@@ -173,9 +173,13 @@ class KvpReader:
         return list(self._entries)
 
     def tensor_names(self) -> list[str]:
-        """The tensors the file restores: entry names, with each stacked entry (``stack_layers``)
-        replaced by its layers ``layers.{i}.key|value``; K/V first, by layer, then the others."""
-        names = [n for n in self._entries if n not in {e.name for e in self._stacks.values()}]
+        """The tensors the file restores: the entry names in file order, or, when the file has
+        stacked entries (``stack_layers``), their layers ``layers.{i}.key|value`` and the other
+        K/V tensors by layer, then the rest."""
+        if not self._stacks:
+            return list(self._entries)
+        stacked = {e.name for e in self._stacks.values()}
+        names = [n for n in self._entries if n not in stacked]
         names += [kv_tensor_name(i, role) for role, e in self._stacks.items() for i in range(e.shape[0])]
         kv = sorted((n for n in names if parse_kv_name(n)), key=lambda n: (parse_kv_name(n)[0], n))
         return kv + [n for n in names if not parse_kv_name(n)]
