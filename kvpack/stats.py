@@ -32,7 +32,7 @@ from kvpack.codecs.base import (
     KIND_TRANSFORM,
 )
 from kvpack.formats.header import TensorEntry, section_specs
-from kvpack.formats.names import parse_kv_name, parse_stacked_name
+from kvpack.formats.names import parse_kv_name
 
 BIT_COLUMNS = ("codes", "scales", "codebooks", "outliers", "exact", "header")
 _KIND_COLUMN = {
@@ -149,10 +149,9 @@ def size_breakdown(entries: list[TensorEntry], file_size: int) -> dict:
     layers: dict[int, SizeRow] = {}
     for entry in entries:
         parsed = parse_kv_name(entry.name)
-        stacked_role = parse_stacked_name(entry.name) if entry.codec is not None and entry.codec.stack_layers else None
-        if parsed is None and stacked_role is None:
+        if parsed is None and entry.stacked_role is None:
             continue
-        role = parsed[1] if parsed else stacked_role
+        role = parsed[1] if parsed else entry.stacked_role
         rows[role].add_entry(entry)
         rows["all"].add_entry(entry)
         if parsed:

@@ -73,6 +73,11 @@ class TensorEntry:
         return plan_for(self.shape, self.dtype, self.name, self.codec)
 
     @property
+    def stacked_role(self) -> str | None:
+        """``key`` / ``value`` for a stacked entry (``stack_layers``, all layers of one role), else ``None``."""
+        return parse_stacked_name(self.name) if self.codec is not None and self.codec.stack_layers else None
+
+    @property
     def stored_bytes(self) -> int:
         return sum(s.length for s in self.sections.values())
 
@@ -218,7 +223,7 @@ def decode_header(
         entries.append(dataclasses.replace(entry, sections=placed))
     if position != data_end:
         raise fail(f"the sections end at byte {position}, but the header starts at {data_end}")
-    stacks = {parse_stacked_name(e.name): e for e in entries if e.codec is not None and e.codec.stack_layers}
+    stacks = {e.stacked_role: e for e in entries if e.stacked_role}
     for entry in entries:  # §4: a layer is restored from one entry only
         parsed = parse_kv_name(entry.name)
         if parsed and parsed[1] in stacks and parsed[0] < stacks[parsed[1]].shape[0]:

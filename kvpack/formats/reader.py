@@ -40,7 +40,7 @@ from kvpack.formats.constants import (
     PREAMBLE_SIZE,
 )
 from kvpack.formats.header import SectionEntry, TensorEntry, decode_header
-from kvpack.formats.names import kv_tensor_name, parse_kv_name, parse_stacked_name
+from kvpack.formats.names import kv_tensor_name, parse_kv_name
 
 
 def open_input(path: str | os.PathLike):
@@ -153,9 +153,7 @@ class KvpReader:
             raw, PREAMBLE_SIZE, header_offset, name, self.version, self.file_size
         )
         self._entries = {e.name: e for e in entries}
-        self._stacks = {
-            parse_stacked_name(e.name): e for e in entries if e.codec is not None and e.codec.stack_layers
-        }  # role -> stacked entry
+        self._stacks = {e.stacked_role: e for e in entries if e.stacked_role}  # role -> stacked entry
         self._decoded_stacks: dict[tuple, tuple[Any, set[int]]] = {}  # (entry, dtype) -> (decoded, layers not read)
         self.header_bytes = header_length
 
