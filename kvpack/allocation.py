@@ -1,0 +1,258 @@
+"""Bit allocation: a code width per group, chosen over every group of a file at once.
+
+``target`` (rate control) takes, for every group, its **measured** error at each width the
+codec can code (:func:`kvpack.mixed.width_errors`: the codec really encodes and decodes
+the group at 0, 1, ..., 8 bits, so a uniform grid, Gaussian levels, a learned codebook and an
+FP / MX element family each get their own error curve) and chooses the widths that minimize
+the total error for a bit budget, or the fewest bits for an error budget.
+
+The choice is a Lagrangian relaxation (Shoham & Gersho, "Efficient bit allocation for an
+arbitrary set of quantizers", 1988): for a multiplier ``lam`` every group independently takes
+the width minimizing ``error + lam * bits``; the total bits fall as ``lam`` grows, so a
+bisection on ``lam`` meets the budget, and a greedy pass then spends what is left on the
+upgrades with the best error decrease per bit. Everything is vectorized over all groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpack.errors import InvalidInputError
+
+#: Bisection steps on the multiplier (float64: far below one group's worth of bits).
+BISECTION_STEPS = 100
+
+
+@dataclass
+class WidthTable:
+    """The candidate widths of one tensor's groups and what each costs.
+
+    Attributes:
+        widths: the candidate widths, ascending, starting at 0.
+        errors: float64 ``(n_groups, len(widths))``: weighted squared error of each group at each width.
+        bits: float64 ``(len(widths),)``: bits one group's codes (and per-group codebook) take at each width.
+        energy: the weighted sum of squares of the tensor's values (for relative errors).
+    """
+
+    widths: tuple[int, ...]
+    errors: torch.Tensor
+    bits: torch.Tensor
+    energy: float
+
+    @property
+    def n_groups(self) -> int:
+        return self.errors.shape[0]
+
+
+def _stack(tables: list[WidthTable]) -> tuple[torch.Tensor, torch.Tensor]:
+    widths = {t.widths for t in tables}
+    if len(widths) > 1:
+        raise InvalidInputError("every tensor of a file must offer the same candidate widths")
+    errors = torch.cat([t.errors for t in tables]) if tables else torch.zeros(0, 1, dtype=torch.float64)
+    bits = torch.cat([t.bits.expand(t.n_groups, -1) for t in tables]) if tables else torch.zeros(0, 1)
+    return errors, bits.double()
+
+
+def _split(choice: torch.Tensor, tables: list[WidthTable]) -> list[torch.Tensor]:
+    """Per-table widths (int64) from the chosen column of every group."""
+    out, start = [], 0
+    for table in tables:
+        columns = choice[start : start + table.n_groups]
+        out.append(torch.tensor(table.widths, dtype=torch.long)[columns])
+        start += table.n_groups
+    return out
+
+
+def _choose(errors: torch.Tensor, bits: torch.Tensor, lam: float) -> torch.Tensor:
+    return (errors + lam * bits).argmin(dim=1)
+
+
+def allocate_bits(tables: list[WidthTable], budget_bits: float) -> list[torch.Tensor]:
+    """Widths minimizing the total error with at most ``budget_bits`` bits of codes.
+
+    Args:
+        tables: one :class:`WidthTable` per tensor.
+        budget_bits: bits available for the groups' codes (and per-group codebooks).
+
+    Returns:
+        One int64 ``(n_groups,)`` tensor of widths per table.
+
+    Raises:
+        InvalidInputError: the budget is below what every group at width 0 costs.
+    """
+    errors, bits = _stack(tables)
+    rows = torch.arange(len(errors))
+    if float(bits[:, 0].sum()) > budget_bits + 1e-6:
+        raise InvalidInputError("the bit budget is below what the file needs with every group at width 0")
+    low, high = 0.0, 1.0
+    while float(bits[rows, _choose(errors, bits, high)].sum()) > budget_bits:  # grow until within budget
+        high *= 4.0
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        if float(bits[rows, _choose(errors, bits, middle)].sum()) > budget_bits:
+            low = middle
+        else:
+            high = middle
+    choice = _choose(errors, bits, high)
+    choice = _spend_rest(errors, bits, choice, budget_bits - float(bits[rows, choice].sum()))
+    return _split(choice, tables)
+
+
+def allocate_error(tables: list[WidthTable], max_relative_error: float) -> list[torch.Tensor]:
+    """The fewest bits whose total error stays at most ``max_relative_error`` times the total energy.
+
+    Raises:
+        InvalidInputError: the error bound is not reachable even at the widest width.
+    """
+    errors, bits = _stack(tables)
+    rows = torch.arange(len(errors))
+    allowed = max_relative_error * sum(t.energy for t in tables)
+    if float(errors.min(dim=1).values.sum()) > allowed:
+        raise InvalidInputError(
+            f"relative error {max_relative_error:g} is out of reach: the widest widths give "
+            f"{float(errors.min(dim=1).values.sum()) / max(sum(t.energy for t in tables), 1e-300):.3g}"
+        )
+    low, high = 0.0, 1.0
+    while float(errors[rows, _choose(errors, bits, high)].sum()) <= allowed and high < 1e30:
+        high *= 4.0
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        if float(errors[rows, _choose(errors, bits, middle)].sum()) <= allowed:
+            low = middle
+        else:
+            high = middle
+    return _split(_choose(errors, bits, low), tables)
+
+
+def _spend_rest(errors: torch.Tensor, bits: torch.Tensor, choice: torch.Tensor, left: float) -> torch.Tensor:
+    """Upgrade groups to their next cheaper-per-error width while bits are left, best ratio first."""
+    if left <= 0 or not len(errors):
+        return choice
+    rows = torch.arange(len(errors))
+    now_error, now_bits = errors[rows, choice], bits[rows, choice]
+    extra_bits = bits - now_bits[:, None]
+    gain = now_error[:, None] - errors
+    ratio = torch.where((extra_bits > 0) & (gain > 0), gain / extra_bits.clamp_min(1e-12), torch.zeros_like(gain))
+    best = ratio.argmax(dim=1)  # each group's best single upgrade
+    best_ratio = ratio[rows, best]
+    cost = extra_bits[rows, best]
+    order = torch.argsort(best_ratio, descending=True)
+    order = order[best_ratio[order] > 0]
+    affordable = order[torch.cumsum(cost[order], 0) <= left]
+    upgraded = choice.clone()
+    upgraded[affordable] = best[affordable]
+    return upgraded
+
+
+ALLOCATORS = ("target",)
+#: Flat keys of an allocation (sweep runs, config files).
+ALLOCATION_KEYS = ("allocate", "target_bits", "max_error", "bits_min", "bits_max")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How a file's bits are spread over its groups.
+
+    Attributes:
+        method: ``target`` (rate control on measured errors; more allocators in docs/).
+        target_bits: bits per element of the whole file (every byte counted) to land on.
+        max_error: instead, the largest mean over the K/V tensors of their relative squared error
+            ``sum (x - x_hat)^2 / sum x^2``.
+        bits_min, bits_max: the narrowest and widest width a group may get (0 to 8).
+
+    Raises:
+        InvalidInputError: an unknown method, neither or both budgets, or widths out of range.
+    """
+
+    method: str = "target"
+    target_bits: float | None = None
+    max_error: float | None = None
+    bits_min: int = 0
+    bits_max: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in ALLOCATORS:
+            raise InvalidInputError(f"--allocate must be one of {', '.join(ALLOCATORS)}, got {self.method!r}")
+        if (self.target_bits is None) == (self.max_error is None):
+            raise InvalidInputError("--allocate target needs exactly one of --target-bits and --max-error")
+        if self.target_bits is not None and not 0 < self.target_bits <= 64:
+            raise InvalidInputError(
+                f"--target-bits must be a number of bits per element above 0, got {self.target_bits}"
+            )
+        if self.max_error is not None and not 0 < self.max_error < 1:
+            raise InvalidInputError(f"--max-error must be a relative squared error in (0, 1), got {self.max_error}")
+        if not 0 <= self.bits_min <= self.bits_max <= 8:
+            raise InvalidInputError(
+                f"--bits-min / --bits-max must satisfy 0 <= min <= max <= 8, got {self.bits_min} / {self.bits_max}"
+            )
+
+    def describe(self) -> str:
+        """``target 2.5 bits per element`` / ``fewest bits for relative error 0.01``, with the width range."""
+        text = (
+            f"widths allocated for {self.target_bits:g} bits per element"
+            if self.target_bits is not None
+            else f"widths allocated for relative error {self.max_error:g}"
+        )
+        return text + ("" if (self.bits_min, self.bits_max) == (0, 8) else f" ({self.bits_min}-{self.bits_max} bits)")
+
+    def label(self) -> str:
+        """``target2.5``, ``maxerr0.01``, with ``w1-6`` when the widths are limited."""
+        text = f"{self.method}{self.target_bits:g}" if self.target_bits is not None else f"maxerr{self.max_error:g}"
+        return text + ("" if (self.bits_min, self.bits_max) == (0, 8) else f" w{self.bits_min}-{self.bits_max}")
+
+    @classmethod
+    def from_flat(cls, options: dict) -> Allocation | None:
+        """An allocation from the flat keys ``allocate``, ``target_bits``, ``max_error``, ``bits_min``,
+        ``bits_max`` (popped from ``options``); ``None`` when none is given.
+
+        Raises:
+            InvalidInputError: budgets without ``allocate``, or bad values.
+        """
+        given = {key: options.pop(key) for key in ALLOCATION_KEYS if key in options}
+        if not given:
+            return None
+        if "allocate" not in given:
+            raise InvalidInputError(f"{', '.join(sorted(given))} need allocate (--allocate)")
+        return cls(given.pop("allocate"), **given)
+
+    def restrict(self, table: WidthTable) -> WidthTable:
+        """``table`` with only the widths in ``[bits_min, bits_max]``.
+
+        Raises:
+            InvalidInputError: no width of the codec is in the range.
+        """
+        keep = [i for i, w in enumerate(table.widths) if self.bits_min <= w <= self.bits_max]
+        if not keep:
+            raise InvalidInputError(
+                f"no width of this codec ({', '.join(map(str, table.widths[1:]))}) lies in "
+                f"[{self.bits_min}, {self.bits_max}]"
+            )
+        return WidthTable(tuple(table.widths[i] for i in keep), table.errors[:, keep], table.bits[keep], table.energy)
+
+
+def width_costs(config, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bits of codes and codebooks at each candidate width: ``(per group, per tensor when the width occurs)``,
+    both float64 ``(len(candidate_widths),)``."""
+    from kvpack.formats.constants import DTYPE_SIZES
+    from kvpack.mixed import candidate_widths, width_layout
+
+    codec = config.make_codec()
+
+    def bits_of(width: int, n_groups: int) -> float:
+        specs = codec.at_width(width).section_specs(width_layout(layout, n_groups))
+        return float(
+            sum(
+                s.count * (s.bits if s.dtype == "code" else 8 * DTYPE_SIZES[s.dtype])
+                for name, s in specs.items()
+                if name.startswith(("codes", "codebook"))
+            )
+        )
+
+    per_group, fixed = [], []
+    for width in candidate_widths(config):
+        one, two = (bits_of(width, 1), bits_of(width, 2)) if width else (0.0, 0.0)
+        per_group.append(two - one)
+        fixed.append(one - (two - one))
+    return torch.tensor(per_group, dtype=torch.float64), torch.tensor(fixed, dtype=torch.float64)
