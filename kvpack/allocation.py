@@ -127,28 +127,35 @@ def allocate_error(tables: list[WidthTable], max_relative_error: float) -> list[
 
 
 def _spend_rest(errors: torch.Tensor, bits: torch.Tensor, choice: torch.Tensor, left: float) -> torch.Tensor:
-    """Upgrade groups to their next cheaper-per-error width while bits are left, best ratio first."""
-    if left <= 0 or not len(errors):
-        return choice
+    """Spend the bits left: in rounds, upgrade groups to the affordable width with the best error
+    decrease per bit, best ratio first, until nothing more fits."""
     rows = torch.arange(len(errors))
-    now_error, now_bits = errors[rows, choice], bits[rows, choice]
-    extra_bits = bits - now_bits[:, None]
-    gain = now_error[:, None] - errors
-    ratio = torch.where((extra_bits > 0) & (gain > 0), gain / extra_bits.clamp_min(1e-12), torch.zeros_like(gain))
-    best = ratio.argmax(dim=1)  # each group's best single upgrade
-    best_ratio = ratio[rows, best]
-    cost = extra_bits[rows, best]
-    order = torch.argsort(best_ratio, descending=True)
-    order = order[best_ratio[order] > 0]
-    affordable = order[torch.cumsum(cost[order], 0) <= left]
-    upgraded = choice.clone()
-    upgraded[affordable] = best[affordable]
-    return upgraded
+    choice = choice.clone()
+    for _ in range(errors.shape[1]):
+        if left <= 0 or not len(errors):
+            break
+        now_error, now_bits = errors[rows, choice], bits[rows, choice]
+        extra_bits = bits - now_bits[:, None]
+        gain = now_error[:, None] - errors
+        usable = (extra_bits > 0) & (gain > 0) & (extra_bits <= left)
+        ratio = torch.where(usable, gain / extra_bits.clamp_min(1e-12), torch.zeros_like(gain))
+        best = ratio.argmax(dim=1)
+        best_ratio, cost = ratio[rows, best], extra_bits[rows, best]
+        order = torch.argsort(best_ratio, descending=True)
+        order = order[best_ratio[order] > 0]
+        if not len(order):
+            break
+        taken = order[torch.cumsum(cost[order], 0) <= left]
+        if not len(taken):
+            break
+        choice[taken] = best[taken]
+        left -= float(cost[taken].sum())
+    return choice
 
 
-ALLOCATORS = ("target",)
+ALLOCATORS = ("target", "importance", "qaq")
 #: Flat keys of an allocation (sweep runs, config files).
-ALLOCATION_KEYS = ("allocate", "target_bits", "max_error", "bits_min", "bits_max")
+ALLOCATION_KEYS = ("allocate", "target_bits", "max_error", "target_error", "bits_min", "bits_max", "recent_tokens")
 
 
 @dataclass(frozen=True)
@@ -169,14 +176,28 @@ class Allocation:
     method: str = "target"
     target_bits: float | None = None
     max_error: float | None = None
+    target_error: float | None = None
     bits_min: int = 0
     bits_max: int = 8
+    recent_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in ALLOCATORS:
             raise InvalidInputError(f"--allocate must be one of {', '.join(ALLOCATORS)}, got {self.method!r}")
-        if (self.target_bits is None) == (self.max_error is None):
-            raise InvalidInputError("--allocate target needs exactly one of --target-bits and --max-error")
+        budget = self.target_error if self.method == "qaq" else self.max_error
+        other = self.max_error if self.method == "qaq" else self.target_error
+        flag = "--target-error" if self.method == "qaq" else "--max-error"
+        if other is not None:
+            raise InvalidInputError(
+                f"--allocate {self.method} takes --target-bits or {flag}, not "
+                + ("--max-error" if self.method == "qaq" else "--target-error")
+            )
+        if (self.target_bits is None) == (budget is None):
+            raise InvalidInputError(f"--allocate {self.method} needs exactly one of --target-bits and {flag}")
+        if self.target_error is not None and not 0 < self.target_error < 1e6:
+            raise InvalidInputError(f"--target-error must be a positive number, got {self.target_error}")
+        if type(self.recent_tokens) is not int or self.recent_tokens < 0:
+            raise InvalidInputError(f"--recent-tokens must be a non-negative integer, got {self.recent_tokens!r}")
         if self.target_bits is not None and not 0 < self.target_bits <= 64:
             raise InvalidInputError(
                 f"--target-bits must be a number of bits per element above 0, got {self.target_bits}"
@@ -190,17 +211,24 @@ class Allocation:
 
     def describe(self) -> str:
         """``target 2.5 bits per element`` / ``fewest bits for relative error 0.01``, with the width range."""
-        text = (
-            f"widths allocated for {self.target_bits:g} bits per element"
-            if self.target_bits is not None
-            else f"widths allocated for relative error {self.max_error:g}"
-        )
+        if self.target_bits is not None:
+            text = f"widths allocated ({self.method}) for {self.target_bits:g} bits per element"
+        elif self.target_error is not None:
+            text = f"widths allocated (qaq) for error tolerance {self.target_error:g}"
+        else:
+            text = f"widths allocated ({self.method}) for relative error {self.max_error:g}"
         return text + ("" if (self.bits_min, self.bits_max) == (0, 8) else f" ({self.bits_min}-{self.bits_max} bits)")
 
     def label(self) -> str:
         """``target2.5``, ``maxerr0.01``, with ``w1-6`` when the widths are limited."""
-        text = f"{self.method}{self.target_bits:g}" if self.target_bits is not None else f"maxerr{self.max_error:g}"
-        return text + ("" if (self.bits_min, self.bits_max) == (0, 8) else f" w{self.bits_min}-{self.bits_max}")
+        if self.target_bits is not None:
+            text = f"{self.method}{self.target_bits:g}"
+        elif self.target_error is not None:
+            text = f"{self.method} err{self.target_error:g}"
+        else:
+            text = f"{self.method} maxerr{self.max_error:g}"
+        text += "" if (self.bits_min, self.bits_max) == (0, 8) else f" w{self.bits_min}-{self.bits_max}"
+        return text + (f" recent{self.recent_tokens}" if self.recent_tokens else "")
 
     @classmethod
     def from_flat(cls, options: dict) -> Allocation | None:
@@ -256,3 +284,121 @@ def width_costs(config, layout) -> tuple[torch.Tensor, torch.Tensor]:
         per_group.append(two - one)
         fixed.append(one - (two - one))
     return torch.tensor(per_group, dtype=torch.float64), torch.tensor(fixed, dtype=torch.float64)
+
+
+@dataclass
+class GroupStats:
+    """The attention statistics of one tensor's groups (:mod:`kvpack.importance`), in group order.
+
+    Attributes:
+        role: ``key`` or ``value``.
+        attention: float32 ``(n_groups,)``: the largest ``a_t`` of the group's tokens.
+        logit_gain: float32 ``(n_groups,)``: ``scale * |q| * sqrt(head_dim)`` of the group's heads
+            (largest): how much a key error of 1 can move a logit.
+        weights: float32 ``(n_groups, group_size)``: importance of each value.
+        min_attention: the floor of ``attention`` (``1 / seq_len``: uniform attention).
+    """
+
+    role: str
+    attention: torch.Tensor
+    logit_gain: torch.Tensor
+    weights: torch.Tensor
+    min_attention: float
+
+
+def entry_table(
+    allocation: Allocation,
+    config,
+    groups: torch.Tensor,
+    layout,
+    mask: torch.Tensor | None,
+    stats: GroupStats | None,
+) -> tuple[WidthTable, torch.Tensor]:
+    """One tensor's :class:`WidthTable` for ``allocation.method`` (before :meth:`Allocation.restrict`),
+    and the per-tensor codebook bits of each width.
+
+    - ``target``: the measured squared error of each group at each width, weighted by the
+      importance of each value when statistics are given, relative to the tensor's (weighted) energy.
+    - ``importance``: no measurement: the high-rate model ``I_g * G * var_g * 4^-w`` (error of a
+      ``w``-bit quantizer of a group of variance ``var_g``, weighted by its mean importance ``I_g``),
+      relative to the tensor's weighted energy.
+    - ``qaq``: the measured largest error ``|x - x_hat|`` of each group at each width, over the
+      group's tolerance unit (QAQ, arXiv 2403.04643): values ``rms(v) / a_g``, keys ``1 / (a_g *
+      logit_gain_g)``; a group gets the narrowest width whose ratio is within the error ``E``.
+
+    Raises:
+        InvalidInputError: ``importance`` or ``qaq`` without attention statistics.
+    """
+    from kvpack.mixed import width_errors
+
+    if allocation.method != "target" and stats is None:
+        raise InvalidInputError(
+            f"--allocate {allocation.method} needs attention statistics: make the dump with "
+            "`kvpack dump --attention-stats` (kvpack eval computes them itself)"
+        )
+    per_group, per_tensor = width_costs(config, layout)
+    inlier = torch.ones_like(groups) if mask is None else mask.to(groups.dtype)
+    if allocation.method == "target":
+        weights = None if stats is None else stats.weights
+        widths, errors = width_errors(config, groups, layout, mask, weights)
+        energy = float(((groups.double() ** 2) * (1 if weights is None else weights) * inlier).sum())
+        errors = errors / max(energy, 1e-300)
+    elif allocation.method == "importance":
+        from kvpack.mixed import candidate_widths
+
+        widths = candidate_widths(config)
+        count = inlier.sum(dim=1).clamp_min(1)
+        mean = (groups * inlier).sum(dim=1) / count
+        variance = (((groups - mean[:, None]) ** 2) * inlier).sum(dim=1) / count
+        importance = (stats.weights * inlier).sum(dim=1) / count
+        model = importance.double() * count.double() * variance.double()
+        errors = model[:, None] * torch.tensor([4.0**-w for w in widths], dtype=torch.float64)[None, :]
+        errors = errors / max(float((stats.weights.double() * groups.double() ** 2 * inlier).sum()), 1e-300)
+    else:
+        widths, largest = width_errors(config, groups, layout, mask, max_abs=True)
+        attention = stats.attention.clamp_min(stats.min_attention).double()
+        if stats.role == "value":
+            rms = float(((groups.double() ** 2) * inlier).sum() / inlier.sum().clamp_min(1))
+            unit = rms**0.5 / attention
+        else:
+            unit = 1.0 / (attention * stats.logit_gain.double().clamp_min(1e-30))
+        errors = largest / unit[:, None]
+    return WidthTable(widths, errors, per_group, 1.0), per_tensor
+
+
+def keep_recent_widest(table: WidthTable, recent: torch.Tensor) -> WidthTable:
+    """``table`` with the ``recent`` groups (bool ``(n_groups,)``) held at its widest width (QAQ keeps
+    the most recent tokens at full width)."""
+    if bool(recent.any()):
+        table.errors[recent, :-1] = float("inf")
+    return table
+
+
+def allocate_qaq(tables: list[WidthTable], budget_bits: float | None, target_error: float | None) -> list[torch.Tensor]:
+    """QAQ's rule: each group the narrowest width whose error ratio is at most ``E``; ``E`` is
+    ``target_error``, or the smallest one whose widths fit ``budget_bits``."""
+    errors, bits = _stack(tables)
+    rows = torch.arange(len(errors))
+    last = errors.shape[1] - 1
+
+    def choose(error: float) -> torch.Tensor:
+        feasible = errors <= error
+        first = feasible.double().argmax(dim=1)  # first True; 0 when none is
+        return torch.where(feasible.any(dim=1), first, torch.full_like(first, last))
+
+    if target_error is not None:
+        return _split(choose(target_error), tables)
+    if float(bits[rows, choose(float("inf"))].sum()) > budget_bits + 1e-6:
+        raise InvalidInputError("the bit budget is below what the narrowest widths need")
+    finite = errors[torch.isfinite(errors) & (errors > 0)]
+    low = float(finite.min()) / 2 if finite.numel() else 1e-30
+    high = float(finite.max()) * 2 if finite.numel() else 1.0
+    if float(bits[rows, choose(low)].sum()) <= budget_bits:
+        return _split(choose(low), tables)
+    for _ in range(BISECTION_STEPS):  # geometric bisection: bits fall as E grows
+        middle = (low * high) ** 0.5
+        if float(bits[rows, choose(middle)].sum()) > budget_bits:
+            low = middle
+        else:
+            high = middle
+    return _split(choose(high), tables)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kvpack import __version__
-from kvpack.allocation import Allocation, WidthTable
+from kvpack.allocation import Allocation
 from kvpack.codecs.base import KIND_CODEBOOKS, KIND_CODES, KIND_SCALES
 from kvpack.config import CodecConfig
 from kvpack.errors import FormatError, InvalidInputError
@@ -322,14 +322,14 @@ def allocate_widths(
         layout: the file's entries (:func:`entry_layout`).
         get: tensor name -> tensor.
         kv_elements: K/V values in the file; ``other_bytes``: bytes of its lossless tensors.
-        stats: attention statistics (:mod:`kvpack.importance`); with them each value's error is
-            weighted by what it costs the attention output, else every tensor's relative error counts alike.
+        stats: attention statistics (:mod:`kvpack.importance`); ``target`` weights each value's
+            error by what it costs the attention output with them, and counts every tensor's
+            relative error alike without; ``importance`` and ``qaq`` need them.
 
     Raises:
-        InvalidInputError: a budget out of reach.
+        InvalidInputError: a budget out of reach, or an allocator that needs missing statistics.
     """
-    from kvpack.allocation import allocate_bits, allocate_error, width_costs
-    from kvpack.mixed import width_errors
+    from kvpack.allocation import allocate_bits, allocate_error, allocate_qaq, entry_table, keep_recent_widest
 
     tables, tensor_costs, fixed_bits = {}, {}, 0.0
     for entry_name, sources, codec in layout:
@@ -338,17 +338,14 @@ def allocate_widths(
         x = get(sources[0]) if entry_name == sources[0] else stack(get, sources)
         plan = plan_for(tuple(x.shape), dtype_name(x.dtype), entry_name, config)
         _, groups, mask = plan.prepare(stacked_view(x) if config.stack_layers else x)
-        weights = _group_weights(plan, sources, stats or {}, config)
-        widths, errors = width_errors(config, groups, plan.layout, mask, weights)
-        per_group, per_tensor = width_costs(config, plan.layout)
-        # relative to the tensor's own energy: every K and V tensor counts alike (keys are ~3x larger
-        # than values in SmolLM2; raw squared error would starve the values)
-        energy = float(
-            ((groups.double() ** 2) * (1 if weights is None else weights) * (1 if mask is None else mask)).sum()
-        )
-        table = allocation.restrict(WidthTable(widths, errors / max(energy, 1e-300), per_group, 1.0))
+        group_stats = _group_stats(plan, sources, stats or {}, config)
+        table, per_tensor = entry_table(allocation, config, groups, plan.layout, mask, group_stats)
+        all_widths = table.widths
+        table = allocation.restrict(table)
+        if allocation.recent_tokens:
+            table = keep_recent_widest(table, _recent_groups(plan, sources, allocation.recent_tokens))
         tables[entry_name] = table
-        tensor_costs[entry_name] = per_tensor[[widths.index(w) for w in table.widths]]
+        tensor_costs[entry_name] = per_tensor[[all_widths.index(w) for w in table.widths]]
         # everything but codes and codebooks: as a file with every group at one width stores it
         full = dataclasses.replace(config, width_counts=_counts_at(plan.layout.n_groups, table.widths[-1]))
         specs = plan_for(tuple(x.shape), dtype_name(x.dtype), entry_name, full).section_specs()
@@ -359,6 +356,7 @@ def allocate_widths(
         )
     fixed_bits += 8 * (other_bytes + PREAMBLE_SIZE + HEADER_BYTES_PER_ENTRY * (len(layout) + 1))
     names = list(tables)
+    ordered = [tables[n] for n in names]
     if allocation.target_bits is not None:
         # codebooks shared by a tensor's groups of one width cost bits only for the widths that
         # occur: start as if every width occurred, then re-budget with the widths chosen
@@ -366,13 +364,18 @@ def allocate_widths(
         for _ in range(4):
             shared = sum(float(tensor_costs[n][present[n]].sum()) for n in names)
             budget = allocation.target_bits * kv_elements - fixed_bits - shared
-            chosen = allocate_bits([tables[n] for n in names], budget)
+            if allocation.method == "qaq":
+                chosen = allocate_qaq(ordered, budget, None)
+            else:
+                chosen = allocate_bits(ordered, budget)
             present = {
                 n: torch.tensor([bool((w == c).any()) for c in tables[n].widths])
                 for n, w in zip(names, chosen, strict=True)
             }
+    elif allocation.method == "qaq":
+        chosen = allocate_qaq(ordered, None, allocation.target_error)
     else:
-        chosen = allocate_error([tables[n] for n in names], allocation.max_error)
+        chosen = allocate_error(ordered, allocation.max_error * len(ordered))  # the mean over the tensors
     out = {}
     for name, widths in zip(names, chosen, strict=True):
         counts = tuple(torch.bincount(widths, minlength=9).tolist())
@@ -380,25 +383,62 @@ def allocate_widths(
     return out
 
 
-def _group_weights(
-    plan: Any, sources: list[str], stats: dict[str, torch.Tensor], config: CodecConfig
+def _group_view(
+    plan: Any, sources: list[str], per_layer: Callable[[int, str, tuple], torch.Tensor | None]
 ) -> torch.Tensor | None:
-    """Importance of every coded value of an entry in group layout ``(n_groups, group_size)``, or ``None``."""
+    """A per-value quantity of an entry (``per_layer(layer, role, shape)`` gives it for one layer's
+    ``(batch, num_kv_heads, seq_len, head_dim)`` tensor) in group layout ``(n_groups, group_size)``."""
     from kvpack.grouping import to_groups
-    from kvpack.importance import importance_weights
 
-    per_layer = []
+    values = []
     for name in sources:
         layer, role = parse_kv_name(name)
         shape = plan.shape if len(sources) == 1 else (plan.shape[0], plan.shape[1] // len(sources), *plan.shape[2:])
-        rope_dim = config.rope_dim if config.unrope and role == "key" else 0
-        weights = importance_weights(stats, layer, role, shape, config.rotate == "hadamard", rope_dim)
-        if weights is None:
+        value = per_layer(layer, role, shape)
+        if value is None:
             return None
-        per_layer.append(weights)
-    weights = per_layer[0] if len(per_layer) == 1 else stacked_view(torch.stack(per_layer))
+        values.append(value)
+    whole = values[0] if len(values) == 1 else stacked_view(torch.stack(values))
     start = plan.kept_first
-    return to_groups(weights[:, :, start : start + plan.coded_tokens].contiguous(), plan.layout)
+    return to_groups(whole[:, :, start : start + plan.coded_tokens].contiguous(), plan.layout)
+
+
+def _group_stats(plan: Any, sources: list[str], stats: dict[str, torch.Tensor], config: CodecConfig) -> Any:
+    """The :class:`~kvpack.allocation.GroupStats` of an entry, or ``None`` without statistics."""
+    from kvpack.allocation import GroupStats
+    from kvpack.importance import importance_weights, layer_statistics
+
+    def weights(layer: int, role: str, shape: tuple) -> torch.Tensor | None:
+        rope_dim = config.rope_dim if config.unrope and role == "key" else 0
+        return importance_weights(stats, layer, role, shape, config.rotate == "hadamard", rope_dim)
+
+    def attention(layer: int, role: str, shape: tuple) -> torch.Tensor | None:
+        found = layer_statistics(stats, layer, shape)
+        return None if found is None else found[0]
+
+    def logit_gain(layer: int, role: str, shape: tuple) -> torch.Tensor | None:
+        found = layer_statistics(stats, layer, shape)
+        return None if found is None else found[1] * (found[2] * shape[3] ** 0.5)
+
+    group_weights = _group_view(plan, sources, weights)
+    if group_weights is None:
+        return None
+    return GroupStats(
+        role=parse_kv_name(sources[0])[1],
+        attention=_group_view(plan, sources, attention).amax(dim=1),
+        logit_gain=_group_view(plan, sources, logit_gain).amax(dim=1),
+        weights=group_weights,
+        min_attention=1.0 / max(plan.shape[2], 1),
+    )
+
+
+def _recent_groups(plan: Any, sources: list[str], recent: int) -> torch.Tensor:
+    """Bool ``(n_groups,)``: the group holds one of the last ``recent`` tokens."""
+
+    def tokens(layer: int, role: str, shape: tuple) -> torch.Tensor:
+        return torch.arange(shape[2], dtype=torch.float32)[None, None, :, None].expand(shape)
+
+    return _group_view(plan, sources, tokens).amax(dim=1) >= plan.shape[2] - recent
 
 
 def _counts_at(n_groups: int, width: int) -> tuple[int, ...]:

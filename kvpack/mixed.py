@@ -146,6 +146,7 @@ def width_errors(
     layout: GroupLayout,
     mask: torch.Tensor | None,
     weights: torch.Tensor | None = None,
+    max_abs: bool = False,
 ) -> tuple[tuple[int, ...], torch.Tensor]:
     """The measured error of every group at every candidate width, for this config's codec.
 
@@ -156,7 +157,7 @@ def width_errors(
 
     Returns:
         ``(widths, errors)``: the candidate widths and float64 ``(n_groups, len(widths))``
-        sums of ``weight * (x - x_hat)^2`` over each group.
+        sums of ``weight * (x - x_hat)^2`` over each group (``max_abs``: the largest ``|x - x_hat|``).
     """
     widths = candidate_widths(config)
     codec = config.make_codec()
@@ -173,7 +174,10 @@ def width_errors(
         else:
             at_width = codec.at_width(width)
             approx = at_width.decode(_as_decoded(at_width.encode(groups, layout, mask)), layout)
-        errors[:, column] = (weight.double() * (groups.double() - approx.double()) ** 2).sum(dim=1)
+        if max_abs:
+            errors[:, column] = ((groups.double() - approx.double()).abs() * (weight > 0)).amax(dim=1)
+        else:
+            errors[:, column] = (weight.double() * (groups.double() - approx.double()) ** 2).sum(dim=1)
     return widths, errors
 
 

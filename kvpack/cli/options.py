@@ -111,8 +111,9 @@ Allocate = Annotated[
     Optional[str],
     typer.Option(
         "--allocate",
-        help="Mixed precision: give each group its own width. target: the widths that minimize the measured "
-        "error for --target-bits (or the fewest bits for --max-error).",
+        help="Mixed precision, a width per group: target (measured errors, weighted by attention statistics when "
+        "the dump has them), importance (a variance model weighted by the statistics) or qaq (QAQ's attention-"
+        "aware error tolerances); for --target-bits, or --max-error (target, importance) / --target-error (qaq).",
     ),
 ]
 TargetBits = Annotated[
@@ -124,6 +125,16 @@ MaxError = Annotated[
         "--max-error",
         help="Instead: the largest relative squared error sum((x - x')^2) / sum(x^2), averaged over the K/V tensors.",
     ),
+]
+TargetError = Annotated[
+    Optional[float],
+    typer.Option(
+        "--target-error",
+        help="qaq: the error tolerance E (attention-output error per token, relative to the values' RMS).",
+    ),
+]
+RecentTokens = Annotated[
+    Optional[int], typer.Option("--recent-tokens", help="Keep the groups of the last N tokens at the widest width.")
 ]
 BitsMin = Annotated[Optional[int], typer.Option("--bits-min", help="Narrowest width of a group (default 0).")]
 BitsMax = Annotated[Optional[int], typer.Option("--bits-max", help="Widest width of a group (default 8).")]
@@ -161,6 +172,8 @@ ALLOCATION_FLAGS = {
     "allocate": "--allocate",
     "target_bits": "--target-bits",
     "max_error": "--max-error",
+    "target_error": "--target-error",
+    "recent_tokens": "--recent-tokens",
     "bits_min": "--bits-min",
     "bits_max": "--bits-max",
 }
