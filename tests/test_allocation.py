@@ -221,3 +221,47 @@ def test_dump_attention_stats_match_the_models_own_attention(cli_model, tmp_path
         assert not any(name.startswith(("attention.", "queries.")) for name in reader.keys())
     code, out, _ = run(["inspect", tmp_path / "s.kvp"], capsys)
     assert code == 0 and "groups by code width" in out
+
+
+@pytest.fixture(scope="module")
+def stats_dump(cli_model, tmp_path_factory):
+    """A 384-token dump of the bundled passage with attention statistics of the last 64 queries."""
+    path = tmp_path_factory.mktemp("stats") / "s.safetensors"
+    assert main(["dump", "-o", str(path), "--max-tokens", "384", "--attention-stats"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("allocator", ["qaq", "importance", "target"])
+@pytest.mark.parametrize("method, options", [("uniform", {}), ("adaptive", {}), ("mxfp4", {}), ("normal", {})])
+def test_every_allocator_lands_on_its_target_with_every_codec(tmp_path, stats_dump, allocator, method, options):
+    config = CodecConfig.build(method, None, None, **options)
+    report = compress_file(stats_dump, tmp_path / "a.kvp", config, allocation=Allocation(allocator, target_bits=3.0))
+    total = report["rows"]["all"]["bits_per_element"]["total"]
+    assert abs(total - 3.0) <= 0.05, total
+    assert report["rows"]["all"]["rel_mse"] < 0.5
+
+
+def test_qaq_spends_more_bits_for_a_smaller_error_tolerance(tmp_path, stats_dump):
+    config = CodecConfig.build("uniform", 4, 64)
+    bits = []
+    for error in (0.5, 0.1, 0.02):
+        report = compress_file(
+            stats_dump, tmp_path / "q.kvp", config, force=True, allocation=Allocation("qaq", target_error=error)
+        )
+        bits.append(report["rows"]["all"]["bits_per_element"]["total"])
+    assert bits[0] < bits[1] < bits[2]
+
+
+def test_recent_tokens_keep_the_widest_width(tmp_path, stats_dump):
+    config = CodecConfig.build("uniform", 4, 64)
+    allocation = Allocation("target", target_bits=3.0, bits_max=6, recent_tokens=32)
+    compress_file(stats_dump, tmp_path / "r.kvp", config, allocation=allocation)
+    with KvpReader(tmp_path / "r.kvp") as reader:
+        entry = reader.entry("layers.4.value")
+        widths = reader.read_section("layers.4.value", "bit_widths")
+    from kvpack.packing import unpack
+
+    per_group = torch.from_numpy(unpack(widths, 4, entry.plan.layout.n_groups).astype("int64"))
+    token_of_group = torch.arange(entry.plan.layout.n_groups) // (entry.plan.layout.features // 64)
+    recent = token_of_group >= entry.shape[2] - 32
+    assert bool((per_group[recent] == 6).all()) and bool((per_group[~recent] <= 6).all())
