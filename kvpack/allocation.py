@@ -319,9 +319,11 @@ def entry_table(
 
     - ``target``: the measured squared error of each group at each width, weighted by the
       importance of each value when statistics are given, relative to the tensor's (weighted) energy.
-    - ``importance``: no measurement: the high-rate model ``I_g * G * var_g * 4^-w`` (error of a
-      ``w``-bit quantizer of a group of variance ``var_g``, weighted by its mean importance ``I_g``),
-      relative to the tensor's weighted energy.
+    - ``importance``: a model: ``I_g * G * var_g * e(w)``, the group's variance times its mean
+      importance ``I_g`` times the codec's measured error per unit of variance at width ``w`` over
+      the whole tensor (``e(w)`` is about ``4^-w`` for a uniform grid at high rate; measuring it
+      keeps a 1-bit uniform grid, worse than width 0, from being handed out), relative to the
+      tensor's weighted energy.
     - ``qaq``: the measured largest error ``|x - x_hat|`` of each group at each width, over the
       group's tolerance unit (QAQ, arXiv 2403.04643): values ``rms(v) / a_g``, keys ``1 / (a_g *
       logit_gain_g)``; a group gets the narrowest width whose ratio is within the error ``E``.
@@ -344,15 +346,13 @@ def entry_table(
         energy = float(((groups.double() ** 2) * (1 if weights is None else weights) * inlier).sum())
         errors = errors / max(energy, 1e-300)
     elif allocation.method == "importance":
-        from kvpack.mixed import candidate_widths
-
-        widths = candidate_widths(config)
+        widths, measured = width_errors(config, groups, layout, mask)
         count = inlier.sum(dim=1).clamp_min(1)
         mean = (groups * inlier).sum(dim=1) / count
-        variance = (((groups - mean[:, None]) ** 2) * inlier).sum(dim=1) / count
-        importance = (stats.weights * inlier).sum(dim=1) / count
-        model = importance.double() * count.double() * variance.double()
-        errors = model[:, None] * torch.tensor([4.0**-w for w in widths], dtype=torch.float64)[None, :]
+        spread = (((groups - mean[:, None]) ** 2) * inlier).sum(dim=1).double()  # G * variance
+        profile = measured.sum(dim=0) / spread.sum().clamp_min(1e-300)  # the codec's error per unit variance
+        importance = ((stats.weights * inlier).sum(dim=1) / count).double()
+        errors = (importance * spread)[:, None] * profile[None, :]
         errors = errors / max(float((stats.weights.double() * groups.double() ** 2 * inlier).sum()), 1e-300)
     else:
         widths, largest = width_errors(config, groups, layout, mask, max_abs=True)

@@ -224,10 +224,14 @@ def test_dump_attention_stats_match_the_models_own_attention(cli_model, tmp_path
 
 
 @pytest.fixture(scope="module")
-def stats_dump(cli_model, tmp_path_factory):
+def stats_dump(smollm, tmp_path_factory):
     """A 384-token dump of the bundled passage with attention statistics of the last 64 queries."""
+    from kvpack.dump import bundled_text, dump_cache
+    from kvpack.formats.safetensors_io import write_safetensors
+
     path = tmp_path_factory.mktemp("stats") / "s.safetensors"
-    assert main(["dump", "-o", str(path), "--max-tokens", "384", "--attention-stats"]) == 0
+    tensors, metadata = dump_cache(smollm, bundled_text(), 384, attention_stats=64)
+    write_safetensors(path, tensors, metadata)
     return path
 
 
