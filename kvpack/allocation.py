@@ -84,11 +84,15 @@ def allocate_bits(tables: list[WidthTable], budget_bits: float) -> list[torch.Te
     """
     errors, bits = _stack(tables)
     rows = torch.arange(len(errors))
-    if float(bits[:, 0].sum()) > budget_bits + 1e-6:
-        raise InvalidInputError("the bit budget is below what the file needs with every group at width 0")
+    cheapest = torch.where(torch.isfinite(errors), bits, torch.full_like(bits, float("inf"))).amin(dim=1)
+    if float(cheapest.sum()) > budget_bits + 1e-6:
+        raise InvalidInputError(
+            "the bit budget is below what the file needs with every group at its narrowest width "
+            "(lower --bits-min or --recent-tokens, or give more bits)"
+        )
     low, high = 0.0, 1.0
-    while float(bits[rows, _choose(errors, bits, high)].sum()) > budget_bits:  # grow until within budget
-        high *= 4.0
+    while float(bits[rows, _choose(errors, bits, high)].sum()) > budget_bits and high < 1e250:
+        high *= 4.0  # grow until within budget (reachable: checked above)
     for _ in range(BISECTION_STEPS):
         middle = (low + high) / 2
         if float(bits[rows, _choose(errors, bits, middle)].sum()) > budget_bits:
@@ -182,6 +186,13 @@ class Allocation:
     recent_tokens: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("target_bits", "max_error", "target_error"):
+            value = getattr(self, name)
+            if value is not None and (type(value) not in (int, float)):
+                raise InvalidInputError(f"{name} must be a number, got {value!r}")
+        for name in ("bits_min", "bits_max", "recent_tokens"):
+            if type(getattr(self, name)) is not int:
+                raise InvalidInputError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if self.method not in ALLOCATORS:
             raise InvalidInputError(f"--allocate must be one of {', '.join(ALLOCATORS)}, got {self.method!r}")
         budget = self.target_error if self.method == "qaq" else self.max_error
@@ -388,8 +399,11 @@ def allocate_qaq(tables: list[WidthTable], budget_bits: float | None, target_err
 
     if target_error is not None:
         return _split(choose(target_error), tables)
-    if float(bits[rows, choose(float("inf"))].sum()) > budget_bits + 1e-6:
-        raise InvalidInputError("the bit budget is below what the narrowest widths need")
+    if float(bits[rows, choose(float("1e300"))].sum()) > budget_bits + 1e-6:
+        raise InvalidInputError(
+            "the bit budget is below what the narrowest widths need (lower --bits-min or --recent-tokens, "
+            "or give more bits)"
+        )
     finite = errors[torch.isfinite(errors) & (errors > 0)]
     low = float(finite.min()) / 2 if finite.numel() else 1e-30
     high = float(finite.max()) * 2 if finite.numel() else 1.0

@@ -222,8 +222,9 @@ def compress_tensors(
     stats = stats if stats is not None else {n: x for n, x in tensors.items() if is_stats_tensor(n)}
     shapes = {name: (tuple(x.shape), dtype_name(x.dtype)) for name, x in tensors.items() if not is_stats_tensor(name)}
     layout = entry_layout(shapes, config)
-    mixed = _allocate(layout, shapes, tensors.__getitem__, config, allocation, stats)
-    with KvpWriter(path, _file_metadata(metadata or {}, config, allocation), force=force) as writer:
+    file_metadata = _file_metadata(metadata or {}, config, allocation)
+    mixed = _allocate(layout, shapes, tensors.__getitem__, config, allocation, stats, file_metadata)
+    with KvpWriter(path, file_metadata, force=force) as writer:
         for entry_name, sources, codec in layout:
             x = tensors[entry_name] if entry_name == sources[0] else stack(tensors, sources)
             codec, widths = mixed.get(entry_name, (codec, None))
@@ -239,9 +240,16 @@ def _allocate(
     config: CodecConfig | None,
     allocation: Allocation | None,
     stats: dict[str, torch.Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
     if allocation is None or config is None:
         return {}
+    import zstandard
+
+    from kvpack.formats.constants import HEADER_ZSTD_LEVEL
+
+    text = json.dumps(metadata or {}, separators=(",", ":"), ensure_ascii=False).encode()
+    metadata_bytes = len(zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL).compress(text))
     kv_elements, other_bytes = 0, 0
     for _, sources, codec in layout:
         for name in sources:
@@ -250,7 +258,7 @@ def _allocate(
                 other_bytes += count * DTYPE_SIZES[shapes[name][1]]
             else:
                 kv_elements += count
-    return allocate_widths(layout, get, config, allocation, kv_elements, other_bytes, stats)
+    return allocate_widths(layout, get, config, allocation, kv_elements, other_bytes, stats, metadata_bytes)
 
 
 def entry_layout(
@@ -313,6 +321,7 @@ def allocate_widths(
     kv_elements: int,
     other_bytes: int,
     stats: dict[str, torch.Tensor] | None = None,
+    metadata_bytes: int = 0,
 ) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
     """Per quantized entry, its mixed-precision config and group widths (:mod:`kvpack.allocation`).
 
@@ -321,7 +330,8 @@ def allocate_widths(
     Args:
         layout: the file's entries (:func:`entry_layout`).
         get: tensor name -> tensor.
-        kv_elements: K/V values in the file; ``other_bytes``: bytes of its lossless tensors.
+        kv_elements: K/V values in the file; ``other_bytes``: bytes of its lossless tensors;
+            ``metadata_bytes``: of its compressed metadata (header estimate).
         stats: attention statistics (:mod:`kvpack.importance`); ``target`` weights each value's
             error by what it costs the attention output with them, and counts every tensor's
             relative error alike without; ``importance`` and ``qaq`` need them.
@@ -354,7 +364,7 @@ def allocate_widths(
             for n, s in specs.items()
             if not n.startswith(("codes", "codebook"))
         )
-    fixed_bits += 8 * (other_bytes + PREAMBLE_SIZE + HEADER_BYTES_PER_ENTRY * (len(layout) + 1))
+    fixed_bits += 8 * (other_bytes + PREAMBLE_SIZE + HEADER_BYTES_PER_ENTRY * (len(layout) + 1) + metadata_bytes)
     names = list(tables)
     ordered = [tables[n] for n in names]
     if allocation.target_bits is not None:
@@ -375,7 +385,7 @@ def allocate_widths(
     elif allocation.method == "qaq":
         chosen = allocate_qaq(ordered, None, allocation.target_error)
     else:
-        chosen = allocate_error(ordered, allocation.max_error * len(ordered))  # the mean over the tensors
+        chosen = allocate_error(ordered, allocation.max_error)  # each table's energy is 1: the mean over the tensors
     out = {}
     for name, widths in zip(names, chosen, strict=True):
         counts = tuple(torch.bincount(widths, minlength=9).tolist())
@@ -561,8 +571,9 @@ def compress_file(
             raise InvalidInputError("input and output are the same file")
         shapes = {name: source.shape_dtype(name) for name in names}
         stats = {name: source.get(name) for name in source.keys() if is_stats_tensor(name)}
-        mixed = _allocate(layout, shapes, source.get, config, allocation, stats)
-        with KvpWriter(output_path, _file_metadata(source.metadata, config, allocation), force=force) as writer:
+        file_metadata = _file_metadata(source.metadata, config, allocation)
+        mixed = _allocate(layout, shapes, source.get, config, allocation, stats, file_metadata)
+        with KvpWriter(output_path, file_metadata, force=force) as writer:
             for index, (entry_name, sources, codec) in enumerate(layout):
                 if progress:
                     progress(index, len(layout), entry_name)

@@ -99,29 +99,60 @@ def attention_statistics(
     return out
 
 
+def checked_statistics(
+    stats: dict[str, torch.Tensor], layer: int, shape: tuple[int, ...]
+) -> dict[str, torch.Tensor] | None:
+    """One layer's statistics, checked against a ``(batch, num_kv_heads, seq_len, head_dim)``
+    tensor: ``{"max_weight", "channel_ms", "norm", "scale"}`` float32, or ``None`` when the file
+    has none for this layer.
+
+    Raises:
+        InvalidInputError: a missing or misshapen statistic, or one that is negative, NaN or infinite.
+    """
+    if f"attention.{layer}.max_weight" not in stats:
+        return None
+    batch, heads, seq, head_dim = shape
+    expected = {
+        "attention.{}.max_weight": (batch, heads, seq),
+        "queries.{}.channel_ms": (batch, heads, head_dim),
+        "queries.{}.norm": (batch, heads),
+        "queries.{}.scale": (1,),
+    }
+    out = {}
+    for pattern, want in expected.items():
+        name = pattern.format(layer)
+        value = stats.get(name)
+        if value is None or tuple(value.shape) != want:
+            found = "missing" if value is None else f"of shape {tuple(value.shape)}"
+            raise InvalidInputError(f"attention statistics: {name} is {found}, the cache needs {want}")
+        value = value.float()
+        if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+            raise InvalidInputError(f"attention statistics: {name} holds negative, NaN or infinite values")
+        out[pattern.split(".")[-1]] = value
+    return out
+
+
 def importance_weights(
     stats: dict[str, torch.Tensor], layer: int, role: str, shape: tuple[int, ...], rotate: bool, rope_dim: int
 ) -> torch.Tensor | None:
     """Float32 importance of every value of one K/V tensor ``(batch, num_kv_heads, seq_len, head_dim)``.
 
-    Values: ``a_t``; keys: ``a_t * ms(q_c)`` with the query channel weights made to fit the
-    transforms: averaged over the head under a Hadamard rotation (which mixes every channel),
-    over each rotary pair ``(c, c + rope_dim / 2)`` under un-RoPE (which mixes a pair).
-    ``None`` when ``stats`` has nothing for this layer.
+    Values: ``w_t = a_t + ATTENTION_FLOOR * mean(a)``; keys: ``w_t * ms(q_c)`` with the query
+    channel weights made to fit the transforms: averaged over the head under a Hadamard rotation
+    (which mixes every channel), over each rotary pair ``(c, c + rope_dim / 2)`` under un-RoPE
+    (which mixes a pair). ``None`` when ``stats`` has nothing for this layer.
+
+    Raises:
+        InvalidInputError: see :func:`checked_statistics`.
     """
-    attention = stats.get(f"attention.{layer}.max_weight")
-    if attention is None:
+    found = checked_statistics(stats, layer, shape)
+    if found is None:
         return None
-    batch, heads, seq, head_dim = shape
-    if tuple(attention.shape) != (batch, heads, seq):
-        raise InvalidInputError(
-            f"attention statistics of layer {layer} have shape {tuple(attention.shape)}, the cache {(batch, heads, seq)}"
-        )
-    token = attention.float()
+    token = found["max_weight"]
     token = token + ATTENTION_FLOOR * token.mean(dim=-1, keepdim=True)  # see the module docstring
     if role == "value":
         return token[..., None].expand(shape).contiguous()
-    channel = stats[f"queries.{layer}.channel_ms"].float().clone()  # (batch, heads, head_dim)
+    channel = found["channel_ms"].clone()  # (batch, heads, head_dim)
     if rotate:
         channel[:] = channel.mean(dim=-1, keepdim=True)
     elif rope_dim:
@@ -138,18 +169,10 @@ def layer_statistics(
     seq_len, head_dim)`` tensor (float32), or ``None`` without statistics for it.
 
     Raises:
-        InvalidInputError: statistics of another shape than the cache's.
+        InvalidInputError: see :func:`checked_statistics`.
     """
-    attention = stats.get(f"attention.{layer}.max_weight")
-    if attention is None:
+    found = checked_statistics(stats, layer, shape)
+    if found is None:
         return None
-    batch, heads, seq, head_dim = shape
-    if tuple(attention.shape) != (batch, heads, seq):
-        raise InvalidInputError(
-            f"attention statistics of layer {layer} have shape {tuple(attention.shape)}, the cache {(batch, heads, seq)}"
-        )
-    norm = stats[f"queries.{layer}.norm"].float()[:, :, None, None].expand(shape)
-    scale = (
-        float(stats[f"queries.{layer}.scale"].reshape(-1)[0]) if f"queries.{layer}.scale" in stats else head_dim**-0.5
-    )
-    return attention.float()[..., None].expand(shape), norm, scale
+    norm = found["norm"][:, :, None, None].expand(shape)
+    return found["max_weight"][..., None].expand(shape), norm, float(found["scale"][0])

@@ -206,9 +206,10 @@ class TensorPlan:
             groups = decode_mixed(config, arrays, layout)
         elif layout.n_elements:
             groups = config.make_codec().decode(arrays, layout)
-            if not bool(torch.isfinite(groups).all()):  # e.g. an E8M0 scale of 2^127 times a large element
-                raise InvalidInputError("decoded values overflow float32; no encoder writes such scales")
-        else:
+        if (config.width_counts or layout.n_elements) and not bool(torch.isfinite(groups).all()):
+            # e.g. an E8M0 scale of 2^127 times a large element
+            raise InvalidInputError("decoded values overflow float32; no encoder writes such scales")
+        if not config.width_counts and not layout.n_elements:
             groups = torch.zeros(layout.n_groups, layout.group_size)
         if "outlier_index" in arrays:
             per_group = outliers_per_group(config.outlier_ratio, config.group_size, config.outlier_select)
