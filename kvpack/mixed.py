@@ -23,7 +23,15 @@ from __future__ import annotations
 
 import torch
 
-from kvpack.codecs.base import KIND_ALLOCATION, KIND_CODEBOOKS, KIND_CODES, KIND_SCALES, SectionSpec, fp16_nearest
+from kvpack.codecs.base import (
+    KIND_ALLOCATION,
+    KIND_CODEBOOKS,
+    KIND_CODES,
+    KIND_SCALES,
+    SectionSpec,
+    fp16_nearest,
+    masked_mean_std,
+)
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
 from kvpack.grouping import GroupLayout
@@ -187,7 +195,4 @@ def _as_decoded(arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _masked_mean(groups: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None:
-        return groups.mean(dim=1)
-    weights = mask.to(groups.dtype)
-    return (groups * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+    return masked_mean_std(groups, mask, symmetric=False)[0]
