@@ -107,6 +107,12 @@ GOLDEN = {
     "uniform-mixed-g16": (_config("uniform", 3, 16), "kv"),
     "adaptive-group-mixed-g16-outliers": (_config("adaptive", 3, 16, 0.1, codebook_scope="group"), "kv"),
     "mxfp4-mixed-hadamard": (_config("mxfp4", None, None, rotate="hadamard"), "kv"),
+    "normal-mixed-kchannel-g2-keep1": (_config("normal", 3, 2, key_axis="channel", keep_first=1), "kv"),
+    "fp8-e5m2-mixed-g16-outliers": (_config("fp8-e5m2", None, 16, 0.1, outlier_select="magnitude"), "kv"),
+    "adaptive-head-mixed-g64-all-layers": (
+        _config("adaptive", 3, 64, codebook_scope="head", stack_layers=True),
+        "kv-layers",
+    ),
 }
 #: The format version that introduced each golden file (older folders do not hold it).
 _NAMES = list(GOLDEN)

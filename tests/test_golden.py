@@ -459,11 +459,14 @@ ERROR_BOUNDS = {
     # format 1.3: one group per token across both layers (256 values) is coarser than groups of 64
     "uniform-a3-g256-all-layers": 0.25,  # 0.111 / 0.077
     "adaptive-head-a2-g128-all-layers-keep1": 0.3,  # 0.140 / 0.133 (layer 0), 0.141 / 0.124 (layer 1)
-    "uniform-a3-kchannel-g4-all-layers-unrope-hadamard": 0.015,
+    "uniform-a3-kchannel-g4-all-layers-unrope-hadamard": 0.015,  # 0.0016 / 0.0047: 4-value groups, 2 keys kept
     # format 1.4: mixed widths 0-8 in turn (width-0 groups keep only their mean)
     "uniform-mixed-g16": 0.6,  # 0.19 / 0.27
     "adaptive-group-mixed-g16-outliers": 0.2,  # 0.056 / 0.071
-    "mxfp4-mixed-hadamard": 0.6,  # 0.28 / 0.25  # 0.0016 / 0.0047: 4-value groups, 2 keys kept
+    "mxfp4-mixed-hadamard": 0.6,  # 0.28 / 0.25
+    "normal-mixed-kchannel-g2-keep1": 0.25,  # 0.017 / 0.078
+    "fp8-e5m2-mixed-g16-outliers": 0.45,  # 0.150 / 0.160
+    "adaptive-head-mixed-g64-all-layers": 0.6,  # 0.136 / 0.109, 0.211 / 0.244
 }
 
 
