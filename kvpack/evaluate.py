@@ -37,12 +37,14 @@ from typing import Any
 
 import torch
 
+from kvpack.allocation import Allocation
 from kvpack.api import compress_tensors, load_kvp
 from kvpack.baselines import get_baseline
 from kvpack.cache_io import build_cache, cache_tensors, layer_pairs, unwrap_model
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
 from kvpack.formats.safetensors_io import parse_kv_name
+from kvpack.importance import attention_statistics
 from kvpack.stats import ErrorAccumulator
 
 FP16 = "fp16"  # the lossless float16 file: the reference itself, through a real .kvp
@@ -60,9 +62,11 @@ class EvalProtocol:
     prefix: int = 1024
     continuation: int = 256
     windows: int = 8
+    #: last prefix positions whose queries give the attention statistics of allocations
+    stats_queries: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("prefix", "continuation", "windows"):
+        for name in ("prefix", "continuation", "windows", "stats_queries"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
@@ -94,10 +98,11 @@ class EvalMethod:
     label: str
     config: CodecConfig | None = None
     baseline: str | None = None
+    allocation: Allocation | None = None
 
     @classmethod
-    def codec(cls, config: CodecConfig, label: str | None = None) -> EvalMethod:
-        return cls(label or codec_label(config), config=config)
+    def codec(cls, config: CodecConfig, label: str | None = None, allocation: Allocation | None = None) -> EvalMethod:
+        return cls(label or codec_label(config, allocation), config=config, allocation=allocation)
 
     @classmethod
     def named_baseline(cls, name: str) -> EvalMethod:
@@ -113,12 +118,14 @@ class EvalMethod:
     def describe(self) -> dict[str, Any]:
         if self.config is None:
             return {"label": self.label, "kind": "baseline", "method": self.baseline}
-        return {"label": self.label, "kind": "codec", **self.config.to_dict()}
+        allocation = {} if self.allocation is None else {"allocation": dataclasses.asdict(self.allocation)}
+        return {"label": self.label, "kind": "codec", **self.config.to_dict(), **allocation}
 
 
-def codec_label(config: CodecConfig) -> str:
-    """Short label of a codec config (:meth:`CodecConfig.label`), e.g. ``uniform-4 g64``."""
-    return config.label()
+def codec_label(config: CodecConfig, allocation: Allocation | None = None) -> str:
+    """Short label of a codec config (:meth:`CodecConfig.label`), e.g. ``uniform-4 g64``, with
+    its allocation (:meth:`Allocation.label`), e.g. ``uniform-4 g64 target2.5``."""
+    return config.label() + ("" if allocation is None else " " + allocation.label())
 
 
 # --- capturing queries ------------------------------------------------------------------
@@ -139,6 +146,8 @@ class QueryCapture:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.recording = False
+        #: keep only the last this many query positions, over all recorded calls (chunked prefill)
+        self.keep_last: int | None = None
         self.queries: dict[int, tuple[torch.Tensor, float]] = {}
         self._previous: str | None = None
 
@@ -165,7 +174,13 @@ class QueryCapture:
     def record(self, module: Any, query: torch.Tensor, scaling: float | None) -> None:
         if self.recording:
             scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
-            self.queries[int(module.layer_idx)] = (query.detach().to("cpu", torch.float32), float(scale))
+            query = query.detach().to("cpu", torch.float32)
+            layer = int(module.layer_idx)
+            if self.keep_last is not None:
+                if layer in self.queries:
+                    query = torch.cat([self.queries[layer][0], query], dim=2)
+                query = query[:, :, -self.keep_last :]
+            self.queries[layer] = (query, float(scale))
 
     def take(self) -> dict[int, tuple[torch.Tensor, float]]:
         queries, self.queries = self.queries, {}
@@ -228,12 +243,13 @@ class _Totals:
 
 
 def _reconstruct(
-    method: EvalMethod, tensors: dict[str, torch.Tensor], workdir: Path
+    method: EvalMethod, tensors: dict[str, torch.Tensor], workdir: Path, stats: dict[str, torch.Tensor] | None = None
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """``(reconstructed K/V tensors, stored bits)`` of a method applied to the reference cache."""
+    """``(reconstructed K/V tensors, stored bits)`` of a method applied to the reference cache
+    (``stats``: attention statistics of the prefix, for allocations)."""
     if method.config is not None or method.baseline == FP16:
         path = workdir / "window.kvp"
-        compress_tensors(tensors, path, method.config, {}, force=True)
+        compress_tensors(tensors, path, method.config, {}, force=True, allocation=method.allocation, stats=stats)
         bits = path.stat().st_size * 8
         restored, _ = load_kvp(path)
         path.unlink()
@@ -324,15 +340,22 @@ def evaluate(
     ref_nll, n_targets = 0.0, 0
     steps, done = len(offsets) * (1 + len(methods)), 0
     started = time.perf_counter()
+    allocating = any(m.allocation is not None for m in methods)
     with tempfile.TemporaryDirectory(prefix="kvpack-eval-") as tmp, QueryCapture(lm) as capture:
         for window, offset in enumerate(offsets):
             prefix = ids[:, offset : offset + protocol.prefix]
             tokens = ids[:, offset + protocol.prefix : offset + protocol.prefix + protocol.continuation]
             targets = ids[0, offset + protocol.prefix + 1 : offset + protocol.window_tokens]
             device = next(lm.parameters()).device
+            capture.recording, capture.keep_last = allocating, protocol.stats_queries
             out = lm(input_ids=prefix.to(device), use_cache=True, logits_to_keep=1)
+            capture.recording, capture.keep_last = False, None
             reference = cache_tensors(out.past_key_values, torch.float16)
             del out
+            stats = {}
+            if allocating:  # what dump --attention-stats records, from this prefix
+                pairs = layer_pairs(reference)
+                stats = attention_statistics(capture.take(), {i: k for i, (k, _) in enumerate(pairs)})
             if not all(bool(torch.isfinite(t).all()) for t in reference.values()):
                 raise InvalidInputError(
                     f"window {window}: the prefix cache overflows float16 (the reference); this model's cache "
@@ -358,7 +381,7 @@ def evaluate(
             for method in methods:
                 tick = time.perf_counter()
                 total = totals.setdefault(method.label, _Totals(len(pairs)))
-                restored, bits = _reconstruct(method, reference, Path(tmp))
+                restored, bits = _reconstruct(method, reference, Path(tmp), stats)
                 logp = _continue(lm, restored, tokens, protocol.prefix)
                 total.nll += float(-logp.gather(1, targets[:, None]).sum())
                 total.kl += float((ref_prob * (ref_logp - logp)).sum())

@@ -42,6 +42,7 @@ from kvpack.grouping import (
     split_outliers,
     to_groups,
 )
+from kvpack.mixed import codec_specs, decode_mixed, encode_mixed
 from kvpack.rope import rotate_keys
 
 #: Values per piece of the un-RoPE / rotation loop (float64 temporaries of about 8 bytes each).
@@ -127,7 +128,7 @@ class TensorPlan:
     def section_specs(self) -> dict[str, SectionSpec]:
         """Sections in file order: the codec's, outliers, ``kept``, ``rotation_signs``, ``rope_inv_freq``."""
         config, layout = self.config, self.layout
-        specs = dict(config.make_codec().section_specs(layout))
+        specs = codec_specs(config, layout)
         per_group = outliers_per_group(config.outlier_ratio, config.group_size, config.outlier_select)
         if per_group:
             count = layout.n_groups * per_group
@@ -143,16 +144,33 @@ class TensorPlan:
             specs["rope_inv_freq"] = SectionSpec(KIND_TRANSFORM, "float32", config.rope_dim // 2)
         return specs
 
-    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, x: torch.Tensor, widths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Arrays of every section (codes as integer tensors, the rest in any float dtype).
 
         Args:
             x: finite float tensor of ``shape``.
+            widths: with ``config.width_counts``, the width of every group (int64 ``(n_groups,)``).
 
         Raises:
             InvalidInputError: transformed values beyond the float16 range of the metadata,
                 or un-RoPE without rotary frequencies in the config.
         """
+        arrays, groups, mask = self.prepare(x)
+        config, layout = self.config, self.layout
+        if config.width_counts:
+            if widths is None or torch.bincount(widths, minlength=9).tolist() != list(config.width_counts):
+                raise InvalidInputError("a mixed-precision tensor needs group widths that match width_counts")
+            arrays.update(encode_mixed(config, groups, layout, mask, widths))
+        elif layout.n_elements:
+            arrays.update(config.make_codec().encode(groups, layout, mask))
+        else:  # nothing to quantize: the codec's sections are their declared size of zeros
+            for section, spec in config.make_codec().section_specs(layout).items():
+                arrays[section] = torch.zeros(spec.count, dtype=torch.uint8 if spec.dtype == "code" else torch.float32)
+        return arrays
+
+    def prepare(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """Steps 1 to 4 before the codec: ``(arrays of the transform, kept and outlier sections,
+        float32 groups (n_groups, group_size), inlier mask or None)``."""
         config, layout = self.config, self.layout
         start, stop = self.kept_first, self.kept_first + self.coded_tokens
         arrays: dict[str, torch.Tensor] = {}
@@ -173,12 +191,7 @@ class TensorPlan:
         if per_group:
             positions, outlier_values, mask = split_outliers(groups, per_group, config.outlier_select)
             arrays["outlier_index"], arrays["outlier_value"] = positions, outlier_values
-        if layout.n_elements:
-            arrays.update(config.make_codec().encode(groups, layout, mask))
-        else:  # nothing to quantize: the codec's sections are their declared size of zeros
-            for section, spec in config.make_codec().section_specs(layout).items():
-                arrays[section] = torch.zeros(spec.count, dtype=torch.uint8 if spec.dtype == "code" else torch.float32)
-        return arrays
+        return arrays, groups, mask
 
     def decode(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
         """Float32 tensor of ``shape`` from the section arrays (codes unpacked, the rest float32).
@@ -189,11 +202,14 @@ class TensorPlan:
         """
         config, layout = self.config, self.layout
         batch, heads, _, head_dim = self.shape
-        if layout.n_elements:
+        if config.width_counts:
+            groups = decode_mixed(config, arrays, layout)
+        elif layout.n_elements:
             groups = config.make_codec().decode(arrays, layout)
-            if not bool(torch.isfinite(groups).all()):  # e.g. an E8M0 scale of 2^127 times a large element
-                raise InvalidInputError("decoded values overflow float32; no encoder writes such scales")
-        else:
+        if (config.width_counts or layout.n_elements) and not bool(torch.isfinite(groups).all()):
+            # e.g. an E8M0 scale of 2^127 times a large element
+            raise InvalidInputError("decoded values overflow float32; no encoder writes such scales")
+        if not config.width_counts and not layout.n_elements:
             groups = torch.zeros(layout.n_groups, layout.group_size)
         if "outlier_index" in arrays:
             per_group = outliers_per_group(config.outlier_ratio, config.group_size, config.outlier_select)

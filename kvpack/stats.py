@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvpack.codecs.base import (
+    KIND_ALLOCATION,
     KIND_CODEBOOKS,
     KIND_CODES,
     KIND_DATA,
@@ -34,7 +35,7 @@ from kvpack.codecs.base import (
 from kvpack.formats.header import TensorEntry, section_specs
 from kvpack.formats.names import parse_kv_name
 
-BIT_COLUMNS = ("codes", "scales", "codebooks", "outliers", "exact", "header")
+BIT_COLUMNS = ("codes", "scales", "codebooks", "outliers", "exact", "bitmap", "header")
 _KIND_COLUMN = {
     KIND_CODES: "codes",
     KIND_DATA: "codes",
@@ -43,6 +44,7 @@ _KIND_COLUMN = {
     KIND_CODEBOOKS: "codebooks",
     KIND_OUTLIERS: "outliers",
     KIND_EXACT: "exact",
+    KIND_ALLOCATION: "bitmap",
 }
 
 

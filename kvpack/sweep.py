@@ -230,6 +230,7 @@ def _grid_methods(path: Path, grid: dict) -> list[EvalMethod]:
 
 def _listed_methods(path: Path, runs: Any) -> list[EvalMethod]:
     """``[[runs]]``: one method per table, flat codec keys (``label`` and ``preset`` optional)."""
+    from kvpack.allocation import Allocation
     from kvpack.config import config_from_flat
     from kvpack.presets import flat_options
 
@@ -242,10 +243,11 @@ def _listed_methods(path: Path, runs: Any) -> list[EvalMethod]:
         if label is not None and not isinstance(label, str) or preset is not None and not isinstance(preset, str):
             raise _fail(path, f"runs[{index}]: label and preset must be strings")
         try:
+            allocation = Allocation.from_flat(run)
             config = config_from_flat(flat_options(preset, run))
         except InvalidInputError as exc:
             raise _fail(path, f"runs[{index}]: {exc}") from None
-        out.append(EvalMethod.codec(config, label))
+        out.append(EvalMethod.codec(config, label, allocation))
     return out
 
 
@@ -294,7 +296,11 @@ def csv_text(results: list[dict]) -> str:
                 "outlier_ratio": config.get("outlier_ratio", ""),
                 "options": ";".join(
                     f"{k}={v}"
-                    for k, v in {**params, **{k: v for k, v in config.items() if k in TRANSFORM_DEFAULTS}}.items()
+                    for k, v in {
+                        **params,
+                        **{k: v for k, v in config.items() if k in TRANSFORM_DEFAULTS},
+                        **{k: v for k, v in (config.get("allocation") or {}).items() if v is not None},
+                    }.items()
                 ),
             }
         )

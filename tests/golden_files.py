@@ -14,6 +14,7 @@ Regenerate the current version's folder (only when the format version changes)::
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from kvpack.api import dtype_name, encode_tensor
 from kvpack.config import TRANSFORM_DEFAULTS
 from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR
 from kvpack.formats.writer import KvpWriter
+from kvpack.pipeline import plan_for
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 INPUTS = GOLDEN_DIR / "inputs.safetensors"
@@ -101,12 +103,24 @@ GOLDEN = {
         ),
         "kv-layers",
     ),
+    # format 1.4: mixed precision, group g at width allowed[g mod len(allowed)] (see write_golden)
+    "uniform-mixed-g16": (_config("uniform", 3, 16), "kv"),
+    "adaptive-group-mixed-g16-outliers": (_config("adaptive", 3, 16, 0.1, codebook_scope="group"), "kv"),
+    "mxfp4-mixed-hadamard": (_config("mxfp4", None, None, rotate="hadamard"), "kv"),
+    "normal-mixed-kchannel-g2-keep1": (_config("normal", 3, 2, key_axis="channel", keep_first=1), "kv"),
+    "fp8-e5m2-mixed-g16-outliers": (_config("fp8-e5m2", None, 16, 0.1, outlier_select="magnitude"), "kv"),
+    "adaptive-head-mixed-g64-all-layers": (
+        _config("adaptive", 3, 64, codebook_scope="head", stack_layers=True),
+        "kv-layers",
+    ),
 }
 #: The format version that introduced each golden file (older folders do not hold it).
 _NAMES = list(GOLDEN)
-SINCE = {name: (1, 2) for name in _NAMES[_NAMES.index("uniform-a2-kchannel-g2-keep1") :]} | {
-    name: (1, 3) for name in _NAMES[_NAMES.index("uniform-a3-g256-all-layers") :]
-}
+SINCE = (
+    {name: (1, 2) for name in _NAMES[_NAMES.index("uniform-a2-kchannel-g2-keep1") :]}
+    | {name: (1, 3) for name in _NAMES[_NAMES.index("uniform-a3-g256-all-layers") :]}
+    | {name: (1, 4) for name in _NAMES[_NAMES.index("uniform-mixed-g16") :]}
+)
 
 
 def golden_inputs(kind: str) -> dict[str, torch.Tensor]:
@@ -167,9 +181,15 @@ def write_golden(name: str, path: Path, force: bool = False) -> None:
         inputs = stacked | {n: x for n, x in inputs.items() if n not in layers}
     with KvpWriter(path, METADATA, force=force) as writer:
         for tensor_name, x in inputs.items():
-            codec = config if tensor_name.startswith("layers.") else None
+            codec, widths = config if tensor_name.startswith("layers.") else None, None
+            if codec is not None and "mixed" in name:
+                allowed = torch.tensor((0, *codec.make_codec().widths()))
+                n_groups = plan_for(tuple(x.shape), dtype_name(x.dtype), tensor_name, codec).layout.n_groups
+                widths = allowed[torch.arange(n_groups) % len(allowed)]
+                counts = tuple(torch.bincount(widths, minlength=9).tolist())
+                codec = dataclasses.replace(codec, width_counts=counts)
             writer.add_tensor(
-                tensor_name, tuple(x.shape), dtype_name(x.dtype), codec, encode_tensor(tensor_name, x, codec)
+                tensor_name, tuple(x.shape), dtype_name(x.dtype), codec, encode_tensor(tensor_name, x, codec, widths)
             )
 
 

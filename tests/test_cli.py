@@ -8,6 +8,7 @@ import torch
 
 from kvpack import CodecConfig, compress_tensors
 from kvpack.cli.app import main
+from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR
 from kvpack.formats.safetensors_io import write_safetensors
 
 
@@ -84,7 +85,7 @@ def test_compress_inspect_decompress_stats(dump, tmp_path, capsys):
 
     code, out, _ = run(["inspect", out_kvp, "--json"], capsys)
     info = json.loads(out)
-    assert code == 0 and info["version"] == "1.3" and info["metadata"]["model"] == "unit"
+    assert code == 0 and info["version"] == f"{FORMAT_MAJOR}.{FORMAT_MINOR}" and info["metadata"]["model"] == "unit"
     assert info["size"]["rows"]["all"]["bits_per_element"] == pytest.approx(bits)
     code, out, _ = run(["inspect", out_kvp, "--tensors"], capsys)
     assert code == 0 and "layers.1.value" in out and "uniform" in out

@@ -122,7 +122,7 @@ def test_wrong_magic_newer_version_and_bad_flags(sample, tmp_path):
     bad.write_bytes(pack_preamble(2, 3, flags, offset, length, crc) + bytes(data[PREAMBLE_SIZE:]))
     with pytest.raises(
         UnsupportedVersionError,
-        match=r"format version 2\.3 is newer than this kvpack \(0\.\d+\.\d+\) reads \(1\.3\); upgrade kvpack to a "
+        match=r"format version 2\.3 is newer than this kvpack \(0\.\d+\.\d+\) reads \(1\.\d+\); upgrade kvpack to a "
         r"release that reads format 2\.x",
     ):
         KvpReader(bad)

@@ -66,6 +66,7 @@ TRANSFORM_DEFAULTS = {
     "rope_offset": 0,
     "rope_scaling": 1.0,
     "stack_layers": False,
+    "width_counts": [],
 }
 #: §5: the role is `key` for tensors named `layers.{i}.key`, and for the stacked entry `layers.all.key`.
 KEY_NAME = re.compile(r"layers\.(0|[1-9][0-9]{0,8})\.key")  # §4: ASCII digits, no leading zeros
@@ -246,6 +247,12 @@ def decode_groups(
         x = (level * scale).astype(np.float32)
         if zero is not None:
             x = (x + zero).astype(np.float32)
+    return write_outliers(x, codec, sections, dtype)
+
+
+def write_outliers(x: np.ndarray, codec: dict, sections: dict[str, bytes], dtype: str) -> np.ndarray:
+    """§6: each outlier value written back at its position in its group."""
+    n_groups, group = x.shape
     if codec["outlier_ratio"] > 0:
         per_group = outlier_count(codec)
         assert group - per_group >= 2
@@ -259,13 +266,60 @@ def decode_groups(
     return x
 
 
+#: §6.2: the family member an element format uses at each width.
+FAMILIES = {
+    "fp8-e4m3": {4: "fp4-e2m1", 8: "fp8-e4m3"},
+    "fp4-e2m1": {4: "fp4-e2m1", 8: "fp8-e4m3"},
+    "fp8-e5m2": {4: "fp4-e2m1", 8: "fp8-e5m2"},
+    "mxfp8": {4: "mxfp4", 6: "mxfp6-e2m3", 8: "mxfp8"},
+    "mxfp6-e2m3": {4: "mxfp4", 6: "mxfp6-e2m3", 8: "mxfp8"},
+    "mxfp4": {4: "mxfp4", 6: "mxfp6-e2m3", 8: "mxfp8"},
+    "mxfp6-e3m2": {4: "mxfp4", 6: "mxfp6-e3m2", 8: "mxfp8"},
+}
+
+
+def decode_mixed_groups(
+    shape: list[int], coded: int, codec: dict, sections: dict[str, bytes], dtype: str
+) -> np.ndarray:
+    """§6.2: each width class decoded as a (1, 1, count, G) tensor of its own, width 0 as the zero-point or 0."""
+    batch, heads, _, dim = shape
+    group, counts = codec["group_size"], codec["width_counts"]
+    n_groups = batch * heads * coded * dim // group
+    widths = np.array(unpack_bits(sections["bit_widths"], 4, n_groups), dtype=np.int64)
+    assert np.all(widths <= 8) and np.bincount(widths, minlength=9).tolist() == counts
+    scale_storage = "uint8" if codec["method"].startswith("mx") else "float16"
+    scale = storage_values(sections["scale"], scale_storage)
+    zero = storage_values(sections["zero_point"], "float16") if "zero_point" in sections else None
+    x = np.zeros((n_groups, group), dtype=np.float32)
+    for width in range(9):
+        if not counts[width]:
+            continue
+        index = np.nonzero(widths == width)[0]
+        if width == 0:
+            x[index] = 0.0 if zero is None else zero[index][:, None]
+            continue
+        method = FAMILIES.get(codec["method"], {}).get(width, codec["method"])
+        params = codec["params"] if method == codec["method"] else {}
+        part = {"codes": sections[f"codes_{width}"], "scale": scale[index].astype(STORAGE[scale_storage]).tobytes()}
+        if zero is not None:
+            part["zero_point"] = zero[index].astype(STORAGE["float16"]).tobytes()
+        if f"codebook_{width}" in sections:
+            part["codebook"] = sections[f"codebook_{width}"]
+        sub = {**codec, "method": method, "bits": width, "params": params, "outlier_ratio": 0.0}
+        x[index] = decode_groups([1, 1, counts[width], group], counts[width], sub, part, dtype, "token")
+    return write_outliers(x, codec, sections, dtype)
+
+
 def decode_quantized(name: str, shape: list[int], codec: dict, sections: dict[str, bytes], dtype: str) -> np.ndarray:
     """One quantized tensor as float32 of ``shape``, by the steps of §6.1 (step 5's rounding is the caller's)."""
     batch, heads, seq, dim = shape
     t, role = transforms_of(codec), role_of(name)
     axis = t[f"{role}_axis"]
     kf, coded = coded_tokens(name, shape, codec)
-    x = decode_groups(shape, coded, codec, sections, dtype, axis)
+    if codec.get("width_counts"):
+        x = decode_mixed_groups(shape, coded, codec, sections, dtype)
+    else:
+        x = decode_groups(shape, coded, codec, sections, dtype, axis)
     if axis == "token":  # rows of H*D features per token: (B*C, H*D)
         y = x.reshape(batch, coded, heads, dim).transpose(0, 2, 1, 3)
     else:  # rows of C tokens per channel: (B*H*D, C)
@@ -338,7 +392,7 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_version_folder_holds_every_golden_file():
-    assert [p.name for p in VERSION_FOLDERS] == ["v1.0", "v1.1", "v1.2", "v1.3"]
+    assert [p.name for p in VERSION_FOLDERS] == ["v1.0", "v1.1", "v1.2", "v1.3", "v1.4"]
     assert all(p.is_file() for p in GOLDEN_PATHS)
 
 
@@ -374,15 +428,16 @@ def test_only_the_rotated_and_unroped_tensors_are_compared_to_float32_accuracy()
         "uniform-a4-kchannel-g2-unrope-partial-bf16": ["layers.0.key"],
     }
     assert {name: tensors for name, tensors in approximate.items() if tensors} == {
-        f"{folder}/{name}": tensors for folder in ("v1.2", "v1.3") for name, tensors in expected.items()
+        f"{folder}/{name}": tensors for folder in ("v1.2", "v1.3", "v1.4") for name, tensors in expected.items()
     } | {
-        "v1.3/uniform-a3-kchannel-g4-all-layers-unrope-hadamard": [
+        f"{folder}/uniform-a3-kchannel-g4-all-layers-unrope-hadamard": [
             "layers.0.key",
             "layers.0.value",
             "layers.1.key",
             "layers.1.value",
-        ]  # fmt: skip
-    }
+        ]
+        for folder in ("v1.3", "v1.4")
+    } | {"v1.4/mxfp4-mixed-hadamard": ["layers.0.key", "layers.0.value"]}
 
 
 #: Bounds on the relative squared error ``sum((x' - x)^2) / sum(x^2)`` of the codec families of format 1.0, by width.
@@ -405,6 +460,13 @@ ERROR_BOUNDS = {
     "uniform-a3-g256-all-layers": 0.25,  # 0.111 / 0.077
     "adaptive-head-a2-g128-all-layers-keep1": 0.3,  # 0.140 / 0.133 (layer 0), 0.141 / 0.124 (layer 1)
     "uniform-a3-kchannel-g4-all-layers-unrope-hadamard": 0.015,  # 0.0016 / 0.0047: 4-value groups, 2 keys kept
+    # format 1.4: mixed widths 0-8 in turn (width-0 groups keep only their mean)
+    "uniform-mixed-g16": 0.6,  # 0.19 / 0.27
+    "adaptive-group-mixed-g16-outliers": 0.2,  # 0.056 / 0.071
+    "mxfp4-mixed-hadamard": 0.6,  # 0.28 / 0.25
+    "normal-mixed-kchannel-g2-keep1": 0.25,  # 0.017 / 0.078
+    "fp8-e5m2-mixed-g16-outliers": 0.45,  # 0.150 / 0.160
+    "adaptive-head-mixed-g64-all-layers": 0.6,  # 0.136 / 0.109, 0.211 / 0.244
 }
 
 

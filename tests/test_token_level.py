@@ -11,6 +11,7 @@ from kvpack.cache_io import read_prompt_cache
 from kvpack.cli.app import main
 from kvpack.config import CodecConfig
 from kvpack.errors import FormatError, InvalidInputError
+from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR
 from kvpack.formats.reader import KvpReader
 from kvpack.pipeline import MAX_STACKED_LAYERS
 from tests.kvp_bytes import header_json, with_header
@@ -46,7 +47,7 @@ def test_cli_token_level_shares_one_grid_per_token_across_all_layers(tmp_path, r
     assert bits["codes"] == pytest.approx(3.0) and bits["scales"] == pytest.approx(32 / (LAYERS * HEADS * HEAD_DIM))
     assert len(report["layers"]) == LAYERS and all(row["rel_mse"] > 0 for row in report["layers"])
     with KvpReader(out) as reader:
-        assert reader.version == (1, 3)
+        assert reader.version == (FORMAT_MAJOR, FORMAT_MINOR)
         assert [e.name for e in reader.entries()] == ["layers.all.key", "layers.all.value", "token_ids"]
         assert reader.entry("layers.all.key").shape[:3] == (LAYERS, 1, HEADS)
     assert json.loads(header_json(out.read_bytes()))["required"] == ["stack_layers"]  # a 1.2 reader refuses it

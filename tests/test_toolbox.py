@@ -452,6 +452,9 @@ def test_every_transform_key_is_known_to_the_reader_and_the_cli():
     from kvpack.formats.constants import KNOWN_REQUIRED_KEYS
 
     assert set(TRANSFORM_DEFAULTS) <= KNOWN_REQUIRED_KEYS
-    # rope_*: from the model; stack_layers: set by --level token
-    assert set(_TRANSFORMS) == {k for k in TRANSFORM_DEFAULTS if not k.startswith("rope_")} - {"stack_layers"}
+    # rope_*: from the model; stack_layers: set by --level token; width_counts: by the allocators
+    assert set(_TRANSFORMS) == {k for k in TRANSFORM_DEFAULTS if not k.startswith("rope_")} - {
+        "stack_layers",
+        "width_counts",
+    }
     assert set(_TRANSFORMS) <= set(CODEC_FLAGS)

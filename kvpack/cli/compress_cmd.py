@@ -8,6 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from kvpack.cli.options import (
+    Allocate,
+    BitsMax,
+    BitsMin,
     CodebookScope,
     Force,
     JsonPath,
@@ -15,6 +18,7 @@ from kvpack.cli.options import (
     KeepLast,
     KeyAxis,
     Level,
+    MaxError,
     MaybeBits,
     MaybeGroupSize,
     MaybeMethod,
@@ -23,11 +27,15 @@ from kvpack.cli.options import (
     OutlierSelect,
     PerLayer,
     PresetName,
+    RecentTokens,
     Rotate,
     RotateSeed,
     Symmetric,
+    TargetBits,
+    TargetError,
     Unrope,
     ValueAxis,
+    build_allocation,
     build_codec,
     codec_flags,
 )
@@ -71,6 +79,13 @@ def compress(
     rotate: Rotate = None,
     rotate_seed: RotateSeed = None,
     unrope: Unrope = None,
+    allocate: Allocate = None,
+    target_bits: TargetBits = None,
+    max_error: MaxError = None,
+    target_error: TargetError = None,
+    recent_tokens: RecentTokens = None,
+    bits_min: BitsMin = None,
+    bits_max: BitsMax = None,
     per_layer: PerLayer = False,
     json_path: JsonPath = None,
     force: Force = False,
@@ -85,6 +100,7 @@ def compress(
     from kvpack.formats.writer import check_output_path
 
     flags = codec_flags(locals())
+    allocation = build_allocation(locals())
     config = build_codec(flags)  # every flag checked before the input is read
     if level is not None:
         config = build_codec(flags, kv_dims(input))
@@ -95,13 +111,13 @@ def compress(
         if json_path.resolve() in (input.resolve(), output.resolve()):
             raise InvalidInputError(f"--json {json_path} must differ from the input and the output")
     with progress_bar("compress") as update:
-        report = compress_file(input, output, config, force=force, progress=update)
+        report = compress_file(input, output, config, force=force, progress=update, allocation=allocation)
     if json_to_stdout:
         print_json(report)
         return
     say(
         f"{input} ({human_bytes(report['input_bytes'])}) -> {output} ({human_bytes(report['file_bytes'])}): "
-        f"{config.describe()}; "
+        f"{config.describe()}{'' if allocation is None else ', ' + allocation.describe()}; "
         + (
             f"{report['ratio_vs_input']:.2f}x smaller than the input"
             if report["ratio_vs_input"] >= 1

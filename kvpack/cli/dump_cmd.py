@@ -36,6 +36,7 @@ from kvpack.cli.options import (
 )
 from kvpack.cli.render import err_console, human_bytes, progress_bar, say
 from kvpack.errors import InvalidInputError
+from kvpack.formats.names import parse_kv_name
 
 
 def register(app: typer.Typer) -> None:
@@ -78,6 +79,17 @@ def dump(
     lossless: Annotated[
         bool, typer.Option("--lossless", help=".kvp output: store K/V exactly (in --dtype), no codec.")
     ] = False,
+    attention_stats: Annotated[
+        bool,
+        typer.Option(
+            "--attention-stats",
+            help="Also record what bit allocation uses: the largest attention weight each token receives from "
+            "the last N queries, and the queries' channel mean squares and norms (per layer and kv head).",
+        ),
+    ] = False,
+    last_n_queries: Annotated[
+        int, typer.Option("--last-n-queries", help="N for --attention-stats: the last query positions.")
+    ] = 64,
     force: Force = False,
 ) -> None:
     """Run a causal LM over a text and write its KV cache (and token ids) to safetensors or .kvp.
@@ -124,10 +136,15 @@ def dump(
         config = check_codec_fits(loaded.model, config)
     with progress_bar("prefill tokens") as update:
         tensors, metadata = dump_cache(
-            loaded, text, max_tokens, dtype, progress=lambda done, total: update(done, total)
+            loaded,
+            text,
+            max_tokens,
+            dtype,
+            progress=lambda done, total: update(done, total),
+            attention_stats=last_n_queries if attention_stats else None,
         )
     seq_len = int(metadata["seq_len"])
-    kv_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if n != "token_ids")
+    kv_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if parse_kv_name(n))
     if to_kvp:
         from kvpack.api import build_report, compress_tensors, tensor_order
 

@@ -8,6 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from kvpack.cli.options import (
+    Allocate,
+    BitsMax,
+    BitsMin,
     CodebookScope,
     Continuation,
     Device,
@@ -18,6 +21,7 @@ from kvpack.cli.options import (
     KeepLast,
     KeyAxis,
     Level,
+    MaxError,
     MaybeBits,
     MaybeGroupSize,
     MaybeMethod,
@@ -27,12 +31,16 @@ from kvpack.cli.options import (
     OutlierSelect,
     Prefix,
     PresetName,
+    RecentTokens,
     Rotate,
     RotateSeed,
     Symmetric,
+    TargetBits,
+    TargetError,
     Unrope,
     ValueAxis,
     Windows,
+    build_allocation,
     build_codec,
     codec_flags,
     given_codec_flags,
@@ -70,6 +78,13 @@ def evaluate(
     rotate: Rotate = None,
     rotate_seed: RotateSeed = None,
     unrope: Unrope = None,
+    allocate: Allocate = None,
+    target_bits: TargetBits = None,
+    max_error: MaxError = None,
+    target_error: TargetError = None,
+    recent_tokens: RecentTokens = None,
+    bits_min: BitsMin = None,
+    bits_max: BitsMax = None,
     config_file: Annotated[
         Optional[Path],
         typer.Option("--config", help="Codec config file (JSON or TOML), instead of codec options.", dir_okay=False),
@@ -101,16 +116,19 @@ def evaluate(
 
     protocol = EvalProtocol(prefix, continuation, windows)
     flags = codec_flags(locals())
+    allocation = build_allocation(locals())
     codec_given = given_codec_flags(flags)
     if config_file is not None and baseline is not None:
         raise InvalidInputError("give --config or --baseline, not both")
     if (config_file is not None or baseline is not None) and codec_given:
         raise InvalidInputError(f"{', '.join(codec_given)} cannot be combined with --config or --baseline")
     if baseline is not None:
+        if allocation is not None:
+            raise InvalidInputError("--allocate applies to a codec, not to --baseline")
         chosen = EvalMethod.named_baseline(baseline)
     else:
         config = load_codec_config(config_file) if config_file is not None else build_codec(flags)
-        chosen = EvalMethod.codec(config)
+        chosen = EvalMethod.codec(config, allocation=allocation)
     json_to_stdout = json_path is not None and str(json_path) == "-"
     if json_path is not None and not json_to_stdout:
         check_output_path(json_path, force)
@@ -120,7 +138,7 @@ def evaluate(
     if level is not None and chosen.config is not None:
         from kvpack.dump import cache_dims
 
-        chosen = EvalMethod.codec(build_codec(flags, cache_dims(loaded.model)))
+        chosen = EvalMethod.codec(build_codec(flags, cache_dims(loaded.model)), allocation=allocation)
     token_ids = tokenize(loaded.tokenizer, text)
     protocol.offsets(token_ids.shape[1])  # too short a text fails before any work
     with progress_bar("eval") as update:

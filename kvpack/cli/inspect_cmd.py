@@ -62,6 +62,44 @@ def inspect(
         console.print(
             bits_table("bits per element (every byte of the file counted)", report_rows(info["size"], per_layer))
         )
+        widths = width_histograms(info["tensors"])
+        if widths:
+            console.print(_width_table(widths, per_tensor=tensors))
+
+
+def width_histograms(tensors: list[dict]) -> dict[str, list[int]]:
+    """Groups at each code width 0 to 8 of the mixed-precision tensors: per tensor, per layer (``layer N``,
+    keys and values together; a stacked entry counts for all its layers at once) and in all."""
+    from kvpack.formats.names import parse_kv_name
+
+    out: dict[str, list[int]] = {}
+    total = [0] * 9
+    for t in tensors:
+        counts = (t.get("codec") or {}).get("width_counts")
+        if not counts:
+            continue
+        out[t["name"]] = list(counts)
+        parsed = parse_kv_name(t["name"])
+        if parsed:
+            layer = out.setdefault(f"layer {parsed[0]}", [0] * 9)
+            out[f"layer {parsed[0]}"] = [a + b for a, b in zip(layer, counts, strict=True)]
+        total = [a + b for a, b in zip(total, counts, strict=True)]
+    if out:
+        out["all"] = total
+    return out
+
+
+def _width_table(widths: dict[str, list[int]], per_tensor: bool) -> Table:
+    table = Table(title="groups by code width (mixed precision)", title_justify="left")
+    for column in ("part", *map(str, range(9)), "mean bits"):
+        table.add_column(column, justify="left" if column == "part" else "right", no_wrap=True)
+    for name, counts in widths.items():
+        if not per_tensor and name.startswith("layers."):
+            continue
+        n = sum(counts)
+        mean = sum(w * c for w, c in enumerate(counts)) / n if n else 0.0
+        table.add_row(escape(name), *(f"{c:,}" if c else "·" for c in counts), f"{mean:.2f}")
+    return table
 
 
 def _metadata_table(metadata: dict) -> Table:

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from kvpack.errors import InvalidInputError
+
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
 JsonPath = Annotated[
     Optional[Path],
@@ -105,6 +107,37 @@ Unrope = Annotated[
         "--unrope/--no-unrope", help="Quantize keys before RoPE (undone exactly, redone on decode).", show_default=False
     ),
 ]
+Allocate = Annotated[
+    Optional[str],
+    typer.Option(
+        "--allocate",
+        help="Mixed precision, a width per group: target (measured errors, weighted by attention statistics when "
+        "the dump has them), importance (a variance model weighted by the statistics) or qaq (QAQ's attention-"
+        "aware error tolerances); for --target-bits, or --max-error (target, importance) / --target-error (qaq).",
+    ),
+]
+TargetBits = Annotated[
+    Optional[float], typer.Option("--target-bits", help="Bits per element of the file to land on (all bytes counted).")
+]
+MaxError = Annotated[
+    Optional[float],
+    typer.Option(
+        "--max-error",
+        help="Instead: the largest relative squared error sum((x - x')^2) / sum(x^2), averaged over the K/V tensors.",
+    ),
+]
+TargetError = Annotated[
+    Optional[float],
+    typer.Option(
+        "--target-error",
+        help="qaq: the error tolerance E (attention-output error per token, relative to the values' RMS).",
+    ),
+]
+RecentTokens = Annotated[
+    Optional[int], typer.Option("--recent-tokens", help="Keep the groups of the last N tokens at the widest width.")
+]
+BitsMin = Annotated[Optional[int], typer.Option("--bits-min", help="Narrowest width of a group (default 0).")]
+BitsMax = Annotated[Optional[int], typer.Option("--bits-max", help="Widest width of a group (default 8).")]
 PresetName = Annotated[
     Optional[str], typer.Option("--preset", help="A published recipe (see `kvpack methods`); flags override it.")
 ]
@@ -132,6 +165,32 @@ CODEC_FLAGS = {
 _CODEC_OPTIONS = ("symmetric", "codebook_scope", "normalization")
 _TRANSFORMS = ("key_axis", "value_axis", "keep_first", "keep_last", "outlier_select", "rotate", "rotate_seed", "unrope")
 LEVELS = ("head", "layer", "token")
+
+
+#: Allocation flags: parameter name -> flag.
+ALLOCATION_FLAGS = {
+    "allocate": "--allocate",
+    "target_bits": "--target-bits",
+    "max_error": "--max-error",
+    "target_error": "--target-error",
+    "recent_tokens": "--recent-tokens",
+    "bits_min": "--bits-min",
+    "bits_max": "--bits-max",
+}
+
+
+def build_allocation(values: dict):
+    """The :class:`~kvpack.allocation.Allocation` of a command's flags (``locals()``), or ``None``.
+
+    Raises:
+        InvalidInputError: budgets or widths without --allocate, or bad values.
+    """
+    from kvpack.allocation import Allocation
+
+    given = {name: values.get(name) for name in ALLOCATION_FLAGS if values.get(name) is not None}
+    if given and "allocate" not in given:
+        raise InvalidInputError(f"{', '.join(ALLOCATION_FLAGS[n] for n in given)} need --allocate")
+    return Allocation.from_flat(given)
 
 
 def codec_flags(values: dict) -> dict:

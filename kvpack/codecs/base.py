@@ -25,6 +25,7 @@ KIND_CODEBOOKS = "codebooks"
 KIND_OUTLIERS = "outliers"
 KIND_EXACT = "exact"  # protected tokens stored exactly (keep_first / keep_last, channel-axis remainder)
 KIND_TRANSFORM = "transform"  # per-tensor parameters of a transform (rotation signs, rotary frequencies)
+KIND_ALLOCATION = "allocation"  # the per-group bit-width map of a mixed-precision tensor
 KIND_DATA = "data"  # lossless tensors
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -102,6 +103,9 @@ class Codec(ABC):
     fixed_bits: ClassVar[int | None] = None
     #: Formats whose spec fixes the group (block) size (32 for OCP MX); ``None``: any.
     block_size: ClassVar[int | None] = None
+    #: Element formats: the codec of each width of their family (mixed precision); the same
+    #: scale section serves every member. ``None``: this codec at any width from 1 to 8.
+    family: ClassVar[dict[int, str] | None] = None
     registry: ClassVar[dict[str, type[Codec]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -120,6 +124,26 @@ class Codec(ABC):
     @property
     def levels(self) -> int:
         return 1 << self.bits
+
+    @classmethod
+    def widths(cls) -> tuple[int, ...]:
+        """Code widths a group of a mixed-precision tensor may have besides 0."""
+        return tuple(sorted(cls.family)) if cls.family else tuple(range(1, 9))
+
+    def at_width(self, bits: int) -> Codec:
+        """This codec's counterpart at ``bits`` bits per code (same options; element formats: the
+        family member of that width).
+
+        Raises:
+            InvalidInputError: an element family has no format of that width.
+        """
+        if not self.family:
+            return type(self)(bits, self.params)
+        if bits not in self.family:
+            widths = ", ".join(str(w) for w in sorted(self.family))
+            raise InvalidInputError(f"method {self.name} mixes widths {widths} (its family), not {bits}")
+        codec_class = get_codec_class(self.family[bits])
+        return codec_class(bits, codec_class.Params())
 
     @abstractmethod
     def section_specs(self, layout: GroupLayout) -> dict[str, SectionSpec]:

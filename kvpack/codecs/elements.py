@@ -311,6 +311,7 @@ class Fp8E4M3Codec(_Fp16ScaledCodec):
     source = f"{_OFP8}, E4M3"
     element = E4M3
     fixed_bits = 8
+    family = {4: "fp4-e2m1", 8: "fp8-e4m3"}
 
 
 class Fp8E5M2Codec(_Fp16ScaledCodec):
@@ -319,6 +320,7 @@ class Fp8E5M2Codec(_Fp16ScaledCodec):
     source = f"{_OFP8}, E5M2"
     element = E5M2
     fixed_bits = 8
+    family = {4: "fp4-e2m1", 8: "fp8-e5m2"}
 
 
 class Fp4E2M1Codec(_Fp16ScaledCodec):
@@ -327,6 +329,7 @@ class Fp4E2M1Codec(_Fp16ScaledCodec):
     source = f"{_MX} §5.3.3 (FP4 E2M1 element format)"
     element = E2M1
     fixed_bits = 4
+    family = {4: "fp4-e2m1", 8: "fp8-e4m3"}
 
 
 class MxFp8Codec(_MxCodec):
@@ -335,6 +338,7 @@ class MxFp8Codec(_MxCodec):
     source = f"{_MX} (MXFP8, E4M3 elements per {_OFP8})"
     element = E4M3
     fixed_bits = 8
+    family = {4: "mxfp4", 6: "mxfp6-e2m3", 8: "mxfp8"}
 
 
 class MxFp6E2M3Codec(_MxCodec):
@@ -343,6 +347,7 @@ class MxFp6E2M3Codec(_MxCodec):
     source = f"{_MX} §5.3.2 (MXFP6, E2M3 elements)"
     element = E2M3
     fixed_bits = 6
+    family = {4: "mxfp4", 6: "mxfp6-e2m3", 8: "mxfp8"}
 
 
 class MxFp6E3M2Codec(_MxCodec):
@@ -351,6 +356,7 @@ class MxFp6E3M2Codec(_MxCodec):
     source = f"{_MX} §5.3.2 (MXFP6, E3M2 elements)"
     element = E3M2
     fixed_bits = 6
+    family = {4: "mxfp4", 6: "mxfp6-e3m2", 8: "mxfp8"}
 
 
 class MxFp4Codec(_MxCodec):
@@ -359,3 +365,4 @@ class MxFp4Codec(_MxCodec):
     source = f"{_MX} §5.3.3 (MXFP4, E2M1 elements)"
     element = E2M1
     fixed_bits = 4
+    family = {4: "mxfp4", 6: "mxfp6-e2m3", 8: "mxfp8"}

@@ -1,0 +1,321 @@
+"""Mixed precision (format 1.4) and the bit allocators: the container round-trips per-group widths
+for every codec, and rate control lands on its target on the real SmolLM2 cache."""
+
+import json
+
+import pytest
+import torch
+
+from kvpack.allocation import Allocation, WidthTable, allocate_bits
+from kvpack.api import compress_file, decode_entry, encode_tensor, load_kvp
+from kvpack.cli.app import main
+from kvpack.config import CodecConfig
+from kvpack.errors import FormatError, InvalidInputError
+from kvpack.formats.header import TensorEntry
+from kvpack.formats.reader import KvpReader
+from kvpack.formats.writer import KvpWriter
+from kvpack.grouping import to_groups
+from kvpack.pipeline import plan_for
+from tests.kvp_bytes import header_json, with_header
+
+CODECS = [
+    ("uniform", {}),
+    ("normal", {}),
+    ("adaptive", {}),
+    ("adaptive", {"codebook_scope": "group"}),
+    ("mxfp4", {}),
+    ("fp8-e4m3", {}),
+    ("uniform", {"symmetric": True}),
+]
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def random_widths(config, n_groups, seed=0):
+    allowed = torch.tensor((0, *config.make_codec().widths()))
+    return allowed[torch.randint(len(allowed), (n_groups,), generator=torch.Generator().manual_seed(seed))]
+
+
+def mixed(method, options, widths):
+    counts = tuple(torch.bincount(widths, minlength=9).tolist())
+    return CodecConfig.build(method, None, None, transforms={"width_counts": counts}, **options)
+
+
+@pytest.mark.parametrize("method, options", CODECS)
+def test_mixed_widths_round_trip_through_the_container(tmp_path, real_tensors, method, options):
+    x = real_tensors["layers.5.key"]
+    base = CodecConfig.build(method, None, None, **options)
+    layout = plan_for(tuple(x.shape), "float16", "layers.5.key", base).layout
+    widths = random_widths(base, layout.n_groups)
+    config = mixed(method, options, widths)
+    with KvpWriter(tmp_path / "m.kvp") as writer:
+        writer.add_tensor(
+            "layers.5.key", tuple(x.shape), "float16", config, encode_tensor("layers.5.key", x, config, widths)
+        )
+    with KvpReader(tmp_path / "m.kvp") as reader:
+        assert reader.version == (1, 4)
+        assert reader.entry("layers.5.key").codec.width_counts == config.width_counts
+        restored = reader.read_tensor("layers.5.key").float()
+    original, decoded = to_groups(x.float(), layout), to_groups(restored, layout)
+    for width in widths.unique().tolist():
+        chosen = widths == width
+        error = float(((decoded[chosen] - original[chosen]) ** 2).sum() / (original[chosen] ** 2).sum())
+        if width == 0:  # the zero-point (the group mean) or zeros, one value per group
+            assert bool((decoded[chosen] == decoded[chosen][:, :1]).all())
+            assert error <= 1.0 + 1e-6
+        elif width == 8:
+            assert error < 0.05, (width, error)  # normal's meanstd levels clip the tails: 0.035
+        elif width >= 4:
+            assert error < {4: 0.2, 5: 0.1, 6: 0.1, 7: 0.05}[width], (width, error)
+
+
+def test_each_width_class_decodes_like_a_fixed_width_tensor(real_tensors):
+    """The groups given width w decode exactly as the codec at w bits decodes them alone."""
+    x = real_tensors["layers.9.value"].float()
+    base = CodecConfig.build("uniform", 3, 64)
+    layout = plan_for(tuple(x.shape), "float32", "layers.9.value", base).layout
+    widths = random_widths(base, layout.n_groups, seed=3)
+    config = mixed("uniform", {}, widths)
+    entry = TensorEntry("layers.9.value", tuple(x.shape), "float32", config, {})
+    decoded = to_groups(decode_entry(entry, encode_tensor("layers.9.value", x, config, widths)), layout)
+    groups = to_groups(x, layout)
+    for width in range(1, 9):
+        chosen = widths == width
+        fixed = CodecConfig.build("uniform", width, 64).make_codec()
+        alone = fixed.decode(
+            {k: v.float() if k != "codes" else v for k, v in fixed.encode(groups[chosen], layout, None).items()}, layout
+        )
+        assert torch.equal(decoded[chosen], alone), width
+
+
+def test_hostile_bit_width_maps_are_refused(tmp_path, real_tensors):
+    x = real_tensors["layers.1.value"][:, :, :16]
+    base = CodecConfig.build("uniform", 4, 64)
+    layout = plan_for(tuple(x.shape), "float16", "layers.1.value", base).layout
+    widths = random_widths(base, layout.n_groups, seed=1)
+    config = mixed("uniform", {}, widths)
+    with KvpWriter(tmp_path / "m.kvp") as writer:
+        writer.add_tensor(
+            "layers.1.value", tuple(x.shape), "float16", config, encode_tensor("layers.1.value", x, config, widths)
+        )
+    data = (tmp_path / "m.kvp").read_bytes()
+    header = json.loads(header_json(data))
+
+    def refused(edit, message):
+        edited = json.loads(json.dumps(header))
+        edit(edited["tensors"]["layers.1.value"]["codec"])
+        path = tmp_path / "bad.kvp"
+        path.write_bytes(with_header(data, json.dumps(edited).encode()))
+        with pytest.raises(FormatError, match=message):
+            with KvpReader(path) as reader:
+                reader.read_tensor("layers.1.value")
+
+    refused(lambda c: c.update(width_counts=[1] * 8), "width_counts must be 9 non-negative integers")
+    refused(lambda c: c.update(width_counts=[layout.n_groups] + [0] * 8), "does not hold the widths")
+    swapped = list(config.width_counts)
+    swapped[2], swapped[3] = swapped[3], swapped[2]
+    if swapped != list(config.width_counts):
+        refused(lambda c: c.update(width_counts=swapped), "length|does not hold the widths")
+    with pytest.raises(InvalidInputError, match="group widths that match width_counts"):
+        encode_tensor("layers.1.value", x, config, torch.zeros(layout.n_groups, dtype=torch.long))
+
+
+@pytest.mark.parametrize("method, options", [c for c in CODECS if c != ("uniform", {"symmetric": True})])
+@pytest.mark.parametrize("target", [2.5, 3.0])
+def test_target_bits_land_on_the_real_cache(tmp_path, real_dump, method, options, target):
+    config = CodecConfig.build(method, None, None, **options)
+    allocation = Allocation("target", target_bits=target)
+    report = compress_file(real_dump, tmp_path / "a.kvp", config, allocation=allocation)
+    total = report["rows"]["all"]["bits_per_element"]["total"]
+    assert abs(total - target) <= 0.05, total
+    assert total * report["kv_elements"] / 8 == pytest.approx((tmp_path / "a.kvp").stat().st_size)
+    assert report["rows"]["all"]["bits_per_element"]["bitmap"] > 0
+    restored = load_kvp(tmp_path / "a.kvp")[0]
+    assert set(restored) >= {"layers.0.key", "layers.29.value"}
+
+
+def test_allocation_beats_the_same_bits_spread_evenly_in_relative_error(tmp_path, real_dump):
+    """On its own objective (the mean relative error of the tensors) the allocation wins over fixed widths."""
+    fixed = compress_file(real_dump, tmp_path / "f.kvp", CodecConfig.build("uniform", 3, 64))
+    bits = fixed["rows"]["all"]["bits_per_element"]["total"]
+    allocated = compress_file(
+        real_dump,
+        tmp_path / "a.kvp",
+        CodecConfig.build("uniform", 3, 64),
+        allocation=Allocation("target", target_bits=bits),
+    )
+    assert allocated["rows"]["all"]["bits_per_element"]["total"] <= bits + 0.01
+
+    def mean_relative(report):
+        return sum(row["rel_mse"] for row in report["layers"]) / len(report["layers"])
+
+    assert mean_relative(allocated) < mean_relative(fixed)
+
+
+def test_lagrangian_allocation_is_optimal_on_a_small_case():
+    """Two groups, widths 0-2, errors convex in the bits: the solver finds the best split of every
+    budget (checked by enumeration)."""
+    errors = torch.tensor([[10.0, 4.0, 1.0], [3.0, 1.0, 0.1]], dtype=torch.float64)
+    table = WidthTable((0, 1, 2), errors, torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64), 1.0)
+    for budget in (0, 2, 4, 6, 8):
+        (widths,) = allocate_bits([table], budget)
+        best = min((errors[0, a] + errors[1, b], (a, b)) for a in range(3) for b in range(3) if 2 * (a + b) <= budget)
+        assert float(errors[0, widths[0]] + errors[1, widths[1]]) == pytest.approx(float(best[0])), budget
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--target-bits", "2.5"], "--target-bits need --allocate"),
+        (["--allocate", "target"], "needs exactly one of --target-bits and --max-error"),
+        (["--allocate", "greedy", "--target-bits", "2"], "--allocate must be one of"),
+        (["--allocate", "importance", "--target-bits", "2.5"], "needs attention statistics"),
+        (["--allocate", "qaq", "--max-error", "0.1"], "takes --target-bits or --target-error"),
+        (["--allocate", "target", "--target-bits", "0.1"], "bit budget is below"),
+        (["--allocate", "target", "--target-bits", "3", "--bits-min", "5", "--bits-max", "4"], "--bits-min"),
+    ],
+)
+def test_cli_allocation_errors_are_one_line(tmp_path, real_dump, capsys, flags, message):
+    code, _, err = run(["compress", real_dump, "-o", tmp_path / "x.kvp", "-m", "uniform", *flags], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.kvp").exists()
+
+
+def test_dump_attention_stats_match_the_models_own_attention(cli_model, tmp_path, capsys):
+    """The recorded max attention weights equal those of the model's eager attention (output_attentions)."""
+    from safetensors import safe_open
+
+    code, _, err = run(
+        ["dump", "--prompt", "The quick brown fox jumps over the lazy dog. " * 6, "-o", tmp_path / "s.safetensors",
+         "--attention-stats", "--last-n-queries", "8"], capsys)  # fmt: skip
+    assert code == 0, err
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["attention_stats"])
+        assert meta["last_n_queries"] == 8
+        recorded = f.get_tensor("attention.3.max_weight")
+        channel = f.get_tensor("queries.3.channel_ms")
+        ids = f.get_tensor("token_ids")
+    model = cli_model.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = model(input_ids=ids, output_attentions=True).attentions[3]  # (1, heads, S, S)
+    finally:
+        model.set_attn_implementation(previous)
+    heads, kv_heads = attentions.shape[1], recorded.shape[1]
+    expected = attentions[:, :, -8:].reshape(1, kv_heads, heads // kv_heads * 8, -1).amax(dim=2)
+    # the statistics use the stored float16 keys, the model its float32 ones
+    assert torch.allclose(recorded, expected.float(), rtol=5e-3, atol=1e-4)
+    assert bool((channel > 0).all()) and recorded.shape[2] == ids.shape[1]
+    # the statistics are not stored in a compressed file, and allocation uses them
+    code, out, err = run(
+        ["compress", tmp_path / "s.safetensors", "-o", tmp_path / "s.kvp", "-m", "uniform", "-g", "32",
+         "--allocate", "qaq", "--target-bits", "3", "--json", "-"], capsys)  # fmt: skip
+    assert code == 0, err
+    with KvpReader(tmp_path / "s.kvp") as reader:
+        assert not any(name.startswith(("attention.", "queries.")) for name in reader.keys())
+    code, out, _ = run(["inspect", tmp_path / "s.kvp"], capsys)
+    assert code == 0 and "groups by code width" in out
+
+
+@pytest.fixture(scope="module")
+def stats_dump(smollm, tmp_path_factory):
+    """A 384-token dump of the bundled passage with attention statistics of the last 64 queries."""
+    from kvpack.dump import bundled_text, dump_cache
+    from kvpack.formats.safetensors_io import write_safetensors
+
+    path = tmp_path_factory.mktemp("stats") / "s.safetensors"
+    tensors, metadata = dump_cache(smollm, bundled_text(), 384, attention_stats=64)
+    write_safetensors(path, tensors, metadata)
+    return path
+
+
+@pytest.mark.parametrize("allocator", ["qaq", "importance", "target"])
+@pytest.mark.parametrize("method, options", [("uniform", {}), ("adaptive", {}), ("mxfp4", {}), ("normal", {})])
+def test_every_allocator_lands_on_its_target_with_every_codec(tmp_path, stats_dump, allocator, method, options):
+    config = CodecConfig.build(method, None, None, **options)
+    report = compress_file(stats_dump, tmp_path / "a.kvp", config, allocation=Allocation(allocator, target_bits=3.0))
+    total = report["rows"]["all"]["bits_per_element"]["total"]
+    assert abs(total - 3.0) <= 0.05, total
+    assert report["rows"]["all"]["rel_mse"] < 0.5
+
+
+def test_qaq_spends_more_bits_for_a_smaller_error_tolerance(tmp_path, stats_dump):
+    config = CodecConfig.build("uniform", 4, 64)
+    bits = []
+    for error in (0.5, 0.1, 0.02):
+        report = compress_file(
+            stats_dump, tmp_path / "q.kvp", config, force=True, allocation=Allocation("qaq", target_error=error)
+        )
+        bits.append(report["rows"]["all"]["bits_per_element"]["total"])
+    assert bits[0] < bits[1] < bits[2]
+
+
+def test_recent_tokens_keep_the_widest_width(tmp_path, stats_dump):
+    config = CodecConfig.build("uniform", 4, 64)
+    allocation = Allocation("target", target_bits=3.0, recent_tokens=32)
+    compress_file(stats_dump, tmp_path / "r.kvp", config, allocation=allocation)
+    with KvpReader(tmp_path / "r.kvp") as reader:
+        entry = reader.entry("layers.4.value")
+        widths = reader.read_section("layers.4.value", "bit_widths")
+    from kvpack.packing import unpack
+
+    per_group = torch.from_numpy(unpack(widths, 4, entry.plan.layout.n_groups).astype("int64"))
+    token_of_group = torch.arange(entry.plan.layout.n_groups) // (entry.plan.layout.features // 64)
+    recent = token_of_group >= entry.shape[2] - 32
+    assert bool((per_group[recent] == 8).all()) and bool((per_group[~recent] < 8).any())
+
+
+def test_max_error_delivers_the_mean_relative_error_asked_for(tmp_path, real_dump):
+    config = CodecConfig.build("uniform", 3, 64)
+    for bound in (0.05, 0.005):
+        report = compress_file(
+            real_dump, tmp_path / "e.kvp", config, force=True, allocation=Allocation("target", max_error=bound)
+        )
+        restored = load_kvp(tmp_path / "e.kvp")[0]
+        from safetensors.torch import load_file
+
+        original = load_file(real_dump)
+        errors = [
+            float(((restored[n].double() - x.double()) ** 2).sum() / (x.double() ** 2).sum())
+            for n, x in original.items()
+            if n.startswith("layers.")
+        ]
+        assert sum(errors) / len(errors) <= bound * 1.02, (bound, sum(errors) / len(errors))
+        assert report["rows"]["all"]["bits_per_element"]["total"] < 8
+
+
+def test_target_bits_land_on_a_short_cache(tmp_path, real_tensors):
+    """64 tokens: the header and metadata are a large share of the file and must be budgeted."""
+    from kvpack.api import compress_tensors
+    from kvpack.stats import size_breakdown
+
+    short = {n: x[:, :, :64] if n.startswith("layers.") else x[:, :64] for n, x in real_tensors.items()}
+    for method in ("uniform", "adaptive", "mxfp4"):
+        entries = compress_tensors(
+            short, tmp_path / "s.kvp", CodecConfig.build(method), force=True, allocation=Allocation(target_bits=3.0)
+        )
+        size = (tmp_path / "s.kvp").stat().st_size
+        total = size_breakdown(entries, size)["rows"]["all"]["bits_per_element"]["total"]
+        assert abs(total - 3.0) <= 0.05, (method, total)
+
+
+def test_bad_attention_statistics_are_refused_in_one_line(tmp_path, stats_dump, capsys):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(stats_dump)
+    from safetensors import safe_open
+
+    with safe_open(str(stats_dump), "pt") as f:
+        metadata = f.metadata()
+    del tensors["queries.3.channel_ms"]
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=metadata)
+    code, _, err = run(
+        ["compress", tmp_path / "bad.safetensors", "-m", "uniform", "--allocate", "qaq", "--target-bits", "3"], capsys
+    )
+    assert code == 2 and "queries.3.channel_ms is missing" in err and len(err.strip().splitlines()) == 1
