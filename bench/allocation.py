@@ -5,7 +5,7 @@ Runs ``kvpack sweep --config bench/allocation.toml`` (SmolLM2-135M-Instruct, the
 split from ../shared/data, prefix 1024, continuation 256, 8 windows) and writes the tables and a
 plot into docs/benchmarks.md and docs/allocation.png. ``--from-results`` re-renders the last run.
 
-    .venv/bin/python bench/allocation.py [--from-results] [--out docs/benchmarks.md]
+    .venv/bin/python bench/allocation.py [--from-results] [--merge OTHER/results.json] [--out docs/benchmarks.md]
 
 ``--write-config`` regenerates bench/allocation.toml from the lists below.
 """
@@ -19,14 +19,17 @@ import platform
 from pathlib import Path
 
 import torch
-from bench_common import replace_section, run_sweep
+from bench_common import merge_results, replace_section, run_sweep
 
 MARKER = "## Bit allocation on WikiText-2"
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "allocation"
 CODECS = ("uniform", "normal", "adaptive")
-ALLOCATORS = ("qaq", "importance", "target")
+#: "qaq w0": QAQ's rule with width 0 allowed (--bits-min 0); plain "qaq" keeps kvpack's default
+#: narrowest width 1, which needs 2.57 bits per element at groups of 64 (1-bit grids are left out)
+ALLOCATORS = ("qaq w0", "qaq", "importance", "target")
 BUDGETS = (2.0, 2.5, 3.0, 4.0)
+QAQ_BUDGETS = (3.0, 4.0)
 FIXED_BITS = (2, 3, 4)
 #: 128 does not divide the 192 features of a SmolLM2 token (one group size serves keys and values)
 ABLATION_GROUPS = (16, 32, 64, 96)
@@ -47,14 +50,15 @@ def runs(ablation_allocator: str = "target", ablation_codec: str = "uniform") ->
         for bits in FIXED_BITS:
             out.append({"label": f"{codec} fixed | {bits}-bit codes", "method": codec, "bits": bits, **TRANSFORMS})
         for allocator in ALLOCATORS:
-            for budget in BUDGETS:
+            for budget in QAQ_BUDGETS if allocator == "qaq" else BUDGETS:
                 out.append(
                     {
                         "label": f"{codec} {allocator} | {budget:g}",
                         "method": codec,
                         **TRANSFORMS,
-                        "allocate": allocator,
+                        "allocate": allocator.split()[0],
                         "target_bits": budget,
+                        **({"bits_min": 0} if allocator.endswith("w0") else {}),
                     }
                 )
     for group in ABLATION_GROUPS:
@@ -97,7 +101,9 @@ def render(run: dict, minutes: float | None) -> str:
         f"counted. Same protocol as the sections below ({run['protocol']['windows']} windows, prefix "
         f"{run['protocol']['prefix']}, continuation {run['protocol']['continuation']}; reference PPL "
         f"{run['ppl_ref']:.3f}); every run uses keys per channel, un-RoPE and a Hadamard rotation, groups of 64. "
-        "Cells: `bits/el: ΔPPL % / KL`; allocated runs are asked for the column's bits per element.",
+        "Cells: `bits/el: ΔPPL % / KL`; allocated runs are asked for the column's bits per element. "
+        "`qaq w0` is QAQ's rule with width 0 allowed (`--bits-min 0`); `qaq` keeps its default narrowest "
+        "width, which needs 2.57 bits per element here (–).",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"{datetime.date.today().isoformat()}"
@@ -134,16 +140,25 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=HERE / "allocation.toml")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     parser.add_argument("--from-results", action="store_true", help="Render the last results.json again.")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="Merge another sweep's results.json (same protocol; same labels are replaced) into the last results "
+        "and render (no evaluation).",
+    )
     parser.add_argument("--write-config", action="store_true", help="Regenerate bench/allocation.toml and stop.")
     args = parser.parse_args()
     if args.write_config:
         write_config(args.config)
         return
     minutes = None
-    if args.from_results:
+    if args.merge:
+        run = merge_results(RESULTS, args.merge)
+    elif args.from_results:
         run = json.loads((RESULTS / "results.json").read_text())
     else:
         run, minutes = run_sweep(args.config, RESULTS)
+    if not args.from_results:
         (args.out.parent / "allocation.png").write_bytes((RESULTS / "plot.png").read_bytes())
     replace_section(args.out, MARKER, render(run, minutes), before="## Codec toolbox on WikiText-2")
 

@@ -22,6 +22,31 @@ def run_sweep(config: Path, results_dir: Path) -> tuple[dict, float]:
     return json.loads((results_dir / "results.json").read_text()), (time.perf_counter() - started) / 60
 
 
+def merge_results(results_dir: Path, extra: Path) -> dict:
+    """Merge another sweep's results.json (same protocol and reference) into ``results_dir``: its runs
+    replace those of the same label, the rest are added; results.json, results.csv and plot.png are
+    written again. Returns the merged run.
+
+    Raises:
+        SystemExit: another protocol or reference.
+    """
+    from kvpack.sweep import csv_text, mark_pareto, plot
+
+    run = json.loads((results_dir / "results.json").read_text())
+    other = json.loads(extra.read_text())
+    if other["protocol"] != run["protocol"] or other["ppl_ref"] != run["ppl_ref"]:
+        raise SystemExit(f"{extra}: another protocol or reference; cannot merge")
+    new = {r["label"]: r for r in other["methods"]}
+    run["methods"] = [new.pop(r["label"], r) for r in run["methods"]] + list(new.values())
+    mark_pareto(run["methods"])
+    (results_dir / "results.json").write_text(json.dumps(run, indent=1))
+    (results_dir / "results.csv").write_text(csv_text(run["methods"]))
+    plot(
+        run["methods"], results_dir / "plot.png", f"{run.get('model', '')}: merged sweeps; ref PPL {run['ppl_ref']:.3f}"
+    )
+    return run
+
+
 def replace_section(path: Path, marker: str, text: str, before: str | None = None) -> None:
     """Put ``text`` (which starts with ``marker``) where the section starting with ``marker`` is.
 

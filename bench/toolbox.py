@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 import torch
-from bench_common import replace_section, run_sweep
+from bench_common import merge_results, replace_section, run_sweep
 
 MARKER = "## Codec toolbox on WikiText-2"
 HERE = Path(__file__).resolve().parent
@@ -141,22 +141,17 @@ def main() -> None:
     parser.add_argument(
         "--merge",
         type=Path,
-        help="Add the methods of another sweep's results.json (same protocol) to the last results and render "
-        "(no evaluation).",
+        help="Merge another sweep's results.json (same protocol; same labels are replaced) into the last results "
+        "and render (no evaluation).",
     )
     args = parser.parse_args()
     minutes = None
-    if args.from_results or args.merge:
+    if args.merge:
+        run = merge_results(RESULTS, args.merge)
+    elif args.from_results:
         run = json.loads((RESULTS / "results.json").read_text())
     else:
         run, minutes = run_sweep(args.config, RESULTS)
-    if args.merge:
-        extra = json.loads(args.merge.read_text())
-        if extra["protocol"] != run["protocol"] or extra["ppl_ref"] != run["ppl_ref"]:
-            raise SystemExit(f"{args.merge}: another protocol or reference; cannot merge")
-        known = {r["label"] for r in run["methods"]}
-        run["methods"] += [r for r in extra["methods"] if r["label"] not in known]
-        (RESULTS / "results.json").write_text(json.dumps(run, indent=1))
     text = render(run, minutes)
     replace_section(args.out, MARKER, text, before="## Model quality on WikiText-2")
     print("\n".join(best_per_budget(run["methods"])))

@@ -339,7 +339,14 @@ def allocate_widths(
     Raises:
         InvalidInputError: a budget out of reach, or an allocator that needs missing statistics.
     """
-    from kvpack.allocation import allocate_bits, allocate_error, allocate_qaq, entry_table, keep_recent_widest
+    from kvpack.allocation import (
+        allocate_bits,
+        allocate_error,
+        allocate_qaq,
+        entry_table,
+        keep_recent_widest,
+        narrowest_bits,
+    )
 
     tables, tensor_costs, fixed_bits = {}, {}, 0.0
     for entry_name, sources, codec in layout:
@@ -368,6 +375,14 @@ def allocate_widths(
     names = list(tables)
     ordered = [tables[n] for n in names]
     if allocation.target_bits is not None:
+        needed = (fixed_bits + narrowest_bits(ordered)) / max(kv_elements, 1)
+        if needed > allocation.target_bits:
+            raise InvalidInputError(
+                f"--target-bits {allocation.target_bits:g} is below the {needed:.3f} bits per element this file "
+                f"needs with every group at its narrowest usable width (--bits-min {allocation.bits_min}"
+                + (f", --recent-tokens {allocation.recent_tokens}" if allocation.recent_tokens else "")
+                + "): give more bits, lower --bits-min or use larger groups"
+            )
         # codebooks shared by a tensor's groups of one width cost bits only for the widths that
         # occur: start as if every width occurred, then re-budget with the widths chosen
         present = {n: torch.ones(len(tables[n].widths), dtype=torch.bool) for n in names}
@@ -428,7 +443,7 @@ def _group_stats(plan: Any, sources: list[str], stats: dict[str, torch.Tensor], 
 
     def logit_gain(layer: int, role: str, shape: tuple) -> torch.Tensor | None:
         found = layer_statistics(stats, layer, shape)
-        return None if found is None else found[1] * (found[2] * shape[3] ** 0.5)
+        return None if found is None else found[1] * found[2]
 
     group_weights = _group_view(plan, sources, weights)
     if group_weights is None:

@@ -155,7 +155,7 @@ def width_errors(
     mask: torch.Tensor | None,
     weights: torch.Tensor | None = None,
     max_abs: bool = False,
-) -> tuple[tuple[int, ...], torch.Tensor]:
+) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None]:
     """The measured error of every group at every candidate width, for this config's codec.
 
     Args:
@@ -164,8 +164,9 @@ def width_errors(
         weights: non-negative importance of each value, ``(n_groups, group_size)``, or ``None`` (1).
 
     Returns:
-        ``(widths, errors)``: the candidate widths and float64 ``(n_groups, len(widths))``
-        sums of ``weight * (x - x_hat)^2`` over each group (``max_abs``: the largest ``|x - x_hat|``).
+        ``(widths, squared, largest)``: the candidate widths, float64 ``(n_groups, len(widths))``
+        sums of ``weight * (x - x_hat)^2`` over each group, and with ``max_abs`` the largest
+        ``|x - x_hat|`` of each group over the values of non-zero weight (else ``None``).
     """
     widths = candidate_widths(config)
     codec = config.make_codec()
@@ -173,6 +174,7 @@ def width_errors(
     if mask is not None:
         weight = weight * mask
     errors = torch.empty(layout.n_groups, len(widths), dtype=torch.float64)
+    largest = torch.empty_like(errors) if max_abs else None
     for column, width in enumerate(widths):
         if width == 0:
             mean = (
@@ -182,11 +184,11 @@ def width_errors(
         else:
             at_width = codec.at_width(width)
             approx = at_width.decode(_as_decoded(at_width.encode(groups, layout, mask)), layout)
-        if max_abs:
-            errors[:, column] = ((groups.double() - approx.double()).abs() * (weight > 0)).amax(dim=1)
-        else:
-            errors[:, column] = (weight.double() * (groups.double() - approx.double()) ** 2).sum(dim=1)
-    return widths, errors
+        difference = groups.double() - approx.double()
+        errors[:, column] = (weight.double() * difference**2).sum(dim=1)
+        if largest is not None:
+            largest[:, column] = (difference.abs() * (weight > 0)).amax(dim=1)
+    return widths, errors, largest
 
 
 def _as_decoded(arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

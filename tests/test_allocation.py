@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from kvpack.allocation import Allocation, WidthTable, allocate_bits
 from kvpack.api import compress_file, decode_entry, encode_tensor, load_kvp
@@ -175,7 +176,7 @@ def test_lagrangian_allocation_is_optimal_on_a_small_case():
         (["--allocate", "greedy", "--target-bits", "2"], "--allocate must be one of"),
         (["--allocate", "importance", "--target-bits", "2.5"], "needs attention statistics"),
         (["--allocate", "qaq", "--max-error", "0.1"], "takes --target-bits or --target-error"),
-        (["--allocate", "target", "--target-bits", "0.1"], "bit budget is below"),
+        (["--allocate", "target", "--target-bits", "0.1"], "bits per element this file needs"),
         (["--allocate", "target", "--target-bits", "3", "--bits-min", "5", "--bits-max", "4"], "--bits-min"),
     ],
 )
@@ -214,7 +215,7 @@ def test_dump_attention_stats_match_the_models_own_attention(cli_model, tmp_path
     assert bool((channel > 0).all()) and recorded.shape[2] == ids.shape[1]
     # the statistics are not stored in a compressed file, and allocation uses them
     code, out, err = run(
-        ["compress", tmp_path / "s.safetensors", "-o", tmp_path / "s.kvp", "-m", "uniform", "-g", "32",
+        ["compress", tmp_path / "s.safetensors", "-o", tmp_path / "s.kvp", "-m", "uniform", "-g", "64",
          "--allocate", "qaq", "--target-bits", "3", "--json", "-"], capsys)  # fmt: skip
     assert code == 0, err
     with KvpReader(tmp_path / "s.kvp") as reader:
@@ -239,7 +240,10 @@ def stats_dump(smollm, tmp_path_factory):
 @pytest.mark.parametrize("method, options", [("uniform", {}), ("adaptive", {}), ("mxfp4", {}), ("normal", {})])
 def test_every_allocator_lands_on_its_target_with_every_codec(tmp_path, stats_dump, allocator, method, options):
     config = CodecConfig.build(method, None, None, **options)
-    report = compress_file(stats_dump, tmp_path / "a.kvp", config, allocation=Allocation(allocator, target_bits=3.0))
+    # mxfp4's widths are 0, 4, 6, 8: qaq reaches 3 bits only with width 0 allowed
+    narrowest = 0 if (allocator, method) == ("qaq", "mxfp4") else None
+    allocation = Allocation(allocator, target_bits=3.0, bits_min=narrowest)
+    report = compress_file(stats_dump, tmp_path / "a.kvp", config, allocation=allocation)
     total = report["rows"]["all"]["bits_per_element"]["total"]
     assert abs(total - 3.0) <= 0.05, total
     assert report["rows"]["all"]["rel_mse"] < 0.5
@@ -256,16 +260,62 @@ def test_qaq_spends_more_bits_for_a_smaller_error_tolerance(tmp_path, stats_dump
     assert bits[0] < bits[1] < bits[2]
 
 
+def _file_widths(path) -> dict[str, torch.Tensor]:
+    """Every K/V entry's per-group widths (int64), read from its ``bit_widths`` section."""
+    from kvpack.packing import unpack
+
+    out = {}
+    with KvpReader(path) as reader:
+        for name in reader.keys():
+            entry = reader.entry(name)
+            if name.startswith("layers.") and entry.plan.config.width_counts is not None:
+                packed = reader.read_section(name, "bit_widths")
+                out[name] = torch.from_numpy(unpack(packed, 4, entry.plan.layout.n_groups).astype("int64"))
+    return out
+
+
+def test_qaq_keeps_its_default_narrowest_width_and_names_what_a_budget_needs(tmp_path, stats_dump, capsys):
+    from kvpack.allocation import QAQ_BITS_MIN
+
+    config = CodecConfig.build("uniform", 4, 64)
+    compress_file(stats_dump, tmp_path / "q.kvp", config, allocation=Allocation("qaq", target_bits=3.0))
+    widths = _file_widths(tmp_path / "q.kvp")
+    assert QAQ_BITS_MIN == 1 and len(widths) == 60 and all(int(w.min()) >= QAQ_BITS_MIN for w in widths.values())
+    # 1-bit asymmetric grids are worse than none (next test): 2 bits of codes + 0.5 of float16
+    # scale and zero-point per 64 values do not fit 2.3 bits
+    code, _, err = run(
+        ["compress", stats_dump, "-o", tmp_path / "x.kvp", "-m", "uniform", "-g", "64", "--allocate", "qaq",
+         "--target-bits", "2.3"], capsys)  # fmt: skip
+    assert code == 2 and "below the 2.5" in err and "--bits-min 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.kvp").exists()
+
+
+def test_qaq_never_hands_out_a_width_worse_than_a_narrower_one(tmp_path, stats_dump):
+    """A 1-bit asymmetric uniform grid (the group's min and max) has a smaller largest error than
+    the group mean, and a larger squared error: QAQ's max-error rule alone would pick it."""
+    from kvpack.mixed import width_errors
+
+    config = CodecConfig.build("uniform", 4, 64)
+    with safe_open(str(stats_dump), "pt") as f:
+        value = f.get_tensor("layers.5.value").float()
+    plan = plan_for(tuple(value.shape), "float16", "layers.5.value", config)
+    groups = value.reshape(-1, 64)
+    widths, squared, largest = width_errors(config, groups, plan.layout, None, max_abs=True)
+    assert widths[:2] == (0, 1)
+    assert float(squared[:, 1].sum()) > float(squared[:, 0].sum())  # 1 bit is worse than none
+    assert float(largest[:, 1].sum()) < float(largest[:, 0].sum())  # yet its largest error is smaller
+    compress_file(stats_dump, tmp_path / "q.kvp", config, allocation=Allocation("qaq", target_bits=2.6, bits_min=0))
+    counts = torch.bincount(torch.cat(list(_file_widths(tmp_path / "q.kvp").values())), minlength=9)
+    assert int(counts[0]) > 0 and int(counts[1]) == 0, counts
+
+
 def test_recent_tokens_keep_the_widest_width(tmp_path, stats_dump):
     config = CodecConfig.build("uniform", 4, 64)
     allocation = Allocation("target", target_bits=3.0, recent_tokens=32)
     compress_file(stats_dump, tmp_path / "r.kvp", config, allocation=allocation)
     with KvpReader(tmp_path / "r.kvp") as reader:
         entry = reader.entry("layers.4.value")
-        widths = reader.read_section("layers.4.value", "bit_widths")
-    from kvpack.packing import unpack
-
-    per_group = torch.from_numpy(unpack(widths, 4, entry.plan.layout.n_groups).astype("int64"))
+    per_group = _file_widths(tmp_path / "r.kvp")["layers.4.value"]
     token_of_group = torch.arange(entry.plan.layout.n_groups) // (entry.plan.layout.features // 64)
     recent = token_of_group >= entry.shape[2] - 32
     assert bool((per_group[recent] == 8).all()) and bool((per_group[~recent] < 8).any())

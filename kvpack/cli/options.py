@@ -136,7 +136,9 @@ TargetError = Annotated[
 RecentTokens = Annotated[
     Optional[int], typer.Option("--recent-tokens", help="Keep the groups of the last N tokens at the widest width.")
 ]
-BitsMin = Annotated[Optional[int], typer.Option("--bits-min", help="Narrowest width of a group (default 0).")]
+BitsMin = Annotated[
+    Optional[int], typer.Option("--bits-min", help="Narrowest width of a group (default 0; 1 with --allocate qaq).")
+]
 BitsMax = Annotated[Optional[int], typer.Option("--bits-max", help="Widest width of a group (default 8).")]
 PresetName = Annotated[
     Optional[str], typer.Option("--preset", help="A published recipe (see `kvpack methods`); flags override it.")
@@ -188,9 +190,7 @@ def build_allocation(values: dict):
     from kvpack.allocation import Allocation
 
     given = {name: values.get(name) for name in ALLOCATION_FLAGS if values.get(name) is not None}
-    if given and "allocate" not in given:
-        raise InvalidInputError(f"{', '.join(ALLOCATION_FLAGS[n] for n in given)} need --allocate")
-    return Allocation.from_flat(given)
+    return Allocation.from_flat(given, ALLOCATION_FLAGS)
 
 
 def codec_flags(values: dict) -> dict:
@@ -256,7 +256,6 @@ def level_group_size(
         InvalidInputError: an unknown level, or a group size that does not divide the level's.
     """
     from kvpack.config import MAX_GROUP_SIZE
-    from kvpack.errors import InvalidInputError
 
     if level not in LEVELS:
         raise InvalidInputError(f"--level must be one of {', '.join(LEVELS)}, got {level!r}")
