@@ -153,7 +153,7 @@ def main() -> None:
         return
     minutes = None
     if args.merge:
-        run = merge_results(RESULTS, args.merge)
+        run = merge_results(RESULTS, args.merge, {r["label"] for r in runs()})
     elif args.from_results:
         run = json.loads((RESULTS / "results.json").read_text())
     else:

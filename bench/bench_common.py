@@ -22,10 +22,11 @@ def run_sweep(config: Path, results_dir: Path) -> tuple[dict, float]:
     return json.loads((results_dir / "results.json").read_text()), (time.perf_counter() - started) / 60
 
 
-def merge_results(results_dir: Path, extra: Path) -> dict:
+def merge_results(results_dir: Path, extra: Path, labels: set[str] | None = None) -> dict:
     """Merge another sweep's results.json (same protocol and reference) into ``results_dir``: its runs
-    replace those of the same label, the rest are added; results.json, results.csv and plot.png are
-    written again. Returns the merged run.
+    replace those of the same label, the rest are added, and with ``labels`` runs of other labels
+    (no longer in the config) are dropped; results.json, results.csv and plot.png are written
+    again. Returns the merged run.
 
     Raises:
         SystemExit: another protocol or reference.
@@ -38,6 +39,8 @@ def merge_results(results_dir: Path, extra: Path) -> dict:
         raise SystemExit(f"{extra}: another protocol or reference; cannot merge")
     new = {r["label"]: r for r in other["methods"]}
     run["methods"] = [new.pop(r["label"], r) for r in run["methods"]] + list(new.values())
+    if labels is not None:
+        run["methods"] = [r for r in run["methods"] if r["label"] in labels]
     mark_pareto(run["methods"])
     (results_dir / "results.json").write_text(json.dumps(run, indent=1))
     (results_dir / "results.csv").write_text(csv_text(run["methods"]))

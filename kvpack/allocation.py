@@ -185,8 +185,9 @@ class Allocation:
     Attributes:
         method: ``target`` (rate control on measured errors; more allocators in docs/).
         target_bits: bits per element of the whole file (every byte counted) to land on.
-        max_error: instead, the largest mean over the K/V tensors of their relative squared error
-            ``sum (x - x_hat)^2 / sum x^2``.
+        max_error: instead, the largest mean over the file's K/V entries of their relative squared
+            error ``sum w (x - x_hat)^2 / sum w x^2`` over the coded values (outliers and kept tokens
+            are exact), with the attention weights ``w`` when there are statistics (else 1).
         bits_min, bits_max: the narrowest and widest width a group may get (0 to 8). ``bits_min``
             defaults to :data:`QAQ_BITS_MIN` for ``qaq`` (measured: its attention-squared tolerances
             drop half the groups to width 0 otherwise; docs/allocation.md), 0 for the others.
@@ -291,10 +292,11 @@ class Allocation:
         """``table`` with only the widths in ``[bits_min, bits_max]``.
 
         Raises:
-            InvalidInputError: no width of the codec is in the range.
+            InvalidInputError: no width of the codec above 0 is in the range (unless ``bits_max`` is 0:
+                every group keeps only its zero-point).
         """
         keep = [i for i, w in enumerate(table.widths) if self.bits_min <= w <= self.bits_max]
-        if not keep:
+        if not any(table.widths[i] for i in keep) and self.bits_max > 0:
             raise InvalidInputError(
                 f"no width of this codec ({', '.join(map(str, table.widths[1:]))}) lies in "
                 f"[{self.bits_min}, {self.bits_max}]"
@@ -305,10 +307,14 @@ class Allocation:
 def width_costs(config, layout) -> tuple[torch.Tensor, torch.Tensor]:
     """Bits of codes and codebooks at each candidate width: ``(per group, per tensor when the width occurs)``,
     both float64 ``(len(candidate_widths),)``."""
-    from kvpack.formats.constants import DTYPE_SIZES
+    from kvpack.formats.constants import DTYPE_SIZES, SECTION_ALIGNMENT
     from kvpack.mixed import candidate_widths, width_layout
 
     codec = config.make_codec()
+
+    def codec_specs_at(codec, width: int, layout) -> dict:
+        specs = codec.at_width(width).section_specs(width_layout(layout, 1))
+        return {name: s for name, s in specs.items() if name.startswith(("codes", "codebook"))}
 
     def bits_of(width: int, n_groups: int) -> float:
         specs = codec.at_width(width).section_specs(width_layout(layout, n_groups))
@@ -324,7 +330,9 @@ def width_costs(config, layout) -> tuple[torch.Tensor, torch.Tensor]:
     for width in candidate_widths(config):
         one, two = (bits_of(width, 1), bits_of(width, 2)) if width else (0.0, 0.0)
         per_group.append(two - one)
-        fixed.append(one - (two - one))
+        # shared codebooks, and the alignment padding (at most) before each section of the width
+        sections = len(codec_specs_at(codec, width, layout)) if width else 0
+        fixed.append(one - (two - one) + 8 * SECTION_ALIGNMENT * sections)
     return torch.tensor(per_group, dtype=torch.float64), torch.tensor(fixed, dtype=torch.float64)
 
 
@@ -369,7 +377,7 @@ def entry_table(
     - ``qaq``: the measured largest error ``|x - x_hat|`` of each group at each width, over the
       group's tolerance unit (QAQ, arXiv 2403.04643): values ``rms(v) / a_g``, keys ``1 / (a_g *
       logit_gain_g)``; a group gets the narrowest width whose ratio is within the error ``E``. A
-      width whose squared error over the tensor is no lower than a narrower width's is left out.
+      width whose squared error over the tensor is above a narrower width's is left out.
 
     Raises:
         InvalidInputError: ``importance`` or ``qaq`` without attention statistics.
@@ -399,18 +407,18 @@ def entry_table(
         errors = errors / max(float((stats.weights.double() * groups.double() ** 2 * inlier).sum()), 1e-300)
     else:
         widths, squared, largest = width_errors(config, groups, layout, mask, max_abs=True)
-        # a width whose squared error over the tensor is not below every narrower width's (a 1-bit
+        # a width whose squared error over the tensor is above a narrower width's (a 1-bit
         # asymmetric grid against the mean) is never handed out: its largest error is smaller, its error is not
         profile = squared.sum(dim=0)
         best_narrower = torch.cat([profile.new_full((1,), float("inf")), torch.cummin(profile, dim=0).values[:-1]])
-        dominated = profile >= best_narrower
+        dominated = profile > best_narrower
         attention = stats.attention.clamp_min(stats.min_attention).double()
         if stats.role == "value":
             rms = float(((groups.double() ** 2) * inlier).sum() / inlier.sum().clamp_min(1))
             unit = rms**0.5 / attention
         else:
             unit = 1.0 / (attention * stats.logit_gain.double().clamp_min(1e-30))
-        errors = largest / unit[:, None]
+        errors = torch.where(largest > 0, largest / unit.clamp_min(1e-300)[:, None], torch.zeros_like(largest))
         errors[:, dominated] = float("inf")
     return WidthTable(widths, errors, per_group, 1.0), per_tensor
 
@@ -423,7 +431,9 @@ def keep_recent_widest(table: WidthTable, recent: torch.Tensor) -> WidthTable:
     return table
 
 
-def allocate_qaq(tables: list[WidthTable], budget_bits: float | None, target_error: float | None) -> list[torch.Tensor]:
+def allocate_qaq(
+    tables: list[WidthTable], budget_bits: float | None, target_error: float | None = None
+) -> list[torch.Tensor]:
     """QAQ's rule: each group the narrowest width whose error ratio is at most ``E``; ``E`` is
     ``target_error``, or the smallest one whose widths fit ``budget_bits``."""
     errors, bits = _stack(tables)

@@ -55,8 +55,16 @@ TORCH_DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 ROLES = ("key", "value")
-#: Rate control's estimate of the zstd-compressed header, per entry (measured: 30-60 bytes).
-HEADER_BYTES_PER_ENTRY = 64
+
+
+def check_finite(name: str, values: torch.Tensor, stacked: bool = False) -> None:
+    """Raises InvalidInputError when tensor ``name`` holds NaN or Inf (naming the layer of a stacked one)."""
+    if not torch.isfinite(values).all():
+        bad = ~torch.isfinite(values)
+        where = f" (layer {int(bad.flatten(1).any(1).nonzero()[0])})" if stacked else ""
+        raise InvalidInputError(
+            f"tensor {name!r}{where} holds {int(bad.sum())} NaN or Inf values; refusing to quantize it"
+        )
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -106,12 +114,7 @@ def encode_tensor(
     if x.numel() == 0:  # nothing to quantize: every section is its declared size of zeros
         return {section: bytes(spec_nbytes(spec)) for section, spec in specs.items()}
     values = x.detach().to("cpu")
-    if not torch.isfinite(values).all():
-        bad = ~torch.isfinite(values)
-        where = f" (layer {int(bad.flatten(1).any(1).nonzero()[0])})" if config.stack_layers else ""
-        raise InvalidInputError(
-            f"tensor {name!r}{where} holds {int(bad.sum())} NaN or Inf values; refusing to quantize it"
-        )
+    check_finite(name, values, config.stack_layers)
     if config.stack_layers:
         values = stacked_view(values)
     try:
@@ -244,21 +247,30 @@ def _allocate(
 ) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
     if allocation is None or config is None:
         return {}
+    return allocate_widths(layout, shapes, get, config, allocation, stats, metadata or {})
+
+
+def header_bytes(metadata: dict[str, str], entries: list[tuple[str, tuple[int, ...], str, CodecConfig | None]]) -> int:
+    """The size in bytes of the compressed header of a file holding ``entries`` (name, shape,
+    dtype, codec), as the writer stores it; section offsets and checksums are stand-ins of the
+    same size and entropy (rate control uses this before anything is written)."""
+    import zlib
+
     import zstandard
 
     from kvpack.formats.constants import HEADER_ZSTD_LEVEL
+    from kvpack.formats.header import SectionEntry, TensorEntry, encode_header, section_specs
 
-    text = json.dumps(metadata or {}, separators=(",", ":"), ensure_ascii=False).encode()
-    metadata_bytes = len(zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL).compress(text))
-    kv_elements, other_bytes = 0, 0
-    for _, sources, codec in layout:
-        for name in sources:
-            count = math.prod(shapes[name][0])
-            if codec is None:
-                other_bytes += count * DTYPE_SIZES[shapes[name][1]]
-            else:
-                kv_elements += count
-    return allocate_widths(layout, get, config, allocation, kv_elements, other_bytes, stats, metadata_bytes)
+    offset, tensors = PREAMBLE_SIZE, []
+    for name, shape, dtype, codec in entries:
+        sections = {}
+        for section, spec in section_specs(shape, dtype, codec, name).items():
+            length = spec_nbytes(spec)
+            sections[section] = SectionEntry(offset, length, zlib.crc32(f"{name}/{section}".encode()))
+            offset += length + SECTION_ALIGNMENT
+        tensors.append(TensorEntry(name, tuple(shape), dtype, codec, sections))
+    text = encode_header(metadata, tensors)
+    return len(zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL, write_content_size=True).compress(text))
 
 
 def entry_layout(
@@ -315,13 +327,12 @@ def stack(tensors: Any, names: list[str]) -> torch.Tensor:
 
 def allocate_widths(
     layout: list[tuple[str, list[str], CodecConfig | None]],
+    shapes: dict[str, tuple[tuple[int, ...], str]],
     get: Callable[[str], torch.Tensor],
     config: CodecConfig,
     allocation: Allocation,
-    kv_elements: int,
-    other_bytes: int,
     stats: dict[str, torch.Tensor] | None = None,
-    metadata_bytes: int = 0,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
     """Per quantized entry, its mixed-precision config and group widths (:mod:`kvpack.allocation`).
 
@@ -329,9 +340,9 @@ def allocate_widths(
 
     Args:
         layout: the file's entries (:func:`entry_layout`).
+        shapes: tensor name -> ``(shape, dtype name)``.
         get: tensor name -> tensor.
-        kv_elements: K/V values in the file; ``other_bytes``: bytes of its lossless tensors;
-            ``metadata_bytes``: of its compressed metadata (header estimate).
+        metadata: the file's metadata (its header is counted).
         stats: attention statistics (:mod:`kvpack.importance`); ``target`` weights each value's
             error by what it costs the attention output with them, and counts every tensor's
             relative error alike without; ``importance`` and ``qaq`` need them.
@@ -340,6 +351,7 @@ def allocate_widths(
         InvalidInputError: a budget out of reach, or an allocator that needs missing statistics.
     """
     from kvpack.allocation import (
+        WidthTable,
         allocate_bits,
         allocate_error,
         allocate_qaq,
@@ -348,11 +360,19 @@ def allocate_widths(
         narrowest_bits,
     )
 
-    tables, tensor_costs, fixed_bits = {}, {}, 0.0
+    kv_elements = sum(math.prod(shapes[n][0]) for _, sources, codec in layout if codec is not None for n in sources)
+    if not kv_elements:
+        raise InvalidInputError("bit allocation needs K/V values: the cache holds none")
+    tables, tensor_costs, fixed_bits, entries = {}, {}, 0.0, {}
     for entry_name, sources, codec in layout:
         if codec is None:
+            shape, dtype = shapes[entry_name]
+            entries[entry_name] = (entry_name, shape, dtype, None)
+            fixed_bits += 8 * (math.prod(shape) * DTYPE_SIZES[dtype] + SECTION_ALIGNMENT)
             continue
         x = get(sources[0]) if entry_name == sources[0] else stack(get, sources)
+        check_finite(entry_name, x, config.stack_layers)
+        entries[entry_name] = (entry_name, tuple(x.shape), dtype_name(x.dtype), None)
         plan = plan_for(tuple(x.shape), dtype_name(x.dtype), entry_name, config)
         _, groups, mask = plan.prepare(stacked_view(x) if config.stack_layers else x)
         group_stats = _group_stats(plan, sources, stats or {}, config)
@@ -371,41 +391,93 @@ def allocate_widths(
             for n, s in specs.items()
             if not n.startswith(("codes", "codebook"))
         )
-    fixed_bits += 8 * (other_bytes + PREAMBLE_SIZE + HEADER_BYTES_PER_ENTRY * (len(layout) + 1) + metadata_bytes)
+    fixed_bits += 8 * PREAMBLE_SIZE
     names = list(tables)
     ordered = [tables[n] for n in names]
+
+    def with_widths(chosen: list[torch.Tensor]) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
+        return {
+            n: (dataclasses.replace(config, width_counts=tuple(torch.bincount(w, minlength=9).tolist())), w)
+            for n, w in zip(names, chosen, strict=True)
+        }
+
+    def present_cost(present: list[torch.Tensor]) -> float:
+        """Bits that depend on which widths occur (bool masks over each table's widths): shared
+        codebooks, and the header with a section per width."""
+        listed = []
+        for name, shape, dtype, _ in entries.values():
+            codec = None
+            if name in tables:
+                mask = present[names.index(name)]
+                counts = [0] * 9
+                for width, used in zip(tables[name].widths, mask.tolist(), strict=True):
+                    counts[width] = int(used)
+                counts[counts.index(1)] += tables[name].n_groups - sum(counts)  # the sizes do not matter here
+                codec = dataclasses.replace(config, width_counts=tuple(counts))
+            listed.append((name, shape, dtype, codec))
+        shared = sum(float(tensor_costs[n][m].sum()) for n, m in zip(names, present, strict=True))
+        return shared + 8.0 * header_bytes(metadata or {}, listed)
+
     if allocation.target_bits is not None:
-        needed = (fixed_bits + narrowest_bits(ordered)) / max(kv_elements, 1)
-        if needed > allocation.target_bits:
+        available = allocation.target_bits * kv_elements - fixed_bits
+        usable = [torch.isfinite(t.errors) for t in ordered]
+        narrowest = [u.to(torch.int8).argmax(dim=1) for u in usable]  # column of each group's narrowest width
+        needed_mask = [torch.bincount(c, minlength=len(t.widths)) > 0 for c, t in zip(narrowest, ordered, strict=True)]
+        if present_cost(needed_mask) + narrowest_bits(ordered) > available:
+            needed = (fixed_bits + present_cost(needed_mask) + narrowest_bits(ordered)) / kv_elements
             raise InvalidInputError(
                 f"--target-bits {allocation.target_bits:g} is below the {needed:.3f} bits per element this file "
                 f"needs with every group at its narrowest usable width (--bits-min {allocation.bits_min}"
                 + (f", --recent-tokens {allocation.recent_tokens}" if allocation.recent_tokens else "")
                 + "): give more bits, lower --bits-min or use larger groups"
             )
-        # codebooks shared by a tensor's groups of one width cost bits only for the widths that
-        # occur: start as if every width occurred, then re-budget with the widths chosen
-        present = {n: torch.ones(len(tables[n].widths), dtype=torch.bool) for n in names}
+        # Shared codebooks and the header's sections cost bits per width that occurs, which the
+        # per-group allocators do not see. Two passes, each round charging a set of widths and
+        # allocating the rest of the budget: (1) free rounds, each charging the widths the last
+        # one chose (from the narrowest); (2) shrinking rounds that allow only the widths charged,
+        # from the widest prefix of widths that leaves room, until the widths chosen are those
+        # charged (always within budget). The fullest allocation within budget wins.
+        allocate = allocate_qaq if allocation.method == "qaq" else allocate_bits
+
+        def widths_in(chosen: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [torch.isin(torch.tensor(t.widths), w) for w, t in zip(chosen, ordered, strict=True)]
+
+        def total(chosen: list[torch.Tensor]) -> float:
+            codes = sum(
+                float(t.bits[torch.searchsorted(torch.tensor(t.widths), w)].sum())
+                for w, t in zip(chosen, ordered, strict=True)
+            )
+            return present_cost(widths_in(chosen)) + codes
+
+        candidates = []
+        present = needed_mask
         for _ in range(4):
-            shared = sum(float(tensor_costs[n][present[n]].sum()) for n in names)
-            budget = allocation.target_bits * kv_elements - fixed_bits - shared
-            if allocation.method == "qaq":
-                chosen = allocate_qaq(ordered, budget, None)
-            else:
-                chosen = allocate_bits(ordered, budget)
-            present = {
-                n: torch.tensor([bool((w == c).any()) for c in tables[n].widths])
-                for n, w in zip(names, chosen, strict=True)
-            }
+            chosen = allocate(ordered, max(available - present_cost(present), narrowest_bits(ordered)))
+            candidates.append((total(chosen), chosen))
+            present = widths_in(chosen)
+        max_width = max(len(t.widths) for t in ordered)
+        for top in range(max_width, 0, -1):
+            present = [(torch.arange(len(t.widths)) < top) | m for t, m in zip(ordered, needed_mask, strict=True)]
+            if present_cost(present) + narrowest_bits(ordered) <= available:
+                break
+        for _ in range(max_width + 1):
+            allowed = [
+                WidthTable(t.widths, t.errors.masked_fill(~m[None, :], float("inf")), t.bits, t.energy)
+                for t, m in zip(ordered, present, strict=True)
+            ]
+            chosen = allocate(allowed, available - present_cost(present))
+            candidates.append((total(chosen), chosen))
+            used = widths_in(chosen)
+            if all(bool((u == m).all()) for u, m in zip(used, present, strict=True)):
+                break
+            present = used
+        fitting = [c for c in candidates if c[0] <= available + 1e-6]
+        chosen = max(fitting, key=lambda c: c[0])[1] if fitting else candidates[-1][1]
     elif allocation.method == "qaq":
         chosen = allocate_qaq(ordered, None, allocation.target_error)
     else:
         chosen = allocate_error(ordered, allocation.max_error)  # each table's energy is 1: the mean over the tensors
-    out = {}
-    for name, widths in zip(names, chosen, strict=True):
-        counts = tuple(torch.bincount(widths, minlength=9).tolist())
-        out[name] = (dataclasses.replace(config, width_counts=counts), widths)
-    return out
+    return with_widths(chosen)
 
 
 def _group_view(

@@ -340,19 +340,95 @@ def test_max_error_delivers_the_mean_relative_error_asked_for(tmp_path, real_dum
         assert report["rows"]["all"]["bits_per_element"]["total"] < 8
 
 
-def test_target_bits_land_on_a_short_cache(tmp_path, real_tensors):
-    """64 tokens: the header and metadata are a large share of the file and must be budgeted."""
+@pytest.mark.parametrize(
+    "tokens, method, options, target, tolerance",
+    [
+        (64, "uniform", {}, 3.0, 0.05),
+        (64, "adaptive", {}, 3.0, 0.05),
+        (64, "mxfp4", {}, 3.0, 0.05),
+        (16, "mxfp4", {}, 4.0, 0.05),
+        (128, "adaptive", {"codebook_scope": "head"}, 0.8, 0.05),
+        # one float16 codebook per width and tensor: the 8-bit one alone costs 0.67 bits per
+        # element of a 32-token cache, so the widths that can occur come in coarse steps
+        (32, "adaptive", {"codebook_scope": "tensor"}, 4.0, 0.1),
+        (16, "adaptive", {"codebook_scope": "tensor"}, 4.0, 0.2),
+    ],
+)
+def test_target_bits_land_on_short_caches(
+    tmp_path, real_dump, real_tensors, tokens, method, options, target, tolerance
+):
+    """Short caches: the header (one section per width that occurs) and metadata are a large
+    share of the file and must be budgeted exactly; shared codebooks only for the widths used.
+    The file never exceeds the target."""
     from kvpack.api import compress_tensors
     from kvpack.stats import size_breakdown
 
-    short = {n: x[:, :, :64] if n.startswith("layers.") else x[:, :64] for n, x in real_tensors.items()}
-    for method in ("uniform", "adaptive", "mxfp4"):
-        entries = compress_tensors(
-            short, tmp_path / "s.kvp", CodecConfig.build(method), force=True, allocation=Allocation(target_bits=3.0)
+    with safe_open(str(real_dump), "pt") as f:
+        metadata = f.metadata()
+    short = {n: x[:, :, :tokens] if n.startswith("layers.") else x[:, :tokens] for n, x in real_tensors.items()}
+    config = CodecConfig.build(method, None, None, **options)
+    entries = compress_tensors(short, tmp_path / "s.kvp", config, metadata, allocation=Allocation(target_bits=target))
+    total = size_breakdown(entries, (tmp_path / "s.kvp").stat().st_size)["rows"]["all"]["bits_per_element"]["total"]
+    assert target - tolerance <= total <= target + 1e-3, (method, tokens, total)
+
+
+def test_allocation_refuses_what_it_cannot_do_in_one_line(tmp_path, real_dump, real_tensors, capsys):
+    from safetensors.torch import save_file
+
+    from kvpack.api import compress_tensors
+
+    # an element format has no width between 1 and 3: refused, not a file of zeros
+    code, _, err = run(
+        ["compress", real_dump, "-o", tmp_path / "x.kvp", "-m", "mxfp4", "--allocate", "target",
+         "--target-bits", "3", "--bits-max", "3"], capsys)  # fmt: skip
+    assert code == 2 and "no width of this codec (4, 6, 8) lies in [0, 3]" in err, err
+    # NaN is named as without allocation
+    bad = dict(real_tensors)
+    bad["layers.2.key"] = bad["layers.2.key"].clone()
+    bad["layers.2.key"][0, 0, 5, 3] = float("nan")
+    save_file(bad, tmp_path / "nan.safetensors")
+    code, _, err = run(
+        ["compress", tmp_path / "nan.safetensors", "-o", tmp_path / "x.kvp", "-m", "uniform", "--allocate",
+         "target", "--target-bits", "3"], capsys)  # fmt: skip
+    assert code == 2 and "'layers.2.key' holds 1 NaN" in err and len(err.strip().splitlines()) == 1, err
+    # a cache without tokens has nothing to allocate
+    empty = {n: x[:, :, :0] if n.startswith("layers.") else x[:, :0] for n, x in real_tensors.items()}
+    with pytest.raises(InvalidInputError, match="the cache holds none"):
+        compress_tensors(empty, tmp_path / "e.kvp", CodecConfig.build("uniform"), allocation=Allocation(target_bits=3))
+    assert not (tmp_path / "x.kvp").exists() and not (tmp_path / "e.kvp").exists()
+
+
+def test_qaq_handles_all_zero_tensors(tmp_path, stats_dump):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(stats_dump)
+    with safe_open(str(stats_dump), "pt") as f:
+        metadata = f.metadata()
+    for name in tensors:
+        if name.startswith("layers.") and name.endswith(".value"):
+            tensors[name] = torch.zeros_like(tensors[name])
+    save_file(tensors, tmp_path / "z.safetensors", metadata=metadata)
+    config = CodecConfig.build("uniform", 4, 64)
+    for allocation in (Allocation("qaq", target_bits=3.0), Allocation("qaq", target_error=0.1)):
+        report = compress_file(
+            tmp_path / "z.safetensors", tmp_path / "z.kvp", config, force=True, allocation=allocation
         )
-        size = (tmp_path / "s.kvp").stat().st_size
-        total = size_breakdown(entries, size)["rows"]["all"]["bits_per_element"]["total"]
-        assert abs(total - 3.0) <= 0.05, (method, total)
+        restored = load_kvp(tmp_path / "z.kvp")[0]
+        assert all(bool((restored[n] == 0).all()) for n in restored if n.endswith(".value"))
+        # zero values need no more than the narrowest width: their bits go to the keys
+        widths = _file_widths(tmp_path / "z.kvp")
+        assert all(int(w.max()) == 1 for n, w in widths.items() if n.endswith(".value")), allocation
+        if allocation.target_bits:
+            assert abs(report["rows"]["all"]["bits_per_element"]["total"] - 3.0) <= 0.05
+
+
+def test_dump_refuses_attention_statistics_it_cannot_store(tmp_path, capsys):
+    # both refused before the model loads (no model needed)
+    code, _, err = run(["dump", "--attention-stats", "-o", tmp_path / "d.kvp", "--lossless"], capsys)
+    assert code == 2 and "--attention-stats needs a .safetensors output" in err
+    code, _, err = run(["dump", "--attention-stats", "--last-n-queries", "0", "-o", tmp_path / "d.safetensors"], capsys)
+    assert code == 2 and "--last-n-queries must be at least 1" in err
+    assert not list(tmp_path.iterdir())
 
 
 def test_bad_attention_statistics_are_refused_in_one_line(tmp_path, stats_dump, capsys):

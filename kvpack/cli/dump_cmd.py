@@ -120,6 +120,13 @@ def dump(
         raise InvalidInputError("--lossless stores K/V exactly; drop the codec options")
     if to_kvp and not lossless:
         config = build_codec(flags)  # every flag checked before the model loads
+    if attention_stats and to_kvp:
+        raise InvalidInputError(
+            "--attention-stats needs a .safetensors output: a .kvp file stores no statistics "
+            "(dump to safetensors, then `kvpack compress --allocate ...`)"
+        )
+    if attention_stats and last_n_queries < 1:
+        raise InvalidInputError(f"--last-n-queries must be at least 1, got {last_n_queries}")
     check_output_path(output, force)
     if text_file is not None:
         text = read_text_file(text_file)

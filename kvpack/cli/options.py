@@ -123,7 +123,8 @@ MaxError = Annotated[
     Optional[float],
     typer.Option(
         "--max-error",
-        help="Instead: the largest relative squared error sum((x - x')^2) / sum(x^2), averaged over the K/V tensors.",
+        help="Instead: the largest relative squared error sum((x - x')^2) / sum(x^2) of the coded values, "
+        "averaged over the K/V entries; attention-weighted when the dump has statistics (docs/allocation.md).",
     ),
 ]
 TargetError = Annotated[
