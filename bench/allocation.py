@@ -12,14 +12,13 @@ plot into docs/benchmarks.md and docs/allocation.png. ``--from-results`` re-rend
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
 from pathlib import Path
 
 import torch
-from bench_common import merge_results, replace_section, run_sweep
+from bench_common import merge_results, replace_section, run_sweep, sweep_parser
 
 MARKER = "## Bit allocation on WikiText-2"
 HERE = Path(__file__).resolve().parent
@@ -136,16 +135,7 @@ def render(run: dict, minutes: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=HERE / "allocation.toml")
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
-    parser.add_argument("--from-results", action="store_true", help="Render the last results.json again.")
-    parser.add_argument(
-        "--merge",
-        type=Path,
-        help="Merge another sweep's results.json (same protocol; same labels are replaced) into the last results "
-        "and render (no evaluation).",
-    )
+    parser = sweep_parser(__doc__, HERE / "allocation.toml")
     parser.add_argument("--write-config", action="store_true", help="Regenerate bench/allocation.toml and stop.")
     args = parser.parse_args()
     if args.write_config:

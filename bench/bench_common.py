@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
+
+
+def sweep_parser(doc: str, config: Path) -> argparse.ArgumentParser:
+    """The options every sweep-based bench script takes: --config, --out, --from-results, --merge."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=config)
+    parser.add_argument("--out", type=Path, default=config.parent.parent / "docs" / "benchmarks.md")
+    parser.add_argument("--from-results", action="store_true", help="Render the last results.json again.")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="Merge another sweep's results.json (same protocol; same labels are replaced) into the last results "
+        "and render (no evaluation).",
+    )
+    return parser
 
 
 def run_sweep(config: Path, results_dir: Path) -> tuple[dict, float]:

@@ -10,7 +10,6 @@ docs/benchmarks.md. ``--from-results`` re-renders the last run without evaluatin
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -18,7 +17,7 @@ import re
 from pathlib import Path
 
 import torch
-from bench_common import merge_results, replace_section, run_sweep
+from bench_common import merge_results, replace_section, run_sweep, sweep_parser
 
 MARKER = "## Codec toolbox on WikiText-2"
 HERE = Path(__file__).resolve().parent
@@ -134,16 +133,7 @@ def render(run: dict, minutes: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=HERE / "toolbox.toml")
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
-    parser.add_argument("--from-results", action="store_true", help="Render the last results.json again.")
-    parser.add_argument(
-        "--merge",
-        type=Path,
-        help="Merge another sweep's results.json (same protocol; same labels are replaced) into the last results "
-        "and render (no evaluation).",
-    )
+    parser = sweep_parser(__doc__, HERE / "toolbox.toml")
     args = parser.parse_args()
     minutes = None
     if args.merge:
