@@ -307,14 +307,10 @@ class Allocation:
 def width_costs(config, layout) -> tuple[torch.Tensor, torch.Tensor]:
     """Bits of codes and codebooks at each candidate width: ``(per group, per tensor when the width occurs)``,
     both float64 ``(len(candidate_widths),)``."""
-    from kvpack.formats.constants import DTYPE_SIZES, SECTION_ALIGNMENT
+    from kvpack.formats.constants import DTYPE_SIZES
     from kvpack.mixed import candidate_widths, width_layout
 
     codec = config.make_codec()
-
-    def codec_specs_at(codec, width: int, layout) -> dict:
-        specs = codec.at_width(width).section_specs(width_layout(layout, 1))
-        return {name: s for name, s in specs.items() if name.startswith(("codes", "codebook"))}
 
     def bits_of(width: int, n_groups: int) -> float:
         specs = codec.at_width(width).section_specs(width_layout(layout, n_groups))
@@ -330,9 +326,7 @@ def width_costs(config, layout) -> tuple[torch.Tensor, torch.Tensor]:
     for width in candidate_widths(config):
         one, two = (bits_of(width, 1), bits_of(width, 2)) if width else (0.0, 0.0)
         per_group.append(two - one)
-        # shared codebooks, and the alignment padding (at most) before each section of the width
-        sections = len(codec_specs_at(codec, width, layout)) if width else 0
-        fixed.append(one - (two - one) + 8 * SECTION_ALIGNMENT * sections)
+        fixed.append(one - (two - one))  # codebooks shared by the groups of the width
     return torch.tensor(per_group, dtype=torch.float64), torch.tensor(fixed, dtype=torch.float64)
 
 
@@ -438,12 +432,12 @@ def allocate_qaq(
     ``target_error``, or the smallest one whose widths fit ``budget_bits``."""
     errors, bits = _stack(tables)
     rows = torch.arange(len(errors))
-    last = errors.shape[1] - 1
+    widest_usable = (torch.isfinite(errors).long() * torch.arange(errors.shape[1])).argmax(dim=1)  # never left-out
 
     def choose(error: float) -> torch.Tensor:
         feasible = errors <= error
         first = feasible.double().argmax(dim=1)  # first True; 0 when none is
-        return torch.where(feasible.any(dim=1), first, torch.full_like(first, last))
+        return torch.where(feasible.any(dim=1), first, widest_usable)
 
     if target_error is not None:
         return _split(choose(target_error), tables)
@@ -452,9 +446,9 @@ def allocate_qaq(
             "the bit budget is below what the narrowest widths need (lower --bits-min or --recent-tokens, "
             "or give more bits)"
         )
-    finite = errors[torch.isfinite(errors) & (errors > 0)]
-    low = float(finite.min()) / 2 if finite.numel() else 1e-30
-    high = float(finite.max()) * 2 if finite.numel() else 1.0
+    positive = errors[torch.isfinite(errors) & (errors > 0)]
+    low = float(positive.min()) / 2 if positive.numel() else 1e-30
+    high = float(positive.max()) * 2 if positive.numel() else 1.0
     if float(bits[rows, choose(low)].sum()) <= budget_bits:
         return _split(choose(low), tables)
     _, high = _bisect(lambda error: float(bits[rows, choose(error)].sum()) > budget_bits, low, high, geometric=True)

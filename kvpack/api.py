@@ -250,10 +250,13 @@ def _allocate(
     return allocate_widths(layout, shapes, get, config, allocation, stats, metadata or {})
 
 
-def header_bytes(metadata: dict[str, str], entries: list[tuple[str, tuple[int, ...], str, CodecConfig | None]]) -> int:
-    """The size in bytes of the compressed header of a file holding ``entries`` (name, shape,
-    dtype, codec), as the writer stores it; section offsets and checksums are stand-ins of the
-    same size and entropy (rate control uses this before anything is written)."""
+def header_and_padding(
+    metadata: dict[str, str], entries: list[tuple[str, tuple[int, ...], str, CodecConfig | None]]
+) -> tuple[int, int]:
+    """The bytes of the compressed header, and of the alignment padding between sections, of a
+    file holding ``entries`` (name, shape, dtype, codec) in this order, laid out as the writer lays
+    them out; checksums are stand-ins of the same size and entropy (rate control uses this before
+    anything is written)."""
     import zlib
 
     import zstandard
@@ -261,16 +264,18 @@ def header_bytes(metadata: dict[str, str], entries: list[tuple[str, tuple[int, .
     from kvpack.formats.constants import HEADER_ZSTD_LEVEL
     from kvpack.formats.header import SectionEntry, TensorEntry, encode_header, section_specs
 
-    offset, tensors = PREAMBLE_SIZE, []
+    position, padding, tensors = PREAMBLE_SIZE, 0, []
     for name, shape, dtype, codec in entries:
         sections = {}
         for section, spec in section_specs(shape, dtype, codec, name).items():
+            pad = -position % SECTION_ALIGNMENT
+            position, padding = position + pad, padding + pad
             length = spec_nbytes(spec)
-            sections[section] = SectionEntry(offset, length, zlib.crc32(f"{name}/{section}".encode()))
-            offset += length + SECTION_ALIGNMENT
+            sections[section] = SectionEntry(position, length, zlib.crc32(f"{name}/{section}".encode()), pad)
+            position += length
         tensors.append(TensorEntry(name, tuple(shape), dtype, codec, sections))
     text = encode_header(metadata, tensors)
-    return len(zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL, write_content_size=True).compress(text))
+    return len(zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL, write_content_size=True).compress(text)), padding
 
 
 def entry_layout(
@@ -368,7 +373,7 @@ def allocate_widths(
         if codec is None:
             shape, dtype = shapes[entry_name]
             entries[entry_name] = (entry_name, shape, dtype, None)
-            fixed_bits += 8 * (math.prod(shape) * DTYPE_SIZES[dtype] + SECTION_ALIGNMENT)
+            fixed_bits += 8 * math.prod(shape) * DTYPE_SIZES[dtype]
             continue
         x = get(sources[0]) if entry_name == sources[0] else stack(get, sources)
         check_finite(entry_name, x, config.stack_layers)
@@ -386,11 +391,7 @@ def allocate_widths(
         # everything but codes and codebooks: as a file with every group at one width stores it
         full = dataclasses.replace(config, width_counts=_counts_at(plan.layout.n_groups, table.widths[-1]))
         specs = plan_for(tuple(x.shape), dtype_name(x.dtype), entry_name, full).section_specs()
-        fixed_bits += sum(
-            8 * spec_nbytes(s) + 8 * SECTION_ALIGNMENT
-            for n, s in specs.items()
-            if not n.startswith(("codes", "codebook"))
-        )
+        fixed_bits += sum(8 * spec_nbytes(s) for n, s in specs.items() if not n.startswith(("codes", "codebook")))
     fixed_bits += 8 * PREAMBLE_SIZE
     names = list(tables)
     ordered = [tables[n] for n in names]
@@ -401,30 +402,42 @@ def allocate_widths(
             for n, w in zip(names, chosen, strict=True)
         }
 
-    def present_cost(present: list[torch.Tensor]) -> float:
+    def present_cost(present: list[torch.Tensor], chosen: list[torch.Tensor] | None = None) -> float:
         """Bits that depend on which widths occur (bool masks over each table's widths): shared
-        codebooks, and the header with a section per width."""
+        codebooks, and the header with a section per width (sized with the counts of ``chosen``
+        when given, else with stand-in counts)."""
         listed = []
         for name, shape, dtype, _ in entries.values():
             codec = None
             if name in tables:
-                mask = present[names.index(name)]
-                counts = [0] * 9
-                for width, used in zip(tables[name].widths, mask.tolist(), strict=True):
-                    counts[width] = int(used)
-                counts[counts.index(1)] += tables[name].n_groups - sum(counts)  # the sizes do not matter here
+                index = names.index(name)
+                if chosen is not None:
+                    counts = torch.bincount(chosen[index], minlength=9).tolist()
+                else:
+                    counts = [0] * 9
+                    for width, used in zip(tables[name].widths, present[index].tolist(), strict=True):
+                        counts[width] = int(used)
+                    if 1 in counts:  # the rest of the groups at the narrowest width present
+                        counts[counts.index(1)] += tables[name].n_groups - sum(counts)
                 codec = dataclasses.replace(config, width_counts=tuple(counts))
             listed.append((name, shape, dtype, codec))
         shared = sum(float(tensor_costs[n][m].sum()) for n, m in zip(names, present, strict=True))
-        return shared + 8.0 * header_bytes(metadata or {}, listed)
+        return shared + 8.0 * sum(header_and_padding(metadata or {}, listed))
 
     if allocation.target_bits is not None:
         available = allocation.target_bits * kv_elements - fixed_bits
         usable = [torch.isfinite(t.errors) for t in ordered]
         narrowest = [u.to(torch.int8).argmax(dim=1) for u in usable]  # column of each group's narrowest width
         needed_mask = [torch.bincount(c, minlength=len(t.widths)) > 0 for c, t in zip(narrowest, ordered, strict=True)]
-        if present_cost(needed_mask) + narrowest_bits(ordered) > available:
-            needed = (fixed_bits + present_cost(needed_mask) + narrowest_bits(ordered)) / kv_elements
+        narrowest_widths = [torch.tensor(t.widths)[c] for c, t in zip(narrowest, ordered, strict=True)]
+        if present_cost(needed_mask, narrowest_widths) + narrowest_bits(ordered) > available:
+            needed = (fixed_bits + present_cost(needed_mask, narrowest_widths) + narrowest_bits(ordered)) / kv_elements
+            if not math.isfinite(needed):
+                raise InvalidInputError(
+                    f"no width in [{allocation.bits_min}, {allocation.bits_max}] is usable for every group "
+                    "(qaq leaves out a width whose error is above a narrower one's): widen --bits-min / --bits-max"
+                )
+            needed = math.ceil(needed * 1000) / 1000
             raise InvalidInputError(
                 f"--target-bits {allocation.target_bits:g} is below the {needed:.3f} bits per element this file "
                 f"needs with every group at its narrowest usable width (--bits-min {allocation.bits_min}"
@@ -432,11 +445,11 @@ def allocate_widths(
                 + "): give more bits, lower --bits-min or use larger groups"
             )
         # Shared codebooks and the header's sections cost bits per width that occurs, which the
-        # per-group allocators do not see. Two passes, each round charging a set of widths and
-        # allocating the rest of the budget: (1) free rounds, each charging the widths the last
-        # one chose (from the narrowest); (2) shrinking rounds that allow only the widths charged,
-        # from the widest prefix of widths that leaves room, until the widths chosen are those
-        # charged (always within budget). The fullest allocation within budget wins.
+        # per-group allocators do not see. Rounds charge a set of widths and allocate the rest of
+        # the budget: (1) growing rounds charge every width chosen so far, from the narrowest,
+        # until a round chooses only widths charged (it then fits); (2) shrinking rounds allow
+        # and charge only the widths the last round chose, to spend what unused widths were
+        # charged. The fullest allocation within budget wins.
         allocate = allocate_qaq if allocation.method == "qaq" else allocate_bits
 
         def widths_in(chosen: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -447,30 +460,30 @@ def allocate_widths(
                 float(t.bits[torch.searchsorted(torch.tensor(t.widths), w)].sum())
                 for w, t in zip(chosen, ordered, strict=True)
             )
-            return present_cost(widths_in(chosen)) + codes
+            return present_cost(widths_in(chosen), chosen) + codes
+
+        def subset(used: list[torch.Tensor], present: list[torch.Tensor]) -> bool:
+            return all(bool((u <= m).all()) for u, m in zip(used, present, strict=True))
 
         candidates = []
         present = needed_mask
-        for _ in range(4):
+        for _ in range(max(len(t.widths) for t in ordered) + 1):
             chosen = allocate(ordered, max(available - present_cost(present), narrowest_bits(ordered)))
             candidates.append((total(chosen), chosen))
-            present = widths_in(chosen)
-        max_width = max(len(t.widths) for t in ordered)
-        for top in range(max_width, 0, -1):
-            present = [(torch.arange(len(t.widths)) < top) | m for t, m in zip(ordered, needed_mask, strict=True)]
-            if present_cost(present) + narrowest_bits(ordered) <= available:
+            used = widths_in(chosen)
+            if subset(used, present):
                 break
-        for _ in range(max_width + 1):
+            present = [u | m for u, m in zip(used, present, strict=True)]
+        for _ in range(3):
+            present = widths_in(min(candidates, key=lambda c: abs(available - c[0]))[1])
             allowed = [
                 WidthTable(t.widths, t.errors.masked_fill(~m[None, :], float("inf")), t.bits, t.energy)
                 for t, m in zip(ordered, present, strict=True)
             ]
-            chosen = allocate(allowed, available - present_cost(present))
+            chosen = allocate(allowed, max(available - present_cost(present), narrowest_bits(allowed)))
             candidates.append((total(chosen), chosen))
-            used = widths_in(chosen)
-            if all(bool((u == m).all()) for u, m in zip(used, present, strict=True)):
+            if all(bool((u == m).all()) for u, m in zip(widths_in(chosen), present, strict=True)):
                 break
-            present = used
         fitting = [c for c in candidates if c[0] <= available + 1e-6]
         chosen = max(fitting, key=lambda c: c[0])[1] if fitting else candidates[-1][1]
     elif allocation.method == "qaq":
