@@ -245,29 +245,27 @@ class Allocation:
         """The width range when none is given: ``(QAQ_BITS_MIN, 8)`` for ``qaq``, ``(0, 8)`` otherwise."""
         return (QAQ_BITS_MIN if self.method == "qaq" else 0), 8
 
+    def _budget(self) -> tuple[str, float]:
+        """Which budget was given: ``("bits", B)``, ``("error", E)`` (qaq) or ``("maxerr", E)``."""
+        if self.target_bits is not None:
+            return "bits", self.target_bits
+        return ("error", self.target_error) if self.target_error is not None else ("maxerr", self.max_error)
+
+    def _limited(self) -> bool:
+        return (self.bits_min, self.bits_max) != self.default_widths()
+
     def describe(self) -> str:
         """``target 2.5 bits per element`` / ``fewest bits for relative error 0.01``, with the width range."""
-        if self.target_bits is not None:
-            text = f"widths allocated ({self.method}) for {self.target_bits:g} bits per element"
-        elif self.target_error is not None:
-            text = f"widths allocated (qaq) for error tolerance {self.target_error:g}"
-        else:
-            text = f"widths allocated ({self.method}) for relative error {self.max_error:g}"
-        return text + (
-            ""
-            if (self.bits_min, self.bits_max) == self.default_widths()
-            else f" ({self.bits_min}-{self.bits_max} bits)"
-        )
+        kind, value = self._budget()
+        goal = {"bits": f"{value:g} bits per element", "error": f"error tolerance {value:g}"}
+        text = f"widths allocated ({self.method}) for " + goal.get(kind, f"relative error {value:g}")
+        return text + (f" ({self.bits_min}-{self.bits_max} bits)" if self._limited() else "")
 
     def label(self) -> str:
         """``target2.5``, ``maxerr0.01``, with ``w1-6`` when the widths are limited."""
-        if self.target_bits is not None:
-            text = f"{self.method}{self.target_bits:g}"
-        elif self.target_error is not None:
-            text = f"{self.method} err{self.target_error:g}"
-        else:
-            text = f"{self.method} maxerr{self.max_error:g}"
-        text += "" if (self.bits_min, self.bits_max) == self.default_widths() else f" w{self.bits_min}-{self.bits_max}"
+        kind, value = self._budget()
+        text = self.method + {"bits": "", "error": " err", "maxerr": " maxerr"}[kind] + f"{value:g}"
+        text += f" w{self.bits_min}-{self.bits_max}" if self._limited() else ""
         return text + (f" recent{self.recent_tokens}" if self.recent_tokens else "")
 
     @classmethod
