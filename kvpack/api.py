@@ -22,6 +22,7 @@ from kvpack import __version__
 from kvpack.allocation import Allocation
 from kvpack.codecs.base import KIND_CODEBOOKS, KIND_CODES, KIND_SCALES
 from kvpack.config import CodecConfig
+from kvpack.entropy import EntropyConfig, transpose_width, transposed, untransposed
 from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.constants import DTYPE_SIZES, FLOAT_DTYPES, PREAMBLE_SIZE, SECTION_ALIGNMENT
 from kvpack.formats.header import TensorEntry, section_specs, spec_nbytes
@@ -78,7 +79,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def encode_tensor(
-    name: str, x: torch.Tensor, config: CodecConfig | None, widths: torch.Tensor | None = None
+    name: str,
+    x: torch.Tensor,
+    config: CodecConfig | None,
+    widths: torch.Tensor | None = None,
+    transposes: dict[str, int] | None = None,
 ) -> dict[str, bytes]:
     """Serialize one tensor into the sections of a ``.kvp`` entry.
 
@@ -91,6 +96,8 @@ def encode_tensor(
         config: the codec config, or ``None`` for lossless storage.
         widths: with ``config.width_counts`` (mixed precision), the code width of every group
             (int64 ``(n_groups,)``, 0 to 8), as an allocator chose it (:mod:`kvpack.allocation`).
+        transposes: code sections to pack feature-major, with their row length
+            (:func:`section_transposes`; format 1.5, docs/format.md §6.3); default none.
 
     Returns:
         Section name -> bytes, in the order :func:`kvpack.formats.header.section_specs` gives.
@@ -122,9 +129,13 @@ def encode_tensor(
     except InvalidInputError as exc:
         raise InvalidInputError(f"tensor {name!r}: {exc}") from None
     out = {}
+    transposes = transposes or {}
     for section, spec in specs.items():
         if spec.dtype == "code":
-            out[section] = pack(arrays[section].reshape(-1).numpy(), spec.bits).tobytes()
+            codes = arrays[section].reshape(-1)
+            if transposes.get(section):
+                codes = transposed(codes, transposes[section])
+            out[section] = pack(codes.numpy(), spec.bits).tobytes()
         else:
             out[section] = _tensor_bytes(arrays[section].to(TORCH_DTYPES[spec.dtype]))
     return out
@@ -157,6 +168,9 @@ def decode_entry(
         for section, spec in specs.items():
             if spec.dtype == "code":
                 codes = torch.from_numpy(unpack(_as_uint8(sections[section]), spec.bits, spec.count))
+                where = entry.sections.get(section)
+                if where is not None and where.transpose:  # feature-major in the file (§6.3)
+                    codes = untransposed(codes, where.transpose)
                 if spec.kind == KIND_CODES:  # uint8, (groups of this width, group_size)
                     arrays[section] = codes.reshape(-1, layout.group_size)
                 else:  # outlier positions (scatter indices), rotation signs
@@ -171,6 +185,17 @@ def decode_entry(
         return unstacked_view(decoded, entry.shape) if entry.codec.stack_layers else decoded
     except InvalidInputError as exc:
         raise FormatError(f"tensor {entry.name!r}: {exc}") from None
+
+
+def section_transposes(
+    name: str, shape: tuple[int, ...], dtype: str, config: CodecConfig | None, entropy: EntropyConfig
+) -> dict[str, int]:
+    """The code sections of a tensor that ``entropy`` stores feature-major, and their row length."""
+    if config is None or not entropy.enabled or not entropy.transpose or KIND_CODES not in entropy.kinds:
+        return {}
+    plan = plan_for(tuple(shape), dtype, name, config)
+    widths = {section: transpose_width(plan, section, spec) for section, spec in plan.section_specs().items()}
+    return {section: width for section, width in widths.items() if width}
 
 
 def _tensor_bytes(x: torch.Tensor) -> bytes:
@@ -207,6 +232,7 @@ def compress_tensors(
     force: bool = False,
     allocation: Allocation | None = None,
     stats: dict[str, torch.Tensor] | None = None,
+    entropy: EntropyConfig | None = None,
 ) -> list[TensorEntry]:
     """Write a dict of tensors to a ``.kvp``: ``layers.{i}.key|value`` quantized, the rest lossless.
 
@@ -216,6 +242,8 @@ def compress_tensors(
     K/V tensors are written as two stacked entries (:func:`entry_layout`). With an
     ``allocation``, groups get their own widths (:func:`allocate_widths`), weighted by the
     attention statistics ``stats`` or by those among ``tensors`` (which are not stored).
+    ``entropy`` sets the lossless stage (:class:`kvpack.entropy.EntropyConfig`; default zstd
+    level 1 on every section, codes feature-major; ``EntropyConfig.off()`` writes dense sections).
 
     Raises:
         InvalidInputError, OutputExistsError: see :func:`encode_tensor`, :func:`entry_layout`
@@ -227,13 +255,22 @@ def compress_tensors(
     layout = entry_layout(shapes, config)
     file_metadata = _file_metadata(metadata or {}, config, allocation)
     mixed = _allocate(layout, shapes, tensors.__getitem__, config, allocation, stats, file_metadata)
-    with KvpWriter(path, file_metadata, force=force) as writer:
+    with KvpWriter(path, file_metadata, force=force, entropy=entropy) as writer:
         for entry_name, sources, codec in layout:
             x = tensors[entry_name] if entry_name == sources[0] else stack(tensors, sources)
             codec, widths = mixed.get(entry_name, (codec, None))
-            sections = encode_tensor(entry_name, x, codec, widths)
-            writer.add_tensor(entry_name, tuple(x.shape), dtype_name(x.dtype), codec, sections)
+            _write_entry(writer, entry_name, x, codec, widths)
         return writer.entries
+
+
+def _write_entry(
+    writer: KvpWriter, name: str, x: torch.Tensor, codec: CodecConfig | None, widths: torch.Tensor | None
+) -> tuple[TensorEntry, dict[str, bytes]]:
+    """Encode one tensor and add it to ``writer`` (with its entropy stage); returns the entry and the sections."""
+    dtype = dtype_name(x.dtype)
+    transposes = section_transposes(name, tuple(x.shape), dtype, codec, writer.entropy) if x.numel() else {}
+    sections = encode_tensor(name, x, codec, widths, transposes)
+    return writer.add_tensor(name, tuple(x.shape), dtype, codec, sections, transposes), sections
 
 
 def _allocate(
@@ -643,6 +680,7 @@ def compress_file(
     force: bool = False,
     progress: Progress | None = None,
     allocation: Allocation | None = None,
+    entropy: EntropyConfig | None = None,
 ) -> dict:
     """Compress a safetensors KV-cache dump into a ``.kvp`` file and measure the result.
 
@@ -673,15 +711,14 @@ def compress_file(
         stats = {name: source.get(name) for name in source.keys() if is_stats_tensor(name)}
         file_metadata = _file_metadata(source.metadata, config, allocation)
         mixed = _allocate(layout, shapes, source.get, config, allocation, stats, file_metadata)
-        with KvpWriter(output_path, file_metadata, force=force) as writer:
+        with KvpWriter(output_path, file_metadata, force=force, entropy=entropy) as writer:
             for index, (entry_name, sources, codec) in enumerate(layout):
                 if progress:
                     progress(index, len(layout), entry_name)
                 stacked = entry_name != sources[0]
                 x = stack(source, sources) if stacked else source.get(entry_name)
                 codec, widths = mixed.get(entry_name, (codec, None))
-                sections = encode_tensor(entry_name, x, codec, widths)
-                entry = writer.add_tensor(entry_name, tuple(x.shape), dtype_name(x.dtype), codec, sections)
+                entry, sections = _write_entry(writer, entry_name, x, codec, widths)
                 if codec is not None:
                     decoded = decode_entry(entry, sections)
                     for i, name in enumerate(sources):  # errors per layer, also of a stacked entry

@@ -116,6 +116,7 @@ class SizeRow:
 
     elements: int = 0
     section_bytes: dict[str, float] = field(default_factory=lambda: dict.fromkeys(BIT_COLUMNS, 0))
+    dense_bytes: float = 0.0  # the same sections before the entropy stage
 
     def add_entry(self, entry: TensorEntry, parts: int = 1) -> None:
         """Add an entry, or one of ``parts`` equal shares of it (a layer of a stacked entry)."""
@@ -123,6 +124,7 @@ class SizeRow:
         specs = section_specs(entry.shape, entry.dtype, entry.codec, entry.name)
         for name, section in entry.sections.items():
             self.section_bytes[_KIND_COLUMN[specs[name].kind]] += section.length / parts
+            self.dense_bytes += section.decoded_length / parts
 
     def bits_per_element(self, overhead_bytes: float, total_elements: int) -> dict[str, float]:
         """Bits per element by column plus ``total``; ``header`` is this row's share of the overhead."""
@@ -143,9 +145,11 @@ def size_breakdown(entries: list[TensorEntry], file_size: int) -> dict:
         file_size: the file's size in bytes.
 
     Returns:
-        ``{"rows": {"key"|"value"|"all": {"elements", "bytes", "bits_per_element": {...}}},
-        "layers": [{"layer", "elements", "bytes", "bits_per_element"}], "kv_elements",
-        "overhead_bytes"}``.
+        ``{"rows": {"key"|"value"|"all": {"elements", "bytes", "bits_per_element": {...},
+        "dense_bits_per_element"}}, "layers": [{"layer", "elements", "bytes", "bits_per_element",
+        "dense_bits_per_element"}], "kv_elements", "overhead_bytes"}``. ``bits_per_element`` is
+        what the file stores (after the entropy stage: the effective bits);
+        ``dense_bits_per_element`` is the total with every section densely packed (before it).
     """
     rows = {"key": SizeRow(), "value": SizeRow(), "all": SizeRow()}
     layers: dict[int, SizeRow] = {}
@@ -166,7 +170,14 @@ def size_breakdown(entries: list[TensorEntry], file_size: int) -> dict:
 
     def render(row: SizeRow) -> dict:
         bits = row.bits_per_element(overhead, total)
-        return {"elements": row.elements, "bytes": bits["total"] * row.elements / 8, "bits_per_element": bits}
+        stored = sum(row.section_bytes.values())
+        dense = bits["total"] + (row.dense_bytes - stored) * 8 / row.elements if row.elements else 0.0
+        return {
+            "elements": row.elements,
+            "bytes": bits["total"] * row.elements / 8,
+            "bits_per_element": bits,
+            "dense_bits_per_element": dense,
+        }
 
     return {
         "rows": {name: render(row) for name, row in rows.items()},

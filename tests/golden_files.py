@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from kvpack import CodecConfig
-from kvpack.api import dtype_name, encode_tensor
+from kvpack.api import dtype_name, encode_tensor, section_transposes
 from kvpack.config import TRANSFORM_DEFAULTS
+from kvpack.entropy import EntropyConfig
 from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR
 from kvpack.formats.writer import KvpWriter
 from kvpack.pipeline import plan_for
@@ -113,6 +114,17 @@ GOLDEN = {
         _config("adaptive", 3, 64, codebook_scope="head", stack_layers=True),
         "kv-layers",
     ),
+    # format 1.5: the entropy stage (every 1.5 file has it; these have sections it shrinks)
+    "uniform-a4-g64-zstd-long": (_config("uniform", 4, 64, 0.05), "kv-long"),
+    "uniform-mixed-g16-zstd-long": (_config("uniform", 3, 16), "kv-long"),
+    "normal-a2-kchannel-g8-zstd-long": (_config("normal", 2, 8, key_axis="channel"), "kv-long"),
+    "uniform-a3-g8-zstd19-codes-only": (_config("uniform", 3, 8), "kv-long"),
+}
+#: The entropy stage of each golden file of format 1.5 and later (default: EntropyConfig()). The
+#: hand-worked file keeps dense sections, so its bytes can be worked out by hand.
+ENTROPY = {
+    "hand-uniform-a3-g8": EntropyConfig.off(),
+    "uniform-a3-g8-zstd19-codes-only": EntropyConfig(level=19, kinds=frozenset({"codes"})),
 }
 #: The format version that introduced each golden file (older folders do not hold it).
 _NAMES = list(GOLDEN)
@@ -120,6 +132,7 @@ SINCE = (
     {name: (1, 2) for name in _NAMES[_NAMES.index("uniform-a2-kchannel-g2-keep1") :]}
     | {name: (1, 3) for name in _NAMES[_NAMES.index("uniform-a3-g256-all-layers") :]}
     | {name: (1, 4) for name in _NAMES[_NAMES.index("uniform-mixed-g16") :]}
+    | {name: (1, 5) for name in _NAMES[_NAMES.index("uniform-a4-g64-zstd-long") :]}
 )
 
 
@@ -131,6 +144,9 @@ def golden_inputs(kind: str) -> dict[str, torch.Tensor]:
         return {"layers.0.key": torch.tensor(HAND_VALUES, dtype=torch.float16).reshape(1, 1, 2, 8)}
     if kind == "kv":
         return kv
+    if kind == "kv-long":  # 48 tokens: the real ones, then again reversed in time, four times (zstd has matches)
+        key, value = (torch.cat([x, x.flip(2)] * 4, dim=2) for x in (real["key"], real["value"]))
+        return {"layers.0.key": key, "layers.0.value": value, "token_ids": real["token_ids"].repeat(1, 8)}
     if kind == "kv-layers":  # two layers of one shape: the real tensors, the second layer reversed in time
         key, value = real["key"], real["value"]
         return {
@@ -179,7 +195,7 @@ def write_golden(name: str, path: Path, force: bool = False) -> None:
             for role in ("key", "value")
         }
         inputs = stacked | {n: x for n, x in inputs.items() if n not in layers}
-    with KvpWriter(path, METADATA, force=force) as writer:
+    with KvpWriter(path, METADATA, force=force, entropy=ENTROPY.get(name, EntropyConfig())) as writer:
         for tensor_name, x in inputs.items():
             codec, widths = config if tensor_name.startswith("layers.") else None, None
             if codec is not None and "mixed" in name:
@@ -188,9 +204,12 @@ def write_golden(name: str, path: Path, force: bool = False) -> None:
                 widths = allowed[torch.arange(n_groups) % len(allowed)]
                 counts = tuple(torch.bincount(widths, minlength=9).tolist())
                 codec = dataclasses.replace(codec, width_counts=counts)
-            writer.add_tensor(
-                tensor_name, tuple(x.shape), dtype_name(x.dtype), codec, encode_tensor(tensor_name, x, codec, widths)
+            dtype = dtype_name(x.dtype)
+            transposes = (
+                section_transposes(tensor_name, tuple(x.shape), dtype, codec, writer.entropy) if x.numel() else {}
             )
+            sections = encode_tensor(tensor_name, x, codec, widths, transposes)
+            writer.add_tensor(tensor_name, tuple(x.shape), dtype, codec, sections, transposes)
 
 
 def current_folder() -> Path:

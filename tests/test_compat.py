@@ -24,7 +24,7 @@ def edited(header_edit, version=(1, 7), data: bytes | None = None) -> bytes:
     return with_header(data, dumps(header), version=version)
 
 
-@pytest.mark.parametrize("version", [(1, 0), (1, 1), (1, 2), (1, 3)])
+@pytest.mark.parametrize("version", [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4)])
 def test_older_minor_version_reads_like_the_current_one(version):
     folder = GOLDEN_DIR / "v{}.{}".format(*version)
     for older in sorted(folder.glob("*.kvp")):
@@ -50,13 +50,15 @@ KEYS_OF_1_1 = {"metadata", "tensors", "required", "shape", "dtype", "codec", "se
 
 def test_files_using_the_1_2_transforms_require_them_and_others_look_like_1_1():
     """A 1.1 reader refuses a file that uses a transform (its `required` names keys 1.1 lacks);
-    a file that uses none has only 1.1 keys and codecs."""
+    a file that uses none has only 1.1 keys and codecs. Likewise the 1.5 section keys."""
     for path in sorted(current_folder().glob("*.kvp")):
         header = json.loads(header_json(path.read_bytes()))
         used = set()
         for entry in header["tensors"].values():
             if entry["codec"] is not None:
                 used |= set(entry["codec"]) - KEYS_OF_1_1
+            for section in entry["sections"].values():
+                used |= set(section) - {"offset", "length", "crc32"}
         assert sorted(used - {"rotate_seed"}) == header.get("required", []), path.name  # the seed is informative
         assert not used & KEYS_OF_1_1
 

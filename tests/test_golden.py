@@ -98,8 +98,21 @@ def parse_file(data: bytes) -> tuple[tuple[int, int], dict]:
     return (major, minor), json.loads(raw)
 
 
+class Section(bytes):
+    """A section's bytes once its zstd stage is undone (§6.3), with its ``transpose`` (0: group order)."""
+
+    transpose = 0
+
+
 def unpack_bits(data: bytes, bits: int, count: int) -> list[int]:
-    """Code i = stream bits [i*bits, (i+1)*bits), LSB first; 9-16 bits as a low plane then a high plane."""
+    """Code i = stream bits [i*bits, (i+1)*bits), LSB first; 9-16 bits as a low plane then a high plane.
+    §6.3: in a section with transpose K, stream position c·(n/K) + r holds code r·K + c."""
+    transpose = getattr(data, "transpose", 0)
+    if transpose:
+        assert bits <= 8 and count % transpose == 0
+        stream = unpack_bits(bytes(data), bits, count)
+        rows = count // transpose
+        return [stream[(i % transpose) * rows + i // transpose] for i in range(count)]
     if bits > 8:
         split = count
         low = unpack_bits(data[:split], 8, count)
@@ -343,8 +356,14 @@ def decode_file(path: Path) -> dict[str, torch.Tensor]:
         sections = {}
         for section, where in entry["sections"].items():
             raw = data[where["offset"] : where["offset"] + where["length"]]
-            assert zlib.crc32(raw) == where["crc32"]
-            sections[section] = raw
+            assert zlib.crc32(raw) == where["crc32"]  # of the stored bytes
+            if where.get("encoding") == "zstd":  # §6.3: one frame, with its content size, nothing after it
+                assert zstandard.frame_content_size(raw) > len(raw)
+                raw = zstandard.ZstdDecompressor().decompress(raw, allow_extra_data=False)
+            else:
+                assert "encoding" not in where
+            sections[section] = Section(raw)
+            sections[section].transpose = where.get("transpose", 0)
         dtype = entry["dtype"]
         if entry["codec"] is None:
             values = {name: storage_values(sections["data"], dtype).reshape(entry["shape"])}
@@ -392,7 +411,7 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_version_folder_holds_every_golden_file():
-    assert [p.name for p in VERSION_FOLDERS] == ["v1.0", "v1.1", "v1.2", "v1.3", "v1.4"]
+    assert [p.name for p in VERSION_FOLDERS] == ["v1.0", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5"]
     assert all(p.is_file() for p in GOLDEN_PATHS)
 
 
@@ -428,7 +447,9 @@ def test_only_the_rotated_and_unroped_tensors_are_compared_to_float32_accuracy()
         "uniform-a4-kchannel-g2-unrope-partial-bf16": ["layers.0.key"],
     }
     assert {name: tensors for name, tensors in approximate.items() if tensors} == {
-        f"{folder}/{name}": tensors for folder in ("v1.2", "v1.3", "v1.4") for name, tensors in expected.items()
+        f"{folder}/{name}": tensors
+        for folder in ("v1.2", "v1.3", "v1.4", "v1.5")
+        for name, tensors in expected.items()
     } | {
         f"{folder}/uniform-a3-kchannel-g4-all-layers-unrope-hadamard": [
             "layers.0.key",
@@ -436,8 +457,8 @@ def test_only_the_rotated_and_unroped_tensors_are_compared_to_float32_accuracy()
             "layers.1.key",
             "layers.1.value",
         ]
-        for folder in ("v1.3", "v1.4")
-    } | {"v1.4/mxfp4-mixed-hadamard": ["layers.0.key", "layers.0.value"]}
+        for folder in ("v1.3", "v1.4", "v1.5")
+    } | {f"{folder}/mxfp4-mixed-hadamard": ["layers.0.key", "layers.0.value"] for folder in ("v1.4", "v1.5")}
 
 
 #: Bounds on the relative squared error ``sum((x' - x)^2) / sum(x^2)`` of the codec families of format 1.0, by width.
@@ -467,6 +488,8 @@ ERROR_BOUNDS = {
     "normal-mixed-kchannel-g2-keep1": 0.25,  # 0.017 / 0.078
     "fp8-e5m2-mixed-g16-outliers": 0.45,  # 0.150 / 0.160
     "adaptive-head-mixed-g64-all-layers": 0.6,  # 0.136 / 0.109, 0.211 / 0.244
+    # format 1.5: the entropy stage is lossless; the mixed file has widths 0-8 in turn, as above
+    "uniform-mixed-g16-zstd-long": 0.6,  # 0.26 / 0.28
 }
 
 

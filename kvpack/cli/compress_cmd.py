@@ -24,6 +24,7 @@ from kvpack.cli.options import (
     MaybeMethod,
     MaybeOutlierRatio,
     Normalization,
+    NoTranspose,
     OutlierSelect,
     PerLayer,
     PresetName,
@@ -35,13 +36,17 @@ from kvpack.cli.options import (
     TargetError,
     Unrope,
     ValueAxis,
+    ZstdKinds,
+    ZstdLevel,
     build_allocation,
     build_codec,
+    build_entropy,
     codec_flags,
 )
 from kvpack.cli.render import (
     bits_table,
     console,
+    entropy_summary,
     error_table,
     human_bytes,
     print_json,
@@ -86,6 +91,9 @@ def compress(
     recent_tokens: RecentTokens = None,
     bits_min: BitsMin = None,
     bits_max: BitsMax = None,
+    zstd_level: ZstdLevel = 1,
+    zstd_kinds: ZstdKinds = None,
+    no_transpose: NoTranspose = False,
     per_layer: PerLayer = False,
     json_path: JsonPath = None,
     force: Force = False,
@@ -101,6 +109,7 @@ def compress(
 
     flags = codec_flags(locals())
     allocation = build_allocation(locals())
+    entropy = build_entropy(zstd_level, zstd_kinds, no_transpose)
     config = build_codec(flags)  # every flag checked before the input is read
     if level is not None:
         config = build_codec(flags, kv_dims(input))
@@ -111,13 +120,15 @@ def compress(
         if json_path.resolve() in (input.resolve(), output.resolve()):
             raise InvalidInputError(f"--json {json_path} must differ from the input and the output")
     with progress_bar("compress") as update:
-        report = compress_file(input, output, config, force=force, progress=update, allocation=allocation)
+        report = compress_file(
+            input, output, config, force=force, progress=update, allocation=allocation, entropy=entropy
+        )
     if json_to_stdout:
         print_json(report)
         return
     say(
         f"{input} ({human_bytes(report['input_bytes'])}) -> {output} ({human_bytes(report['file_bytes'])}): "
-        f"{config.describe()}{'' if allocation is None else ', ' + allocation.describe()}; "
+        f"{config.describe()}{'' if allocation is None else ', ' + allocation.describe()}, {entropy.describe()}; "
         + (
             f"{report['ratio_vs_input']:.2f}x smaller than the input"
             if report["ratio_vs_input"] >= 1
@@ -125,6 +136,8 @@ def compress(
         )
         + (f", {report['ratio_vs_fp16']:.2f}x vs fp16" if report["ratio_vs_fp16"] else ", no K/V elements")
     )
+    if entropy_summary(report["rows"]["all"]):
+        say(entropy_summary(report["rows"]["all"]))
     rows = report_rows(report, per_layer)
     console.print(bits_table("bits per element (every byte of the file counted)", rows))
     console.print(error_table("reconstruction error (bytes: stored, header share included)", rows))

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvpack.cli.options import JsonFlag, PerLayer
-from kvpack.cli.render import bits_table, console, human_bytes, print_json, report_rows, say
+from kvpack.cli.render import bits_table, console, entropy_summary, human_bytes, print_json, report_rows, say
 
 
 def register(app: typer.Typer) -> None:
@@ -62,6 +62,8 @@ def inspect(
         console.print(
             bits_table("bits per element (every byte of the file counted)", report_rows(info["size"], per_layer))
         )
+        if entropy_summary(info["size"]["rows"]["all"]):
+            say(entropy_summary(info["size"]["rows"]["all"]))
         widths = width_histograms(info["tensors"])
         if widths:
             console.print(_width_table(widths, per_tensor=tensors))

@@ -141,6 +141,25 @@ BitsMin = Annotated[
     Optional[int], typer.Option("--bits-min", help="Narrowest width of a group (default 0; 1 with --allocate qaq).")
 ]
 BitsMax = Annotated[Optional[int], typer.Option("--bits-max", help="Widest width of a group (default 8).")]
+ZstdLevel = Annotated[
+    int,
+    typer.Option(
+        "--zstd-level",
+        help="Entropy stage: zstd level per section, 1 (fast, default) to 22; 0 = off (dense sections).",
+    ),
+]
+ZstdKinds = Annotated[
+    Optional[str],
+    typer.Option(
+        "--zstd-kinds",
+        help="Section kinds the entropy stage applies to, comma-separated (default all: codes,scales,codebooks,"
+        "outliers,exact,allocation,transform,data).",
+    ),
+]
+NoTranspose = Annotated[
+    bool,
+    typer.Option("--no-transpose", help="Entropy stage: keep token-axis codes in group order (not feature-major)."),
+]
 PresetName = Annotated[
     Optional[str], typer.Option("--preset", help="A published recipe (see `kvpack methods`); flags override it.")
 ]
@@ -192,6 +211,18 @@ def build_allocation(values: dict):
 
     given = {name: values.get(name) for name in ALLOCATION_FLAGS if values.get(name) is not None}
     return Allocation.from_flat(given, ALLOCATION_FLAGS)
+
+
+def build_entropy(level: int, kinds: str | None, no_transpose: bool = False):
+    """The :class:`~kvpack.entropy.EntropyConfig` of ``--zstd-level`` / ``--zstd-kinds`` / ``--no-transpose``.
+
+    Raises:
+        InvalidInputError: a level outside 0-22 or an unknown kind.
+    """
+    from kvpack.entropy import SECTION_KINDS, EntropyConfig
+
+    chosen = SECTION_KINDS if kinds is None else tuple(k.strip() for k in kinds.split(",") if k.strip())
+    return EntropyConfig(level=level, kinds=frozenset(chosen), transpose=not no_transpose)
 
 
 def codec_flags(values: dict) -> dict:

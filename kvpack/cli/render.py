@@ -135,3 +135,14 @@ def quality_table(title: str, results: list[dict], pareto: bool = False) -> Tabl
             fmt_num(r["attention_error_mean"], 4),
         )
     return table
+
+
+def entropy_summary(row: dict) -> str | None:
+    """One line on what the entropy stage saved for a size row (``rows.all`` of a report), or None."""
+    dense, stored = row.get("dense_bits_per_element", 0.0), row["bits_per_element"]["total"]
+    if not row["elements"] or dense <= stored:
+        return None
+    return (
+        f"entropy stage: {dense:.3f} -> {stored:.3f} bits per element "
+        f"({100 * (1 - stored / dense):.1f}% fewer than dense packing)"
+    )

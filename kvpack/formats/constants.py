@@ -13,7 +13,8 @@ FORMAT_MAJOR = 1
 #: rotation, un-RoPE) and the element-format codecs (FP8, FP4, OCP MX).
 #: 1.3 adds groups across layers: one stacked entry per role (``stack_layers``).
 #: 1.4 adds mixed precision: per-group code widths (``width_counts``, section ``bit_widths``).
-FORMAT_MINOR = 4
+#: 1.5 adds the entropy stage: zstd sections and feature-major codes (``encoding``, ``transpose``).
+FORMAT_MINOR = 5
 
 #: Preamble, 64 bytes, little-endian: magic, major u16, minor u16, flags u32,
 #: header offset u64, header length u64, header CRC-32 u32, preamble CRC-32 u32 (of bytes
@@ -32,7 +33,7 @@ MAX_HEADER_EXPANSION = 32
 HEADER_EXPANSION_SLACK = 1 << 20
 
 #: Header keys (at any level) this reader understands when a file lists them under "required":
-#: every key format 1.4 defines. A later version lists the keys it adds that change decoding;
+#: every key format 1.5 defines. A later version lists the keys it adds that change decoding;
 #: a 1.2+ writer lists the transform keys its codec configs use.
 KNOWN_REQUIRED_KEYS: frozenset[str] = frozenset(
     {"metadata", "tensors", "required", "shape", "dtype", "codec", "sections", "offset", "length", "crc32"}
@@ -40,7 +41,10 @@ KNOWN_REQUIRED_KEYS: frozenset[str] = frozenset(
     | {"key_axis", "value_axis", "keep_first", "keep_last", "outlier_select", "rotate", "rotate_seed"}
     | {"unrope", "rope_dim", "rope_offset", "rope_scaling"}
     | {"stack_layers", "width_counts"}
+    | {"encoding", "transpose"}
 )
+#: Section encodings (1.5): the stored bytes are one zstd frame of the section's bytes.
+SECTION_ENCODINGS = ("zstd",)
 
 #: Every data section starts at a multiple of this many bytes (enough for any dtype).
 SECTION_ALIGNMENT = 8

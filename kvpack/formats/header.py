@@ -23,6 +23,7 @@ from typing import Any
 
 from kvpack.codecs.base import KIND_DATA, SectionSpec
 from kvpack.config import CodecConfig
+from kvpack.entropy import EXPANSION_SLACK, MAX_EXPANSION
 from kvpack.errors import FormatError, HeaderLimitError, InvalidInputError, UnsupportedVersionError, brief, brief_list
 from kvpack.formats.constants import (
     DTYPE_SIZES,
@@ -37,6 +38,7 @@ from kvpack.formats.constants import (
     MAX_TENSORS,
     MIN_HEADER_TOKEN_LIMIT,
     SECTION_ALIGNMENT,
+    SECTION_ENCODINGS,
 )
 from kvpack.formats.names import parse_kv_name, parse_stacked_name
 from kvpack.packing import packed_nbytes
@@ -45,12 +47,25 @@ from kvpack.pipeline import TensorPlan, plan_for
 
 @dataclass(frozen=True)
 class SectionEntry:
-    """Where one section lies in the file (absolute ``offset`` and ``length`` in bytes)."""
+    """Where one section lies in the file (absolute ``offset`` and stored ``length`` in bytes).
+
+    ``encoding`` is ``"zstd"`` when the stored bytes are a zstd frame of the section's
+    ``raw_length`` bytes (format 1.5), else ``None`` (stored as is: ``raw_length == length``);
+    ``transpose`` is the row length ``K`` of feature-major codes, 0 when in group order.
+    """
 
     offset: int
     length: int
     crc32: int
     padding: int = 0  # zero bytes between the previous section (or the preamble) and this one
+    raw_length: int = -1  # the derived length; -1: the same as length
+    encoding: str | None = None
+    transpose: int = 0
+
+    @property
+    def decoded_length(self) -> int:
+        """Bytes of the section once its encoding is undone (its derived length)."""
+        return self.length if self.raw_length < 0 else self.raw_length
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,11 @@ class TensorEntry:
     def stored_bytes(self) -> int:
         return sum(s.length for s in self.sections.values())
 
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of the sections before the entropy stage (densely packed)."""
+        return sum(s.decoded_length for s in self.sections.values())
+
 
 def section_specs(shape: tuple[int, ...], dtype: str, codec: CodecConfig | None, name: str) -> dict[str, SectionSpec]:
     """The sections tensor ``name`` of this shape, dtype and codec stores, in file order.
@@ -102,6 +122,8 @@ def spec_nbytes(spec: SectionSpec) -> int:
 def encode_header(metadata: dict[str, str], tensors: list[TensorEntry]) -> bytes:
     required = sorted(
         {key for t in tensors if t.codec is not None for key in t.codec.transforms() if key != "rotate_seed"}
+        | {"encoding" for t in tensors for s in t.sections.values() if s.encoding}
+        | {"transpose" for t in tensors for s in t.sections.values() if s.transpose}
     )
     body = {
         **({"required": required} if required else {}),
@@ -111,14 +133,21 @@ def encode_header(metadata: dict[str, str], tensors: list[TensorEntry]) -> bytes
                 "shape": list(t.shape),
                 "dtype": t.dtype,
                 "codec": None if t.codec is None else t.codec.to_dict(),
-                "sections": {
-                    name: {"offset": s.offset, "length": s.length, "crc32": s.crc32} for name, s in t.sections.items()
-                },
+                "sections": {name: _section_json(s) for name, s in t.sections.items()},
             }
             for t in tensors
         },
     }
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _section_json(section: SectionEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"offset": section.offset, "length": section.length, "crc32": section.crc32}
+    if section.encoding:
+        out["encoding"] = section.encoding
+    if section.transpose:
+        out["transpose"] = section.transpose
+    return out
 
 
 def header_token_limit(file_size: int) -> int:
@@ -293,15 +322,52 @@ def _decode_tensor(name: str, item: Any, fail, unknown) -> tuple[TensorEntry, li
         if not all(type(v) is int and 0 <= v < (1 << 63) for v in (offset, length, crc)) or crc >= (1 << 32):
             raise fail(f"{where}, section {brief(sec_name)}: offset, length and crc32 must be non-negative integers")
         spec = specs.get(sec_name)
-        if spec is not None and length != spec_nbytes(spec):
-            raise fail(
-                f"{where}, section {brief(sec_name)}: length {length} bytes, but shape {shape} needs {spec_nbytes(spec)}"
-            )
-        section = SectionEntry(offset, length, crc)
+        label = f"{where}, section {brief(sec_name)}"
+        encoding, transpose = _section_encoding(raw, spec, label, fail, unknown)
+        if spec is not None:
+            derived = spec_nbytes(spec)
+            if encoding is None and length != derived:
+                raise fail(f"{label}: length {length} bytes, but shape {shape} needs {derived}")
+            if encoding is not None and not (
+                0 < length < derived and derived <= MAX_EXPANSION * length + EXPANSION_SLACK
+            ):
+                raise fail(
+                    f"{label}: a zstd section of {length} bytes for {derived} bytes (it must be shorter, and expand at "
+                    f"most {MAX_EXPANSION}x)"
+                )
+        elif encoding is not None and length == 0:
+            raise fail(f"{label}: an empty zstd section")
+        section = SectionEntry(
+            offset,
+            length,
+            crc,
+            raw_length=-1 if spec is None else spec_nbytes(spec),
+            encoding=encoding,
+            transpose=transpose,
+        )
         spans.append((sec_name, section))
         if spec is not None:
             known[sec_name] = section
     return TensorEntry(name, tuple(shape), dtype, codec, known), spans
+
+
+def _section_encoding(raw: dict, spec: SectionSpec | None, label: str, fail, unknown) -> tuple[str | None, int]:
+    """The optional 1.5 keys ``encoding`` and ``transpose`` of a section entry, validated."""
+    encoding = raw.get("encoding")
+    if encoding is not None:
+        if not isinstance(encoding, str):
+            raise fail(f"{label}: encoding must be a string, got {brief(encoding)}")
+        if encoding not in SECTION_ENCODINGS:
+            raise unknown(f"{label}: unknown encoding {brief(encoding)}")
+    transpose = raw.get("transpose", 0)
+    if "transpose" in raw:
+        if type(transpose) is not int or transpose < 2:
+            raise fail(f"{label}: transpose must be an integer of at least 2, got {brief(transpose)}")
+        if spec is None or spec.dtype != "code" or not 1 <= (spec.bits or 0) <= 8:
+            raise fail(f"{label}: only sections of 1- to 8-bit codes can be transposed")
+        if spec.count % transpose:
+            raise fail(f"{label}: transpose {transpose} does not divide its {spec.count} codes")
+    return encoding, transpose
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

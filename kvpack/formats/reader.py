@@ -17,6 +17,7 @@ import numpy as np
 import zstandard
 
 from kvpack import __version__
+from kvpack.entropy import decompress_section
 from kvpack.errors import (
     ChecksumMismatchError,
     FormatError,
@@ -193,13 +194,19 @@ class KvpReader:
         return list(self._entries.values())
 
     def read_section(self, name: str, section: str) -> np.ndarray:
-        """Raw bytes of one section as a ``uint8`` array, after checking its CRC-32.
+        """The bytes of one section as a ``uint8`` array, after checking its CRC-32 (of the stored
+        bytes) and undoing its zstd stage (format 1.5): ``decoded_length`` bytes, still
+        feature-major when the section is transposed (:func:`kvpack.entropy.untransposed`).
+
+        Memory: a zstd section declares its size, at most 32,768 times its stored length
+        (:data:`kvpack.entropy.MAX_EXPANSION`), checked when the header is read.
 
         Raises:
             TruncatedFileError: the file shrank under us.
             ChecksumMismatchError: the bytes do not match the recorded checksum.
+            FormatError: a zstd section that is not one frame of its declared size.
         """
-        return self._read_checked(self.entry(name).sections[section], f"section {section} of tensor {name!r}")
+        return self._read_decoded(self.entry(name).sections[section], f"section {section} of tensor {name!r}")
 
     def verify(self, decode: bool = False) -> int:
         """Read every section (also those of header keys this reader ignores) and check it.
@@ -221,7 +228,7 @@ class KvpReader:
                 self.read_tensor(entry.name)
             else:
                 for section, where in entry.sections.items():
-                    self._read_checked(where, f"section {section} of tensor {entry.name!r}")
+                    self._read_decoded(where, f"section {section} of tensor {entry.name!r}")
             checked += len(entry.sections)
         for label, section in self._extra_sections:
             self._read_checked(section, label)
@@ -239,6 +246,16 @@ class KvpReader:
         if zlib.crc32(data) != section.crc32:
             raise ChecksumMismatchError(f"{self.path}: checksum mismatch in {label} (the file is corrupted)")
         return np.frombuffer(data, dtype=np.uint8)
+
+    def _read_decoded(self, section: SectionEntry, label: str) -> np.ndarray:
+        """The bytes of one section with its entropy stage undone (still feature-major when transposed)."""
+        data = self._read_checked(section, label)
+        if section.encoding is None:
+            return data
+        try:
+            return np.frombuffer(decompress_section(data, section.decoded_length), dtype=np.uint8)
+        except ValueError as exc:
+            raise FormatError(f"{self.path}: corrupted {label}: {exc}") from None
 
     def read_sections(self, name: str) -> dict[str, np.ndarray]:
         return {section: self.read_section(name, section) for section in self.entry(name).sections}

@@ -19,6 +19,7 @@ import numpy as np
 import zstandard
 
 from kvpack.config import CodecConfig
+from kvpack.entropy import EntropyConfig, compress_section
 from kvpack.errors import FormatError, InvalidInputError, OutputExistsError
 from kvpack.formats.constants import (
     FLAG_HEADER_ZSTD,
@@ -154,7 +155,14 @@ class KvpWriter:
         InvalidInputError: a tensor's sections do not match what its codec declares.
     """
 
-    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None, force: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        metadata: dict[str, str] | None = None,
+        force: bool = False,
+        entropy: EntropyConfig | None = None,
+    ):
+        self.entropy = EntropyConfig() if entropy is None else entropy
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
         for key, value in self.metadata.items():
             if not is_text(key) or not is_text(value):
@@ -196,29 +204,48 @@ class KvpWriter:
         dtype: str,
         codec: CodecConfig | None,
         sections: dict[str, bytes | np.ndarray],
+        transposes: dict[str, int] | None = None,
     ) -> TensorEntry:
         """Append one tensor: ``sections`` maps each section name to its serialized bytes.
+
+        Each section goes through the entropy stage of the writer's :class:`EntropyConfig`
+        (kept only where it makes the section smaller). ``transposes`` names the code sections
+        whose bytes are feature-major (:func:`kvpack.entropy.transpose_width`) and their row length.
 
         Raises:
             InvalidInputError: duplicate name, or sections not as the codec declares them.
         """
+        transposes = transposes or {}
         check_tensor_name(name)
         if any(e.name == name for e in self._entries):
             raise InvalidInputError(f"tensor {name!r} is written twice")
         specs = section_specs(tuple(shape), dtype, codec, name)
         if set(sections) != set(specs):
             raise InvalidInputError(f"tensor {name!r}: sections {sorted(sections)} != declared {sorted(specs)}")
+        views = {}
+        for sec_name, spec in specs.items():  # every section checked before any byte is written
+            views[sec_name] = memoryview(sections[sec_name]).cast("B")
+            if len(views[sec_name]) != spec_nbytes(spec):
+                raise InvalidInputError(
+                    f"tensor {name!r}, section {sec_name}: {len(views[sec_name])} bytes, expected {spec_nbytes(spec)}"
+                )
+            transpose = transposes.get(sec_name, 0)
+            if transpose and (spec.dtype != "code" or not 1 <= spec.bits <= 8 or spec.count % transpose):
+                raise InvalidInputError(f"tensor {name!r}, section {sec_name}: cannot be transposed by {transpose}")
         placed = {}
         for sec_name, spec in specs.items():
-            data = memoryview(sections[sec_name]).cast("B")
-            if len(data) != spec_nbytes(spec):
-                raise InvalidInputError(
-                    f"tensor {name!r}, section {sec_name}: {len(data)} bytes, expected {spec_nbytes(spec)}"
-                )
+            data, transpose = views[sec_name], transposes.get(sec_name, 0)
+            stored, encoding = data, None
+            if self.entropy.applies_to(spec.kind) and len(data):
+                packed = compress_section(data, self.entropy.level, transpose, spec)
+                if len(packed) < len(data):  # only where it pays
+                    stored, encoding = packed, "zstd"
             padding = self._pad_to_alignment()
-            self._file.write(data)
-            placed[sec_name] = SectionEntry(self._position, len(data), zlib.crc32(data), padding)
-            self._position += len(data)
+            self._file.write(stored)
+            placed[sec_name] = SectionEntry(
+                self._position, len(stored), zlib.crc32(stored), padding, len(data), encoding, transpose
+            )
+            self._position += len(stored)
         entry = TensorEntry(name, tuple(int(s) for s in shape), dtype, codec, placed)
         self._entries.append(entry)
         return entry
