@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvpack import __version__
+from kvpack import __version__, fastpath
 from kvpack.allocation import Allocation
 from kvpack.codecs.base import KIND_CODEBOOKS, KIND_CODES, KIND_SCALES
 from kvpack.config import CodecConfig
@@ -121,6 +121,15 @@ def encode_tensor(
     if x.numel() == 0:  # nothing to quantize: every section is its declared size of zeros
         return {section: bytes(spec_nbytes(spec)) for section, spec in specs.items()}
     values = x.detach().to("cpu")
+    transposes = transposes or {}
+    if fastpath.can_encode(values, config, plan, transposes):  # fused kernels, the same bytes
+        arrays = fastpath.encode(name, values, config, plan)
+        return {
+            section: arrays[section]
+            if spec.dtype == "code"
+            else _tensor_bytes(arrays[section].to(TORCH_DTYPES[spec.dtype]))
+            for section, spec in specs.items()
+        }
     check_finite(name, values, config.stack_layers)
     if config.stack_layers:
         values = stacked_view(values)
@@ -129,7 +138,6 @@ def encode_tensor(
     except InvalidInputError as exc:
         raise InvalidInputError(f"tensor {name!r}: {exc}") from None
     out = {}
-    transposes = transposes or {}
     for section, spec in specs.items():
         if spec.dtype == "code":
             codes = arrays[section].reshape(-1)
@@ -164,8 +172,11 @@ def decode_entry(
             return _from_bytes(sections["data"], entry.dtype).reshape(entry.shape).to(out_dtype)
         plan = entry.plan
         layout = plan.layout
+        fast = entry.n_elements > 0 and fastpath.can_decode(entry, out_dtype)
         arrays = {}
         for section, spec in specs.items():
+            if fast and section == "codes":
+                continue
             if spec.dtype == "code":
                 codes = torch.from_numpy(unpack(_as_uint8(sections[section]), spec.bits, spec.count))
                 where = entry.sections.get(section)
@@ -181,6 +192,8 @@ def decode_entry(
                     raise FormatError(f"tensor {entry.name!r}: section {section} holds NaN or infinite values")
         if entry.n_elements == 0:  # the sections were still checked: a tensor-scope codebook exists
             return torch.empty(entry.shape, dtype=out_dtype)
+        if fast:  # fused kernel, the same values
+            return fastpath.decode(entry, _as_uint8(sections["codes"]), arrays, out_dtype)
         decoded = plan.decode(arrays).to(out_dtype)
         return unstacked_view(decoded, entry.shape) if entry.codec.stack_layers else decoded
     except InvalidInputError as exc:

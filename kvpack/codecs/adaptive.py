@@ -12,7 +12,9 @@ over their range, keeping the better), per scope:
 default) or ``group`` (one per group; costs ``L`` float16 values per group). Each element
 is weighted by ``h**2`` of its group, so the k-means objective is the squared error in
 ``x`` rather than in ``z``. Codebooks are stored as float16, sorted; codes are the nearest
-stored level; ``x_hat = c + h * codebook[code]``.
+stored level; ``x_hat = c + h * codebook[code]``. On the token axis, a codebook that would
+see more than ``LLOYD_SAMPLES`` (131,072) values learns from the groups of every k-th token
+only (k the smallest step that brings it under the limit); every value is still coded.
 
 Source: non-uniform, data-derived levels as in KVQuant (Hooper et al., arXiv 2401.18079,
 sensitivity-weighted k-means "nuqX" datatypes); Lloyd, "Least squares quantization in PCM"
@@ -38,6 +40,9 @@ from kvpack.codecs.base import (
 from kvpack.grouping import GroupLayout, from_heads, to_heads
 
 LLOYD_MAX_ITERATIONS = 30
+#: A codebook learns from at most about this many values: Lloyd's sort and prefix sums cost
+#: O(N log N), and 16-256 levels are set well by far fewer samples than a long cache holds.
+LLOYD_SAMPLES = 1 << 17
 LLOYD_TOLERANCE = 1e-6
 
 
@@ -65,15 +70,16 @@ class AdaptiveCodec(Codec):
 
     def encode(self, groups, layout, inlier_mask):
         center, half = self._normalizers(groups, inlier_mask)
+        step = sample_step(layout, self.n_codebooks(layout))
+        if step > 1:  # learn on every step-th token's groups (token axis only)
+            sample = sampled_groups(layout, step)
+            mask = None if inlier_mask is None else inlier_mask[sample]
+            codebook = self.learn(groups[sample], sampled_layout(layout, step), mask, center[sample], half[sample])
+        else:
+            codebook = self.learn(groups, layout, inlier_mask, center, half)
         safe_half = torch.where(half > 0, half, torch.ones_like(half))
         z = (groups - center[:, None]) / safe_half[:, None]
-        weights = (half**2)[:, None].expand_as(groups)
-        if inlier_mask is not None:
-            weights = weights * inlier_mask
-        z_scoped, w_scoped = self._to_scope(z, layout), self._to_scope(weights.contiguous(), layout)
-        codebook = lloyd_codebooks(z_scoped, w_scoped, self.levels)
-        codebook = fp16_nearest(codebook).sort(dim=1).values
-        codes = nearest_level(z_scoped, codebook)
+        codes = nearest_level(self._to_scope(z, layout), codebook)
         arrays = {
             "codes": self._from_scope(codes, layout).to(torch.uint8),
             "codebook": codebook.reshape(-1),
@@ -82,6 +88,18 @@ class AdaptiveCodec(Codec):
         if not self.params.symmetric:
             arrays["zero_point"] = center
         return arrays
+
+    def learn(self, groups, layout, inlier_mask, center, half) -> torch.Tensor:
+        """The codebooks (float32 ``(n_codebooks, L)``, float16 values, sorted) of these groups,
+        normalized by ``center`` and ``half`` (float32 ``(n_groups,)``)."""
+        safe_half = torch.where(half > 0, half, torch.ones_like(half))
+        z = (groups - center[:, None]) / safe_half[:, None]
+        weights = (half**2)[:, None].expand_as(groups)
+        if inlier_mask is not None:
+            weights = weights * inlier_mask
+        z_scoped, w_scoped = self._to_scope(z, layout), self._to_scope(weights.contiguous(), layout)
+        codebook = lloyd_codebooks(z_scoped, w_scoped, self.levels)
+        return fp16_nearest(codebook).sort(dim=1).values
 
     def decode(self, arrays, layout):
         n_books = self.n_codebooks(layout)
@@ -109,6 +127,28 @@ class AdaptiveCodec(Codec):
         if self.params.codebook_scope == "head":
             return from_heads(values, layout)
         return values.reshape(layout.n_groups, layout.group_size)
+
+
+def sample_step(layout: GroupLayout, n_codebooks: int) -> int:
+    """Learn from every ``step``-th token when a codebook would see more than :data:`LLOYD_SAMPLES`
+    values (token axis only; channel-axis groups and per-group codebooks learn from everything)."""
+    if layout.axis != "token" or n_codebooks >= layout.n_groups or not layout.n_elements:
+        return 1
+    per_book = layout.n_elements // max(1, n_codebooks)
+    return max(1, -(-per_book // LLOYD_SAMPLES))
+
+
+def sampled_groups(layout: GroupLayout, step: int) -> torch.Tensor:
+    """Indices of the groups of tokens ``0, step, 2·step, …`` of every batch row (token axis)."""
+    batch, _, tokens, _ = layout.shape
+    per_row = layout.features // layout.group_size
+    index = torch.arange(layout.n_groups).reshape(batch, tokens, per_row)
+    return index[:, ::step].reshape(-1)
+
+
+def sampled_layout(layout: GroupLayout, step: int) -> GroupLayout:
+    batch, heads, tokens, head_dim = layout.shape
+    return GroupLayout((batch, heads, -(-tokens // step), head_dim), layout.group_size, layout.axis)
 
 
 def nearest_level(values: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

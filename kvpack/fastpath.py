@@ -1,0 +1,212 @@
+"""The fused encode / decode of plain token-axis tensors (:mod:`kvpack.kernels`), bit for bit the torch path.
+
+A tensor takes the fast path when it is float16 or bfloat16, its codec is ``uniform``,
+``normal`` with ``minmax`` normalization, or ``adaptive`` with ``minmax`` normalization and a
+``tensor`` or ``head`` codebook scope, its groups lie on the token axis, it has no outliers,
+protected tokens, rotation, un-RoPE, stacked layers or mixed widths, and its codes are stored
+feature-major (format 1.5 §6.3, the default). Everything else goes through
+:class:`kvpack.pipeline.TensorPlan`. Both give the same bytes (``tests/test_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvpack import kernels
+from kvpack.codecs.adaptive import sample_step, sampled_groups, sampled_layout
+from kvpack.codecs.base import FP16_MAX, check_fp16_range, fp16_nearest, fp16_round_down, fp16_round_up
+from kvpack.config import CodecConfig
+from kvpack.grouping import to_groups
+from kvpack.pipeline import TensorPlan
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+OUT_KINDS = {
+    torch.float16: kernels.OUT_FLOAT16,
+    torch.bfloat16: kernels.OUT_BFLOAT16,
+    torch.float32: kernels.OUT_FLOAT32,
+}
+
+
+def plain_codec(config: CodecConfig, plan: TensorPlan) -> bool:
+    """True when the tensor's codec and layout are ones the kernels handle (see the module docstring)."""
+    params = config.params
+    if config.method == "uniform":
+        ok = True
+    elif config.method == "normal":
+        ok = params.normalization == "minmax"
+    elif config.method == "adaptive":
+        ok = params.normalization == "minmax" and params.codebook_scope in ("tensor", "head")
+    else:
+        return False
+    return (
+        ok
+        and not config.width_counts
+        and not config.stack_layers
+        and config.outlier_ratio == 0
+        and config.rotate == "none"
+        and not plan.unrope
+        and plan.axis == "token"
+        and plan.kept_tokens == 0
+        and plan.layout.n_elements > 0
+    )
+
+
+def can_encode(x: torch.Tensor, config: CodecConfig | None, plan: TensorPlan, transposes: dict[str, int]) -> bool:
+    return (
+        config is not None
+        and x.dtype in HALF_DTYPES
+        and plain_codec(config, plan)
+        and transposes.get("codes") == plan.layout.features
+    )
+
+
+def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) -> dict[str, torch.Tensor | bytes]:
+    """The arrays of a plain tensor's sections, ``codes`` already packed feature-major (bytes).
+
+    Raises:
+        InvalidInputError: NaN / Inf values, or values beyond the float16 range of the metadata
+            (the messages of the torch path).
+    """
+    from kvpack.api import check_finite
+
+    layout = plan.layout
+    batch, heads, tokens, head_dim = layout.shape
+    group, bits = layout.group_size, config.bits
+    bits16, table = kernels.half_bits(x)
+    lo = np.empty(layout.n_groups, np.float32)
+    hi = np.empty(layout.n_groups, np.float32)
+    if kernels.group_min_max(bits16, table, batch, heads, tokens, head_dim, group, lo, hi):
+        check_finite(name, x)  # raises, naming the count
+    lo_t, hi_t = torch.from_numpy(lo), torch.from_numpy(hi)
+    peak = torch.maximum(lo_t.abs(), hi_t.abs())
+    if layout.n_groups and float(peak.max()) > FP16_MAX / 2:
+        check_fp16_range(peak[:, None])  # raises
+    top = (1 << bits) - 1
+    codec = config.make_codec()
+    bounds = np.zeros((1, 1), np.float32)
+    books = np.zeros(layout.features, np.int64)
+    arrays: dict[str, torch.Tensor | bytes] = {}
+    symmetric = config.params.symmetric
+    if config.method == "uniform":
+        if symmetric:
+            scale = fp16_round_up(peak * (2.0 / top))
+            offset, mode = torch.zeros_like(scale), kernels.MODE_UNIFORM_SYMMETRIC
+        else:
+            offset = fp16_round_down(lo_t)
+            scale = fp16_round_up((hi_t - offset) / top)
+            mode = kernels.MODE_UNIFORM_ASYMMETRIC
+            arrays["zero_point"] = offset
+        arrays["scale"] = scale
+    else:
+        if symmetric:
+            offset, scale = torch.zeros(layout.n_groups), fp16_round_up(peak)
+        else:
+            offset = fp16_nearest((lo_t + hi_t) / 2)
+            scale = fp16_round_up(torch.maximum(hi_t - offset, offset - lo_t))
+            arrays["zero_point"] = offset
+        arrays["scale"] = scale
+        mode = kernels.MODE_LEVELS
+        if config.method == "normal":
+            levels = codec.levels_for()[None, :]
+        else:
+            levels = _learn_codebooks(codec, x, layout, offset, scale)
+            arrays["codebook"] = levels.reshape(-1)
+            if config.params.codebook_scope == "head":
+                books = np.arange(layout.features, dtype=np.int64) // head_dim
+        bounds = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous().numpy()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = np.zeros(kernels.packed_length(layout.n_elements, bits), np.uint8)
+    kernels.pack_feature_major(
+        bits16,
+        table,
+        batch,
+        heads,
+        tokens,
+        head_dim,
+        group,
+        bits,
+        mode,
+        offset.contiguous().numpy(),
+        safe.contiguous().numpy(),
+        top,
+        bounds,
+        books,
+        codes,
+    )
+    arrays["codes"] = codes.tobytes()
+    return arrays
+
+
+def _learn_codebooks(codec, x: torch.Tensor, layout, center: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """The adaptive codec's codebooks, learned from the same groups as the torch path learns from."""
+    step = sample_step(layout, codec.n_codebooks(layout))
+    if step > 1:
+        index = sampled_groups(layout, step)
+        sub = sampled_layout(layout, step)
+        groups = to_groups(x[:, :, ::step].to(torch.float32), sub)
+        return codec.learn(groups, sub, None, center[index], half[index])
+    return codec.learn(to_groups(x.to(torch.float32), layout), layout, None, center, half)
+
+
+def can_decode(entry, out_dtype: torch.dtype) -> bool:
+    codes = entry.sections.get("codes")
+    return (
+        entry.codec is not None
+        and out_dtype in OUT_KINDS
+        and codes is not None
+        and plain_codec(entry.codec, entry.plan)
+        and codes.transpose == entry.plan.layout.features
+    )
+
+
+def decode(entry, codes: np.ndarray, arrays: dict[str, torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """A plain tensor from its feature-major code bytes and its float32 ``scale`` / ``zero_point`` /
+    ``codebook`` arrays, as ``out_dtype`` of the entry's shape.
+
+    Raises:
+        InvalidInputError: decoded values that overflow float32 (no encoder writes such scales).
+    """
+    from kvpack.errors import InvalidInputError
+
+    config, layout = entry.codec, entry.plan.layout
+    batch, heads, tokens, head_dim = layout.shape
+    codec = config.make_codec()
+    books = np.zeros(layout.features, np.int64)
+    if config.method == "uniform":
+        levels = torch.arange(1 << config.bits, dtype=torch.float32)
+        if config.params.symmetric:
+            levels = levels - ((1 << config.bits) - 1) / 2.0
+        levels = levels[None, :]
+    elif config.method == "normal":
+        levels = codec.levels_for()[None, :]
+    else:
+        levels = arrays["codebook"].reshape(-1, 1 << config.bits)
+        if config.params.codebook_scope == "head":
+            books = np.arange(layout.features, dtype=np.int64) // head_dim
+    has_zero = "zero_point" in arrays
+    zero = arrays["zero_point"] if has_zero else torch.zeros(1)
+    kind = OUT_KINDS[out_dtype]
+    out = np.empty(layout.n_elements, np.float32 if kind == kernels.OUT_FLOAT32 else np.uint16)
+    bad = kernels.unpack_feature_major(
+        codes,
+        batch,
+        heads,
+        tokens,
+        head_dim,
+        layout.group_size,
+        config.bits,
+        levels.contiguous().numpy(),
+        books,
+        arrays["scale"].contiguous().numpy(),
+        zero.contiguous().numpy(),
+        has_zero,
+        kind,
+        out,
+    )
+    if bad:
+        raise InvalidInputError("decoded values overflow float32; no encoder writes such scales")
+    values = torch.from_numpy(out if kind == kernels.OUT_FLOAT32 else out.view(np.int16))
+    if kind != kernels.OUT_FLOAT32:
+        values = values.view(out_dtype)
+    return values.reshape(entry.shape)

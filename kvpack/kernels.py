@@ -1,0 +1,302 @@
+"""Fused CPU kernels (numba) for the common case of the grouped codecs: one pass per step.
+
+The torch pipeline (:mod:`kvpack.pipeline`) makes several passes over a tensor: float32 copy,
+group view, min/max, scale, round, clamp, pack, feature-major transpose. For a plain token-axis
+tensor (float16 or bfloat16, no outliers, protected tokens, rotation, un-RoPE or mixed widths,
+codes stored feature-major, format 1.5 §6.3) these kernels do the same work in two passes to
+encode (group statistics, then codes packed straight into the feature-major stream) and one to
+decode (codes to values of the output dtype), on every core (``numba.prange``).
+
+The results are exactly those of the torch path: the same float32 operations in the same order
+(no fused multiply-add: numba does not contract without ``fastmath``), rounding half to even
+(``np.rint``, like ``torch.round``), and float16 / bfloat16 outputs rounded to nearest even, as
+``torch.Tensor.to`` does. ``tests/test_kernels.py`` checks the codes and the decoded values
+against the torch path bit for bit on real caches. Speed: ``bench/speed.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+#: Features one kernel task packs: a cache line of float16 values, and a whole number of bytes
+#: of codes at any width (32 * m * bits is a multiple of 8), so tasks never share an output byte.
+FEATURE_BLOCK = 32
+#: Tokens (rows) one decode task handles.
+ROW_BLOCK = 4096
+
+MODE_UNIFORM_ASYMMETRIC, MODE_UNIFORM_SYMMETRIC, MODE_LEVELS = 0, 1, 2
+OUT_FLOAT16, OUT_BFLOAT16, OUT_FLOAT32 = 0, 1, 2
+
+#: float32 value of every float16 / bfloat16 bit pattern (256 KiB each: the table stays in cache).
+_HALF_BITS = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+FLOAT16_VALUES = _HALF_BITS.view(np.float16).astype(np.float32)
+BFLOAT16_VALUES = (_HALF_BITS.astype(np.uint32) << 16).view(np.float32)
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` cores in the kernels (at most numba's pool size)."""
+    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+
+
+@njit(cache=True, inline="always")
+def _float_bits(value):
+    """The IEEE bits of a float32 scalar, as uint32."""
+    holder = np.empty(1, np.float32)
+    holder[0] = value
+    return holder.view(np.uint32)[0]
+
+
+@njit(cache=True, inline="always")
+def float32_to_float16_bits(value):
+    """float32 -> float16 bits, round to nearest even, overflow to infinity (as ``torch.Tensor.half``)."""
+    x = np.uint32(_float_bits(value))
+    sign = np.uint32((x >> np.uint32(16)) & np.uint32(0x8000))
+    x = x & np.uint32(0x7FFFFFFF)
+    if x >= np.uint32(0x7F800000):  # inf or NaN
+        half = np.uint32(0x7C00) | (np.uint32(0x200) if x > np.uint32(0x7F800000) else np.uint32(0))
+    elif x >= np.uint32(0x477FF000):  # >= 65520: rounds to infinity
+        half = np.uint32(0x7C00)
+    elif x < np.uint32(0x38800000):  # below 2^-14: a subnormal float16 or zero
+        if x <= np.uint32(0x33000000):  # at most 2^-25: rounds to zero (2^-25 is a tie, to even 0)
+            half = np.uint32(0)
+        else:
+            exponent = x >> np.uint32(23)
+            mantissa = (x & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+            shift = np.uint32(126) - exponent
+            half = mantissa >> shift
+            rest = mantissa & ((np.uint32(1) << shift) - np.uint32(1))
+            tie = np.uint32(1) << (shift - np.uint32(1))
+            if rest > tie or (rest == tie and (half & np.uint32(1))):
+                half += np.uint32(1)
+    else:
+        half = (x - np.uint32(0x38000000)) >> np.uint32(13)
+        rest = x & np.uint32(0x1FFF)
+        if rest > np.uint32(0x1000) or (rest == np.uint32(0x1000) and (half & np.uint32(1))):
+            half += np.uint32(1)  # a carry into the exponent is the right rounding (up to infinity)
+    return np.uint16(half | sign)
+
+
+@njit(cache=True, inline="always")
+def float32_to_bfloat16_bits(value):
+    """float32 -> bfloat16 bits, round to nearest even (NaN stays NaN), as ``torch.Tensor.bfloat16``."""
+    x = np.uint32(_float_bits(value))
+    if (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16((x >> np.uint32(16)) | np.uint32(0x40))
+    rounding = np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))
+    return np.uint16((x + rounding) >> np.uint32(16))
+
+
+@njit(parallel=True, cache=True)
+def group_min_max(x, table, batch, heads, tokens, head_dim, group, lo, hi):
+    """Per token-axis group: min and max of the values (float32); returns the count of NaN / Inf.
+
+    ``x``: the uint16 bits of a contiguous ``(batch, heads, tokens, head_dim)`` float16 /
+    bfloat16 tensor, flattened; ``table``: float32 of every bit pattern; ``lo``, ``hi``:
+    float32 ``(n_groups,)`` outputs, groups in §5 order (rows of ``heads * head_dim`` features).
+    """
+    per_row = heads * head_dim // group
+    bad = 0
+    for row in prange(batch * tokens):
+        b = row // tokens
+        s = row - b * tokens
+        g = row * per_row
+        count = 0
+        low = np.float32(np.inf)
+        high = np.float32(-np.inf)
+        for h in range(heads):
+            base = ((b * heads + h) * tokens + s) * head_dim
+            for d in range(head_dim):
+                v = table[x[base + d]]
+                bad += not (v - v == 0)
+                low = min(low, v)
+                high = max(high, v)
+                count += 1
+                if count == group:
+                    lo[g] = low
+                    hi[g] = high
+                    g += 1
+                    count = 0
+                    low = np.float32(np.inf)
+                    high = np.float32(-np.inf)
+    return bad
+
+
+@njit(cache=True, inline="always")
+def _code_of(v, mode, zero, scale, top, half_top, bounds, book, n_bounds):
+    if mode == 0:
+        q = np.rint((v - zero) / scale)
+        return np.uint64(min(max(q, np.float32(0.0)), np.float32(top)))
+    if mode == 1:
+        q = np.rint(v / scale + half_top)
+        return np.uint64(min(max(q, np.float32(0.0)), np.float32(top)))
+    z = (v - zero) / scale
+    low, high = 0, n_bounds
+    while low < high:  # the first bound >= z (torch.bucketize)
+        mid = (low + high) >> 1
+        if bounds[book, mid] < z:
+            low = mid + 1
+        else:
+            high = mid
+    return np.uint64(low)
+
+
+@njit(parallel=True, cache=True)
+def pack_feature_major(
+    x, table, batch, heads, tokens, head_dim, group, bits, mode, offset, scale, top, bounds, book_of_feature, out
+):
+    """Codes of every value, packed ``bits`` wide into the feature-major stream of format 1.5 §6.3.
+
+    ``mode``: uniform asymmetric ``q = clamp(rint((v - offset[g]) / scale[g]), 0, top)``; uniform
+    symmetric ``q = clamp(rint(v / scale[g] + top / 2), 0, top)``; levels: ``z = (v - offset[g]) /
+    scale[g]`` and ``q`` = the number of ``bounds[book]`` below ``z`` (``torch.bucketize``), with
+    ``book = book_of_feature[feature]``. ``scale`` is already safe (no zeros). ``out``: zeroed
+    uint8 of ``ceil(n * bits / 8)`` bytes. Each task packs ``FEATURE_BLOCK`` features, tokens
+    in tiles of ``ROW_BLOCK`` (a tile's cache lines stay in cache while its features are read).
+    """
+    features = heads * head_dim
+    rows = batch * tokens
+    per_row = features // group
+    blocks = (features + FEATURE_BLOCK - 1) // FEATURE_BLOCK
+    half_top = np.float32(top / 2.0)
+    n_bounds = bounds.shape[1]
+    plane = tokens * head_dim
+    for block in prange(blocks):
+        c0 = block * FEATURE_BLOCK
+        c1 = min(features, c0 + FEATURE_BLOCK)
+        acc = np.zeros(FEATURE_BLOCK, np.uint64)
+        filled = np.zeros(FEATURE_BLOCK, np.int64)
+        position = np.zeros(FEATURE_BLOCK, np.int64)
+        for c in range(c0, c1):
+            start = c * rows * bits
+            position[c - c0] = start // 8
+            filled[c - c0] = start % 8  # the first byte is shared with the previous feature: OR into it
+        for r0 in range(0, rows, ROW_BLOCK):
+            r1 = min(rows, r0 + ROW_BLOCK)
+            for c in range(c0, c1):
+                k = c - c0
+                h = c // head_dim
+                column = h * plane + (c - h * head_dim)
+                book = book_of_feature[c]
+                gcol = c // group
+                word = acc[k]
+                used = filled[k]
+                at = position[k]
+                b = r0 // tokens
+                s = r0 - b * tokens
+                src = b * heads * plane + s * head_dim + column
+                g = r0 * per_row + gcol
+                for _ in range(r0, r1):
+                    v = table[x[src]]
+                    src += head_dim
+                    s += 1
+                    if s == tokens:  # next batch row
+                        s = 0
+                        src += (heads - 1) * plane
+                    code = _code_of(v, mode, offset[g], scale[g], top, half_top, bounds, book, n_bounds)
+                    g += per_row
+                    word |= code << np.uint64(used)
+                    used += bits
+                    if used >= 32:
+                        for _ in range(4):
+                            out[at] |= np.uint8(word & np.uint64(0xFF))
+                            word >>= np.uint64(8)
+                            at += 1
+                        used -= 32
+                acc[k] = word
+                filled[k] = used
+                position[k] = at
+        for k in range(c1 - c0):
+            word = acc[k]
+            used = filled[k]
+            at = position[k]
+            while used > 0:
+                out[at] |= np.uint8(word & np.uint64(0xFF))
+                word >>= np.uint64(8)
+                at += 1
+                used -= 8
+
+
+@njit(parallel=True, cache=True)
+def unpack_feature_major(
+    codes, batch, heads, tokens, head_dim, group, bits, levels, book_of_feature, scale, zero, has_zero, out_kind, out
+):
+    """Values of every element from the feature-major stream: ``levels[book, q] * scale[g] (+ zero[g])``
+    in float32, written as ``out_kind`` (float16 / bfloat16 bits into uint16 ``out``, or float32).
+    Returns the count of non-finite float32 results (no encoder writes scales that give them)."""
+    features = heads * head_dim
+    rows = batch * tokens
+    per_row = features // group
+    blocks = (features + FEATURE_BLOCK - 1) // FEATURE_BLOCK
+    chunks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
+    mask = np.uint64((1 << bits) - 1)
+    n_bytes = codes.shape[0]
+    plane = tokens * head_dim
+    bad = 0
+    for task in prange(blocks * chunks):
+        block = task // chunks
+        chunk = task - block * chunks
+        c0 = block * FEATURE_BLOCK
+        c1 = min(features, c0 + FEATURE_BLOCK)
+        r0 = chunk * ROW_BLOCK
+        r1 = min(rows, r0 + ROW_BLOCK)
+        for c in range(c0, c1):
+            h = c // head_dim
+            column = h * plane + (c - h * head_dim)
+            book = book_of_feature[c]
+            gcol = c // group
+            bit = (c * rows + r0) * bits
+            at = bit >> 3
+            used = bit & 7
+            word = np.uint64(0)
+            have = 0  # bits in word
+            while have < 56 and at < n_bytes:
+                word |= np.uint64(codes[at]) << np.uint64(have)
+                at += 1
+                have += 8
+            word >>= np.uint64(used)
+            have -= used
+            b = r0 // tokens
+            s = r0 - b * tokens
+            index = b * heads * plane + s * head_dim + column
+            g = r0 * per_row + gcol
+            for _ in range(r0, r1):
+                if have < bits:
+                    while have <= 56 and at < n_bytes:
+                        word |= np.uint64(codes[at]) << np.uint64(have)
+                        at += 1
+                        have += 8
+                q = word & mask
+                word >>= np.uint64(bits)
+                have -= bits
+                v = levels[book, q] * scale[g]
+                if has_zero:
+                    v = v + zero[g]
+                g += per_row
+                bad += not (v - v == 0)
+                if out_kind == 0:
+                    out[index] = float32_to_float16_bits(v)
+                elif out_kind == 1:
+                    out[index] = float32_to_bfloat16_bits(v)
+                else:
+                    out[index] = v
+                index += head_dim
+                s += 1
+                if s == tokens:  # next batch row
+                    s = 0
+                    index += (heads - 1) * plane
+    return bad
+
+
+def half_bits(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The uint16 bits of a contiguous float16 / bfloat16 tensor (no copy) and the table of their values."""
+    table = FLOAT16_VALUES if x.dtype == torch.float16 else BFLOAT16_VALUES
+    return x.contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16), table
+
+
+def packed_length(count: int, bits: int) -> int:
+    return math.ceil(count * bits / 8)
