@@ -722,7 +722,8 @@ def compress_file(
             raise InvalidInputError("input and output are the same file")
         shapes = {name: source.shape_dtype(name) for name in names}
         stats = {name: source.get(name) for name in source.keys() if is_stats_tensor(name)}
-        file_metadata = _file_metadata(source.metadata, config, allocation)
+        # sorted: safetensors hands the metadata over in a different order each run; same input, same bytes
+        file_metadata = _file_metadata(dict(sorted(source.metadata.items())), config, allocation)
         mixed = _allocate(layout, shapes, source.get, config, allocation, stats, file_metadata)
         with KvpWriter(output_path, file_metadata, force=force, entropy=entropy) as writer:
             for index, (entry_name, sources, codec) in enumerate(layout):

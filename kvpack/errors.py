@@ -47,6 +47,19 @@ class ModelUnavailableError(KvpackError):
     """The requested model (or the optional model dependencies) cannot be loaded."""
 
 
+def error_message(exc: KvpackError | OSError) -> str:
+    """The text kvpack prints after ``error: `` for a known error, on one line.
+
+    A :class:`KvpackError` says what went wrong itself; an ``OSError`` (the environment: disk
+    full, permissions, a vanished file) gives its reason and the file it concerns.
+    """
+    if isinstance(exc, KvpackError):
+        text = str(exc)
+    else:
+        text = f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+    return " ".join(text.splitlines())
+
+
 def brief_list(values, most: int = 5) -> str:
     """Up to ``most`` values, each cut by :func:`brief`, then "and N more"."""
     values = list(values)

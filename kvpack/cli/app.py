@@ -20,7 +20,7 @@ from kvpack.cli import (
     stats_cmd,
     sweep_cmd,
 )
-from kvpack.errors import KvpackError
+from kvpack.errors import KvpackError, error_message
 
 app = typer.Typer(
     name="kvpack",
@@ -88,7 +88,7 @@ def _run(argv: list[str] | None) -> int:
     try:
         code = app(args=argv, prog_name="kvpack", standalone_mode=False)
     except KvpackError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
     except typer.TyperException as exc:  # usage errors raised by the vendored Click
         if type(exc).__name__ == "NoArgsIsHelpError":
@@ -97,8 +97,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"error: {exc.format_message()} (see kvpack --help)", file=sys.stderr)
         return 2
     except OSError as exc:  # the environment, not a bug: disk full, permissions, a vanished file
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
     except (typer.Abort, KeyboardInterrupt):
         code = 130

@@ -13,6 +13,7 @@ from kvpack.cli.options import (
     BitsMin,
     CodebookScope,
     Force,
+    Jobs,
     JsonPath,
     KeepFirst,
     KeepLast,
@@ -63,10 +64,22 @@ def register(app: typer.Typer) -> None:
 
 
 def compress(
-    input: Annotated[Path, typer.Argument(help="Input .safetensors dump.", dir_okay=False, metavar="INPUT")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Input .safetensors dump(s): files, directories (their *.safetensors) or quoted glob patterns.",
+            metavar="INPUT",
+        ),
+    ],
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Output .kvp (default: INPUT with .kvp).", dir_okay=False)
+        Optional[Path],
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output .kvp (default: INPUT with .kvp); with several inputs an existing directory (DIR/<name>.kvp).",
+        ),
     ] = None,
+    jobs: Jobs = 1,
     preset: PresetName = None,
     method: MaybeMethod = None,
     bits: MaybeBits = None,
@@ -102,15 +115,27 @@ def compress(
 
     Examples: kvpack compress cache.safetensors --method adaptive --bits 3 --group-size 64;
     kvpack compress cache.safetensors --preset kivi-2;
-    kvpack compress cache.safetensors --method uniform --bits 3 --key-axis channel --unrope --keep-first 1
+    kvpack compress cache.safetensors --method uniform --bits 3 --key-axis channel --unrope --keep-first 1;
+    kvpack compress store/ 'more/*.safetensors' -o packed/ --jobs 0 (many files: a summary table, exit 2 if any failed)
     """
     from kvpack.api import compress_file, kv_dims
+    from kvpack.batch import expand_inputs, output_path, resolve_jobs
     from kvpack.formats.writer import check_output_path
 
     flags = codec_flags(locals())
     allocation = build_allocation(locals())
     entropy = build_entropy(zstd_level, zstd_kinds, no_transpose)
     config = build_codec(flags)  # every flag checked before the input is read
+    workers = resolve_jobs(jobs)
+    expansion = expand_inputs(inputs)
+    if expansion.batch:
+        from kvpack.cli.compress_batch import compress_many
+
+        compress_many(expansion, output, flags, config, allocation, workers, json_path, force)
+        return
+    input = expansion.files[0]
+    if output is not None and output.is_dir():  # as in the batch form: DIR/<name>.kvp
+        output = output_path(input, output)
     if level is not None:
         config = build_codec(flags, kv_dims(input))
     output = output or input.with_suffix(".kvp")

@@ -33,6 +33,9 @@ Normalization = Annotated[
     ),
 ]
 PerLayer = Annotated[bool, typer.Option("--per-layer", help="Add a row per layer.")]
+Jobs = Annotated[
+    int, typer.Option("--jobs", "-j", help="Files compressed at once, each in its own process (0: one per CPU core).")
+]
 DumpDtype = Annotated[
     str, typer.Option("--dtype", help="dtype of the stored K/V tensors: float16 | bfloat16 | float32.")
 ]
