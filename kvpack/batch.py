@@ -33,6 +33,7 @@ from pathlib import Path
 
 from kvpack.allocation import Allocation
 from kvpack.config import CodecConfig
+from kvpack.entropy import EntropyConfig
 from kvpack.errors import InvalidInputError, KvpackError, error_message
 
 #: Suffix of the dumps a directory argument stands for.
@@ -142,13 +143,14 @@ def plan_outputs(files: Sequence[Path], output_dir: Path | None = None) -> list[
 
 @dataclass(frozen=True)
 class Job:
-    """One file to compress: ``compress_file(input, output, config, force=force, allocation=allocation)``."""
+    """One file to compress: ``compress_file(input, output, config, force=..., allocation=..., entropy=...)``."""
 
     input: Path
     output: Path
     config: CodecConfig
     allocation: Allocation | None = None
     force: bool = False
+    entropy: EntropyConfig | None = None
 
 
 def record(
@@ -182,7 +184,9 @@ def run_job(job: Job) -> dict:
 
     start = time.perf_counter()
     try:
-        report = compress_file(job.input, job.output, job.config, force=job.force, allocation=job.allocation)
+        report = compress_file(
+            job.input, job.output, job.config, force=job.force, allocation=job.allocation, entropy=job.entropy
+        )
     except _WorkerStopped as exc:  # the output's temp file is gone (atomic_output); end the worker quietly
         os._exit(exc.code)
     except (KvpackError, OSError) as exc:

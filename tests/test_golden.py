@@ -447,9 +447,7 @@ def test_only_the_rotated_and_unroped_tensors_are_compared_to_float32_accuracy()
         "uniform-a4-kchannel-g2-unrope-partial-bf16": ["layers.0.key"],
     }
     assert {name: tensors for name, tensors in approximate.items() if tensors} == {
-        f"{folder}/{name}": tensors
-        for folder in ("v1.2", "v1.3", "v1.4", "v1.5")
-        for name, tensors in expected.items()
+        f"{folder}/{name}": tensors for folder in ("v1.2", "v1.3", "v1.4", "v1.5") for name, tensors in expected.items()
     } | {
         f"{folder}/uniform-a3-kchannel-g4-all-layers-unrope-hadamard": [
             "layers.0.key",

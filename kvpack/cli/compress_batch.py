@@ -15,6 +15,7 @@ from kvpack.batch import Expansion, Job, plan_outputs, record, run_jobs, same_fi
 from kvpack.cli.options import build_codec
 from kvpack.cli.render import console, err_console, fmt_num, fmt_sci, human_bytes, print_json, progress_bar, say
 from kvpack.config import CodecConfig
+from kvpack.entropy import EntropyConfig
 from kvpack.errors import InvalidInputError, KvpackError, error_message
 
 
@@ -27,6 +28,7 @@ def compress_many(
     workers: int,
     json_path: Path | None,
     force: bool,
+    entropy: EntropyConfig | None = None,
 ) -> None:
     """Compress every file of ``expansion`` with ``config`` (per file when ``--level`` needs its dims).
 
@@ -56,7 +58,7 @@ def compress_many(
         except (KvpackError, OSError) as exc:
             slots.append(record(path, output, error=error_message(exc)))
             continue
-        jobs.append((len(slots), Job(path, output, file_config, allocation, force)))
+        jobs.append((len(slots), Job(path, output, file_config, allocation, force, entropy)))
         slots.append(None)
     for failed in [*results, *(s for s in slots if s is not None)]:
         _error_line(failed)

@@ -131,7 +131,7 @@ def compress(
     if expansion.batch:
         from kvpack.cli.compress_batch import compress_many
 
-        compress_many(expansion, output, flags, config, allocation, workers, json_path, force)
+        compress_many(expansion, output, flags, config, allocation, workers, json_path, force, entropy)
         return
     input = expansion.files[0]
     if output is not None and output.is_dir():  # as in the batch form: DIR/<name>.kvp
