@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvpack import kernels
 from kvpack.codecs.adaptive import sample_step, sampled_groups, sampled_layout
 from kvpack.codecs.base import FP16_MAX, check_fp16_range, fp16_nearest, fp16_round_down, fp16_round_up
 from kvpack.config import CodecConfig
@@ -21,11 +20,8 @@ from kvpack.grouping import to_groups
 from kvpack.pipeline import TensorPlan
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-OUT_KINDS = {
-    torch.float16: kernels.OUT_FLOAT16,
-    torch.bfloat16: kernels.OUT_BFLOAT16,
-    torch.float32: kernels.OUT_FLOAT32,
-}
+#: Output dtypes of the decode kernel (``kvpack.kernels.OUT_*``); numba is imported on first use.
+OUT_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
 def plain_codec(config: CodecConfig, plan: TensorPlan) -> bool:
@@ -68,6 +64,7 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
         InvalidInputError: NaN / Inf values, or values beyond the float16 range of the metadata
             (the messages of the torch path).
     """
+    from kvpack import kernels
     from kvpack.api import check_finite
 
     layout = plan.layout
@@ -167,6 +164,7 @@ def decode(entry, codes: np.ndarray, arrays: dict[str, torch.Tensor], out_dtype:
     Raises:
         InvalidInputError: decoded values that overflow float32 (no encoder writes such scales).
     """
+    from kvpack import kernels
     from kvpack.errors import InvalidInputError
 
     config, layout = entry.codec, entry.plan.layout

@@ -38,7 +38,23 @@ def distinct_per_token(tensors: dict, role: str) -> torch.Tensor:
 def test_cli_token_level_shares_one_grid_per_token_across_all_layers(tmp_path, real_dump, capsys):
     out, restored = tmp_path / "token.kvp", tmp_path / "token.safetensors"
     code, stdout, err = run(
-        ["compress", real_dump, "-o", out, "-m", "uniform", "-b", "3", "--level", "token", "--json", "-"], capsys
+        [
+            "compress",
+            real_dump,
+            "-o",
+            out,
+            "-m",
+            "uniform",
+            "-b",
+            "3",
+            "--level",
+            "token",
+            "--zstd-level",
+            "0",
+            "--json",
+            "-",
+        ],
+        capsys,
     )
     assert code == 0, err
     report = json.loads(stdout)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from kvpack.api import compress_tensors, decode_entry, encode_tensor, load_kvp
 from kvpack.cli.app import main
 from kvpack.config import CodecConfig
+from kvpack.entropy import EntropyConfig
 from kvpack.errors import InvalidInputError
 from kvpack.formats.header import TensorEntry
 from kvpack.formats.reader import KvpReader
@@ -166,7 +167,9 @@ def test_protected_and_remainder_tokens_are_exact_and_counted(seq, keep_first, k
 def test_exact_tokens_show_in_the_bits_per_element(tmp_path, real_tensors):
     tensors = {n: t for n, t in real_tensors.items() if n.startswith("layers.0.")}
     seq = tensors["layers.0.key"].shape[2]
-    entries = compress_tensors(tensors, tmp_path / "k.kvp", config("uniform", 2, 32, keep_first=4, keep_last=60))
+    entries = compress_tensors(
+        tensors, tmp_path / "k.kvp", config("uniform", 2, 32, keep_first=4, keep_last=60), entropy=EntropyConfig.off()
+    )
     from kvpack.api import build_report
 
     bits = build_report(entries, (tmp_path / "k.kvp").stat().st_size, None)["rows"]["all"]["bits_per_element"]
