@@ -44,47 +44,36 @@ def set_threads(threads: int) -> None:
 
 
 @njit(cache=True, inline="always")
-def _float_bits(value):
-    """The IEEE bits of a float32 scalar, as uint32."""
-    holder = np.empty(1, np.float32)
-    holder[0] = value
-    return holder.view(np.uint32)[0]
-
-
-@njit(cache=True, inline="always")
-def float32_to_float16_bits(value):
-    """float32 -> float16 bits, round to nearest even, overflow to infinity (as ``torch.Tensor.half``)."""
-    x = np.uint32(_float_bits(value))
-    sign = np.uint32((x >> np.uint32(16)) & np.uint32(0x8000))
+def float16_bits_of(x):
+    """float32 bits ``x`` (uint32) -> float16 bits, round to nearest even, overflow to infinity (as
+    ``torch.Tensor.half``)."""
+    sign = (x >> np.uint32(16)) & np.uint32(0x8000)
     x = x & np.uint32(0x7FFFFFFF)
+    if np.uint32(0x38800000) <= x < np.uint32(0x477FF000):  # a normal float16 (the common case)
+        # adding 0xFFF plus the lowest kept bit, then dropping 13 bits, rounds half to even
+        x = x - np.uint32(0x38000000)
+        return np.uint16(((x + np.uint32(0x0FFF) + ((x >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)) | sign)
     if x >= np.uint32(0x7F800000):  # inf or NaN
-        half = np.uint32(0x7C00) | (np.uint32(0x200) if x > np.uint32(0x7F800000) else np.uint32(0))
-    elif x >= np.uint32(0x477FF000):  # >= 65520: rounds to infinity
-        half = np.uint32(0x7C00)
-    elif x < np.uint32(0x38800000):  # below 2^-14: a subnormal float16 or zero
-        if x <= np.uint32(0x33000000):  # at most 2^-25: rounds to zero (2^-25 is a tie, to even 0)
-            half = np.uint32(0)
-        else:
-            exponent = x >> np.uint32(23)
-            mantissa = (x & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
-            shift = np.uint32(126) - exponent
-            half = mantissa >> shift
-            rest = mantissa & ((np.uint32(1) << shift) - np.uint32(1))
-            tie = np.uint32(1) << (shift - np.uint32(1))
-            if rest > tie or (rest == tie and (half & np.uint32(1))):
-                half += np.uint32(1)
-    else:
-        half = (x - np.uint32(0x38000000)) >> np.uint32(13)
-        rest = x & np.uint32(0x1FFF)
-        if rest > np.uint32(0x1000) or (rest == np.uint32(0x1000) and (half & np.uint32(1))):
-            half += np.uint32(1)  # a carry into the exponent is the right rounding (up to infinity)
+        return np.uint16(np.uint32(0x7C00) | (np.uint32(0x200) if x > np.uint32(0x7F800000) else np.uint32(0)) | sign)
+    if x >= np.uint32(0x477FF000):  # >= 65520: rounds to infinity
+        return np.uint16(np.uint32(0x7C00) | sign)
+    if x <= np.uint32(0x33000000):  # at most 2^-25: rounds to zero (2^-25 is a tie, to even 0)
+        return np.uint16(sign)
+    exponent = x >> np.uint32(23)  # a subnormal float16
+    mantissa = (x & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+    shift = np.uint32(126) - exponent
+    half = mantissa >> shift
+    rest = mantissa & ((np.uint32(1) << shift) - np.uint32(1))
+    tie = np.uint32(1) << (shift - np.uint32(1))
+    if rest > tie or (rest == tie and (half & np.uint32(1))):
+        half += np.uint32(1)
     return np.uint16(half | sign)
 
 
 @njit(cache=True, inline="always")
-def float32_to_bfloat16_bits(value):
-    """float32 -> bfloat16 bits, round to nearest even (NaN stays NaN), as ``torch.Tensor.bfloat16``."""
-    x = np.uint32(_float_bits(value))
+def bfloat16_bits_of(x):
+    """float32 bits ``x`` (uint32) -> bfloat16 bits, round to nearest even (NaN stays NaN), as
+    ``torch.Tensor.bfloat16``."""
     if (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
         return np.uint16((x >> np.uint32(16)) | np.uint32(0x40))
     rounding = np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))
@@ -130,10 +119,10 @@ def group_min_max(x, table, batch, heads, tokens, head_dim, group, lo, hi):
 def _code_of(v, mode, zero, scale, top, half_top, bounds, book, n_bounds):
     if mode == 0:
         q = np.rint((v - zero) / scale)
-        return np.uint64(min(max(q, np.float32(0.0)), np.float32(top)))
+        return np.int64(min(max(q, np.float32(0.0)), np.float32(top)))
     if mode == 1:
         q = np.rint(v / scale + half_top)
-        return np.uint64(min(max(q, np.float32(0.0)), np.float32(top)))
+        return np.int64(min(max(q, np.float32(0.0)), np.float32(top)))
     z = (v - zero) / scale
     low, high = 0, n_bounds
     while low < high:  # the first bound >= z (torch.bucketize)
@@ -142,7 +131,7 @@ def _code_of(v, mode, zero, scale, top, half_top, bounds, book, n_bounds):
             low = mid + 1
         else:
             high = mid
-    return np.uint64(low)
+    return np.int64(low)
 
 
 @njit(parallel=True, cache=True)
@@ -168,7 +157,7 @@ def pack_feature_major(
     for block in prange(blocks):
         c0 = block * FEATURE_BLOCK
         c1 = min(features, c0 + FEATURE_BLOCK)
-        acc = np.zeros(FEATURE_BLOCK, np.uint64)
+        acc = np.zeros(FEATURE_BLOCK, np.int64)
         filled = np.zeros(FEATURE_BLOCK, np.int64)
         position = np.zeros(FEATURE_BLOCK, np.int64)
         for c in range(c0, c1):
@@ -199,13 +188,15 @@ def pack_feature_major(
                         src += (heads - 1) * plane
                     code = _code_of(v, mode, offset[g], scale[g], top, half_top, bounds, book, n_bounds)
                     g += per_row
-                    word |= code << np.uint64(used)
+                    word |= code << used
                     used += bits
-                    if used >= 32:
-                        for _ in range(4):
-                            out[at] |= np.uint8(word & np.uint64(0xFF))
-                            word >>= np.uint64(8)
-                            at += 1
+                    if used >= 32:  # four whole bytes (the first may be shared with the previous feature)
+                        out[at] |= np.uint8(word & 0xFF)
+                        out[at + 1] = np.uint8((word >> 8) & 0xFF)
+                        out[at + 2] = np.uint8((word >> 16) & 0xFF)
+                        out[at + 3] = np.uint8((word >> 24) & 0xFF)
+                        word >>= 32
+                        at += 4
                         used -= 32
                 acc[k] = word
                 filled[k] = used
@@ -215,8 +206,8 @@ def pack_feature_major(
             used = filled[k]
             at = position[k]
             while used > 0:
-                out[at] |= np.uint8(word & np.uint64(0xFF))
-                word >>= np.uint64(8)
+                out[at] |= np.uint8(word & 0xFF)
+                word >>= 8
                 at += 1
                 used -= 8
 
@@ -244,6 +235,8 @@ def unpack_feature_major(
         c1 = min(features, c0 + FEATURE_BLOCK)
         r0 = chunk * ROW_BLOCK
         r1 = min(rows, r0 + ROW_BLOCK)
+        scratch = np.empty(1, np.float32)  # read back as uint32: the float's bits
+        scratch_bits = scratch.view(np.uint32)
         for c in range(c0, c1):
             h = c // head_dim
             column = h * plane + (c - h * head_dim)
@@ -278,12 +271,14 @@ def unpack_feature_major(
                     v = v + zero[g]
                 g += per_row
                 bad += not (v - v == 0)
-                if out_kind == 0:
-                    out[index] = float32_to_float16_bits(v)
-                elif out_kind == 1:
-                    out[index] = float32_to_bfloat16_bits(v)
-                else:
+                if out_kind == 2:
                     out[index] = v
+                else:
+                    scratch[0] = v
+                    if out_kind == 0:
+                        out[index] = float16_bits_of(scratch_bits[0])
+                    else:
+                        out[index] = bfloat16_bits_of(scratch_bits[0])
                 index += head_dim
                 s += 1
                 if s == tokens:  # next batch row

@@ -11,7 +11,7 @@ from kvpack.codecs.adaptive import LLOYD_SAMPLES
 from kvpack.entropy import EntropyConfig
 from kvpack.errors import InvalidInputError
 from kvpack.formats.header import SectionEntry, TensorEntry
-from kvpack.kernels import float32_to_bfloat16_bits, float32_to_float16_bits
+from kvpack.kernels import bfloat16_bits_of, float16_bits_of
 
 CONFIGS = (
     [
@@ -30,9 +30,10 @@ CONFIGS = (
 
 @numba.njit
 def _convert(values, half, brain):
+    bits = values.view(np.uint32)
     for i in range(values.size):
-        half[i] = float32_to_float16_bits(values[i])
-        brain[i] = float32_to_bfloat16_bits(values[i])
+        half[i] = float16_bits_of(bits[i])
+        brain[i] = bfloat16_bits_of(bits[i])
 
 
 def test_float32_to_half_rounding_matches_torch():
