@@ -111,7 +111,8 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
             arrays["codebook"] = levels.reshape(-1)
             if config.params.codebook_scope == "head":
                 books = np.arange(layout.features, dtype=np.int64) // head_dim
-        bounds = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous().numpy()
+        inner = (levels[:, 1:] + levels[:, :-1]) / 2  # as nearest_level and torch.bucketize compare
+        bounds = torch.cat([inner, torch.full((inner.shape[0], 1), float("inf"))], dim=1).contiguous().numpy()
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = np.zeros(kernels.packed_length(layout.n_elements, bits), np.uint8)
     kernels.pack_feature_major(

@@ -124,14 +124,12 @@ def _code_of(v, mode, zero, scale, top, half_top, bounds, book, n_bounds):
         q = np.rint(v / scale + half_top)
         return np.int64(min(max(q, np.float32(0.0)), np.float32(top)))
     z = (v - zero) / scale
-    low, high = 0, n_bounds
-    while low < high:  # the first bound >= z (torch.bucketize)
-        mid = (low + high) >> 1
-        if bounds[book, mid] < z:
-            low = mid + 1
-        else:
-            high = mid
-    return np.int64(low)
+    position = 0
+    step = n_bounds >> 1
+    while step > 0:  # branch-free: the count of bounds below z (torch.bucketize), bounds padded to 2**bits
+        position += step * (bounds[book, position + step - 1] < z)
+        step >>= 1
+    return np.int64(position)
 
 
 @njit(parallel=True, cache=True)
@@ -143,7 +141,8 @@ def pack_feature_major(
     ``mode``: uniform asymmetric ``q = clamp(rint((v - offset[g]) / scale[g]), 0, top)``; uniform
     symmetric ``q = clamp(rint(v / scale[g] + top / 2), 0, top)``; levels: ``z = (v - offset[g]) /
     scale[g]`` and ``q`` = the number of ``bounds[book]`` below ``z`` (``torch.bucketize``), with
-    ``book = book_of_feature[feature]``. ``scale`` is already safe (no zeros). ``out``: zeroed
+    ``book = book_of_feature[feature]`` and ``bounds`` float32 ``(books, 2**bits)``: the ``2**bits - 1``
+    sorted bounds, then ``+inf``. ``scale`` is already safe (no zeros). ``out``: zeroed
     uint8 of ``ceil(n * bits / 8)`` bytes. Each task packs ``FEATURE_BLOCK`` features, tokens
     in tiles of ``ROW_BLOCK`` (a tile's cache lines stay in cache while its features are read).
     """
