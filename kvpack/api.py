@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 
 from kvpack import __version__, fastpath
 from kvpack.allocation import Allocation
-from kvpack.codecs.base import KIND_CODEBOOKS, KIND_CODES, KIND_SCALES
+from kvpack.codecs.base import KIND_CODEBOOKS, KIND_CODES, KIND_SCALES, SectionSpec
 from kvpack.config import CodecConfig
 from kvpack.entropy import EntropyConfig, transpose_width, transposed, untransposed
 from kvpack.errors import FormatError, InvalidInputError
@@ -31,8 +31,8 @@ from kvpack.formats.safetensors_io import (
     SafetensorsSource,
     kv_tensor_name,
     parse_kv_name,
+    safetensors_writer,
     stacked_name,
-    write_safetensors,
 )
 from kvpack.formats.writer import KvpWriter, check_output_path
 from kvpack.importance import is_stats_tensor
@@ -173,23 +173,13 @@ def decode_entry(
         plan = entry.plan
         layout = plan.layout
         fast = entry.n_elements > 0 and fastpath.can_decode(entry, out_dtype)
-        arrays = {}
-        for section, spec in specs.items():
-            if fast and section == "codes":
-                continue
-            if spec.dtype == "code":
-                codes = torch.from_numpy(unpack(_as_uint8(sections[section]), spec.bits, spec.count))
-                where = entry.sections.get(section)
-                if where is not None and where.transpose:  # feature-major in the file (§6.3)
-                    codes = untransposed(codes, where.transpose)
-                if spec.kind == KIND_CODES:  # uint8, (groups of this width, group_size)
-                    arrays[section] = codes.reshape(-1, layout.group_size)
-                else:  # outlier positions (scatter indices), rotation signs
-                    arrays[section] = codes.long()
-            else:
-                arrays[section] = _from_bytes(sections[section], spec.dtype).to(torch.float32)
-                if spec.kind in (KIND_SCALES, KIND_CODEBOOKS) and not bool(torch.isfinite(arrays[section]).all()):
-                    raise FormatError(f"tensor {entry.name!r}: section {section} holds NaN or infinite values")
+        arrays = {
+            section: section_array(
+                entry.name, section, spec, sections[section], layout.group_size, transpose_of(entry, section)
+            )
+            for section, spec in specs.items()
+            if not (fast and section == "codes")  # the kernel reads the packed codes itself
+        }
         if entry.n_elements == 0:  # the sections were still checked: a tensor-scope codebook exists
             return torch.empty(entry.shape, dtype=out_dtype)
         if fast:  # fused kernel, the same values
@@ -209,6 +199,56 @@ def section_transposes(
     plan = plan_for(tuple(shape), dtype, name, config)
     widths = {section: transpose_width(plan, section, spec) for section, spec in plan.section_specs().items()}
     return {section: width for section, width in widths.items() if width}
+
+
+def section_array(
+    name: str, section: str, spec: SectionSpec, raw: bytes | np.ndarray, group_size: int, transpose: int = 0
+) -> torch.Tensor:
+    """The array a codec decodes from one section's bytes, as read from the file (``transpose``:
+    the section's feature-major row length, format 1.5 §6.3; 0 for group order).
+
+    Returns:
+        See :func:`codes_array` (``spec.dtype == "code"``) and :func:`values_array`.
+
+    Raises:
+        FormatError: scales or codebooks that are NaN or infinite.
+        InvalidInputError: a length that does not match ``spec`` (only without the reader's checks).
+    """
+    if spec.dtype == "code":
+        codes = unpack(_as_uint8(raw), spec.bits, spec.count)
+        if transpose:
+            codes = untransposed(codes, transpose)
+        return codes_array(spec, codes, group_size)
+    return values_array(name, section, spec, raw)
+
+
+def transpose_of(entry: TensorEntry, section: str) -> int:
+    """The feature-major row length of a section of ``entry`` (0: group order)."""
+    where = entry.sections.get(section)
+    return where.transpose if where is not None else 0
+
+
+def codes_array(spec: SectionSpec, codes: np.ndarray, group_size: int) -> torch.Tensor:
+    """Unpacked codes as a codec takes them: the codes of groups (kind ``codes``) as uint8
+    ``(groups, group_size)``; other codes (outlier positions, rotation signs) as int64 ``(count,)``."""
+    codes = torch.from_numpy(codes)
+    if spec.kind == KIND_CODES:
+        return codes.reshape(-1, group_size)
+    return codes.long()  # scatter indices, signs
+
+
+def values_array(name: str, section: str, spec: SectionSpec, raw: bytes | np.ndarray) -> torch.Tensor:
+    """The values of a section that is not packed codes, as float32 ``(count,)`` (the count
+    ``raw`` holds: all of the section or a piece of it).
+
+    Raises:
+        FormatError: scales or codebooks that are NaN or infinite; a length that is not a
+            whole number of values.
+    """
+    values = _from_bytes(raw, spec.dtype).to(torch.float32)
+    if spec.kind in (KIND_SCALES, KIND_CODEBOOKS) and not bool(torch.isfinite(values).all()):
+        raise FormatError(f"tensor {name!r}: section {section} holds NaN or infinite values")
+    return values
 
 
 def _tensor_bytes(x: torch.Tensor) -> bytes:
@@ -606,29 +646,61 @@ def _counts_at(n_groups: int, width: int) -> tuple[int, ...]:
 
 
 def load_kvp(
-    path: str | os.PathLike, dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    layers: Iterable[int] | None = None,
+    names: Iterable[str] | None = None,
+    tokens: tuple[int | None, int | None] | slice | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read every tensor of a ``.kvp`` (decoded) and its metadata.
+    """Read the tensors of a ``.kvp`` (decoded), or a selection of them, and its metadata.
+
+    Entry by entry, each decoded in pieces (:mod:`kvpack.streaming`): the memory beyond the
+    returned tensors is about one entry's stored bytes plus one piece.
+
+    Args:
+        path: the ``.kvp`` file.
+        dtype: dtype of the K/V tensors (float16 / bfloat16 / float32); default the stored one.
+            Other tensors keep their own.
+        layers: only the K/V tensors of these layers (other tensors such as ``token_ids`` stay).
+        names: only these tensors (``layers.{i}.key``, ``token_ids`` ...).
+        tokens: ``(start, stop)`` or a ``slice``, half-open, ``None`` for an open end: only these
+            tokens, along the sequence axis of the K/V tensors ``(batch, num_kv_heads, seq_len,
+            head_dim)`` and the last axis of ``token_ids`` ``(batch, seq_len)``; other tensors
+            whole. Only the sections of the selected tensors' entries are read (all layers of a
+            stacked entry, ``--level token``, are one entry); a token range decodes only the
+            pieces of a token-axis entry that hold those tokens, and decodes other entries
+            (channel axis, mixed precision, lossless) whole before cutting them.
+
+    Returns:
+        ``(tensors, metadata)``: name -> tensor in the file's tensor order, and the file's
+        string metadata (unchanged by a selection).
 
     Raises:
+        InvalidInputError: an unknown name, a layer out of range, an empty, reversed or too
+            long token range, or a selection with no tensor.
         FormatError: see :class:`KvpReader`.
     """
+    from kvpack.streaming import iter_outputs, select_outputs
+
     with KvpReader(path) as reader:
-        return _decode_all(reader, dtype), dict(reader.metadata)
+        outputs = select_outputs(reader, _dtype_label(dtype), layers, names, tokens)
+        tensors = {o.name: torch.empty(o.shape, dtype=TORCH_DTYPES[o.dtype]) for o in outputs}
+        for output, start, piece in iter_outputs(reader, outputs):
+            target = tensors[output.name]
+            if output.token_axis is None:
+                target.copy_(piece.reshape(target.shape))
+            else:
+                target.narrow(output.token_axis, start, piece.shape[output.token_axis]).copy_(piece)
+        return tensors, dict(reader.metadata)
 
 
-def _decode_all(reader: KvpReader, dtype: torch.dtype | None, progress: Progress | None = None) -> dict:
-    """Every tensor of an open file, decoded; ``dtype`` applies to the K/V tensors only."""
-    names = reader.tensor_names()
-    tensors = {}
-    for index, name in enumerate(names):
-        if progress:
-            progress(index, len(names), name)
-        entry_dtype = dtype if parse_kv_name(name) else None
-        tensors[name] = reader.read_tensor(name, entry_dtype)
-    if progress:
-        progress(len(names), len(names), "")
-    return tensors
+def _dtype_label(dtype: torch.dtype | None) -> str | None:
+    if dtype is None:
+        return None
+    name = dtype_name(dtype)
+    if name not in FLOAT_DTYPES:
+        raise InvalidInputError(f"K/V tensors are restored as {', '.join(FLOAT_DTYPES)}, not {name}")
+    return name
 
 
 def _file_metadata(
@@ -646,7 +718,7 @@ def _file_metadata(
 
 
 class CacheSource:
-    """A KV cache file of either format, read one tensor at a time (``.kvp`` decoded)."""
+    """A KV cache file of either format, read one tensor (or one piece of a tensor) at a time (``.kvp`` decoded)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -675,6 +747,53 @@ class CacheSource:
         if self.kind == "kvp":
             return self._kvp.read_tensor(name)
         return self._st.get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` (no data read).
+
+        Raises:
+            InvalidInputError: no such tensor.
+        """
+        if self.kind == "kvp":
+            from kvpack.streaming import select_outputs
+
+            return select_outputs(self._kvp, names=[name])[0].shape
+        if name not in self._keys:
+            raise InvalidInputError(f"{self.path}: no tensor named {name!r}")
+        return self._st.shape_dtype(name)[0]
+
+    def entry_of(self, name: str) -> str:
+        """What holds tensor ``name`` in the file: its ``.kvp`` entry (``layers.all.key`` for a layer
+        of a stacked entry), or ``name`` itself."""
+        if self.kind == "kvp" and name not in self._kvp.keys() and parse_kv_name(name):
+            return stacked_name(parse_kv_name(name)[1])
+        return name
+
+    def pieces(self, names: list[str], step: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Tensors ``names`` in their stored dtype, together, a piece at a time: ``(first token,
+        {name: piece})`` for consecutive pieces of ``step`` tokens along the sequence axis of 4-D
+        K/V tensors ``(batch, num_kv_heads, seq_len, head_dim)`` (the last may be shorter; give
+        names of one token count); any other tensor as one piece ``(0, {name: tensor})``. Both
+        formats cut at the same tokens. A ``.kvp`` entry is read once and decoded once, piece by
+        piece, for all its layers asked for (:func:`kvpack.streaming.tensor_pieces`); safetensors
+        tensors are read a slice at a time.
+
+        Raises:
+            InvalidInputError: no such tensor.
+            FormatError: unreadable data.
+        """
+        if self.kind == "kvp":
+            from kvpack.streaming import tensor_pieces
+
+            yield from tensor_pieces(self._kvp, names, step)
+            return
+        shapes = {name: self.shape(name) for name in names}
+        if any(not parse_kv_name(n) or len(s) != 4 for n, s in shapes.items()):
+            yield 0, {name: self._st.get(name) for name in names}
+            return
+        tokens = max(s[2] for s in shapes.values())
+        for begin in range(0, tokens, step):
+            yield begin, {n: self._st.get_slice(n, begin, min(begin + step, s[2])) for n, s in shapes.items()}
 
 
 def open_cache(path: str | os.PathLike) -> CacheSource:
@@ -876,33 +995,68 @@ def decompress_file(
     dtype: torch.dtype | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    layers: Iterable[int] | None = None,
+    names: Iterable[str] | None = None,
+    tokens: tuple[int | None, int | None] | slice | None = None,
 ) -> dict:
-    """Restore a ``.kvp`` to a safetensors file with the same tensor names and metadata.
+    """Restore a ``.kvp`` (or a selection of it) to a safetensors file with the same tensor names and metadata.
+
+    Streams: the safetensors header (names, shapes, dtypes, byte offsets, metadata) is computed
+    from the ``.kvp`` header alone and written first, then each entry is decoded in pieces
+    (:mod:`kvpack.streaming`) and written in place, so peak memory is about the stored bytes of
+    the largest entry plus one piece, whatever the size of the cache. The output goes to a
+    temporary file renamed at the end: any error leaves no output and no temporary file.
 
     Args:
-        dtype: dtype of the restored K/V tensors; default the stored dtype.
+        dtype: dtype of the restored K/V tensors (float16 / bfloat16 / float32); default the
+            stored dtype. The metadata's ``dtype`` then names it.
+        layers, names, tokens: restore only a selection, see :func:`load_kvp`. The output
+            metadata then has ``kvpack_selection`` (JSON: the layers, tensors and token range
+            asked for) and, with a token range, ``seq_len`` is the restored token count.
 
     Returns:
         ``{"input", "output", "tensors", "output_bytes"}``.
 
     Raises:
         FormatError: the input is not a valid ``.kvp`` (truncated, corrupted, checksum).
+        InvalidInputError: input and output are the same file; a bad selection (see :func:`load_kvp`).
         OutputExistsError: the output exists and ``force`` is false.
+        OSError: the disk is full or the file too large for a limit (nothing is left behind).
     """
+    from kvpack.streaming import iter_outputs, select_outputs, token_bounds
+
     check_output_path(output_path, force)
     if Path(output_path).resolve() == Path(input_path).resolve():
         raise InvalidInputError("input and output are the same file")
     with KvpReader(input_path) as reader:
-        tensors = _decode_all(reader, dtype, progress)
+        outputs = select_outputs(reader, _dtype_label(dtype), layers, names, tokens)
         metadata = dict(reader.metadata)
-    if dtype is not None and "dtype" in metadata:
-        metadata["dtype"] = dtype_name(dtype)
-    size = write_safetensors(output_path, tensors, metadata, force=force)
-    return {"input": str(input_path), "output": str(output_path), "tensors": len(tensors), "output_bytes": size}
+        if dtype is not None and "dtype" in metadata:
+            metadata["dtype"] = dtype_name(dtype)
+        if layers is not None or names is not None or tokens is not None:
+            bounds = token_bounds(tokens)
+            asked = {
+                "layers": None if layers is None else sorted(set(layers)),
+                "tensors": None if names is None else [o.name for o in outputs],
+                "tokens": None if bounds is None else list(bounds),
+            }
+            metadata["kvpack_selection"] = json.dumps({k: v for k, v in asked.items() if v is not None})
+            spans = [o.shape[o.token_axis] for o in outputs if o.token_axis is not None and parse_kv_name(o.name)]
+            if bounds is not None and spans and "seq_len" in metadata:
+                metadata["seq_len"] = str(max(spans))
+        specs = [(o.name, o.shape, o.dtype) for o in outputs]
+        with safetensors_writer(output_path, specs, metadata, force=force) as stream:
+            for output, start, piece in iter_outputs(reader, outputs, progress):
+                stream.write(output.name, piece, output.token_axis or 0, start)
+        size = stream.layout.size
+    return {"input": str(input_path), "output": str(output_path), "tensors": len(outputs), "output_bytes": size}
 
 
 def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike) -> dict:
     """Error statistics of ``reconstructed`` against ``original`` (either format), per K/V.
+
+    Tensor by tensor, each compared in pieces of tokens (:meth:`CacheSource.pieces`), so
+    memory stays at about one ``.kvp`` entry's stored bytes plus a few pieces.
 
     Returns:
         ``{"rows": {"key"|"value"|"all": {...error stats...}}, "layers": [...], "tensors": n}``.
@@ -911,6 +1065,8 @@ def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike
         InvalidInputError: the files hold different K/V tensor names or shapes.
         FormatError: either file is unreadable.
     """
+    from kvpack.streaming import piece_tokens
+
     with open_cache(original) as ref, open_cache(reconstructed) as rec:
         ref_kv = [n for n in ref.keys() if parse_kv_name(n)]
         rec_kv = {n for n in rec.keys() if parse_kv_name(n)}
@@ -921,12 +1077,18 @@ def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike
             raise InvalidInputError(f"the two caches hold different K/V tensors (e.g. {', '.join(missing)})")
         rows = {"key": ErrorAccumulator(), "value": ErrorAccumulator(), "all": ErrorAccumulator()}
         layers: dict[int, ErrorAccumulator] = {}
+        shapes = {}
         for name in ref_kv:
-            a, b = ref.get(name), rec.get(name)
-            if a.shape != b.shape:
-                raise InvalidInputError(f"tensor {name!r}: shape {tuple(a.shape)} vs {tuple(b.shape)}")
-            acc = ErrorAccumulator()
-            acc.add(a, b)
+            shapes[name] = ref.shape(name)
+            if shapes[name] != rec.shape(name):
+                raise InvalidInputError(f"tensor {name!r}: shape {tuple(shapes[name])} vs {tuple(rec.shape(name))}")
+        accs = {name: ErrorAccumulator() for name in ref_kv}
+        for names in _read_together(ref_kv, ref, rec):
+            step = piece_tokens(shapes[names[0]], 2 if len(shapes[names[0]]) == 4 else None)
+            for (_, a), (_, b) in zip(ref.pieces(names, step), rec.pieces(names, step), strict=True):
+                for name in names:
+                    accs[name].add(a[name], b[name])
+        for name, acc in accs.items():  # in file order, however the tensors were read: the same sums
             layer, role = parse_kv_name(name)
             for target in (rows[role], rows["all"], layers.setdefault(layer, ErrorAccumulator())):
                 target.merge(acc)
@@ -937,6 +1099,21 @@ def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike
         "rows": {name: dict(elements=acc.elements, **acc.result()) for name, acc in rows.items()},
         "layers": [dict(layer=i, elements=layers[i].elements, **layers[i].result()) for i in sorted(layers)],
     }
+
+
+def _read_together(names: list[str], *sources: CacheSource) -> list[list[str]]:
+    """``names`` in groups that share a ``.kvp`` entry in either source (the layers of a stacked
+    entry, ``--level token``), so that entry is decoded once for all of them; other names alone.
+    Groups in the order of their first name."""
+    groups: list[tuple[set, list[str]]] = []  # (entries holding them, names)
+    for name in names:
+        holders = {(index, source.entry_of(name)) for index, source in enumerate(sources)}
+        joined = [g for g in groups if g[0] & holders]
+        groups = [g for g in groups if not g[0] & holders]
+        merged = (set().union(holders, *(g[0] for g in joined)), [n for g in joined for n in g[1]] + [name])
+        groups.append(merged)
+    ordered = [sorted(group, key=names.index) for _, group in groups]
+    return sorted(ordered, key=lambda group: names.index(group[0]))
 
 
 def describe_file(path: str | os.PathLike, verify: bool = False) -> dict:
@@ -957,6 +1134,8 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict:
         InvalidInputError, FormatError: unreadable or invalid file.
     """
     if is_kvp_file(path):
+        from kvpack.streaming import verify_entries
+
         with KvpReader(path) as reader:
             entries = reader.entries()
             tensors = [
@@ -971,7 +1150,7 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict:
                 for e in entries
             ]
             # checksums, padding, and every value a decoder would refuse
-            verified = reader.verify(decode=True) if verify else None
+            verified = verify_entries(reader) if verify else None
             return {
                 "verified_sections": verified,
                 "format": "kvp",

@@ -89,6 +89,47 @@ def unpack(data: np.ndarray | bytes, bits: int, count: int) -> np.ndarray:
     return _unpack_narrow(data, bits, count)
 
 
+def unpack_range(data: np.ndarray | bytes, bits: int, count: int, start: int, stop: int) -> np.ndarray:
+    """Codes ``start`` to ``stop - 1`` of ``count`` codes packed by :func:`pack`, reading only their bytes.
+
+    Unpacks from code ``start - start % 8`` (whose first bit starts a byte at every width), so
+    at most 7 codes more than asked for are unpacked.
+
+    Args:
+        data: all the packed bytes (``packed_nbytes(count, bits)``).
+        bits: code width, 1 to 16.
+        count: number of codes in ``data``.
+        start, stop: the code range, ``0 <= start <= stop <= count``.
+
+    Returns:
+        1-D array of ``stop - start`` codes, ``uint8`` for ``bits <= 8`` else ``uint16``.
+
+    Raises:
+        InvalidInputError: wrong data length, ``bits`` or range out of range.
+    """
+    _check_bits(bits)
+    data = (
+        np.frombuffer(data, dtype=np.uint8)
+        if isinstance(data, (bytes, bytearray, memoryview))
+        else np.asarray(data, dtype=np.uint8)
+    )
+    if data.size != packed_nbytes(count, bits):
+        raise InvalidInputError(
+            f"packed data has {data.size} bytes, expected {packed_nbytes(count, bits)} for {count} codes of {bits} bits"
+        )
+    if not 0 <= start <= stop <= count:
+        raise InvalidInputError(f"code range {start}:{stop} is outside the {count} codes")
+    if bits > 8:  # two planes: the low 8 bits of every code, then the high bits
+        split = packed_nbytes(count, 8)
+        low = unpack_range(data[:split], 8, count, start, stop).astype(np.uint16)
+        high = unpack_range(data[split:], bits - 8, count, start, stop).astype(np.uint16)
+        return low | (high << 8)
+    first = start - start % 8  # first * bits is a multiple of 8: a byte boundary
+    begin = first * bits // 8
+    end = (stop * bits + 7) // 8
+    return _unpack_narrow(data[begin:end], bits, stop - first)[start - first :]
+
+
 def _check_bits(bits: int) -> None:
     if not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
         raise InvalidInputError(f"bits must be an integer from 1 to {MAX_BITS}, got {bits!r}")

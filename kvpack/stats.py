@@ -48,6 +48,10 @@ _KIND_COLUMN = {
 }
 
 
+#: Values per step of :meth:`ErrorAccumulator.add` (float64 temporaries of about 8 bytes each).
+ADD_CHUNK_ELEMENTS = 1 << 20
+
+
 @dataclass
 class ErrorAccumulator:
     """Running error statistics over pairs of same-shape tensors (any float dtype)."""
@@ -60,21 +64,32 @@ class ErrorAccumulator:
     vectors: int = 0
 
     def add(self, reference: torch.Tensor, reconstruction: torch.Tensor) -> None:
-        """Accumulate one pair; both shaped ``(..., head_dim)``."""
+        """Accumulate one pair; both shaped ``(..., head_dim)``.
+
+        Works through the head vectors :data:`ADD_CHUNK_ELEMENTS` values at a time, so its
+        float64 temporaries stay a few tens of MB whatever the tensors' size.
+        """
+        if not reference.ndim:
+            reference, reconstruction = reference.reshape(1, 1), reconstruction.reshape(1, 1)
+        width = reference.shape[-1]
+        if not reference.numel():  # an empty tensor (e.g. head_dim 0) adds nothing, and cannot be cut into vectors
+            return
+        vec_ref, vec_rec = reference.reshape(-1, width), reconstruction.reshape(-1, width)
+        step = max(1, ADD_CHUNK_ELEMENTS // width)
+        for first in range(0, vec_ref.shape[0], step):
+            self._add_vectors(vec_ref[first : first + step], vec_rec[first : first + step])
+
+    def _add_vectors(self, reference: torch.Tensor, reconstruction: torch.Tensor) -> None:
         ref = reference.to(torch.float64)
         rec = reconstruction.to(torch.float64)
         diff = ref - rec
         self.elements += ref.numel()
         self.sum_sq_err += float((diff * diff).sum())
         self.sum_sq_ref += float((ref * ref).sum())
-        if not diff.numel():  # an empty tensor (e.g. head_dim 0) adds nothing, and cannot be cut into vectors
-            return
         self.max_abs_err = max(self.max_abs_err, float(diff.abs().max()))
-        vec_ref = ref.reshape(-1, ref.shape[-1]) if ref.ndim else ref.reshape(1, 1)
-        vec_rec = rec.reshape(-1, rec.shape[-1]) if rec.ndim else rec.reshape(1, 1)
-        norms = vec_ref.norm(dim=1) * vec_rec.norm(dim=1)
-        dots = (vec_ref * vec_rec).sum(dim=1)
-        both_zero = (vec_ref.abs().amax(dim=1) == 0) & (vec_rec.abs().amax(dim=1) == 0)
+        norms = ref.norm(dim=1) * rec.norm(dim=1)
+        dots = (ref * rec).sum(dim=1)
+        both_zero = (ref.abs().amax(dim=1) == 0) & (rec.abs().amax(dim=1) == 0)
         cosine = torch.where(both_zero, torch.ones_like(dots), dots / norms.clamp_min(1e-300))
         self.cosine_sum += float(cosine.sum())
         self.vectors += cosine.numel()

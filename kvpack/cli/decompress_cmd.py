@@ -1,7 +1,8 @@
-"""``kvpack decompress``: restore a ``.kvp`` to safetensors."""
+"""``kvpack decompress``: restore a ``.kvp`` (or a selection of it) to safetensors."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,7 +10,7 @@ import typer
 
 from kvpack.cli.options import Force
 from kvpack.cli.render import human_bytes, progress_bar, say
-from kvpack.errors import InvalidInputError
+from kvpack.errors import InvalidInputError, brief
 
 
 def register(app: typer.Typer) -> None:
@@ -28,11 +29,31 @@ def decompress(
         Optional[str],
         typer.Option("--dtype", help="dtype of restored K/V: float16 | bfloat16 | float32 (default: as stored)."),
     ] = None,
+    layers: Annotated[
+        Optional[str],
+        typer.Option(
+            "--layers", help="Only the K/V tensors of these layers: numbers and ranges, e.g. 0,3-5 (token_ids stays)."
+        ),
+    ] = None,
+    tensors: Annotated[
+        Optional[str],
+        typer.Option("--tensors", help="Only these tensors, comma-separated: e.g. layers.0.key,token_ids."),
+    ] = None,
+    tokens: Annotated[
+        Optional[str],
+        typer.Option(
+            "--tokens", help="Only tokens A to B-1 of every K/V tensor and of token_ids: A:B, A: or :B (from 0)."
+        ),
+    ] = None,
     force: Force = False,
 ) -> None:
-    """Decode every tensor of a .kvp file and write them (with token ids and metadata) to safetensors.
+    """Decode a .kvp file, or part of it, and write it (with token ids and metadata) to safetensors.
 
-    Example: kvpack decompress cache.kvp -o restored.safetensors --dtype float32
+    Writes as it decodes: memory stays about one tensor's stored bytes, whatever the cache size.
+    --layers, --tensors and --tokens each narrow what is restored; only the selected tensors'
+    data is read.
+
+    Example: kvpack decompress cache.kvp -o part.safetensors --layers 0,3-5 --tokens 0:512
     """
     from kvpack.api import decompress_file
     from kvpack.dump import DUMP_DTYPES
@@ -40,6 +61,71 @@ def decompress(
     if dtype is not None and dtype not in DUMP_DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DUMP_DTYPES)}, got {dtype!r}")
     output = output or input.with_suffix(".restored.safetensors")
+    selection = {
+        "layers": None if layers is None else parse_layers(layers),
+        "names": None if tensors is None else parse_names(tensors),
+        "tokens": None if tokens is None else parse_tokens(tokens),
+    }
     with progress_bar("decompress") as update:
-        result = decompress_file(input, output, DUMP_DTYPES[dtype] if dtype else None, force=force, progress=update)
+        result = decompress_file(
+            input, output, DUMP_DTYPES[dtype] if dtype else None, force=force, progress=update, **selection
+        )
     say(f"wrote {output}: {result['tensors']} tensors, {human_bytes(result['output_bytes'])}")
+
+
+_LAYER_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+_TOKEN_RANGE = re.compile(r"([0-9]*):([0-9]*)")
+#: A range of layers wider than this is a typo (no model has a million layers).
+_MAX_LAYER_RANGE = 1 << 20
+
+
+def parse_layers(text: str) -> list[int]:
+    """``0,3-5`` -> ``[0, 3, 4, 5]``: layer numbers and inclusive ranges, comma-separated.
+
+    Raises:
+        InvalidInputError: anything else, or a reversed range.
+    """
+    layers: list[int] = []
+    for item in text.split(","):
+        match = _LAYER_ITEM.fullmatch(item.strip())
+        if not match:
+            raise InvalidInputError(
+                f"--layers {brief(text)}: {brief(item.strip())} is not a layer number or a range A-B (e.g. 0,3-5)"
+            )
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise InvalidInputError(f"--layers: range {first}-{last} is reversed; write {last}-{first}")
+        if last - first > _MAX_LAYER_RANGE:
+            raise InvalidInputError(f"--layers: range {first}-{last} is far wider than any model's layer count")
+        layers.extend(range(first, last + 1))
+    return layers
+
+
+def parse_names(text: str) -> list[str]:
+    """``layers.0.key,token_ids`` -> the names (the tensor names hold no commas).
+
+    Raises:
+        InvalidInputError: an empty name.
+    """
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise InvalidInputError(f"--tensors {brief(text)}: an empty name; give names separated by commas")
+    return names
+
+
+def parse_tokens(text: str) -> tuple[int | None, int | None]:
+    """``A:B`` -> ``(A, B)``, ``A:`` -> ``(A, None)``, ``:B`` -> ``(None, B)``: a half-open range.
+
+    Raises:
+        InvalidInputError: another syntax, no bound, or an empty or reversed range.
+    """
+    from kvpack.streaming import token_bounds
+
+    match = _TOKEN_RANGE.fullmatch(text.strip())
+    if not match or not (match.group(1) or match.group(2)):
+        raise InvalidInputError(
+            f"--tokens {brief(text)}: expected A:B, A: or :B with token positions from 0 (e.g. 0:512)"
+        )
+    start, stop = (int(g) if g else None for g in match.groups())
+    return token_bounds((start, stop))

@@ -296,6 +296,19 @@ class KvpReader:
             # Every size was validated; what remains are values no encoder writes.
             raise FormatError(f"{self.path}: tensor {brief(name)} cannot be decoded ({exc})") from None
 
+    def verify_extra_sections(self) -> int:
+        """Read and check the sections of header keys this reader ignores (optional sections, §7).
+
+        Returns:
+            Their number.
+
+        Raises:
+            TruncatedFileError, ChecksumMismatchError, FormatError: see :meth:`read_section`.
+        """
+        for label, section in self._extra_sections:
+            self._read_checked(section, label)
+        return len(self._extra_sections)
+
 
 def _inflate_header(raw: bytes, name: str) -> bytes:
     """Decompress a zstd-framed header; its declared size is checked against the limit first."""
