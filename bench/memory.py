@@ -201,6 +201,9 @@ def format_row(row: dict) -> str:
     )
 
 
+DOCS_MARKER = "## Memory (`bench/memory.py`)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work_dir", nargs="?", type=Path, default=Path("/tmp/kvpack-memory"))
@@ -209,6 +212,7 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="Keep the caches and outputs in WORK_DIR.")
     parser.add_argument("--out", type=Path, default=RESULTS, help="Folder for results.md and results.json.")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Where the table goes.")
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +239,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(f"{table}\n\n{note}\n")
     (args.out / "results.json").write_text(json.dumps({"note": note, "rows": rows}, indent=1))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_common import replace_section
+
+    replace_section(
+        args.docs,
+        DOCS_MARKER,
+        f"{DOCS_MARKER}\n\n{note}\n\n{table}\n\n",
+        before="## Codec size and error on a real cache",
+    )
 
 
 if __name__ == "__main__":

@@ -307,7 +307,8 @@ def compress_tensors(
     shapes = {name: (tuple(x.shape), dtype_name(x.dtype)) for name, x in tensors.items() if not is_stats_tensor(name)}
     layout = entry_layout(shapes, config)
     file_metadata = _file_metadata(metadata or {}, config, allocation)
-    mixed = _allocate(layout, shapes, tensors.__getitem__, config, allocation, stats, file_metadata)
+    entropy = EntropyConfig() if entropy is None else entropy
+    mixed = _allocate(layout, shapes, tensors.__getitem__, config, allocation, stats, file_metadata, entropy)
     with KvpWriter(path, file_metadata, force=force, entropy=entropy) as writer:
         for entry_name, sources, codec in layout:
             x = tensors[entry_name] if entry_name == sources[0] else stack(tensors, sources)
@@ -334,19 +335,24 @@ def _allocate(
     allocation: Allocation | None,
     stats: dict[str, torch.Tensor] | None = None,
     metadata: dict[str, str] | None = None,
+    entropy: EntropyConfig | None = None,
 ) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
     if allocation is None or config is None:
         return {}
-    return allocate_widths(layout, shapes, get, config, allocation, stats, metadata or {})
+    return allocate_widths(layout, shapes, get, config, allocation, stats, metadata or {}, entropy)
 
 
 def header_and_padding(
-    metadata: dict[str, str], entries: list[tuple[str, tuple[int, ...], str, CodecConfig | None]]
+    metadata: dict[str, str],
+    entries: list[tuple[str, tuple[int, ...], str, CodecConfig | None]],
+    entropy: EntropyConfig | None = None,
 ) -> tuple[int, int]:
     """The bytes of the compressed header, and of the alignment padding between sections, of a
     file holding ``entries`` (name, shape, dtype, codec) in this order, laid out as the writer lays
     them out; checksums are stand-ins of the same size and entropy (rate control uses this before
-    anything is written)."""
+    anything is written). With an ``entropy`` stage, every section it may apply to is listed with
+    its ``encoding`` (and ``transpose``) keys, an upper bound on the header; the padding is that of
+    dense sections."""
     import zlib
 
     import zstandard
@@ -357,11 +363,14 @@ def header_and_padding(
     position, padding, tensors = PREAMBLE_SIZE, 0, []
     for name, shape, dtype, codec in entries:
         sections = {}
+        transposes = section_transposes(name, shape, dtype, codec, entropy) if entropy is not None else {}
         for section, spec in section_specs(shape, dtype, codec, name).items():
             pad = -position % SECTION_ALIGNMENT
             position, padding = position + pad, padding + pad
             length = spec_nbytes(spec)
-            sections[section] = SectionEntry(position, length, zlib.crc32(f"{name}/{section}".encode()), pad)
+            encoded = "zstd" if entropy is not None and length and entropy.applies_to(spec.kind) else None
+            crc = zlib.crc32(f"{name}/{section}".encode())
+            sections[section] = SectionEntry(position, length, crc, pad, -1, encoded, transposes.get(section, 0))
             position += length
         tensors.append(TensorEntry(name, tuple(shape), dtype, codec, sections))
     text = encode_header(metadata, tensors)
@@ -428,6 +437,7 @@ def allocate_widths(
     allocation: Allocation,
     stats: dict[str, torch.Tensor] | None = None,
     metadata: dict[str, str] | None = None,
+    entropy: EntropyConfig | None = None,
 ) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
     """Per quantized entry, its mixed-precision config and group widths (:mod:`kvpack.allocation`).
 
@@ -438,6 +448,7 @@ def allocate_widths(
         shapes: tensor name -> ``(shape, dtype name)``.
         get: tensor name -> tensor.
         metadata: the file's metadata (its header is counted).
+        entropy: the file's entropy stage (its header keys are counted; the budget is of dense sections).
         stats: attention statistics (:mod:`kvpack.importance`); ``target`` weights each value's
             error by what it costs the attention output with them, and counts every tensor's
             relative error alike without; ``importance`` and ``qaq`` need them.
@@ -512,7 +523,7 @@ def allocate_widths(
                 codec = dataclasses.replace(config, width_counts=tuple(counts))
             listed.append((name, shape, dtype, codec))
         shared = sum(float(tensor_costs[n][m].sum()) for n, m in zip(names, present, strict=True))
-        return shared + 8.0 * sum(header_and_padding(metadata or {}, listed))
+        return shared + 8.0 * sum(header_and_padding(metadata or {}, listed, entropy))
 
     if allocation.target_bits is not None:
         available = allocation.target_bits * kv_elements - fixed_bits
@@ -843,7 +854,8 @@ def compress_file(
         stats = {name: source.get(name) for name in source.keys() if is_stats_tensor(name)}
         # sorted: safetensors hands the metadata over in a different order each run; same input, same bytes
         file_metadata = _file_metadata(dict(sorted(source.metadata.items())), config, allocation)
-        mixed = _allocate(layout, shapes, source.get, config, allocation, stats, file_metadata)
+        entropy = EntropyConfig() if entropy is None else entropy
+        mixed = _allocate(layout, shapes, source.get, config, allocation, stats, file_metadata, entropy)
         with KvpWriter(output_path, file_metadata, force=force, entropy=entropy) as writer:
             for index, (entry_name, sources, codec) in enumerate(layout):
                 if progress:

@@ -101,6 +101,7 @@ def save_cache(
     metadata: dict[str, str] | None = None,
     force: bool = False,
     tokenizer: Any = None,
+    entropy: Any = None,
 ) -> dict:
     """Write a transformers cache, its token ids and the model identity to a ``.kvp``.
 
@@ -115,6 +116,8 @@ def save_cache(
         metadata: extra string metadata.
         force: overwrite an existing file.
         tokenizer: its fingerprint is recorded (default: the tokenizer of a ``LoadedModel``).
+        entropy: the file's entropy stage (:class:`kvpack.entropy.EntropyConfig`; default zstd
+            level 1, codes feature-major).
 
     Returns:
         The size report of the file (see :func:`kvpack.api.build_report`).
@@ -152,7 +155,7 @@ def save_cache(
         format="kvpack-cache-1",
     )
     tensors["token_ids"] = token_ids
-    entries = compress_tensors(tensors, path, config, meta, force=force)
+    entries = compress_tensors(tensors, path, config, meta, force=force, entropy=entropy)
     return build_report(entries, os.path.getsize(path), None)
 
 

@@ -186,7 +186,8 @@ def decode(entry, codes: np.ndarray, arrays: dict[str, torch.Tensor], out_dtype:
     has_zero = "zero_point" in arrays
     zero = arrays["zero_point"] if has_zero else torch.zeros(1)
     kind = OUT_KINDS[out_dtype]
-    out = np.empty(layout.n_elements, np.float32 if kind == kernels.OUT_FLOAT32 else np.uint16)
+    values = torch.empty(layout.n_elements, dtype=out_dtype)  # torch's allocator, like the torch path's output
+    out = values.numpy() if kind == kernels.OUT_FLOAT32 else values.view(torch.int16).numpy().view(np.uint16)
     bad = kernels.unpack_feature_major(
         codes,
         batch,
@@ -205,7 +206,4 @@ def decode(entry, codes: np.ndarray, arrays: dict[str, torch.Tensor], out_dtype:
     )
     if bad:
         raise InvalidInputError("decoded values overflow float32; no encoder writes such scales")
-    values = torch.from_numpy(out if kind == kernels.OUT_FLOAT32 else out.view(np.int16))
-    if kind != kernels.OUT_FLOAT32:
-        values = values.view(out_dtype)
     return values.reshape(entry.shape)

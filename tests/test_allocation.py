@@ -58,7 +58,7 @@ def test_mixed_widths_round_trip_through_the_container(tmp_path, real_tensors, m
             "layers.5.key", tuple(x.shape), "float16", config, encode_tensor("layers.5.key", x, config, widths)
         )
     with KvpReader(tmp_path / "m.kvp") as reader:
-        assert reader.version == (1, 4)
+        assert reader.version >= (1, 4)
         assert reader.entry("layers.5.key").codec.width_counts == config.width_counts
         restored = reader.read_tensor("layers.5.key").float()
     original, decoded = to_groups(x.float(), layout), to_groups(restored, layout)

@@ -65,6 +65,16 @@ class SafetensorsSource:
         return list(self._keys)
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, whole. 4-D tensors (K/V) are read with positioned reads (:meth:`get_slice`), so
+        reading a cache tensor by tensor does not keep the file's pages in the resident set the way
+        the memory map of ``safe_open`` does; others through ``safe_open``.
+
+        Raises:
+            FormatError: the tensor cannot be read (cut off, bad header).
+        """
+        shape, dtype = self.shape_dtype(name)
+        if len(shape) == 4 and dtype in _TORCH_DTYPES:
+            return self.get_slice(name, 0, shape[2])
         try:
             return self._handle.get_tensor(name)
         except Exception as exc:
