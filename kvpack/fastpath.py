@@ -82,6 +82,7 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
     top = (1 << bits) - 1
     codec = config.make_codec()
     bounds = np.zeros((1, 1), np.float32)
+    guesses = np.zeros((1, 1), np.int64)
     books = np.zeros(layout.features, np.int64)
     arrays: dict[str, torch.Tensor | bytes] = {}
     symmetric = config.params.symmetric
@@ -111,8 +112,10 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
             arrays["codebook"] = levels.reshape(-1)
             if config.params.codebook_scope == "head":
                 books = np.arange(layout.features, dtype=np.int64) // head_dim
-        inner = (levels[:, 1:] + levels[:, :-1]) / 2  # as nearest_level and torch.bucketize compare
-        bounds = torch.cat([inner, torch.full((inner.shape[0], 1), float("inf"))], dim=1).contiguous().numpy()
+        inner = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()  # as nearest_level / torch.bucketize compare
+        edges = torch.linspace(-1.0, 1.0, kernels.LEVEL_CELLS + 1)[:-1].expand(inner.shape[0], -1).contiguous()
+        guesses = torch.searchsorted(inner, edges).numpy()
+        bounds = inner.numpy()
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = np.zeros(kernels.packed_length(layout.n_elements, bits), np.uint8)
     kernels.pack_feature_major(
@@ -129,6 +132,7 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
         safe.contiguous().numpy(),
         top,
         bounds,
+        guesses,
         books,
         codes,
     )

@@ -27,9 +27,11 @@ from numba import njit, prange
 #: of codes at any width (32 * m * bits is a multiple of 8), so tasks never share an output byte.
 FEATURE_BLOCK = 32
 #: Tokens (rows) one decode task handles.
-ROW_BLOCK = 4096
+ROW_BLOCK = 512
 
 MODE_UNIFORM_ASYMMETRIC, MODE_UNIFORM_SYMMETRIC, MODE_LEVELS = 0, 1, 2
+#: Cells of [-1, 1] (where min/max-normalized values lie) the level search starts from.
+LEVEL_CELLS = 512
 OUT_FLOAT16, OUT_BFLOAT16, OUT_FLOAT32 = 0, 1, 2
 
 #: float32 value of every float16 / bfloat16 bit pattern (256 KiB each: the table stays in cache).
@@ -116,7 +118,7 @@ def group_min_max(x, table, batch, heads, tokens, head_dim, group, lo, hi):
 
 
 @njit(cache=True, inline="always")
-def _code_of(v, mode, zero, scale, top, half_top, bounds, book, n_bounds):
+def _code_of(v, mode, zero, scale, top, half_top, bounds, guesses, book, n_bounds):
     if mode == 0:
         q = np.rint((v - zero) / scale)
         return np.int64(min(max(q, np.float32(0.0)), np.float32(top)))
@@ -124,25 +126,43 @@ def _code_of(v, mode, zero, scale, top, half_top, bounds, book, n_bounds):
         q = np.rint(v / scale + half_top)
         return np.int64(min(max(q, np.float32(0.0)), np.float32(top)))
     z = (v - zero) / scale
-    position = 0
-    step = n_bounds >> 1
-    while step > 0:  # branch-free: the count of bounds below z (torch.bucketize), bounds padded to 2**bits
-        position += step * (bounds[book, position + step - 1] < z)
-        step >>= 1
-    return np.int64(position)
+    # a first guess from the cell of z in [-1, 1], then the exact count of bounds below z
+    cell = min(max(np.int64((z + np.float32(1.0)) * np.float32(LEVEL_CELLS / 2)), 0), LEVEL_CELLS - 1)
+    position = np.int64(guesses[book, cell])
+    while position > 0 and bounds[book, position - 1] >= z:
+        position -= 1
+    while position < n_bounds and bounds[book, position] < z:
+        position += 1
+    return position
 
 
 @njit(parallel=True, cache=True)
 def pack_feature_major(
-    x, table, batch, heads, tokens, head_dim, group, bits, mode, offset, scale, top, bounds, book_of_feature, out
+    x,
+    table,
+    batch,
+    heads,
+    tokens,
+    head_dim,
+    group,
+    bits,
+    mode,
+    offset,
+    scale,
+    top,
+    bounds,
+    guesses,
+    book_of_feature,
+    out,
 ):
     """Codes of every value, packed ``bits`` wide into the feature-major stream of format 1.5 §6.3.
 
     ``mode``: uniform asymmetric ``q = clamp(rint((v - offset[g]) / scale[g]), 0, top)``; uniform
     symmetric ``q = clamp(rint(v / scale[g] + top / 2), 0, top)``; levels: ``z = (v - offset[g]) /
     scale[g]`` and ``q`` = the number of ``bounds[book]`` below ``z`` (``torch.bucketize``), with
-    ``book = book_of_feature[feature]`` and ``bounds`` float32 ``(books, 2**bits)``: the ``2**bits - 1``
-    sorted bounds, then ``+inf``. ``scale`` is already safe (no zeros). ``out``: zeroed
+    ``book = book_of_feature[feature]``, ``bounds`` float32 ``(books, 2**bits - 1)`` sorted, and
+    ``guesses`` int64 ``(books, LEVEL_CELLS)``: a count of bounds near each cell of ``[-1, 1]`` to start
+    from (any start gives the exact count; a good one saves steps). ``scale`` is already safe (no zeros). ``out``: zeroed
     uint8 of ``ceil(n * bits / 8)`` bytes. Each task packs ``FEATURE_BLOCK`` features, tokens
     in tiles of ``ROW_BLOCK`` (a tile's cache lines stay in cache while its features are read).
     """
@@ -185,7 +205,7 @@ def pack_feature_major(
                     if s == tokens:  # next batch row
                         s = 0
                         src += (heads - 1) * plane
-                    code = _code_of(v, mode, offset[g], scale[g], top, half_top, bounds, book, n_bounds)
+                    code = _code_of(v, mode, offset[g], scale[g], top, half_top, bounds, guesses, book, n_bounds)
                     g += per_row
                     word |= code << used
                     used += bits

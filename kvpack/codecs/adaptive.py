@@ -13,7 +13,7 @@ default) or ``group`` (one per group; costs ``L`` float16 values per group). Eac
 is weighted by ``h**2`` of its group, so the k-means objective is the squared error in
 ``x`` rather than in ``z``. Codebooks are stored as float16, sorted; codes are the nearest
 stored level; ``x_hat = c + h * codebook[code]``. On the token axis, a codebook that would
-see more than ``LLOYD_SAMPLES`` (131,072) values learns from the groups of every k-th token
+see more than ``LLOYD_SAMPLES`` (32,768) values learns from the groups of every k-th token
 only (k the smallest step that brings it under the limit); every value is still coded.
 
 Source: non-uniform, data-derived levels as in KVQuant (Hooper et al., arXiv 2401.18079,
@@ -42,7 +42,7 @@ from kvpack.grouping import GroupLayout, from_heads, to_heads
 LLOYD_MAX_ITERATIONS = 30
 #: A codebook learns from at most about this many values: Lloyd's sort and prefix sums cost
 #: O(N log N), and 16-256 levels are set well by far fewer samples than a long cache holds.
-LLOYD_SAMPLES = 1 << 17
+LLOYD_SAMPLES = 1 << 15
 LLOYD_TOLERANCE = 1e-6
 
 
