@@ -11,11 +11,10 @@ command in a fresh process under `/usr/bin/time -v`:
 - `stats ORIG X.restored.safetensors`
 
 and a baseline process that only imports torch and kvpack. Peak RSS is `time -v`'s "Maximum
-resident set size". It counts file pages mapped into the process: safetensors' `safe_open`
-memory-maps its input, so the pages of ORIG (compress, stats) and of the restored file
-(stats) that were touched count while mapped, although the kernel can drop them at any time.
-The script therefore also samples the process's `/proc/PID/status` every 20 ms and reports the
-peak of `RssAnon` (memory the process allocated) and of `RssFile` (mapped file pages) apart.
+resident set size". It counts file pages mapped into the process (kvpack reads K/V tensors with
+positioned reads, but safetensors' `safe_open` still maps the file for its header and small
+tensors), so the script also samples the process's `/proc/PID/status` every 20 ms and reports
+the peak of `RssAnon` (memory the process allocated) and of `RssFile` (mapped file pages) apart.
 MB/s is the fp16 cache size (the original file) over the wall time.
 
     .venv/bin/python bench/memory.py [WORK_DIR] [--sizes 256M,1G,4G] [--keep]

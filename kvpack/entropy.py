@@ -24,30 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import zstandard
 
-from kvpack.codecs.base import (
-    KIND_ALLOCATION,
-    KIND_CODEBOOKS,
-    KIND_CODES,
-    KIND_DATA,
-    KIND_EXACT,
-    KIND_OUTLIERS,
-    KIND_SCALES,
-    KIND_TRANSFORM,
-    SectionSpec,
-)
+from kvpack.codecs.base import KIND_CODES, SECTION_KINDS, SectionSpec
 from kvpack.errors import InvalidInputError
 
-#: Section kinds the entropy stage can apply to (``--zstd-kinds``).
-SECTION_KINDS = (
-    KIND_CODES,
-    KIND_SCALES,
-    KIND_CODEBOOKS,
-    KIND_OUTLIERS,
-    KIND_EXACT,
-    KIND_ALLOCATION,
-    KIND_TRANSFORM,
-    KIND_DATA,
-)
 ZSTD_LEVEL_MIN, ZSTD_LEVEL_MAX = 1, 22
 #: Default zstd level: level 1 packs codes within about 1 % of level 3, at about 1.5x the speed
 #: (bench/speed.py, docs/benchmarks.md).
@@ -68,7 +47,8 @@ class EntropyConfig:
     Args:
         level: zstd level, 1 (fast) to 22 (small); 0 turns the stage off (the file is then
             what a 1.4 writer writes).
-        kinds: the section kinds (:data:`SECTION_KINDS`) it applies to; default every kind.
+        kinds: the section kinds (``kvpack.codecs.base.SECTION_KINDS``, ``--zstd-kinds``) it
+            applies to; default every kind.
         transpose: store token-axis codes feature-major before zstd.
 
     Raises:

@@ -27,6 +27,17 @@ KIND_EXACT = "exact"  # protected tokens stored exactly (keep_first / keep_last,
 KIND_TRANSFORM = "transform"  # per-tensor parameters of a transform (rotation signs, rotary frequencies)
 KIND_ALLOCATION = "allocation"  # the per-group bit-width map of a mixed-precision tensor
 KIND_DATA = "data"  # lossless tensors
+#: Every section kind, in the order reports list them.
+SECTION_KINDS = (
+    KIND_CODES,
+    KIND_SCALES,
+    KIND_CODEBOOKS,
+    KIND_OUTLIERS,
+    KIND_EXACT,
+    KIND_ALLOCATION,
+    KIND_TRANSFORM,
+    KIND_DATA,
+)
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
