@@ -67,6 +67,7 @@ CSV_COLUMNS = (
     "outlier_ratio",
     "options",
     "bits_per_element",
+    "effective_bits_per_element",
     "bits_source",
     "ppl",
     "delta_ppl_pct",

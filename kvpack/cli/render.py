@@ -117,17 +117,19 @@ def say(text: str) -> None:
 
 
 def quality_table(title: str, results: list[dict], pareto: bool = False) -> Table:
-    """One row per evaluated method: bits per element, PPL, ΔPPL %, KL, top-1, attention error (fits 80 columns)."""
+    """One row per evaluated method: bits per element (dense, and after the entropy stage), PPL, ΔPPL %, KL,
+    top-1, attention error."""
     from rich import box
 
     table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("method", "bits", "PPL", "ΔPPL%", "KL", "top1%", "attn"):
+    for column in ("method", "bits", "eff.", "PPL", "ΔPPL%", "KL", "top1%", "attn"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column != "method")
     for r in results:
         label = ("* " if r.get("pareto") else "  ") + r["label"] if pareto else r["label"]
         table.add_row(
             escape(label),
             fmt_num(r["bits_per_element"]),
+            fmt_num(r.get("effective_bits_per_element", r["bits_per_element"])),
             fmt_num(r["ppl"], 2),
             f"{r['delta_ppl_pct']:+.2f}",
             f"{r['kl_mean']:.4f}",
