@@ -665,8 +665,9 @@ def load_kvp(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read the tensors of a ``.kvp`` (decoded), or a selection of them, and its metadata.
 
-    Entry by entry, each decoded in pieces (:mod:`kvpack.streaming`): the memory beyond the
-    returned tensors is about one entry's stored bytes plus one piece.
+    Entry by entry (:mod:`kvpack.streaming`): the memory beyond the returned tensors is about one
+    entry's sections plus one decoded entry (feature-major codes, the 1.5 default, are decoded
+    whole) or one piece (codes in group order, decoded in pieces).
 
     Args:
         path: the ``.kvp`` file.

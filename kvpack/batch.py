@@ -288,14 +288,17 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def _init_worker(threads: int) -> None:
-    """Pool worker setup: ``threads`` torch threads; SIGINT ignored, SIGTERM unwinds (see :func:`run_job`)."""
+    """Pool worker setup: ``threads`` torch and numba threads; SIGINT ignored, SIGTERM unwinds (see :func:`run_job`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_sigterm)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C pending since start is dropped
     import torch
 
+    from kvpack.kernels import set_threads
+
     torch.set_num_threads(threads)
+    set_threads(threads)  # the fused kernels' pool too: N workers x N threads would oversubscribe the cores
 
 
 class _sigint_blocked:

@@ -16,6 +16,7 @@ import torch
 from kvpack.codecs.adaptive import sample_step, sampled_groups, sampled_layout
 from kvpack.codecs.base import FP16_MAX, check_fp16_range, fp16_nearest, fp16_round_down, fp16_round_up
 from kvpack.config import CodecConfig
+from kvpack.errors import InvalidInputError
 from kvpack.grouping import to_groups
 from kvpack.pipeline import TensorPlan
 
@@ -78,7 +79,10 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
     lo_t, hi_t = torch.from_numpy(lo), torch.from_numpy(hi)
     peak = torch.maximum(lo_t.abs(), hi_t.abs())
     if layout.n_groups and float(peak.max()) > FP16_MAX / 2:
-        check_fp16_range(peak[:, None])  # raises
+        try:
+            check_fp16_range(peak[:, None])  # raises
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"tensor {name!r}: {exc}") from None
     top = (1 << bits) - 1
     codec = config.make_codec()
     bounds = np.zeros((1, 1), np.float32)
@@ -170,7 +174,6 @@ def decode(entry, codes: np.ndarray, arrays: dict[str, torch.Tensor], out_dtype:
         InvalidInputError: decoded values that overflow float32 (no encoder writes such scales).
     """
     from kvpack import kernels
-    from kvpack.errors import InvalidInputError
 
     config, layout = entry.codec, entry.plan.layout
     batch, heads, tokens, head_dim = layout.shape

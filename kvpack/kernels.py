@@ -108,8 +108,8 @@ def group_min_max(x, table, batch, heads, tokens, head_dim, group, lo, hi):
                 high = max(high, v)
                 count += 1
                 if count == group:
-                    lo[g] = low
-                    hi[g] = high
+                    lo[g] = low + np.float32(0.0)  # a zero is +0.0, as in the torch path
+                    hi[g] = high + np.float32(0.0)
                     g += 1
                     count = 0
                     low = np.float32(np.inf)

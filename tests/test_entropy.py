@@ -171,6 +171,7 @@ def set_key(key, value, section="codes"):
     "change, message",
     [
         (set_key("encoding", 1), "encoding must be a string"),
+        (set_key("encoding", None), "encoding must be a string"),  # null is not "absent"
         (set_key("transpose", 1), "transpose must be an integer of at least 2"),
         (set_key("transpose", 7), "does not divide"),
         (set_key("transpose", 2, "scale"), "only sections of 1- to 8-bit codes"),
@@ -266,3 +267,16 @@ def test_decode_entry_needs_the_entry_transposes(real_tensors, tmp_path):
         sections = reader.read_sections("layers.1.key")
     assert entry.sections["codes"].transpose == x.shape[1] * x.shape[3]
     assert torch.equal(decode_entry(entry, sections), from_file)
+
+
+def test_transpose_on_an_unknown_optional_section_is_ignored(sample, tmp_path):
+    from tests.kvp_bytes import append_section
+
+    data, extra = append_section(sample, b"an index a later version adds")
+
+    def add(header):
+        header["tensors"]["token_ids"]["sections"]["token_index"] = dict(extra, transpose=3)
+
+    path = tmp_path / "x.kvp"
+    path.write_bytes(edit(data, add, version=(1, 7)))
+    read_everything(path)

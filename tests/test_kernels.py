@@ -133,3 +133,24 @@ def test_other_layouts_take_the_torch_path(real_tensors):
     plan = TensorEntry("layers.0.key", tuple(x.shape), "float16", plain, {}).plan
     assert not fastpath.can_encode(x.float(), plain, plan, {"codes": 192})  # float32 input
     assert not fastpath.can_encode(x, plain, plan, {})  # codes in group order (--no-transpose)
+
+
+def test_signed_zeros_give_the_same_bytes_on_both_paths(real_tensors, monkeypatch):
+    """Groups whose min or max is a zero of either sign: the stored zero-point is +0.0 on both paths."""
+    x = real_tensors["layers.6.value"][:, :, :40].clone()
+    x[:, :, :, :32] = torch.where(torch.rand(x[:, :, :, :32].shape) < 0.5, -0.0, 0.0).half()
+    x[:, :, :3] = -0.0
+    for config in (
+        CodecConfig.build("uniform", 4, 32),
+        CodecConfig.build("normal", 3, 64, normalization="minmax"),
+        CodecConfig.build("adaptive", 2, 32),
+    ):
+        fast, slow, _ = both_paths("layers.6.value", x, config, monkeypatch)
+        assert fast == slow, config.describe()
+
+
+def test_the_fast_path_names_the_tensor_it_refuses(real_tensors, monkeypatch):
+    big = real_tensors["layers.0.value"].to(torch.bfloat16).clone()
+    big[0, 0, 3, 3] = 1e6
+    with pytest.raises(InvalidInputError, match="tensor 'layers.0.value': values up to"):
+        both_paths("layers.0.value", big, CodecConfig.build("uniform", 4, 64), monkeypatch)

@@ -218,13 +218,17 @@ def fp16_nearest(x: torch.Tensor) -> torch.Tensor:
 
 
 def masked_min_max(groups: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group min and max over the values where ``mask`` is True (all when ``None``)."""
+    """Per-group min and max over the values where ``mask`` is True (all when ``None``).
+
+    A zero result is +0.0: which signed zero a SIMD reduction returns for a group holding both is
+    not specified, and the fused kernels (:mod:`kvpack.kernels`) must give the same bytes.
+    """
     if mask is None:
-        return groups.amin(dim=1), groups.amax(dim=1)
+        return groups.amin(dim=1) + 0.0, groups.amax(dim=1) + 0.0
     inf = torch.tensor(float("inf"), dtype=groups.dtype)
     lo = torch.where(mask, groups, inf).amin(dim=1)
     hi = torch.where(mask, groups, -inf).amax(dim=1)
-    return lo, hi
+    return lo + 0.0, hi + 0.0
 
 
 def masked_abs_max(groups: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

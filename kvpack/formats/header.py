@@ -354,16 +354,18 @@ def _decode_tensor(name: str, item: Any, fail, unknown) -> tuple[TensorEntry, li
 def _section_encoding(raw: dict, spec: SectionSpec | None, label: str, fail, unknown) -> tuple[str | None, int]:
     """The optional 1.5 keys ``encoding`` and ``transpose`` of a section entry, validated."""
     encoding = raw.get("encoding")
-    if encoding is not None:
+    if "encoding" in raw:
         if not isinstance(encoding, str):
             raise fail(f"{label}: encoding must be a string, got {brief(encoding)}")
         if encoding not in SECTION_ENCODINGS:
             raise unknown(f"{label}: unknown encoding {brief(encoding)}")
     transpose = raw.get("transpose", 0)
+    if spec is None:  # an optional section this reader does not know: never decoded, its transpose not used
+        return encoding, 0
     if "transpose" in raw:
         if type(transpose) is not int or transpose < 2:
             raise fail(f"{label}: transpose must be an integer of at least 2, got {brief(transpose)}")
-        if spec is None or spec.dtype != "code" or not 1 <= (spec.bits or 0) <= 8:
+        if spec.dtype != "code" or not 1 <= (spec.bits or 0) <= 8:
             raise fail(f"{label}: only sections of 1- to 8-bit codes can be transposed")
         if spec.count % transpose:
             raise fail(f"{label}: transpose {transpose} does not divide its {spec.count} codes")
