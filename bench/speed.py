@@ -145,7 +145,8 @@ def main() -> None:
     try:
         for method, bits, entropy in runs:
             config = CodecConfig.build(method, bits, 64, **CODECS[method])
-            label = f"{method} {bits}-bit g64" + ("" if entropy.enabled else ", no entropy stage")
+            label = f"{method} {bits}-bit g64" + (" minmax" if CODECS[method] else "")
+            label += "" if entropy.enabled else ", no entropy stage"
             compress_tensors(tensors, path, config, metadata, force=True, entropy=entropy)  # warm-up (JIT)
             rate, sec = median_rate(
                 nbytes,
