@@ -18,6 +18,7 @@ from kvpack.codecs.base import FP16_MAX, check_fp16_range, fp16_nearest, fp16_ro
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
 from kvpack.grouping import to_groups
+from kvpack.packing import packed_nbytes
 from kvpack.pipeline import TensorPlan
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -121,7 +122,7 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
         guesses = torch.searchsorted(inner, edges).numpy()
         bounds = inner.numpy()
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = np.zeros(kernels.packed_length(layout.n_elements, bits), np.uint8)
+    codes = np.zeros(packed_nbytes(layout.n_elements, bits), np.uint8)
     kernels.pack_feature_major(
         bits16,
         table,

@@ -16,8 +16,6 @@ against the torch path bit for bit on real caches. Speed: ``bench/speed.py``.
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 import torch
@@ -310,7 +308,3 @@ def half_bits(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The uint16 bits of a contiguous float16 / bfloat16 tensor (no copy) and the table of their values."""
     table = FLOAT16_VALUES if x.dtype == torch.float16 else BFLOAT16_VALUES
     return x.contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16), table
-
-
-def packed_length(count: int, bits: int) -> int:
-    return math.ceil(count * bits / 8)
