@@ -141,12 +141,17 @@ def test_a_failure_midway_leaves_no_output_and_no_temp_file(kvp_files, tmp_path,
         assert out.read_bytes() == b"old"
 
 
+def corrupted_copy(path, target, name: str, at: int, mask: int):
+    """A copy of ``path`` with one byte of tensor ``name``'s codes flipped by ``mask`` (its CRC-32 no longer matches)."""
+    data = bytearray(path.read_bytes())
+    with KvpReader(path) as reader:
+        data[reader.entry(name).sections["codes"].offset + at] ^= mask
+    target.write_bytes(bytes(data))
+    return target
+
+
 def test_a_corrupt_section_midway_leaves_nothing_and_one_error_line(kvp_files, tmp_path, capsys):
-    bad = tmp_path / "bad.kvp"
-    data = bytearray(kvp_files["uniform"].read_bytes())
-    with KvpReader(kvp_files["uniform"]) as reader:
-        data[reader.entry("layers.20.value").sections["codes"].offset + 5] ^= 0x10
-    bad.write_bytes(bytes(data))
+    bad = corrupted_copy(kvp_files["uniform"], tmp_path / "bad.kvp", "layers.20.value", 5, 0x10)
     code, _, err = run(["decompress", bad, "-o", tmp_path / "o.safetensors"], capsys)
     assert code == 2 and err.count("\n") == 1 and "checksum mismatch" in err and "layers.20.value" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.kvp"]
@@ -327,11 +332,7 @@ def test_a_selection_reads_only_its_own_sections(kvp_files, tmp_path, monkeypatc
 
 
 def test_a_selection_reads_despite_another_tensors_corrupt_bytes(kvp_files, tmp_path, capsys):
-    bad = tmp_path / "bad.kvp"
-    data = bytearray(kvp_files["uniform"].read_bytes())
-    with KvpReader(kvp_files["uniform"]) as reader:
-        data[reader.entry("layers.0.key").sections["codes"].offset + 100] ^= 0xFF
-    bad.write_bytes(bytes(data))
+    bad = corrupted_copy(kvp_files["uniform"], tmp_path / "bad.kvp", "layers.0.key", 100, 0xFF)
     part, _ = load_kvp(bad, layers=[1, 2])
     whole = whole_tensors(kvp_files["uniform"])
     assert all(torch.equal(x, whole[name]) for name, x in part.items())

@@ -325,14 +325,10 @@ def _inflate_header(raw: bytes, name: str) -> bytes:
             f"{name}: a {len(raw)}-byte compressed header declares {size} bytes, "
             f"more than {MAX_HEADER_EXPANSION}x its size (refused as a decompression bomb)"
         )
-    try:
-        text = zstandard.ZstdDecompressor().decompress(raw, max_output_size=max(size, 1), allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        reason = "bytes follow the zstd frame" if "unused data" in str(exc) else f"bad zstd frame ({exc})"
-        raise FormatError(f"{name}: corrupted header: {reason}") from None
-    if len(text) != size:
-        raise FormatError(f"{name}: corrupted header: {len(text)} bytes, the frame declares {size}")
-    return text
+    try:  # the same frame rules as a zstd section (§6.3)
+        return decompress_section(raw, size)
+    except ValueError as exc:
+        raise FormatError(f"{name}: corrupted header: {exc}") from None
 
 
 def open_kvp(path: str | os.PathLike) -> KvpReader:
