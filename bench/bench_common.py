@@ -47,7 +47,7 @@ def merge_results(results_dir: Path, extra: Path, labels: set[str] | None = None
     Raises:
         SystemExit: another protocol or reference.
     """
-    from kvpack.sweep import csv_text, mark_pareto, plot
+    from kvpack.evaluation.sweep import csv_text, mark_pareto, plot
 
     run = json.loads((results_dir / "results.json").read_text())
     other = json.loads(extra.read_text())

@@ -21,8 +21,8 @@ import torch
 from bench_common import replace_section
 
 from kvpack import CodecConfig, compress_file
-from kvpack.dump import bundled_text, dump_cache, load_model
 from kvpack.formats.safetensors_io import write_safetensors
+from kvpack.model.dump import bundled_text, dump_cache, load_model
 
 MARKER = "## Codec size and error on a real cache"
 MAIN_GRID = [(method, bits, 64, 0.0, {}) for method in ("uniform", "normal", "adaptive") for bits in (2, 3, 4)]

@@ -22,10 +22,10 @@ import numpy as np
 from bench_common import replace_section
 
 from kvpack import CodecConfig, compress_tensors
-from kvpack.dump import bundled_text, dump_cache, load_model
-from kvpack.entropy import EntropyConfig
+from kvpack.formats.entropy import EntropyConfig
 from kvpack.formats.reader import KvpReader
 from kvpack.formats.safetensors_io import SafetensorsSource
+from kvpack.model.dump import bundled_text, dump_cache, load_model
 from kvpack.packing import unpack
 
 ROOT = Path(__file__).resolve().parents[1]

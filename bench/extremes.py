@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from kvpack.api import compress_tensors, load_kvp
+from kvpack.compress import compress_tensors
 from kvpack.config import CodecConfig
 from kvpack.formats.safetensors_io import SafetensorsSource
+from kvpack.restore.files import load_kvp
 
 
 def main() -> None:

@@ -70,7 +70,8 @@ def base_dump(work: Path) -> Path:
 def tiled_cache(base: Path, work: Path, size: int) -> Path:
     """A cache of about ``size`` bytes of fp16 K/V: every K/V tensor and token_ids of ``base``
     repeated along the token axis (written one tensor at a time)."""
-    from kvpack.formats.safetensors_io import SafetensorsSource, parse_kv_name, safetensors_writer
+    from kvpack.formats.safetensors_io import SafetensorsSource, safetensors_writer
+    from kvpack.names import parse_kv_name
 
     with SafetensorsSource(base) as source:
         names = source.keys()

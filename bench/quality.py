@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from bench_common import replace_section, run_sweep
 
-from kvpack.sweep import plot, series_name, smallest_bits_within
+from kvpack.evaluation.sweep import plot, series_name, smallest_bits_within
 
 MARKER = "## Model quality on WikiText-2"
 HERE = Path(__file__).resolve().parent

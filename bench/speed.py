@@ -32,7 +32,7 @@ import zstandard
 from bench_common import replace_section
 
 from kvpack import CodecConfig, compress_tensors, load_kvp
-from kvpack.entropy import EntropyConfig
+from kvpack.formats.entropy import EntropyConfig
 from kvpack.formats.reader import KvpReader
 from kvpack.formats.safetensors_io import SafetensorsSource, write_safetensors
 
@@ -54,7 +54,7 @@ def build_cache(work_dir: Path, size_gb: float) -> Path:
     path = work_dir / f"smollm2-wikitext-{size_gb:g}GB.safetensors"
     if path.exists():
         return path
-    from kvpack.dump import load_model, model_identity, tokenize
+    from kvpack.model.dump import load_model, model_identity, tokenize
 
     loaded = load_model()
     ids = tokenize(loaded.tokenizer, TEXT.read_text(encoding="utf-8"))
@@ -62,7 +62,7 @@ def build_cache(work_dir: Path, size_gb: float) -> Path:
     parts: dict[str, list[torch.Tensor]] = {}
     tokens = 0
     start = 0
-    from kvpack.dump import collect_cache
+    from kvpack.model.dump import collect_cache
 
     while per_token is None or tokens * per_token < size_gb * 1e9:
         window = ids[:, start : start + WINDOW]

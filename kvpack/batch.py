@@ -2,14 +2,14 @@
 
 The CLI (``kvpack compress A B DIR 'store/*.safetensors' --jobs N``) renders what this module
 returns; nothing here knows about terminals. Each file is compressed by
-:func:`kvpack.api.compress_file` exactly as a single file would be (same checks, same atomic
+:func:`kvpack.compress.compress_file` exactly as a single file would be (same checks, same atomic
 output), and its outcome is a plain, picklable record::
 
     {"input": str, "output": str | None, "ok": bool, "error": str | None,
      "report": dict | None, "seconds": float}
 
 ``error`` is the one-line message kvpack prints for that failure on its own
-(:func:`kvpack.errors.error_message`); ``report`` is :func:`~kvpack.api.compress_file`'s
+(:func:`kvpack.errors.error_message`); ``report`` is :func:`~kvpack.compress.compress_file`'s
 report; ``seconds`` is the wall time spent on the file (0 for one that never ran).
 
 Interrupts: in a pool, the workers ignore SIGINT and the caller's process stops them with
@@ -31,10 +31,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvpack.allocation import Allocation
+from kvpack.allocation.solver import Allocation
+from kvpack.compress import compress_file
 from kvpack.config import CodecConfig
-from kvpack.entropy import EntropyConfig
 from kvpack.errors import InvalidInputError, KvpackError, error_message
+from kvpack.formats.entropy import EntropyConfig
 
 #: Suffix of the dumps a directory argument stands for.
 DUMP_SUFFIX = ".safetensors"
@@ -180,7 +181,6 @@ def run_job(job: Job) -> dict:
     record says so and carries the traceback text under ``"traceback"``. In a pool worker,
     SIGTERM ends the process once the file's temporary output is removed.
     """
-    from kvpack.api import compress_file
 
     start = time.perf_counter()
     try:
@@ -295,7 +295,7 @@ def _init_worker(threads: int) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C pending since start is dropped
     import torch
 
-    from kvpack.kernels import set_threads
+    from kvpack.codecs.kernels import set_threads
 
     torch.set_num_threads(threads)
     set_threads(threads)  # the fused kernels' pool too: N workers x N threads would oversubscribe the cores

@@ -16,7 +16,8 @@ from typing import Any
 
 from kvpack.codecs import CodecParams, get_codec_class
 from kvpack.errors import InvalidInputError, brief, brief_list
-from kvpack.grouping import AXES, OUTLIER_SELECTIONS
+from kvpack.grouping import AXES, OUTLIER_SELECTIONS, outliers_per_group
+from kvpack.presets import flat_options
 
 MIN_BITS, MAX_BITS = 1, 8
 MAX_GROUP_SIZE = 1 << 16
@@ -79,7 +80,7 @@ class CodecConfig:
         width_counts: mixed precision (format 1.4): how many groups of the tensor have each
             code width 0 to 8 (9 counts; empty: every group has ``bits``). Which group has
             which width is stored in the tensor's ``bit_widths`` section. Set per tensor by
-            the allocators (:mod:`kvpack.allocation`).
+            the allocators (:mod:`kvpack.allocation.solver`).
 
     Raises:
         InvalidInputError: any field out of range or of the wrong type.
@@ -313,7 +314,6 @@ class CodecConfig:
         if self.stack_layers:
             text += " (K and V of all layers in one entry each)"
         if self.outlier_ratio:
-            from kvpack.grouping import outliers_per_group
 
             try:
                 kept = outliers_per_group(self.outlier_ratio, self.group_size, self.outlier_select)
@@ -366,7 +366,6 @@ def load_codec_config(path: str | Path) -> CodecConfig:
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
     if isinstance(data, dict) and "preset" in data and "params" not in data:
-        from kvpack.presets import flat_options
 
         rest = {k: v for k, v in data.items() if k != "preset"}
         try:

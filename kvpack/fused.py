@@ -1,11 +1,11 @@
-"""The fused encode / decode of plain token-axis tensors (:mod:`kvpack.kernels`), bit for bit the torch path.
+"""The fused encode / decode of plain token-axis tensors (:mod:`kvpack.codecs.kernels`), bit for bit the torch path.
 
 A tensor takes the fast path when it is float16 or bfloat16, its codec is ``uniform``,
 ``normal`` with ``minmax`` normalization, or ``adaptive`` with ``minmax`` normalization and a
 ``tensor`` or ``head`` codebook scope, its groups lie on the token axis, it has no outliers,
 protected tokens, rotation, un-RoPE, stacked layers or mixed widths, and its codes are stored
 feature-major (format 1.5 §6.3, the default). Everything else goes through
-:class:`kvpack.pipeline.TensorPlan`. Both give the same bytes (``tests/test_kernels.py``).
+:class:`kvpack.transforms.plan.TensorPlan`. Both give the same bytes (``tests/test_kernels.py``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import torch
 from kvpack.codecs.adaptive import sample_step, sampled_groups, sampled_layout
 from kvpack.codecs.base import FP16_MAX, check_fp16_range, fp16_nearest, fp16_round_down, fp16_round_up
 from kvpack.config import CodecConfig
+from kvpack.dtypes import check_finite
 from kvpack.errors import InvalidInputError
 from kvpack.grouping import to_groups
 from kvpack.packing import packed_nbytes
-from kvpack.pipeline import TensorPlan
+from kvpack.transforms.plan import TensorPlan
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-#: Output dtypes of the decode kernel (``kvpack.kernels.OUT_*``); numba is imported on first use.
+#: Output dtypes of the decode kernel (``kvpack.codecs.kernels.OUT_*``); numba is imported on first use.
 OUT_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
@@ -66,8 +67,7 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
         InvalidInputError: NaN / Inf values, or values beyond the float16 range of the metadata
             (the messages of the torch path).
     """
-    from kvpack import kernels
-    from kvpack.api import check_finite
+    from kvpack.codecs import kernels
 
     layout = plan.layout
     batch, heads, tokens, head_dim = layout.shape
@@ -174,7 +174,7 @@ def decode(entry, codes: np.ndarray, arrays: dict[str, torch.Tensor], out_dtype:
     Raises:
         InvalidInputError: decoded values that overflow float32 (no encoder writes such scales).
     """
-    from kvpack import kernels
+    from kvpack.codecs import kernels
 
     config, layout = entry.codec, entry.plan.layout
     batch, heads, tokens, head_dim = layout.shape

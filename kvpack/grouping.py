@@ -9,7 +9,7 @@ transformers cache). Groups run along one of two axes:
   num_kv_heads * head_dim`` one group per layer and token (QAQ's layer level).
 - ``channel`` (per-channel groups, KIVI / KVQuant keys): each channel of each head is cut
   along the sequence into groups of ``group_size`` consecutive tokens; ``group_size`` must
-  divide ``seq_len`` (the caller keeps the remainder tokens out, see :mod:`kvpack.pipeline`).
+  divide ``seq_len`` (the caller keeps the remainder tokens out, see :mod:`kvpack.transforms.plan`).
 """
 
 from __future__ import annotations

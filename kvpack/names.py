@@ -6,6 +6,8 @@ import re
 
 KV_NAME = re.compile(r"layers\.(0|[1-9][0-9]{0,8})\.(key|value)")
 STACKED_NAME = re.compile(r"layers\.all\.(key|value)")
+#: The two roles of a K/V tensor, in file order.
+ROLES = ("key", "value")
 
 
 def kv_tensor_name(layer: int, role: str) -> str:
@@ -31,3 +33,9 @@ def parse_stacked_name(name: str) -> str | None:
     """``"key"`` / ``"value"`` for ``layers.all.key`` / ``layers.all.value``, else ``None``."""
     match = STACKED_NAME.fullmatch(name)
     return match.group(1) if match else None
+
+
+def tensor_order(name: str) -> tuple:
+    """Sort key: K/V tensors by layer (numerically), key before value, then other tensors by name."""
+    parsed = parse_kv_name(name)
+    return (0, parsed[0], parsed[1] != "key", "") if parsed else (1, 0, False, name)

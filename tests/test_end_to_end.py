@@ -97,7 +97,7 @@ def test_compress_decompress_each_method_within_bounds(real_dump, tmp_path, meth
 def test_tiny_model_with_sliding_and_full_layers(tmp_path):
     """Layers that differ (sliding-window layers keep only their last tokens) keep their own shapes."""
     from kvpack import CodecConfig, compress_tensors, load_kvp
-    from kvpack.dump import collect_cache
+    from kvpack.model.dump import collect_cache
 
     model = tiny_gemma2(sliding_window=4, max_positions=64)
     ids = torch.randint(0, 64, (1, 300))

@@ -9,10 +9,10 @@ import torch
 import zstandard
 
 from kvpack import CodecConfig, compress_tensors, load_kvp
-from kvpack.api import decode_entry, encode_tensor, section_transposes
 from kvpack.cli.app import main
-from kvpack.entropy import MAX_EXPANSION, EntropyConfig, transposed, untransposed
+from kvpack.entry import decode_entry, encode_tensor
 from kvpack.errors import FormatError, InvalidInputError, UnsupportedVersionError
+from kvpack.formats.entropy import MAX_EXPANSION, EntropyConfig, section_transposes, transposed, untransposed
 from kvpack.formats.reader import KvpReader
 from kvpack.packing import unpack
 from tests.kvp_bytes import dumps, header_json, read_everything, with_header

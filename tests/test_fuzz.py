@@ -509,7 +509,7 @@ base = peak_kib()
 try:
     with KvpReader(sys.argv[1]) as reader:
         reader.verify()
-        tensors = [reader.read_tensor(name) for name in reader.keys()]
+        tensors = [read_tensor(reader, name) for name in reader.keys()]
     outcome = "read"
 except FormatError as exc:
     outcome = "refused: " + str(exc)[-80:]

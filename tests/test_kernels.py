@@ -1,17 +1,18 @@
-"""The fused kernels (kvpack.kernels, kvpack.fastpath) give the torch path's bytes and values, bit for bit."""
+"""The fused kernels (kvpack.codecs.kernels, kvpack.fused) give the torch path's bytes and values, bit for bit."""
 
 import numba
 import numpy as np
 import pytest
 import torch
 
-from kvpack import CodecConfig, fastpath
-from kvpack.api import decode_entry, encode_tensor, section_transposes
+from kvpack import CodecConfig
+from kvpack import fused as fastpath
 from kvpack.codecs.adaptive import LLOYD_SAMPLES
-from kvpack.entropy import EntropyConfig
+from kvpack.codecs.kernels import bfloat16_bits_of, float16_bits_of
+from kvpack.entry import decode_entry, encode_tensor
 from kvpack.errors import InvalidInputError
+from kvpack.formats.entropy import EntropyConfig, section_transposes
 from kvpack.formats.header import SectionEntry, TensorEntry
-from kvpack.kernels import bfloat16_bits_of, float16_bits_of
 
 CONFIGS = (
     [

@@ -9,15 +9,15 @@ import math
 import pytest
 import torch
 
-from kvpack.baselines import KIVI_GROUP, fp8_per_head, kivi
 from kvpack.cli.app import main
 from kvpack.config import CodecConfig, load_codec_config
-from kvpack.entropy import EntropyConfig
 from kvpack.errors import ChecksumMismatchError, InvalidInputError, ModelMismatchError
-from kvpack.evaluate import EvalMethod, EvalProtocol, attention_output, codec_label
+from kvpack.evaluation.baselines import KIVI_GROUP, fp8_per_head, kivi
+from kvpack.evaluation.evaluate import EvalMethod, EvalProtocol, attention_output, codec_label
+from kvpack.evaluation.sweep import load_sweep_config, pareto_front
+from kvpack.formats.entropy import EntropyConfig
 from kvpack.formats.reader import KvpReader
 from kvpack.formats.safetensors_io import SafetensorsSource
-from kvpack.sweep import load_sweep_config, pareto_front
 from tests.conftest import tiny_gemma2, wikitext_excerpt
 
 # --- pieces that need no model ----------------------------------------------------------
@@ -239,20 +239,20 @@ def test_eval_refuses_mixed_method_choices(tmp_path, capsys):
 
 @pytest.fixture(scope="session")
 def wiki_ids(smollm):
-    from kvpack.dump import tokenize
+    from kvpack.model.dump import tokenize
 
     return tokenize(smollm.tokenizer, wikitext_excerpt())
 
 
 def _prefill(smollm, ids):
-    from kvpack.dump import run_prefill
+    from kvpack.model.dump import run_prefill
 
     return run_prefill(smollm.model, ids)
 
 
 @pytest.mark.model
 def test_lossless_file_continues_exactly_like_recomputing(smollm, wiki_ids, tmp_path):
-    from kvpack.cache_io import continue_generation, load_cache, save_cache
+    from kvpack.model.cache import continue_generation, load_cache, save_cache
 
     prompt, suffix = wiki_ids[:, :300], wiki_ids[:, 300:306]
     path = tmp_path / "prompt.kvp"
@@ -278,7 +278,7 @@ def test_lossless_file_continues_exactly_like_recomputing(smollm, wiki_ids, tmp_
 
 @pytest.mark.model
 def test_fp16_file_of_an_fp32_cache_is_close(smollm, wiki_ids, tmp_path):
-    from kvpack.cache_io import cache_tensors, load_cache, save_cache
+    from kvpack.model.cache import cache_tensors, load_cache, save_cache
 
     prompt, tokens = wiki_ids[:, :256], wiki_ids[:, 256:288]
     cache = _prefill(smollm, prompt)
@@ -299,8 +299,8 @@ def test_fp16_file_of_an_fp32_cache_is_close(smollm, wiki_ids, tmp_path):
 def test_cache_from_another_model_is_refused(smollm, wiki_ids, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kvpack.api import load_kvp
-    from kvpack.cache_io import check_model, load_cache, save_cache
+    from kvpack.model.cache import check_model, load_cache, save_cache
+    from kvpack.restore.files import load_kvp
 
     path = tmp_path / "prompt.kvp"
     save_cache(path, _prefill(smollm, wiki_ids[:, :32]), wiki_ids[:, :32], smollm, CodecConfig.build("uniform", 4, 64))
@@ -341,9 +341,9 @@ def test_cache_from_another_model_is_refused(smollm, wiki_ids, tmp_path):
 def test_identity_covers_rotary_vocabulary_and_tokenizer(smollm, wiki_ids, real_dump, tmp_path):
     import copy
 
-    from kvpack.api import load_kvp
-    from kvpack.cache_io import check_model, load_cache, save_cache
-    from kvpack.dump import tokenizer_fingerprint
+    from kvpack.model.cache import check_model, load_cache, save_cache
+    from kvpack.model.dump import tokenizer_fingerprint
+    from kvpack.restore.files import load_kvp
 
     path = tmp_path / "prompt.kvp"
     save_cache(path, _prefill(smollm, wiki_ids[:, :16]), wiki_ids[:, :16], smollm)
@@ -373,7 +373,7 @@ def test_identity_covers_rotary_vocabulary_and_tokenizer(smollm, wiki_ids, real_
 def test_a_failed_restore_touches_nothing_the_caller_owns(smollm, wiki_ids, tmp_path):
     import hashlib
 
-    from kvpack.cache_io import load_cache, save_cache
+    from kvpack.model.cache import load_cache, save_cache
 
     def model_state():
         digest = hashlib.sha256(json.dumps(smollm.model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -411,8 +411,8 @@ def test_a_failed_restore_touches_nothing_the_caller_owns(smollm, wiki_ids, tmp_
 
 @pytest.mark.model
 def test_sliding_window_model_restores_and_continues(tmp_path):
-    from kvpack.cache_io import load_cache, save_cache
-    from kvpack.dump import run_prefill
+    from kvpack.model.cache import load_cache, save_cache
+    from kvpack.model.dump import run_prefill
 
     model = tiny_gemma2(sliding_window=8, max_positions=128)
     ids = torch.randint(0, 64, (1, 60))
@@ -427,7 +427,7 @@ def test_sliding_window_model_restores_and_continues(tmp_path):
 
 @pytest.mark.model
 def test_eval_lossless_is_exact_and_2bit_costs(smollm, wiki_ids):
-    from kvpack.evaluate import evaluate
+    from kvpack.evaluation.evaluate import evaluate
 
     methods = [EvalMethod.named_baseline("fp16"), EvalMethod.codec(CodecConfig.build("uniform", 2, 64))]
     run = evaluate(smollm, wiki_ids, methods, EvalProtocol(96, 24, 2))
@@ -464,7 +464,7 @@ def test_cli_dump_kvp_then_generate(cli_model, wiki_ids, tmp_path, capsys):
     assert "lossless float32" in capsys.readouterr().out
     assert main(["generate", "--cache", str(path), "--prompt-suffix", " The", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
-    from kvpack.dump import tokenize
+    from kvpack.model.dump import tokenize
 
     full = torch.cat([tokenize(cli_model.tokenizer, text.read_text()), tokenize(cli_model.tokenizer, " The")], 1)
     with torch.no_grad():

@@ -16,16 +16,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import kvpack.streaming as streaming
-from kvpack.allocation import Allocation
-from kvpack.api import compare_caches, compress_file, compress_tensors, decompress_file, describe_file, load_kvp
+import kvpack.restore.streaming as streaming
+from kvpack.allocation.solver import Allocation
 from kvpack.cli.app import main
+from kvpack.compress import compress_file, compress_tensors
 from kvpack.config import CodecConfig
-from kvpack.entropy import EntropyConfig
 from kvpack.errors import ChecksumMismatchError, InvalidInputError
+from kvpack.formats.entropy import EntropyConfig
 from kvpack.formats.reader import KvpReader
 from kvpack.formats.safetensors_io import SafetensorsStream, safetensors_layout, write_safetensors
 from kvpack.packing import pack, unpack, unpack_range
+from kvpack.report import compare_caches, describe_file
+from kvpack.restore.decode import read_tensor
+from kvpack.restore.files import decompress_file, load_kvp
 
 LAYERS, HEADS, HEAD_DIM, TOKENS = 30, 3, 64, 512  # SmolLM2-135M on the real_dump fixture
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +75,7 @@ def kvp_files(real_dump, dump_tensors, tmp_path_factory):
 def whole_tensors(path, dtype=None) -> dict[str, torch.Tensor]:
     """Every tensor as the reader decodes it whole (the path decompress took before streaming)."""
     with KvpReader(path) as reader:
-        return {n: reader.read_tensor(n, dtype if n != "token_ids" else None) for n in reader.tensor_names()}
+        return {n: read_tensor(reader, n, dtype if n != "token_ids" else None) for n in reader.tensor_names()}
 
 
 def header_of(path) -> tuple[int, dict]:

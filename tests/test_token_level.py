@@ -6,15 +6,20 @@ import json
 import pytest
 import torch
 
-from kvpack.api import compare_caches, compress_file, compress_tensors, entry_layout, load_kvp, open_cache
-from kvpack.cache_io import read_prompt_cache
 from kvpack.cli.app import main
+from kvpack.compress import compress_file, compress_tensors
 from kvpack.config import CodecConfig
-from kvpack.entropy import EntropyConfig
+from kvpack.entry import entry_layout
 from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR
+from kvpack.formats.entropy import EntropyConfig
 from kvpack.formats.reader import KvpReader
-from kvpack.pipeline import MAX_STACKED_LAYERS
+from kvpack.model.cache import read_prompt_cache
+from kvpack.report import compare_caches
+from kvpack.restore.decode import read_tensor
+from kvpack.restore.files import load_kvp
+from kvpack.sources import open_cache
+from kvpack.transforms.plan import MAX_STACKED_LAYERS
 from tests.kvp_bytes import header_json, with_header
 
 LAYERS, HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
@@ -148,7 +153,7 @@ def test_readers_restore_single_layers_of_a_stacked_file(tmp_path, real_dump, re
     assert torch.equal(tensors["layers.3.key"], whole["layers.3.key"]) and metadata["num_layers"] == "30"
     with KvpReader(tmp_path / "x.kvp") as reader:
         with pytest.raises(InvalidInputError, match="no tensor named 'layers.30.key'"):
-            reader.read_tensor("layers.30.key")
+            read_tensor(reader, "layers.30.key")
 
 
 def test_stacking_refuses_caches_whose_layers_differ(tmp_path, capsys):
@@ -189,7 +194,7 @@ def test_hostile_stacked_headers_are_refused(tmp_path, real_tensors):
         with pytest.raises(FormatError, match=message):
             with KvpReader(path) as reader:
                 for name in reader.tensor_names():
-                    reader.read_tensor(name)
+                    read_tensor(reader, name)
 
     def rename(old, new):  # in place, so the sections keep their file order
         return lambda h: h.update(tensors={new if n == old else n: e for n, e in h["tensors"].items()})
@@ -225,7 +230,7 @@ def test_eval_at_the_token_level_on_the_model(cli_model, tmp_path, capsys):
 
 
 def test_writer_refuses_a_layer_that_is_also_in_a_stacked_entry(tmp_path):
-    from kvpack.api import encode_tensor
+    from kvpack.entry import encode_tensor
     from kvpack.formats.writer import KvpWriter
 
     config = stacked(group_size=32)
@@ -243,7 +248,7 @@ def test_writer_refuses_a_layer_that_is_also_in_a_stacked_entry(tmp_path):
 
 def test_a_stacked_entry_for_one_role_beside_per_layer_tensors(tmp_path, real_tensors):
     """Valid by the spec: keys stacked, values per layer; the reader restores both kinds."""
-    from kvpack.api import encode_tensor
+    from kvpack.entry import encode_tensor
     from kvpack.formats.writer import KvpWriter
 
     config, per_layer = stacked(bits=4, group_size=HEADS * HEAD_DIM), CodecConfig.build("uniform", 4, 64)

@@ -9,17 +9,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpack.api import compress_tensors, decode_entry, encode_tensor, load_kvp
 from kvpack.cli.app import main
+from kvpack.compress import compress_tensors
 from kvpack.config import CodecConfig
-from kvpack.entropy import EntropyConfig
+from kvpack.entry import decode_entry, encode_tensor
 from kvpack.errors import InvalidInputError
+from kvpack.formats.entropy import EntropyConfig
 from kvpack.formats.header import TensorEntry
 from kvpack.formats.reader import KvpReader
 from kvpack.grouping import GroupLayout, from_groups, outliers_per_group, to_groups
-from kvpack.pipeline import hadamard_matrix, hadamard_rotate, hadamard_signs, plan_for
 from kvpack.presets import PRESETS
-from kvpack.rope import RopeSpec, rope_from_metadata, rope_from_model, rotate_keys
+from kvpack.restore.files import load_kvp
+from kvpack.transforms.plan import hadamard_matrix, hadamard_rotate, hadamard_signs, plan_for
+from kvpack.transforms.rope import RopeSpec, rope_from_metadata, rope_from_model, rotate_keys
 
 
 def config(method="uniform", bits=4, group_size=64, ratio=0.0, **transforms):
@@ -68,7 +70,7 @@ def test_rope_rotation_is_orthogonal_with_scaling_and_partial_dims():
 
 def test_unrope_recovers_the_models_pre_rope_keys(smollm):
     """Un-RoPE of the cached keys equals what k_proj produced before the model applied RoPE."""
-    from kvpack.dump import cache_layers
+    from kvpack.model.dump import cache_layers
 
     lm = smollm.model
     rope = rope_from_model(lm)
@@ -170,7 +172,7 @@ def test_exact_tokens_show_in_the_bits_per_element(tmp_path, real_tensors):
     entries = compress_tensors(
         tensors, tmp_path / "k.kvp", config("uniform", 2, 32, keep_first=4, keep_last=60), entropy=EntropyConfig.off()
     )
-    from kvpack.api import build_report
+    from kvpack.report import build_report
 
     bits = build_report(entries, (tmp_path / "k.kvp").stat().st_size, None)["rows"]["all"]["bits_per_element"]
     assert bits["exact"] == pytest.approx(16 * 64 / seq)
@@ -415,8 +417,8 @@ def test_methods_lists_presets_transforms_and_element_formats(capsys):
 
 
 def test_eval_runs_a_transformed_codec_on_the_model(smollm, tmp_path):
-    from kvpack.dump import tokenize
-    from kvpack.evaluate import EvalMethod, EvalProtocol, evaluate
+    from kvpack.evaluation.evaluate import EvalMethod, EvalProtocol, evaluate
+    from kvpack.model.dump import tokenize
     from tests.conftest import wikitext_excerpt
 
     ids = tokenize(smollm.tokenizer, wikitext_excerpt())
@@ -432,7 +434,7 @@ def test_eval_runs_a_transformed_codec_on_the_model(smollm, tmp_path):
 
 
 def test_transforms_in_chunks_equal_one_pass_and_leave_the_input_alone(monkeypatch, real_tensors):
-    import kvpack.pipeline
+    import kvpack.transforms.plan
 
     rope = RopeSpec(tuple(1.0 / 10000 ** (torch.arange(0, 48, 2).float() / 48)), 1.25)
     codec = config("uniform", 4, 32, key_axis="channel", keep_first=3, rotate="hadamard", unrope=True).with_rope(
@@ -441,7 +443,7 @@ def test_transforms_in_chunks_equal_one_pass_and_leave_the_input_alone(monkeypat
     x = real_tensors["layers.2.key"].float()
     before = x.clone()
     whole = round_trip("layers.2.key", x, codec)
-    monkeypatch.setattr(kvpack.pipeline, "TRANSFORM_CHUNK_ELEMENTS", 3 * 64 * 7)  # 7 tokens per chunk
+    monkeypatch.setattr(kvpack.transforms.plan, "TRANSFORM_CHUNK_ELEMENTS", 3 * 64 * 7)  # 7 tokens per chunk
     chunked = round_trip("layers.2.key", x, codec)
     assert torch.equal(x, before)
     assert torch.allclose(whole, chunked, atol=1e-6 * float(x.abs().max()))

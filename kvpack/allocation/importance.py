@@ -1,7 +1,7 @@
 """Attention statistics of a cache, and the importance weights bit allocation derives from them.
 
 ``kvpack dump --attention-stats`` records, for every layer ``i`` (recomputed in float32 from the
-queries the model computes, captured with :class:`kvpack.evaluate.QueryCapture`, and the
+queries the model computes, captured with :class:`kvpack.evaluation.evaluate.QueryCapture`, and the
 cached keys, with the causal mask; the model's own attention is not changed):
 
 - ``attention.{i}.max_weight``: float32 ``(batch, num_kv_heads, seq_len)``: the largest

@@ -1,7 +1,7 @@
 """Bit allocation: a code width per group, chosen over every group of a file at once.
 
 ``target`` (rate control) takes, for every group, its **measured** error at each width the
-codec can code (:func:`kvpack.mixed.width_errors`: the codec really encodes and decodes
+codec can code (:func:`kvpack.transforms.mixed.width_errors`: the codec really encodes and decodes
 the group at 0, 1, ..., 8 bits, so a uniform grid, Gaussian levels, a learned codebook and an
 FP / MX element family each get their own error curve) and chooses the widths that minimize
 the total error for a bit budget, or the fewest bits for an error budget.
@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpack.dtypes import DTYPE_SIZES
 from kvpack.errors import InvalidInputError
+from kvpack.transforms.mixed import candidate_widths, width_errors, width_layout
 
 #: Bisection steps on the multiplier (float64: far below one group's worth of bits).
 BISECTION_STEPS = 100
@@ -305,8 +307,6 @@ class Allocation:
 def width_costs(config, layout) -> tuple[torch.Tensor, torch.Tensor]:
     """Bits of codes and codebooks at each candidate width: ``(per group, per tensor when the width occurs)``,
     both float64 ``(len(candidate_widths),)``."""
-    from kvpack.formats.constants import DTYPE_SIZES
-    from kvpack.mixed import candidate_widths, width_layout
 
     codec = config.make_codec()
 
@@ -330,7 +330,7 @@ def width_costs(config, layout) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class GroupStats:
-    """The attention statistics of one tensor's groups (:mod:`kvpack.importance`), in group order.
+    """The attention statistics of one tensor's groups (:mod:`kvpack.allocation.importance`), in group order.
 
     Attributes:
         role: ``key`` or ``value``.
@@ -374,7 +374,6 @@ def entry_table(
     Raises:
         InvalidInputError: ``importance`` or ``qaq`` without attention statistics.
     """
-    from kvpack.mixed import width_errors
 
     if allocation.method != "target" and stats is None:
         raise InvalidInputError(

@@ -10,13 +10,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kvpack.allocation import Allocation
+from kvpack.allocation.solver import Allocation
 from kvpack.batch import Expansion, Job, plan_outputs, record, run_jobs, same_file_key
 from kvpack.cli.options import build_codec
 from kvpack.cli.render import console, err_console, fmt_num, fmt_sci, human_bytes, print_json, progress_bar, say
 from kvpack.config import CodecConfig
-from kvpack.entropy import EntropyConfig
 from kvpack.errors import InvalidInputError, KvpackError, error_message
+from kvpack.formats.entropy import EntropyConfig
 
 
 def compress_many(
@@ -37,8 +37,8 @@ def compress_many(
             ``--json`` file is an input or an output (all before any file is read).
         typer.Exit: code 2 when any file or argument failed.
     """
-    from kvpack.api import kv_dims
-    from kvpack.formats.writer import check_output_path
+    from kvpack.formats.atomic import check_output_path
+    from kvpack.sources import kv_dims
 
     outputs = plan_outputs(expansion.files, output_dir)
     json_to_stdout = json_path is not None and str(json_path) == "-"

@@ -118,9 +118,10 @@ def compress(
     kvpack compress cache.safetensors --method uniform --bits 3 --key-axis channel --unrope --keep-first 1;
     kvpack compress store/ 'more/*.safetensors' -o packed/ --jobs 0 (many files: a summary table, exit 2 if any failed)
     """
-    from kvpack.api import compress_file, kv_dims
     from kvpack.batch import expand_inputs, output_path, resolve_jobs
-    from kvpack.formats.writer import check_output_path
+    from kvpack.compress import compress_file
+    from kvpack.formats.atomic import check_output_path
+    from kvpack.sources import kv_dims
 
     flags = codec_flags(locals())
     allocation = build_allocation(locals())

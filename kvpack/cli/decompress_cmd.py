@@ -55,8 +55,8 @@ def decompress(
 
     Example: kvpack decompress cache.kvp -o part.safetensors --layers 0,3-5 --tokens 0:512
     """
-    from kvpack.api import decompress_file
-    from kvpack.dump import DUMP_DTYPES
+    from kvpack.model.dump import DUMP_DTYPES
+    from kvpack.restore.files import decompress_file
 
     if dtype is not None and dtype not in DUMP_DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DUMP_DTYPES)}, got {dtype!r}")
@@ -120,7 +120,7 @@ def parse_tokens(text: str) -> tuple[int | None, int | None]:
     Raises:
         InvalidInputError: another syntax, no bound, or an empty or reversed range.
     """
-    from kvpack.streaming import token_bounds
+    from kvpack.restore.streaming import token_bounds
 
     match = _TOKEN_RANGE.fullmatch(text.strip())
     if not match or not (match.group(1) or match.group(2)):

@@ -36,7 +36,7 @@ from kvpack.cli.options import (
 )
 from kvpack.cli.render import err_console, human_bytes, progress_bar, say
 from kvpack.errors import InvalidInputError
-from kvpack.formats.names import parse_kv_name
+from kvpack.names import parse_kv_name
 
 
 def register(app: typer.Typer) -> None:
@@ -101,9 +101,9 @@ def dump(
     Examples: kvpack dump --text-file doc.txt --max-tokens 2048 -o cache.safetensors;
     kvpack dump --prompt "You are ..." -o prompt.kvp --method uniform --bits 4
     """
-    from kvpack.dump import DUMP_DTYPES, bundled_text, cache_dims, check_codec_fits, dump_cache, load_model
+    from kvpack.formats.atomic import check_output_path
     from kvpack.formats.safetensors_io import write_safetensors
-    from kvpack.formats.writer import check_output_path
+    from kvpack.model.dump import DUMP_DTYPES, bundled_text, cache_dims, check_codec_fits, dump_cache, load_model
 
     if text_file is not None and prompt is not None:
         raise InvalidInputError("give either --text-file or --prompt, not both")
@@ -153,7 +153,9 @@ def dump(
     seq_len = int(metadata["seq_len"])
     kv_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if parse_kv_name(n))
     if to_kvp:
-        from kvpack.api import build_report, compress_tensors, tensor_order
+        from kvpack.compress import compress_tensors
+        from kvpack.names import tensor_order
+        from kvpack.report import build_report
 
         ordered = {name: tensors[name] for name in sorted(tensors, key=tensor_order)}
         entries = compress_tensors(ordered, output, config, metadata, force=force)

@@ -109,10 +109,10 @@ def evaluate(
     """
     from kvpack.cli.dump_cmd import read_text_file
     from kvpack.config import load_codec_config
-    from kvpack.dump import load_model, tokenize
-    from kvpack.evaluate import EvalMethod, EvalProtocol
-    from kvpack.evaluate import evaluate as run_evaluation
-    from kvpack.formats.writer import check_output_path
+    from kvpack.evaluation.evaluate import EvalMethod, EvalProtocol
+    from kvpack.evaluation.evaluate import evaluate as run_evaluation
+    from kvpack.formats.atomic import check_output_path
+    from kvpack.model.dump import load_model, tokenize
 
     protocol = EvalProtocol(prefix, continuation, windows)
     flags = codec_flags(locals())
@@ -136,7 +136,7 @@ def evaluate(
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
     if level is not None and chosen.config is not None:
-        from kvpack.dump import cache_dims
+        from kvpack.model.dump import cache_dims
 
         chosen = EvalMethod.codec(build_codec(flags, cache_dims(loaded.model)), allocation=allocation)
     token_ids = tokenize(loaded.tokenizer, text)

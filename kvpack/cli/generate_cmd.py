@@ -38,9 +38,9 @@ def generate(
     Example: kvpack dump --prompt "A long system prompt" -o prompt.kvp --lossless --dtype float32 &&
     kvpack generate --cache prompt.kvp --prompt-suffix " User: hi" --max-new-tokens 20
     """
-    from kvpack.cache_io import continue_generation, read_prompt_cache, restore_cache
-    from kvpack.dump import load_model, tokenize
     from kvpack.errors import InvalidInputError
+    from kvpack.model.cache import continue_generation, read_prompt_cache, restore_cache
+    from kvpack.model.dump import load_model, tokenize
 
     if max_new_tokens < 1:
         raise InvalidInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")

@@ -31,7 +31,7 @@ def inspect(
 
     Example: kvpack inspect cache.kvp --tensors
     """
-    from kvpack.api import describe_file
+    from kvpack.report import describe_file
 
     info = describe_file(path, verify=verify)
     if json_output:
@@ -72,7 +72,7 @@ def inspect(
 def width_histograms(tensors: list[dict]) -> dict[str, list[int]]:
     """Groups at each code width 0 to 8 of the mixed-precision tensors: per tensor, per layer (``layer N``,
     keys and values together; a stacked entry counts for all its layers at once) and in all."""
-    from kvpack.formats.names import parse_kv_name
+    from kvpack.names import parse_kv_name
 
     out: dict[str, list[int]] = {}
     total = [0] * 9

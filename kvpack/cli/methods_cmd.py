@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
 
 def methods() -> None:
     """List the codecs (--method), the transforms every codec takes, the presets (--preset) and the baselines."""
-    from kvpack.baselines import BASELINES
     from kvpack.codecs import Codec
+    from kvpack.evaluation.baselines import BASELINES
     from kvpack.presets import PRESETS
 
     for name, codec in sorted(Codec.registry.items()):

@@ -205,24 +205,24 @@ ALLOCATION_FLAGS = {
 
 
 def build_allocation(values: dict):
-    """The :class:`~kvpack.allocation.Allocation` of a command's flags (``locals()``), or ``None``.
+    """The :class:`~kvpack.allocation.solver.Allocation` of a command's flags (``locals()``), or ``None``.
 
     Raises:
         InvalidInputError: budgets or widths without --allocate, or bad values.
     """
-    from kvpack.allocation import Allocation
+    from kvpack.allocation.solver import Allocation
 
     given = {name: values.get(name) for name in ALLOCATION_FLAGS if values.get(name) is not None}
     return Allocation.from_flat(given, ALLOCATION_FLAGS)
 
 
 def build_entropy(level: int, kinds: str | None, no_transpose: bool = False):
-    """The :class:`~kvpack.entropy.EntropyConfig` of ``--zstd-level`` / ``--zstd-kinds`` / ``--no-transpose``.
+    """The :class:`~kvpack.formats.entropy.EntropyConfig` of ``--zstd-level`` / ``--zstd-kinds`` / ``--no-transpose``.
 
     Raises:
         InvalidInputError: a level outside 0-22 or an unknown kind.
     """
-    from kvpack.entropy import SECTION_KINDS, EntropyConfig
+    from kvpack.formats.entropy import SECTION_KINDS, EntropyConfig
 
     chosen = SECTION_KINDS if kinds is None else tuple(k.strip() for k in kinds.split(",") if k.strip())
     return EntropyConfig(level=level, kinds=frozenset(chosen), transpose=not no_transpose)

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvpack.stats import json_safe
+from kvpack.metrics import json_safe
 
 console = Console()
 err_console = Console(stderr=True)
@@ -40,7 +40,7 @@ def progress_bar(description: str) -> Iterator:
 
 
 def write_json(path: Path, data: dict, force: bool = True) -> None:
-    from kvpack.formats.writer import atomic_output
+    from kvpack.formats.atomic import atomic_output
 
     with atomic_output(path, force=force) as tmp:
         tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
@@ -60,7 +60,7 @@ def fmt_num(value: float | None, digits: int = 3) -> str:
 
 def bits_table(title: str, rows: list[tuple[str, dict]]) -> Table:
     """Rows of ``(label, row dict)``: bits per element by section kind, total, ratio vs fp16."""
-    from kvpack.stats import BIT_COLUMNS
+    from kvpack.report import BIT_COLUMNS
 
     table = Table(title=escape(title), title_justify="left")
     table.add_column("part", no_wrap=True)

@@ -29,7 +29,7 @@ def stats(
 
     Example: kvpack stats cache.safetensors cache.kvp
     """
-    from kvpack.api import compare_caches
+    from kvpack.report import compare_caches
 
     result = compare_caches(original, reconstructed)
     if json_output:

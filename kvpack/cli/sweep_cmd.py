@@ -39,11 +39,9 @@ def sweep(
 
     Example: kvpack sweep --config bench/quality.toml --output-dir sweep-out
     """
-    from kvpack.dump import load_model, tokenize
     from kvpack.errors import InvalidInputError
-    from kvpack.evaluate import check_methods, evaluate
-    from kvpack.formats.writer import atomic_output, check_output_path
-    from kvpack.sweep import (
+    from kvpack.evaluation.evaluate import check_methods, evaluate
+    from kvpack.evaluation.sweep import (
         csv_text,
         load_sweep_config,
         mark_pareto,
@@ -52,6 +50,8 @@ def sweep(
         results_json,
         smallest_bits_within,
     )
+    from kvpack.formats.atomic import atomic_output, check_output_path
+    from kvpack.model.dump import load_model, tokenize
 
     settings = load_sweep_config(config)
     require_matplotlib()  # before the long run, not after

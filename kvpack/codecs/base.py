@@ -221,7 +221,7 @@ def masked_min_max(groups: torch.Tensor, mask: torch.Tensor | None) -> tuple[tor
     """Per-group min and max over the values where ``mask`` is True (all when ``None``).
 
     A zero result is +0.0: which signed zero a SIMD reduction returns for a group holding both is
-    not specified, and the fused kernels (:mod:`kvpack.kernels`) must give the same bytes.
+    not specified, and the fused kernels (:mod:`kvpack.codecs.kernels`) must give the same bytes.
     """
     if mask is None:
         return groups.amin(dim=1) + 0.0, groups.amax(dim=1) + 0.0

@@ -1,6 +1,6 @@
 """Fused CPU kernels (numba) for the common case of the grouped codecs: one pass per step.
 
-The torch pipeline (:mod:`kvpack.pipeline`) makes several passes over a tensor: float32 copy,
+The torch pipeline (:mod:`kvpack.transforms.plan`) makes several passes over a tensor: float32 copy,
 group view, min/max, scale, round, clamp, pack, feature-major transpose. For a plain token-axis
 tensor (float16 or bfloat16, no outliers, protected tokens, rotation, un-RoPE or mixed widths,
 codes stored feature-major, format 1.5 §6.3) these kernels do the same work in two passes to

@@ -29,7 +29,7 @@ import torch
 from kvpack.codecs.base import fp16_round_up
 from kvpack.codecs.uniform import UniformCodec, UniformParams
 from kvpack.errors import InvalidInputError, lookup
-from kvpack.formats.safetensors_io import parse_kv_name
+from kvpack.names import parse_kv_name
 
 KIVI_GROUP = 32
 

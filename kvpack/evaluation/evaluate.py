@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,15 +36,18 @@ from typing import Any
 
 import torch
 
-from kvpack.allocation import Allocation
-from kvpack.api import compress_tensors, load_kvp
-from kvpack.baselines import get_baseline
-from kvpack.cache_io import build_cache, cache_tensors, layer_pairs, unwrap_model
+from kvpack.allocation.importance import attention_statistics
+from kvpack.allocation.solver import Allocation
+from kvpack.compress import compress_tensors
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
-from kvpack.formats.safetensors_io import parse_kv_name
-from kvpack.importance import attention_statistics
-from kvpack.stats import ErrorAccumulator
+from kvpack.evaluation.baselines import KIVI_GROUP, get_baseline
+from kvpack.metrics import ErrorAccumulator
+from kvpack.model.cache import build_cache, cache_tensors, layer_pairs, unwrap_model
+from kvpack.model.dump import check_codec_fits, kv_head_shape
+from kvpack.model.queries import QueryCapture
+from kvpack.names import parse_kv_name
+from kvpack.restore.files import load_kvp
 
 FP16 = "fp16"  # the lossless float16 file: the reference itself, through a real .kvp
 Progress = Callable[[int, int, str], None]
@@ -106,7 +108,7 @@ class EvalMethod:
 
     @classmethod
     def named_baseline(cls, name: str) -> EvalMethod:
-        """``fp16`` or a name from :data:`kvpack.baselines.BASELINES`.
+        """``fp16`` or a name from :data:`kvpack.evaluation.baselines.BASELINES`.
 
         Raises:
             InvalidInputError: unknown name.
@@ -126,79 +128,6 @@ def codec_label(config: CodecConfig, allocation: Allocation | None = None) -> st
     """Short label of a codec config (:meth:`CodecConfig.label`), e.g. ``uniform-4 g64``, with
     its allocation (:meth:`Allocation.label`), e.g. ``uniform-4 g64 target2.5``."""
     return config.label() + ("" if allocation is None else " " + allocation.label())
-
-
-# --- capturing queries ------------------------------------------------------------------
-
-_CAPTURE_PREFIX = "kvpack_capture_"
-_ACTIVE: QueryCapture | None = None
-
-
-class QueryCapture:
-    """Records each attention layer's queries ``(batch, num_heads, q_len, head_dim)`` (after RoPE).
-
-    Installs an attention implementation registered with transformers' ``AttentionInterface``
-    that records the query and then calls the model's own implementation (sdpa, eager, ...),
-    so the forward pass is unchanged. Use as a context manager; set ``recording`` to choose
-    which forward passes are recorded.
-    """
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.recording = False
-        #: keep only the last this many query positions, over all recorded calls (chunked prefill)
-        self.keep_last: int | None = None
-        self.queries: dict[int, tuple[torch.Tensor, float]] = {}
-        self._previous: str | None = None
-
-    def __enter__(self) -> QueryCapture:
-        global _ACTIVE
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-        previous = self.model.config._attn_implementation or "eager"
-        name = _CAPTURE_PREFIX + previous
-        AttentionInterface.register(name, _capture_attention)
-        if previous in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[previous])
-        self._previous = previous
-        self.model.set_attn_implementation(name)
-        _ACTIVE = self
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        global _ACTIVE
-        _ACTIVE = None
-        self.model.set_attn_implementation(self._previous)
-
-    def record(self, module: Any, query: torch.Tensor, scaling: float | None) -> None:
-        if self.recording:
-            scale = scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5)
-            query = query.detach().to("cpu", torch.float32)
-            layer = int(module.layer_idx)
-            if self.keep_last is not None:
-                if layer in self.queries:
-                    query = torch.cat([self.queries[layer][0], query], dim=2)
-                query = query[:, :, -self.keep_last :]
-            self.queries[layer] = (query, float(scale))
-
-    def take(self) -> dict[int, tuple[torch.Tensor, float]]:
-        queries, self.queries = self.queries, {}
-        return queries
-
-
-def _capture_attention(module, query, key, value, attention_mask, **kwargs):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    capture = _ACTIVE
-    previous = capture._previous if capture is not None else "sdpa"
-    if capture is not None:
-        capture.record(module, query, kwargs.get("scaling"))
-    if previous != "eager" and previous in ALL_ATTENTION_FUNCTIONS:
-        implementation = ALL_ATTENTION_FUNCTIONS[previous]
-    else:  # eager attention lives in the model's own module
-        implementation = sys.modules[type(module).__module__].eager_attention_forward
-    return implementation(module, query, key, value, attention_mask, **kwargs)
 
 
 def attention_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -278,8 +207,6 @@ def check_methods(model: Any, methods: list[EvalMethod]) -> list[EvalMethod]:
         InvalidInputError: a group size that does not divide ``num_kv_heads * head_dim``,
             or a KIVI baseline on a ``head_dim`` that is not a multiple of 32.
     """
-    from kvpack.baselines import KIVI_GROUP
-    from kvpack.dump import check_codec_fits, kv_head_shape
 
     lm = unwrap_model(model)[0]
     head_dim = kv_head_shape(lm)[1]
@@ -315,7 +242,7 @@ def evaluate(
     """Run the protocol above for every method on the same windows.
 
     Args:
-        model: a transformers causal LM or a :class:`~kvpack.dump.LoadedModel`.
+        model: a transformers causal LM or a :class:`~kvpack.model.dump.LoadedModel`.
         token_ids: int64 ``(1, n_tokens)`` or ``(n_tokens,)``, the tokenized text.
         methods: what to evaluate; labels must be unique.
         protocol: window sizes (default prefix 1024, continuation 256, 8 windows).

@@ -51,8 +51,8 @@ from typing import Any
 
 from kvpack.config import TRANSFORM_DEFAULTS, CodecConfig
 from kvpack.errors import InvalidInputError, ModelUnavailableError
-from kvpack.evaluate import EvalMethod, EvalProtocol
-from kvpack.stats import json_safe
+from kvpack.evaluation.evaluate import EvalMethod, EvalProtocol
+from kvpack.metrics import json_safe
 
 _TOP_KEYS = {"baselines", "eval", "grid", "runs", "output"}
 _EVAL_KEYS = {"text_file", "prefix", "continuation", "windows", "model", "gguf_file", "device"}
@@ -78,6 +78,9 @@ CSV_COLUMNS = (
     "attention_error_mean",
     "pareto",
 )
+from kvpack.allocation.solver import Allocation
+from kvpack.config import config_from_flat
+from kvpack.presets import flat_options
 
 
 @dataclass(frozen=True)
@@ -231,9 +234,6 @@ def _grid_methods(path: Path, grid: dict) -> list[EvalMethod]:
 
 def _listed_methods(path: Path, runs: Any) -> list[EvalMethod]:
     """``[[runs]]``: one method per table, flat codec keys (``label`` and ``preset`` optional)."""
-    from kvpack.allocation import Allocation
-    from kvpack.config import config_from_flat
-    from kvpack.presets import flat_options
 
     if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
         raise _fail(path, "runs must be an array of tables ([[runs]])")

@@ -25,7 +25,9 @@ import numpy as np
 import zstandard
 
 from kvpack.codecs.base import KIND_CODES, SECTION_KINDS, SectionSpec
+from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
+from kvpack.transforms.plan import plan_for
 
 ZSTD_LEVEL_MIN, ZSTD_LEVEL_MAX = 1, 22
 #: Default zstd level: level 1 packs codes within about 1 % of level 3, at about 1.5x the speed
@@ -158,3 +160,14 @@ def decompress_section(stored: bytes | np.ndarray, raw_length: int) -> bytes:
     if len(out) != raw_length:
         raise ValueError(f"the zstd frame holds {len(out)} bytes, the section needs {raw_length}")
     return out
+
+
+def section_transposes(
+    name: str, shape: tuple[int, ...], dtype: str, config: CodecConfig | None, entropy: EntropyConfig
+) -> dict[str, int]:
+    """The code sections of a tensor that ``entropy`` stores feature-major, and their row length."""
+    if config is None or not entropy.enabled or not entropy.transpose or KIND_CODES not in entropy.kinds:
+        return {}
+    plan = plan_for(tuple(shape), dtype, name, config)
+    widths = {section: transpose_width(plan, section, spec) for section, spec in plan.section_specs().items()}
+    return {section: width for section, width in widths.items() if width}

@@ -23,11 +23,9 @@ from typing import Any
 
 from kvpack.codecs.base import KIND_DATA, SectionSpec
 from kvpack.config import CodecConfig
-from kvpack.entropy import EXPANSION_SLACK, MAX_EXPANSION
+from kvpack.dtypes import DTYPE_SIZES, FLOAT_DTYPES
 from kvpack.errors import FormatError, HeaderLimitError, InvalidInputError, UnsupportedVersionError, brief, brief_list
 from kvpack.formats.constants import (
-    DTYPE_SIZES,
-    FLOAT_DTYPES,
     FORMAT_MAJOR,
     FORMAT_MINOR,
     HEADER_TOKENS_PER_FILE_BYTE,
@@ -40,9 +38,10 @@ from kvpack.formats.constants import (
     SECTION_ALIGNMENT,
     SECTION_ENCODINGS,
 )
-from kvpack.formats.names import parse_kv_name, parse_stacked_name
+from kvpack.formats.entropy import EXPANSION_SLACK, MAX_EXPANSION
+from kvpack.names import parse_kv_name, parse_stacked_name
 from kvpack.packing import packed_nbytes
-from kvpack.pipeline import TensorPlan, plan_for
+from kvpack.transforms.plan import TensorPlan, plan_for
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ class TensorEntry:
 
     @property
     def plan(self) -> TensorPlan:
-        """How the quantized tensor is laid out (:class:`kvpack.pipeline.TensorPlan`)."""
+        """How the quantized tensor is laid out (:class:`kvpack.transforms.plan.TensorPlan`)."""
         if self.codec is None:
             raise InvalidInputError(f"tensor {self.name!r} is stored losslessly and has no group layout")
         return plan_for(self.shape, self.dtype, self.name, self.codec)

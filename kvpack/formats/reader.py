@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zstandard
 
 from kvpack import __version__
-from kvpack.entropy import decompress_section
 from kvpack.errors import (
     ChecksumMismatchError,
     FormatError,
@@ -25,7 +23,6 @@ from kvpack.errors import (
     InvalidInputError,
     TruncatedFileError,
     UnsupportedVersionError,
-    brief,
 )
 from kvpack.formats.constants import (
     FLAG_HEADER_ZSTD,
@@ -40,8 +37,9 @@ from kvpack.formats.constants import (
     PREAMBLE_CRC_OFFSET,
     PREAMBLE_SIZE,
 )
+from kvpack.formats.entropy import decompress_section
 from kvpack.formats.header import SectionEntry, TensorEntry, decode_header
-from kvpack.formats.names import kv_tensor_name, parse_kv_name
+from kvpack.names import kv_tensor_name, parse_kv_name
 
 
 def open_input(path: str | os.PathLike):
@@ -155,7 +153,6 @@ class KvpReader:
         )
         self._entries = {e.name: e for e in entries}
         self._stacks = {e.stacked_role: e for e in entries if e.stacked_role}  # role -> stacked entry
-        self._decoded_stacks: dict[tuple, tuple[Any, set[int]]] = {}  # (entry, dtype) -> (decoded, layers not read)
         self.header_bytes = header_length
 
     def __enter__(self) -> KvpReader:
@@ -196,10 +193,10 @@ class KvpReader:
     def read_section(self, name: str, section: str) -> np.ndarray:
         """The bytes of one section as a ``uint8`` array, after checking its CRC-32 (of the stored
         bytes) and undoing its zstd stage (format 1.5): ``decoded_length`` bytes, still
-        feature-major when the section is transposed (:func:`kvpack.entropy.untransposed`).
+        feature-major when the section is transposed (:func:`kvpack.formats.entropy.untransposed`).
 
         Memory: a zstd section declares its size, at most 32,768 times its stored length
-        (:data:`kvpack.entropy.MAX_EXPANSION`), checked when the header is read.
+        (:data:`kvpack.formats.entropy.MAX_EXPANSION`), checked when the header is read.
 
         Raises:
             TruncatedFileError: the file shrank under us.
@@ -208,27 +205,20 @@ class KvpReader:
         """
         return self._read_decoded(self.entry(name).sections[section], f"section {section} of tensor {name!r}")
 
-    def verify(self, decode: bool = False) -> int:
-        """Read every section (also those of header keys this reader ignores) and check it.
-
-        Args:
-            decode: also decode every tensor (each section is still read once), so values
-                no encoder writes (NaN scales, bad outlier positions) are found too.
+    def verify(self) -> int:
+        """Read every section (also those of header keys this reader ignores) and check it; no
+        decoding (:func:`kvpack.restore.streaming.verify_entries` decodes too).
 
         Returns:
             The number of sections checked.
 
         Raises:
-            TruncatedFileError, ChecksumMismatchError, FormatError: see :meth:`read_section`
-            and :meth:`read_tensor`.
+            TruncatedFileError, ChecksumMismatchError, FormatError: see :meth:`read_section`.
         """
         checked = 0
         for entry in self._entries.values():
-            if decode:
-                self.read_tensor(entry.name)
-            else:
-                for section, where in entry.sections.items():
-                    self._read_decoded(where, f"section {section} of tensor {entry.name!r}")
+            for section, where in entry.sections.items():
+                self._read_decoded(where, f"section {section} of tensor {entry.name!r}")
             checked += len(entry.sections)
         for label, section in self._extra_sections:
             self._read_checked(section, label)
@@ -260,41 +250,9 @@ class KvpReader:
     def read_sections(self, name: str) -> dict[str, np.ndarray]:
         return {section: self.read_section(name, section) for section in self.entry(name).sections}
 
-    def read_tensor(self, name: str, dtype=None):
-        """Decode one tensor to a torch tensor of its stored shape (see :func:`kvpack.api.decode_entry`).
-
-        Args:
-            name: an entry, or a layer ``layers.{i}.key|value`` of a stacked entry (the stacked
-                entry is decoded once and kept until each of its layers has been read).
-            dtype: a torch dtype to return; default the stored dtype.
-
-        Raises:
-            FormatError: a checksum, the padding or a decoded value is wrong (naming the file).
-        """
-        from kvpack.api import decode_entry
-
-        parsed = parse_kv_name(name)
-        if name not in self._entries and parsed and parsed[1] in self._stacks:
-            stacked = self._stacks[parsed[1]]
-            if parsed[0] < stacked.shape[0]:
-                # one stacked entry holds every layer: decoded once, kept for the other layers
-                key = (stacked.name, dtype)
-                if key not in self._decoded_stacks:
-                    decoded = self.read_tensor(stacked.name, dtype)
-                    self._decoded_stacks[key] = (decoded, set(range(stacked.shape[0])))
-                decoded, unread = self._decoded_stacks[key]
-                unread.discard(parsed[0])
-                if not unread:  # every layer has been read once: a reader of the whole cache holds no second copy
-                    del self._decoded_stacks[key]
-                return decoded[parsed[0]].clone()
-        sections = self.read_sections(name)
-        try:
-            return decode_entry(self.entry(name), sections, dtype)
-        except FormatError as exc:
-            raise type(exc)(f"{self.path}: {exc}") from None
-        except (RuntimeError, ValueError, IndexError, TypeError, OverflowError) as exc:
-            # Every size was validated; what remains are values no encoder writes.
-            raise FormatError(f"{self.path}: tensor {brief(name)} cannot be decoded ({exc})") from None
+    def stacked_entry(self, role: str) -> TensorEntry | None:
+        """The entry that stacks every layer's ``role`` tensor (``layers.all.key|value``), if the file has one."""
+        return self._stacks.get(role)
 
     def verify_extra_sections(self) -> int:
         """Read and check the sections of header keys this reader ignores (optional sections, §7).

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kvpack.dtypes import DTYPE_SIZES
 from kvpack.errors import FormatError, InvalidInputError
-from kvpack.formats.constants import DTYPE_SIZES
-from kvpack.formats.names import KV_NAME, kv_tensor_name, parse_kv_name, parse_stacked_name, stacked_name  # noqa: F401
+from kvpack.formats.atomic import atomic_output
 from kvpack.formats.reader import open_input
-from kvpack.formats.writer import atomic_output
+from kvpack.names import KV_NAME, kv_tensor_name, parse_kv_name, parse_stacked_name, stacked_name  # noqa: F401
 
 
 class SafetensorsSource:

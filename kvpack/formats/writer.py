@@ -1,35 +1,29 @@
-"""Crash-safe output files and the streaming ``.kvp`` writer.
+"""The streaming ``.kvp`` writer: sections as they come, the header last, the file renamed into place at the end.
 
-Every file kvpack writes goes through :func:`atomic_output`: the data goes to a temporary
-file in the target folder, is flushed and fsynced, and only then renamed over the target
-(``os.replace``), so a failure at any point leaves either the previous file or nothing.
-An existing target is refused unless ``force`` is given.
+The file goes through :func:`kvpack.formats.atomic.atomic_output` (temporary file, fsync,
+rename), so a failure at any point leaves either the previous file or nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import zstandard
 
 from kvpack.config import CodecConfig
-from kvpack.entropy import EntropyConfig, compress_section
-from kvpack.errors import FormatError, InvalidInputError, OutputExistsError
+from kvpack.errors import FormatError, InvalidInputError
+from kvpack.formats.atomic import atomic_output
 from kvpack.formats.constants import (
     FLAG_HEADER_ZSTD,
     FORMAT_MAJOR,
     FORMAT_MINOR,
-    HEADER_ZSTD_LEVEL,
     PREAMBLE_SIZE,
-    SECTION_ALIGNMENT,
     pack_preamble,
 )
+from kvpack.formats.entropy import EntropyConfig, compress_section
 from kvpack.formats.header import (
     SectionEntry,
     TensorEntry,
@@ -40,103 +34,7 @@ from kvpack.formats.header import (
     section_specs,
     spec_nbytes,
 )
-
-
-def check_output_path(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse an existing output (without ``force``) or a missing folder, before any work.
-
-    Raises:
-        OutputExistsError: ``path`` exists and ``force`` is false.
-        InvalidInputError: the folder does not exist, or ``path`` is a directory or not a regular file.
-
-    Returns:
-        The path to write: ``path``, or the file it links to.
-    """
-    path = Path(path)
-    if path.is_symlink():  # write the file the link points to (the link stays)
-        try:
-            path = path.resolve(strict=False)
-        except (RuntimeError, OSError) as exc:  # a symlink loop
-            raise InvalidInputError(f"output {path}: cannot follow the link ({exc})") from None
-    if path.is_dir():
-        raise InvalidInputError(f"output {path} is a directory")
-    if path.exists() and not path.is_file():
-        raise InvalidInputError(f"output {path} is not a regular file (a device, fifo or socket); choose a file path")
-    if path.exists() and not force:
-        raise OutputExistsError(f"output {path} exists (pass --force to overwrite it)")
-    if not path.parent.is_dir():
-        raise InvalidInputError(f"output folder {path.parent} does not exist")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``.
-
-    On any exception (including KeyboardInterrupt) the temporary file is removed and
-    ``path`` is untouched.
-
-    Raises:
-        OutputExistsError, InvalidInputError: see :func:`check_output_path`.
-    """
-    target = check_output_path(path, force)
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise InvalidInputError(f"cannot write to {target.parent}: {exc.strerror}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        # mkstemp creates mode 0600; give the output the mode a plain open() would (or keep the old file's)
-        mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
-        yield tmp
-        os.chmod(tmp, mode)  # after writing: some writers (safetensors) replace the temp file with their own
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        if force:
-            os.replace(tmp, target)
-        else:
-            _link_new(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _link_new(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target`` only if ``target`` does not exist, atomically (no check-then-replace race).
-
-    Raises:
-        OutputExistsError: ``target`` appeared while the output was being written.
-    """
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
-        raise OutputExistsError(f"output {target} exists (pass --force to overwrite it)") from None
-    except OSError:  # a file system without hard links: the best we can do is check, then rename
-        check_output_path(target, force=False)
-        os.replace(tmp, target)
-        return
-    tmp.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from kvpack.formats.layout import compress_header, padding_before
 
 
 class KvpWriter:
@@ -210,7 +108,7 @@ class KvpWriter:
 
         Each section goes through the entropy stage of the writer's :class:`EntropyConfig`
         (kept only where it makes the section smaller). ``transposes`` names the code sections
-        whose bytes are feature-major (:func:`kvpack.entropy.transpose_width`) and their row length.
+        whose bytes are feature-major (:func:`kvpack.formats.entropy.transpose_width`) and their row length.
 
         Raises:
             InvalidInputError: duplicate name, or sections not as the codec declares them.
@@ -262,7 +160,7 @@ class KvpWriter:
 
     def _finish(self) -> int:
         text = encode_header(self.metadata, self._entries)
-        header = zstandard.ZstdCompressor(level=HEADER_ZSTD_LEVEL, write_content_size=True).compress(text)
+        header = compress_header(text)
         header_offset = self._position
         try:  # the reader's own rules (limits, layout): never write a file kvpack would refuse
             decode_header(text, PREAMBLE_SIZE, header_offset, str(self.path), file_size=header_offset + len(header))
@@ -292,7 +190,7 @@ class KvpWriter:
             self._output.__exit__(exc_type or RuntimeError, exc or RuntimeError("aborted"), tb)
 
     def _pad_to_alignment(self) -> int:
-        padding = -self._position % SECTION_ALIGNMENT
+        padding = padding_before(self._position)
         if padding:
             self._file.write(b"\0" * padding)
             self._position += padding

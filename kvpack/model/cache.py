@@ -17,10 +17,15 @@ from typing import Any
 
 import torch
 
-from kvpack.api import compress_tensors, dtype_name, open_cache, tensor_order
+from kvpack import __version__
+from kvpack.compress import compress_tensors
 from kvpack.config import CodecConfig
+from kvpack.dtypes import dtype_name
 from kvpack.errors import InvalidInputError, ModelMismatchError, brief_text
-from kvpack.formats.safetensors_io import kv_tensor_name, parse_kv_name
+from kvpack.model.dump import cache_layers, decoder_config, kv_head_shape, model_identity
+from kvpack.names import kv_tensor_name, parse_kv_name, tensor_order
+from kvpack.report import build_report
+from kvpack.sources import open_cache
 
 #: Metadata fields that must agree between a cache file and the model it is loaded into
 #: (compared where both sides have them: files from earlier versions lack the later ones).
@@ -60,12 +65,12 @@ class PromptCache:
 
 
 def model_tokenizer(model: Any, tokenizer: Any = None) -> Any:
-    """``tokenizer`` if given, else the tokenizer of a :class:`~kvpack.dump.LoadedModel`, else ``None``."""
+    """``tokenizer`` if given, else the tokenizer of a :class:`~kvpack.model.dump.LoadedModel`, else ``None``."""
     return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
 
 
 def unwrap_model(model: Any) -> tuple[Any, str, str | None]:
-    """``(transformers model, name, gguf file)`` of a :class:`~kvpack.dump.LoadedModel` or a bare model."""
+    """``(transformers model, name, gguf file)`` of a :class:`~kvpack.model.dump.LoadedModel` or a bare model."""
     if hasattr(model, "model") and hasattr(model, "tokenizer") and hasattr(model, "name"):
         return model.model, model.name, model.gguf_file
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
@@ -82,7 +87,6 @@ def cache_tensors(cache: Any, dtype: torch.dtype | None = None) -> dict[str, tor
     Raises:
         InvalidInputError: the object holds no per-layer keys and values.
     """
-    from kvpack.dump import cache_layers
 
     tensors = {}
     for index, (key, value) in enumerate(cache_layers(cache)):
@@ -110,25 +114,22 @@ def save_cache(
         cache: the ``past_key_values`` a forward pass returned.
         token_ids: int64 ``(batch, seq_len)``, the tokens the cache holds.
         model: the model that made the cache (a transformers model or a
-            :class:`~kvpack.dump.LoadedModel`); its identity is recorded and checked on load.
+            :class:`~kvpack.model.dump.LoadedModel`); its identity is recorded and checked on load.
         config: codec for every K/V tensor; ``None`` stores them losslessly.
         dtype: cast K/V to this dtype first (e.g. ``torch.float16``); default the cache's own.
         metadata: extra string metadata.
         force: overwrite an existing file.
         tokenizer: its fingerprint is recorded (default: the tokenizer of a ``LoadedModel``).
-        entropy: the file's entropy stage (:class:`kvpack.entropy.EntropyConfig`; default zstd
+        entropy: the file's entropy stage (:class:`kvpack.formats.entropy.EntropyConfig`; default zstd
             level 1, codes feature-major).
 
     Returns:
-        The size report of the file (see :func:`kvpack.api.build_report`).
+        The size report of the file (see :func:`kvpack.report.build_report`).
 
     Raises:
         InvalidInputError: a cache without K/V tensors, token ids that do not match its length.
         OutputExistsError: the file exists and ``force`` is false.
     """
-    from kvpack import __version__
-    from kvpack.api import build_report
-    from kvpack.dump import model_identity
 
     lm, name, gguf_file = unwrap_model(model)
     tensors = cache_tensors(cache, dtype)
@@ -172,7 +173,6 @@ def check_model(metadata: dict[str, str], model: Any, tokenizer: Any = None) -> 
     Raises:
         ModelMismatchError: naming every differing field with both values.
     """
-    from kvpack.dump import model_identity
 
     lm, name, gguf_file = unwrap_model(model)
     current = model_identity(lm, name, gguf_file, model_tokenizer(model, tokenizer))
@@ -226,7 +226,7 @@ def load_cache(
     Args:
         path: a file written by :func:`save_cache`, ``kvpack dump`` or ``kvpack compress``.
         model: the model that will continue from the cache (transformers model or
-            :class:`~kvpack.dump.LoadedModel`). With it, the file's identity is checked and
+            :class:`~kvpack.model.dump.LoadedModel`). With it, the file's identity is checked and
             the cache gets the model's layer types (sliding-window layers included).
         device: where the cache tensors go.
         dtype: K/V dtype; default the model's parameter dtype, or the stored one without a model.
@@ -352,7 +352,6 @@ def layer_pairs(tensors: dict[str, torch.Tensor], where: Any = "the cache") -> l
 
 def _check_token_ids(token_ids: torch.Tensor, lm: Any, path: Any) -> None:
     """Cached token ids must be ids of the model's vocabulary."""
-    from kvpack.dump import decoder_config
 
     vocab = getattr(decoder_config(lm), "vocab_size", None)
     if token_ids.numel() and (int(token_ids.min()) < 0 or (vocab and int(token_ids.max()) >= vocab)):
@@ -364,7 +363,6 @@ def _check_token_ids(token_ids: torch.Tensor, lm: Any, path: Any) -> None:
 
 def _check_shapes(layers: list, lm: Any, path: Any) -> None:
     """The tensors themselves must fit the model, whatever the metadata says."""
-    from kvpack.dump import decoder_config, kv_head_shape
 
     expected_layers = getattr(decoder_config(lm), "num_hidden_layers", None) or len(layers)
     if len(layers) != expected_layers:
@@ -389,7 +387,7 @@ def continue_generation(
     """Greedy generation from a restored prompt cache plus suffix tokens.
 
     Args:
-        model: the model (transformers model or :class:`~kvpack.dump.LoadedModel`).
+        model: the model (transformers model or :class:`~kvpack.model.dump.LoadedModel`).
         prompt: the restored cache; it is consumed (the model appends to it).
         suffix_ids: int64 ``(batch, n)`` or ``(n,)`` tokens that follow the cached prompt
             (may be empty: the last cached token is then fed again).

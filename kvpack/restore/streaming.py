@@ -17,7 +17,7 @@ piece's temporaries, whatever the length of the cache.
 - Any other quantized entry (codes stored feature-major, the 1.5 default, where a token range
   lies in every feature's stretch of the stream; groups along the channel axis; mixed
   precision) and every lossless entry is decoded whole, then cut into pieces: its peak is one
-  decoded entry (one layer's key or value; the fused kernel of :mod:`kvpack.fastpath` writes
+  decoded entry (one layer's key or value; the fused kernel of :mod:`kvpack.fused` writes
   it in the output dtype without float32 temporaries).
 - A stacked entry (``layers.all.key|value``, ``--level token``) holds every layer of one
   role: it is read and decoded once, each piece giving every selected layer its part
@@ -39,12 +39,15 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpack.dtypes import DTYPE_SIZES, TORCH_DTYPES
+from kvpack.dtypes import from_bytes as _from_bytes
+from kvpack.entry import codes_array, decode_entry, values_array
 from kvpack.errors import FormatError, InvalidInputError, brief, brief_list
-from kvpack.formats.constants import DTYPE_SIZES
 from kvpack.formats.header import TensorEntry
-from kvpack.formats.names import parse_kv_name, stacked_name
 from kvpack.formats.reader import KvpReader
-from kvpack.pipeline import TensorPlan, unstacked_view
+from kvpack.names import parse_kv_name, stacked_name
+from kvpack.packing import unpack_range
+from kvpack.transforms.plan import TensorPlan, unstacked_view
 
 #: Values per decoded piece: its float32 temporaries stay at a few tens of MB.
 PIECE_ELEMENTS = 1 << 20
@@ -225,7 +228,6 @@ def iter_outputs(
     Raises:
         FormatError: a checksum, the padding or a decoded value is wrong (naming the file).
     """
-    from kvpack.api import TORCH_DTYPES
 
     grouped = by_entry(outputs)
     for index, (entry_name, group) in enumerate(grouped):
@@ -283,7 +285,6 @@ def iter_entry(
 def _entry_pieces(
     entry: TensorEntry, sections: dict, dtype: torch.dtype, axis: int | None, start: int, stop: int, step: int | None
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    from kvpack.api import decode_entry
 
     if axis is None:
         yield 0, decode_entry(entry, sections, dtype)
@@ -315,7 +316,6 @@ def _token_pieces(
     entry: TensorEntry, sections: dict, dtype: torch.dtype, start: int, stop: int, step: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Pieces of a token-axis quantized entry, decoded from the groups of their own tokens."""
-    from kvpack.api import _from_bytes
 
     plan = entry.plan
     batch, heads, tokens, head_dim = plan.shape
@@ -344,8 +344,6 @@ def _token_pieces(
 def _decode_coded(entry: TensorEntry, plan: TensorPlan, sections: dict, c0: int, c1: int) -> torch.Tensor:
     """Float32 ``(batch, heads, c1 - c0, head_dim)``: coded tokens ``c0 .. c1 - 1`` (counted from the
     first coded token) of a token-axis entry, decoded from their groups alone."""
-    from kvpack.api import codes_array, values_array
-    from kvpack.packing import unpack_range
 
     config, layout = plan.config, plan.layout
     batch, heads, _, head_dim = plan.shape
@@ -442,6 +440,5 @@ def _entry_token_axis(entry: TensorEntry) -> int | None:
 
 
 def _stored_dtype(entry: TensorEntry) -> torch.dtype:
-    from kvpack.api import TORCH_DTYPES
 
     return TORCH_DTYPES[entry.dtype]

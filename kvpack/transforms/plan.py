@@ -9,7 +9,7 @@ Encoding one tensor ``x`` of shape ``(batch, num_kv_heads, seq_len, head_dim)`` 
    ``group_size`` and the remainder (at the end) is stored exactly too, as KIVI keeps its
    residual tokens. Every exact value is counted in the file's bits.
 2. **Un-RoPE** (keys, ``unrope``): the coded tokens are rotated back to before the rotary
-   embedding (:mod:`kvpack.rope`); the frequencies are stored (section ``rope_inv_freq``).
+   embedding (:mod:`kvpack.transforms.rope`); the frequencies are stored (section ``rope_inv_freq``).
 3. **Rotation** (``rotate="hadamard"``): each head vector is multiplied by a random sign
    per channel and a normalized Walsh-Hadamard matrix (QuaRot, Ashkboos et al., arXiv
    2404.00456); the signs are stored (section ``rotation_signs``). A head_dim that is not
@@ -33,7 +33,6 @@ import torch
 from kvpack.codecs.base import KIND_EXACT, KIND_OUTLIERS, KIND_TRANSFORM, SectionSpec, check_fp16_range
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
-from kvpack.formats.names import parse_kv_name, parse_stacked_name
 from kvpack.grouping import (
     GroupLayout,
     from_groups,
@@ -42,8 +41,9 @@ from kvpack.grouping import (
     split_outliers,
     to_groups,
 )
-from kvpack.mixed import codec_specs, decode_mixed, encode_mixed
-from kvpack.rope import rotate_keys
+from kvpack.names import parse_kv_name, parse_stacked_name
+from kvpack.transforms.mixed import codec_specs, decode_mixed, encode_mixed
+from kvpack.transforms.rope import rotate_keys
 
 #: Values per piece of the un-RoPE / rotation loop (float64 temporaries of about 8 bytes each).
 TRANSFORM_CHUNK_ELEMENTS = 1 << 20

@@ -1,0 +1,1 @@
+"""Bit allocation: a code width per group, chosen over every group of a file at once."""

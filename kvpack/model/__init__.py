@@ -1,0 +1,1 @@
+"""Models: running a transformers causal LM to dump its KV cache, and persisting / restoring that cache."""

@@ -1,0 +1,1 @@
+"""Restoring a ``.kvp``: selections, piecewise decoding, tensors in memory and safetensors files."""

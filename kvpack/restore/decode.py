@@ -1,0 +1,60 @@
+"""Whole tensors decoded from an open ``.kvp`` reader: the one place a reader's sections become values.
+
+The reader (:mod:`kvpack.formats.reader`) only reads and checks bytes; this module hands them
+to :func:`kvpack.entry.decode_entry` and names the file in every error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpack.entry import decode_entry
+from kvpack.errors import FormatError, brief
+from kvpack.formats.reader import KvpReader
+from kvpack.names import parse_kv_name
+
+
+class EntryDecoder:
+    """Decodes the tensors of one open :class:`KvpReader`; a stacked entry (``layers.all.key``,
+    ``--level token``) is decoded once and kept until each of its layers has been read."""
+
+    def __init__(self, reader: KvpReader):
+        self.reader = reader
+        self._decoded_stacks: dict[tuple, tuple[torch.Tensor, set[int]]] = {}  # (entry, dtype) -> (decoded, unread)
+
+    def read_tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Decode one tensor to a torch tensor of its stored shape (see :func:`kvpack.entry.decode_entry`).
+
+        Args:
+            name: an entry, or a layer ``layers.{i}.key|value`` of a stacked entry.
+            dtype: a torch dtype to return; default the stored dtype.
+
+        Raises:
+            InvalidInputError: no such tensor.
+            FormatError: a checksum, the padding or a decoded value is wrong (naming the file).
+        """
+        reader = self.reader
+        parsed = parse_kv_name(name)
+        stacked = reader.stacked_entry(parsed[1]) if parsed and name not in reader.keys() else None
+        if stacked is not None and parsed[0] < stacked.shape[0]:
+            key = (stacked.name, dtype)
+            if key not in self._decoded_stacks:
+                self._decoded_stacks[key] = (self.read_tensor(stacked.name, dtype), set(range(stacked.shape[0])))
+            decoded, unread = self._decoded_stacks[key]
+            unread.discard(parsed[0])
+            if not unread:  # every layer has been read once: a reader of the whole cache holds no second copy
+                del self._decoded_stacks[key]
+            return decoded[parsed[0]].clone()
+        sections = reader.read_sections(name)
+        try:
+            return decode_entry(reader.entry(name), sections, dtype)
+        except FormatError as exc:
+            raise type(exc)(f"{reader.path}: {exc}") from None
+        except (RuntimeError, ValueError, IndexError, TypeError, OverflowError) as exc:
+            # Every size was validated; what remains are values no encoder writes.
+            raise FormatError(f"{reader.path}: tensor {brief(name)} cannot be decoded ({exc})") from None
+
+
+def read_tensor(reader: KvpReader, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor of an open reader, decoded (see :meth:`EntryDecoder.read_tensor`)."""
+    return EntryDecoder(reader).read_tensor(name, dtype)

@@ -1,0 +1,121 @@
+"""A KV cache file of either format (``.kvp`` or safetensors), read one tensor or one piece at a time."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kvpack.errors import InvalidInputError
+from kvpack.formats.reader import KvpReader, is_kvp_file
+from kvpack.formats.safetensors_io import SafetensorsSource
+from kvpack.names import parse_kv_name, stacked_name, tensor_order
+from kvpack.restore.decode import EntryDecoder
+from kvpack.restore.streaming import select_outputs, tensor_pieces
+
+
+class CacheSource:
+    """A KV cache file of either format, read one tensor (or one piece of a tensor) at a time (``.kvp`` decoded)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if is_kvp_file(self.path):
+            self.kind = "kvp"
+            self._kvp = KvpReader(self.path)
+            self._decoder = EntryDecoder(self._kvp)
+            self.metadata = dict(self._kvp.metadata)
+            self._keys = self._kvp.tensor_names()
+        else:
+            self.kind = "safetensors"
+            self._st = SafetensorsSource(self.path)
+            self.metadata = self._st.metadata
+            self._keys = self._st.keys()
+
+    def __enter__(self) -> CacheSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.kind == "kvp":
+            self._kvp.close()
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.kind == "kvp":
+            return self._decoder.read_tensor(name)
+        return self._st.get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` (no data read).
+
+        Raises:
+            InvalidInputError: no such tensor.
+        """
+        if self.kind == "kvp":
+
+            return select_outputs(self._kvp, names=[name])[0].shape
+        if name not in self._keys:
+            raise InvalidInputError(f"{self.path}: no tensor named {name!r}")
+        return self._st.shape_dtype(name)[0]
+
+    def entry_of(self, name: str) -> str:
+        """What holds tensor ``name`` in the file: its ``.kvp`` entry (``layers.all.key`` for a layer
+        of a stacked entry), or ``name`` itself."""
+        if self.kind == "kvp" and name not in self._kvp.keys() and parse_kv_name(name):
+            return stacked_name(parse_kv_name(name)[1])
+        return name
+
+    def pieces(self, names: list[str], step: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Tensors ``names`` in their stored dtype, together, a piece at a time: ``(first token,
+        {name: piece})`` for consecutive pieces of ``step`` tokens along the sequence axis of 4-D
+        K/V tensors ``(batch, num_kv_heads, seq_len, head_dim)`` (the last may be shorter; give
+        names of one token count); any other tensor as one piece ``(0, {name: tensor})``. Both
+        formats cut at the same tokens. A ``.kvp`` entry is read once and decoded once, piece by
+        piece, for all its layers asked for (:func:`kvpack.restore.streaming.tensor_pieces`); safetensors
+        tensors are read a slice at a time.
+
+        Raises:
+            InvalidInputError: no such tensor.
+            FormatError: unreadable data.
+        """
+        if self.kind == "kvp":
+
+            yield from tensor_pieces(self._kvp, names, step)
+            return
+        shapes = {name: self.shape(name) for name in names}
+        if any(not parse_kv_name(n) or len(s) != 4 for n, s in shapes.items()):
+            yield 0, {name: self._st.get(name) for name in names}
+            return
+        tokens = max(s[2] for s in shapes.values())
+        for begin in range(0, tokens, step):
+            yield begin, {n: self._st.get_slice(n, begin, min(begin + step, s[2])) for n, s in shapes.items()}
+
+
+def open_cache(path: str | os.PathLike) -> CacheSource:
+    """Open a ``.kvp`` or safetensors cache for reading one tensor at a time; use with ``with``.
+
+    Raises:
+        InvalidInputError, FormatError: missing or invalid file.
+    """
+    return CacheSource(path)
+
+
+def kv_dims(path: str | os.PathLike) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a safetensors dump (no data read): the layer
+    count and the shape of the first 4-D K/V tensor.
+
+    Raises:
+        InvalidInputError, FormatError: unreadable file or no 4-D K/V tensor.
+    """
+    if is_kvp_file(path):
+        raise InvalidInputError(f"{path} is already a .kvp file; compress takes a safetensors dump")
+    with SafetensorsSource(path) as source:
+        layers = {parse_kv_name(name)[0] for name in source.keys() if parse_kv_name(name)}
+        for name in sorted(source.keys(), key=tensor_order):
+            shape, _ = source.shape_dtype(name)
+            if parse_kv_name(name) and len(shape) == 4:
+                return len(layers), int(shape[1]), int(shape[3])
+    raise InvalidInputError(f"{path}: no layers.<i>.key / layers.<i>.value tensors found")
