@@ -13,12 +13,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvpack.codecs.adaptive import sample_step, sampled_groups, sampled_layout
-from kvpack.codecs.base import FP16_MAX, check_fp16_range, fp16_nearest, fp16_round_down, fp16_round_up
+from kvpack.codecs.base import FP16_MAX, check_fp16_range
 from kvpack.config import CodecConfig
 from kvpack.dtypes import check_finite
 from kvpack.errors import InvalidInputError
-from kvpack.grouping import to_groups
 from kvpack.packing import packed_nbytes
 from kvpack.transforms.plan import TensorPlan
 
@@ -28,19 +26,10 @@ OUT_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
 def plain_codec(config: CodecConfig, plan: TensorPlan) -> bool:
-    """True when the tensor's codec and layout are ones the kernels handle (see the module docstring)."""
-    params = config.params
-    if config.method == "uniform":
-        ok = True
-    elif config.method == "normal":
-        ok = params.normalization == "minmax"
-    elif config.method == "adaptive":
-        ok = params.normalization == "minmax" and params.codebook_scope in ("tensor", "head")
-    else:
-        return False
+    """True when the tensor's codec has a fused path (:meth:`kvpack.codecs.base.Codec.fuses`) and its
+    layout is one the kernels handle (see the module docstring)."""
     return (
-        ok
-        and not config.width_counts
+        not config.width_counts
         and not config.stack_layers
         and config.outlier_ratio == 0
         and config.rotate == "none"
@@ -48,6 +37,7 @@ def plain_codec(config: CodecConfig, plan: TensorPlan) -> bool:
         and plan.axis == "token"
         and plan.kept_tokens == 0
         and plan.layout.n_elements > 0
+        and config.make_codec().fuses()
     )
 
 
@@ -85,38 +75,13 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
         except InvalidInputError as exc:
             raise InvalidInputError(f"tensor {name!r}: {exc}") from None
     top = (1 << bits) - 1
-    codec = config.make_codec()
+    fused = config.make_codec().fused_encoding(lo_t, hi_t, x, layout)
+    offset, scale = fused.offset, fused.scale
     bounds = np.zeros((1, 1), np.float32)
     guesses = np.zeros((1, 1), np.int64)
-    books = np.zeros(layout.features, np.int64)
-    arrays: dict[str, torch.Tensor | bytes] = {}
-    symmetric = config.params.symmetric
-    if config.method == "uniform":
-        if symmetric:
-            scale = fp16_round_up(peak * (2.0 / top))
-            offset, mode = torch.zeros_like(scale), kernels.MODE_UNIFORM_SYMMETRIC
-        else:
-            offset = fp16_round_down(lo_t)
-            scale = fp16_round_up((hi_t - offset) / top)
-            mode = kernels.MODE_UNIFORM_ASYMMETRIC
-            arrays["zero_point"] = offset
-        arrays["scale"] = scale
-    else:
-        if symmetric:
-            offset, scale = torch.zeros(layout.n_groups), fp16_round_up(peak)
-        else:
-            offset = fp16_nearest((lo_t + hi_t) / 2)
-            scale = fp16_round_up(torch.maximum(hi_t - offset, offset - lo_t))
-            arrays["zero_point"] = offset
-        arrays["scale"] = scale
-        mode = kernels.MODE_LEVELS
-        if config.method == "normal":
-            levels = codec.levels_for()[None, :]
-        else:
-            levels = _learn_codebooks(codec, x, layout, offset, scale)
-            arrays["codebook"] = levels.reshape(-1)
-            if config.params.codebook_scope == "head":
-                books = np.arange(layout.features, dtype=np.int64) // head_dim
+    books = _books(layout, fused.book_per_head)
+    if fused.levels is not None:
+        levels = fused.levels
         inner = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()  # as nearest_level / torch.bucketize compare
         edges = torch.linspace(-1.0, 1.0, kernels.LEVEL_CELLS + 1)[:-1].expand(inner.shape[0], -1).contiguous()
         guesses = torch.searchsorted(inner, edges).numpy()
@@ -132,7 +97,7 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
         head_dim,
         group,
         bits,
-        mode,
+        fused.mode,
         offset.contiguous().numpy(),
         safe.contiguous().numpy(),
         top,
@@ -141,19 +106,16 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
         books,
         codes,
     )
+    arrays: dict[str, torch.Tensor | bytes] = dict(fused.arrays)
     arrays["codes"] = codes.tobytes()
     return arrays
 
 
-def _learn_codebooks(codec, x: torch.Tensor, layout, center: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
-    """The adaptive codec's codebooks, learned from the same groups as the torch path learns from."""
-    step = sample_step(layout, codec.n_codebooks(layout))
-    if step > 1:
-        index = sampled_groups(layout, step)
-        sub = sampled_layout(layout, step)
-        groups = to_groups(x[:, :, ::step].to(torch.float32), sub)
-        return codec.learn(groups, sub, None, center[index], half[index])
-    return codec.learn(to_groups(x.to(torch.float32), layout), layout, None, center, half)
+def _books(layout, per_head: bool) -> np.ndarray:
+    """The codebook of every feature: its kv head's, or the one book."""
+    if per_head:
+        return np.arange(layout.features, dtype=np.int64) // layout.shape[3]
+    return np.zeros(layout.features, np.int64)
 
 
 def can_decode(entry, out_dtype: torch.dtype) -> bool:
@@ -178,19 +140,8 @@ def decode(entry, codes: np.ndarray, arrays: dict[str, torch.Tensor], out_dtype:
 
     config, layout = entry.codec, entry.plan.layout
     batch, heads, tokens, head_dim = layout.shape
-    codec = config.make_codec()
-    books = np.zeros(layout.features, np.int64)
-    if config.method == "uniform":
-        levels = torch.arange(1 << config.bits, dtype=torch.float32)
-        if config.params.symmetric:
-            levels = levels - ((1 << config.bits) - 1) / 2.0
-        levels = levels[None, :]
-    elif config.method == "normal":
-        levels = codec.levels_for()[None, :]
-    else:
-        levels = arrays["codebook"].reshape(-1, 1 << config.bits)
-        if config.params.codebook_scope == "head":
-            books = np.arange(layout.features, dtype=np.int64) // head_dim
+    levels, per_head = config.make_codec().fused_levels(arrays)
+    books = _books(layout, per_head)
     has_zero = "zero_point" in arrays
     zero = arrays["zero_point"] if has_zero else torch.zeros(1)
     kind = OUT_KINDS[out_dtype]

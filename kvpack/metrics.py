@@ -80,14 +80,4 @@ class ErrorAccumulator:
         }
 
 
-def json_safe(value):
-    """A copy of nested dicts / lists with non-finite floats replaced by ``None`` (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
 

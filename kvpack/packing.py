@@ -6,6 +6,9 @@ stream bit ``k`` is bit ``k % 8`` (LSB = 0) of byte ``k // 8``. The last byte is
 with zero bits. So ``n`` codes of ``b`` bits take exactly ``ceil(n*b/8)`` bytes: 3-, 5-,
 6- and 7-bit codes waste no bits.
 
+The fused kernels (:mod:`kvpack.codecs.kernels`), which pack codes as they compute them,
+compile :func:`append_code` and :func:`append_byte` from here, so this order has one owner.
+
 Codes of 9 to 16 bits (outlier positions in very large groups) are packed as two planes:
 the low 8 bits of every code as one 8-bit stream, then the high ``b-8`` bits as a
 ``(b-8)``-bit stream.
@@ -18,6 +21,19 @@ import numpy as np
 from kvpack.errors import InvalidInputError
 
 MAX_BITS = 16
+
+
+def append_code(word, used, code):
+    """A bit accumulator ``word`` holding ``used`` stream bits, with ``code`` appended as the next
+    stream bits (least significant first): ``word | code << used``. Scalar; numba compiles it for
+    the kernels."""
+    return word | (code << used)
+
+
+def append_byte(word, have, byte):
+    """A read accumulator ``word`` holding ``have`` stream bits, with the next stream ``byte``
+    appended (stream bit ``k`` is bit ``k % 8`` of byte ``k // 8``). Scalar; numba compiles it."""
+    return word | (byte << have)
 
 
 def packed_nbytes(count: int, bits: int) -> int:

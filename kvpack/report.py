@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from kvpack.codecs.base import (
     KIND_ALLOCATION,
@@ -201,6 +202,8 @@ def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike
             step = piece_tokens(shapes[names[0]], 2 if len(shapes[names[0]]) == 4 else None)
             for (_, a), (_, b) in zip(ref.pieces(names, step), rec.pieces(names, step), strict=True):
                 for name in names:
+                    _check_finite(original, name, a[name])
+                    _check_finite(reconstructed, name, b[name])
                     accs[name].add(a[name], b[name])
         for name, acc in accs.items():  # in file order, however the tensors were read: the same sums
             layer, role = parse_kv_name(name)
@@ -213,6 +216,13 @@ def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike
         "rows": {name: dict(elements=acc.elements, **acc.result()) for name, acc in rows.items()},
         "layers": [dict(layer=i, elements=layers[i].elements, **layers[i].result()) for i in sorted(layers)],
     }
+
+
+def _check_finite(path: str | os.PathLike, name: str, values: torch.Tensor) -> None:
+    """Raises InvalidInputError when a compared tensor holds NaN or Inf (no error statistic means anything then)."""
+    if not bool(torch.isfinite(values).all()):
+        count = int((~torch.isfinite(values)).sum())
+        raise InvalidInputError(f"{path}: tensor {name!r} holds {count} NaN or Inf values; cannot compare it")
 
 
 def _read_together(names: list[str], *sources: CacheSource) -> list[list[str]]:

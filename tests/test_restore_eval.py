@@ -222,7 +222,7 @@ def test_a_kvp_named_file_without_the_magic_is_named_as_such(tmp_path, capsys):
     for command in (["inspect", str(garbage)], ["generate", "--cache", str(garbage)]):
         assert main(command) == 2
         err = capsys.readouterr().err
-        assert err == f"error: {garbage}: not a kvpack file (it does not start with the .kvp magic bytes)\n"
+        assert err == f"error: {garbage}: not a .kvp file (it does not start with the .kvp magic bytes)\n"
 
 
 def test_eval_refuses_mixed_method_choices(tmp_path, capsys):

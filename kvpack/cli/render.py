@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvpack.metrics import json_safe
+from kvpack.jsonable import json_safe
 
 console = Console()
 err_console = Console(stderr=True)

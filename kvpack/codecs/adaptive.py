@@ -28,16 +28,21 @@ from dataclasses import dataclass, field
 import torch
 
 from kvpack.codecs.base import (
+    FUSED_LEVELS,
     KIND_CODEBOOKS,
+    SCOPE_GROUP,
+    SCOPE_SHARED,
     Codec,
     CodecParams,
+    FusedEncoding,
     SectionSpec,
     fp16_nearest,
     masked_mean_std,
+    minmax_from,
     minmax_normalizers,
     scaled_codes_specs,
 )
-from kvpack.grouping import GroupLayout, from_heads, to_heads
+from kvpack.grouping import GroupLayout, from_heads, to_groups, to_heads
 
 LLOYD_MAX_ITERATIONS = 30
 #: A codebook learns from at most about this many values: Lloyd's sort and prefix sums cost
@@ -65,7 +70,8 @@ class AdaptiveCodec(Codec):
 
     def section_specs(self, layout: GroupLayout) -> dict[str, SectionSpec]:
         specs = scaled_codes_specs(layout, self.bits, self.params.symmetric)
-        specs["codebook"] = SectionSpec(KIND_CODEBOOKS, "float16", self.n_codebooks(layout) * self.levels)
+        scope = SCOPE_GROUP if self.params.codebook_scope == "group" else SCOPE_SHARED
+        specs["codebook"] = SectionSpec(KIND_CODEBOOKS, "float16", self.n_codebooks(layout) * self.levels, scope=scope)
         return specs
 
     def encode(self, groups, layout, inlier_mask):
@@ -110,6 +116,26 @@ class AdaptiveCodec(Codec):
         if not self.params.symmetric:
             x = x + arrays["zero_point"][:, None]
         return x
+
+    def fuses(self) -> bool:
+        return self.params.normalization == "minmax" and self.params.codebook_scope in ("tensor", "head")
+
+    def fused_encoding(self, lo, hi, x, layout):
+        center, half = minmax_from(lo, hi, self.params.symmetric)
+        step = sample_step(layout, self.n_codebooks(layout))
+        if step > 1:  # the same groups the torch path learns from
+            index = sampled_groups(layout, step)
+            sub = sampled_layout(layout, step)
+            codebook = self.learn(to_groups(x[:, :, ::step].to(torch.float32), sub), sub, None, center[index], half[index])
+        else:
+            codebook = self.learn(to_groups(x.to(torch.float32), layout), layout, None, center, half)
+        arrays = {"scale": half, "codebook": codebook.reshape(-1)}
+        if not self.params.symmetric:
+            arrays["zero_point"] = center
+        return FusedEncoding(FUSED_LEVELS, center, half, arrays, codebook, self.params.codebook_scope == "head")
+
+    def fused_levels(self, arrays):
+        return arrays["codebook"].reshape(-1, self.levels), self.params.codebook_scope == "head"
 
     def _normalizers(self, groups, mask):
         if self.params.normalization == "meanstd":

@@ -39,6 +39,14 @@ SECTION_KINDS = (
     KIND_DATA,
 )
 
+#: Section scopes: how a section's values map onto the tensor's groups, so a reader can decode a
+#: range of tokens from the sections of their own groups (:mod:`kvpack.restore.streaming`).
+SCOPE_GROUP = "group"  # a whole number of values per group, in group order (codes, scales, outliers)
+SCOPE_SHARED = "shared"  # serves every group whole (a codebook per head or tensor, rotation signs, rotary frequencies)
+SCOPE_EXACT = "exact"  # protected tokens stored exactly (the tensor plan places them)
+SCOPE_ENTRY = "entry"  # about the entry as a whole (a width map, lossless data): the entry is decoded whole
+SCOPES = (SCOPE_GROUP, SCOPE_SHARED, SCOPE_EXACT, SCOPE_ENTRY)
+
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
@@ -47,13 +55,23 @@ class SectionSpec:
     """What one named array of an encoded tensor is.
 
     ``dtype`` is ``"code"`` for unsigned codes stored densely packed at ``bits`` bits, else a
-    storage dtype name (``"float16"``, ``"float32"``, ...); ``count`` is the number of values.
+    storage dtype name (``"float16"``, ``"float32"``, ...); ``count`` is the number of values;
+    ``scope`` one of :data:`SCOPES` (required: whoever declares a section says how it maps onto
+    the groups, and streaming cuts pieces by it).
+
+    Raises:
+        ValueError: a missing or unknown scope (a bug in the codec or transform declaring it).
     """
 
     kind: str
     dtype: str
     count: int
     bits: int | None = None
+    scope: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"section spec {self.kind}/{self.dtype}: scope must be one of {SCOPES}, got {self.scope!r}")
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,30 @@ class CodecParams:
 
 
 _FIELD_TYPES = {"bool": bool, "str": str, "int": int, "float": float}
+
+#: How the fused kernels (:mod:`kvpack.codecs.kernels`) turn a value ``v`` of group ``g`` into its
+#: code: uniform asymmetric ``clamp(rint((v - offset[g]) / scale[g]), 0, top)``; uniform symmetric
+#: ``clamp(rint(v / scale[g] + top / 2), 0, top)``; levels: the nearest of the normalized ``levels``
+#: to ``(v - offset[g]) / scale[g]``.
+FUSED_UNIFORM_ASYMMETRIC, FUSED_UNIFORM_SYMMETRIC, FUSED_LEVELS = 0, 1, 2
+
+
+@dataclass
+class FusedEncoding:
+    """What the fused kernels need to code a plain tensor, as its codec decides (:meth:`Codec.fused_encoding`).
+
+    ``offset`` and ``scale`` are float32 ``(n_groups,)`` (scale as stored: it may hold zeros);
+    ``arrays`` the codec's sections other than ``codes``, as :meth:`Codec.encode` returns them;
+    ``levels`` (mode :data:`FUSED_LEVELS`) float32 ``(books, 2**bits)``, sorted, one book or one
+    per kv head (``book_per_head``).
+    """
+
+    mode: int
+    offset: torch.Tensor
+    scale: torch.Tensor
+    arrays: dict[str, torch.Tensor]
+    levels: torch.Tensor | None = None
+    book_per_head: bool = False
 
 
 class Codec(ABC):
@@ -170,6 +212,22 @@ class Codec(ABC):
     def decode(self, arrays: dict[str, torch.Tensor], layout: GroupLayout) -> torch.Tensor:
         """Reconstruct float32 ``(n_groups, group_size)`` groups from named arrays."""
 
+    def fuses(self) -> bool:
+        """Whether this codec, with its options, has a fused path (:mod:`kvpack.fused`); default none."""
+        return False
+
+    def fused_encoding(self, lo: torch.Tensor, hi: torch.Tensor, x: torch.Tensor, layout: GroupLayout) -> FusedEncoding:
+        """The fused kernels' parameters for a plain tensor ``x`` (float16 / bfloat16 ``(batch,
+        num_kv_heads, seq_len, head_dim)``) from each group's min ``lo`` and max ``hi`` (float32
+        ``(n_groups,)``, +0.0 for a zero): exactly what :meth:`encode` computes. Called only when
+        :meth:`fuses`."""
+        raise NotImplementedError
+
+    def fused_levels(self, arrays: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """The levels the decode kernel multiplies by the scale (float32 ``(books, 2**bits)``) from
+        the section arrays, and whether there is a book per kv head. Called only when :meth:`fuses`."""
+        raise NotImplementedError
+
 
 def get_codec_class(method: str) -> type[Codec]:
     """The registered codec class called ``method``.
@@ -181,11 +239,11 @@ def get_codec_class(method: str) -> type[Codec]:
 
 
 def codes_spec(layout: GroupLayout, bits: int) -> SectionSpec:
-    return SectionSpec(KIND_CODES, "code", layout.n_elements, bits)
+    return SectionSpec(KIND_CODES, "code", layout.n_elements, bits, SCOPE_GROUP)
 
 
 def per_group_spec(layout: GroupLayout) -> SectionSpec:
-    return SectionSpec(KIND_SCALES, "float16", layout.n_groups)
+    return SectionSpec(KIND_SCALES, "float16", layout.n_groups, scope=SCOPE_GROUP)
 
 
 def scaled_codes_specs(layout: GroupLayout, bits: int, symmetric: bool) -> dict[str, SectionSpec]:
@@ -253,6 +311,14 @@ def masked_mean_std(
         mean = (groups * weights).sum(dim=1) / count
     spread = (((groups - mean[:, None]) ** 2) * weights).sum(dim=1) / count
     return mean, spread.sqrt()
+
+
+def minmax_from(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`minmax_normalizers` from each group's min and max (float32 ``(n_groups,)``)."""
+    if symmetric:
+        return torch.zeros_like(lo), fp16_round_up(torch.maximum(lo.abs(), hi.abs()))
+    center = fp16_nearest((lo + hi) / 2)
+    return center, fp16_round_up(torch.maximum(hi - center, center - lo))
 
 
 def minmax_normalizers(

@@ -58,6 +58,7 @@ import torch
 
 from kvpack.codecs.base import (
     KIND_SCALES,
+    SCOPE_GROUP,
     Codec,
     SectionSpec,
     codes_spec,
@@ -271,7 +272,7 @@ class _MxCodec(Codec):
     def section_specs(self, layout: GroupLayout) -> dict[str, SectionSpec]:
         return {
             "codes": codes_spec(layout, self.element.bits),
-            "scale": SectionSpec(KIND_SCALES, "uint8", layout.n_groups),
+            "scale": SectionSpec(KIND_SCALES, "uint8", layout.n_groups, scope=SCOPE_GROUP),
         }
 
     def encode(self, groups, layout, inlier_mask):

@@ -21,13 +21,19 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from kvpack import packing
+from kvpack.codecs.base import FUSED_UNIFORM_ASYMMETRIC, FUSED_UNIFORM_SYMMETRIC
+
+# the bit order of packed codes is packing's (one owner): compiled here
+_append_code = njit(cache=True, inline="always")(packing.append_code)
+_append_byte = njit(cache=True, inline="always")(packing.append_byte)
+
 #: Features one kernel task packs: a cache line of float16 values, and a whole number of bytes
 #: of codes at any width (32 * m * bits is a multiple of 8), so tasks never share an output byte.
 FEATURE_BLOCK = 32
 #: Tokens (rows) one decode task handles.
 ROW_BLOCK = 512
 
-MODE_UNIFORM_ASYMMETRIC, MODE_UNIFORM_SYMMETRIC, MODE_LEVELS = 0, 1, 2
 #: Cells of [-1, 1] (where min/max-normalized values lie) the level search starts from.
 LEVEL_CELLS = 512
 OUT_FLOAT16, OUT_BFLOAT16, OUT_FLOAT32 = 0, 1, 2
@@ -117,10 +123,10 @@ def group_min_max(x, table, batch, heads, tokens, head_dim, group, lo, hi):
 
 @njit(cache=True, inline="always")
 def _code_of(v, mode, zero, scale, top, half_top, bounds, guesses, book, n_bounds):
-    if mode == 0:
+    if mode == FUSED_UNIFORM_ASYMMETRIC:
         q = np.rint((v - zero) / scale)
         return np.int64(min(max(q, np.float32(0.0)), np.float32(top)))
-    if mode == 1:
+    if mode == FUSED_UNIFORM_SYMMETRIC:
         q = np.rint(v / scale + half_top)
         return np.int64(min(max(q, np.float32(0.0)), np.float32(top)))
     z = (v - zero) / scale
@@ -155,9 +161,10 @@ def pack_feature_major(
 ):
     """Codes of every value, packed ``bits`` wide into the feature-major stream of format 1.5 §6.3.
 
-    ``mode``: uniform asymmetric ``q = clamp(rint((v - offset[g]) / scale[g]), 0, top)``; uniform
-    symmetric ``q = clamp(rint(v / scale[g] + top / 2), 0, top)``; levels: ``z = (v - offset[g]) /
-    scale[g]`` and ``q`` = the number of ``bounds[book]`` below ``z`` (``torch.bucketize``), with
+    ``mode`` (:data:`kvpack.codecs.base.FUSED_LEVELS` and the others): uniform asymmetric ``q =
+    clamp(rint((v - offset[g]) / scale[g]), 0, top)``; uniform symmetric ``q = clamp(rint(v / scale[g]
+    + top / 2), 0, top)``; levels: ``z = (v - offset[g]) / scale[g]`` and ``q`` = the number of
+    ``bounds[book]`` below ``z`` (``torch.bucketize``), with
     ``book = book_of_feature[feature]``, ``bounds`` float32 ``(books, 2**bits - 1)`` sorted, and
     ``guesses`` int64 ``(books, LEVEL_CELLS)``: a count of bounds near each cell of ``[-1, 1]`` to start
     from (any start gives the exact count; a good one saves steps). ``scale`` is already safe (no zeros). ``out``: zeroed
@@ -205,7 +212,7 @@ def pack_feature_major(
                         src += (heads - 1) * plane
                     code = _code_of(v, mode, offset[g], scale[g], top, half_top, bounds, guesses, book, n_bounds)
                     g += per_row
-                    word |= code << used
+                    word = _append_code(word, used, code)
                     used += bits
                     if used >= 32:  # four whole bytes (the first may be shared with the previous feature)
                         out[at] |= np.uint8(word & 0xFF)
@@ -265,7 +272,7 @@ def unpack_feature_major(
             word = np.uint64(0)
             have = 0  # bits in word
             while have < 56 and at < n_bytes:
-                word |= np.uint64(codes[at]) << np.uint64(have)
+                word = _append_byte(word, np.uint64(have), np.uint64(codes[at]))
                 at += 1
                 have += 8
             word >>= np.uint64(used)
@@ -277,7 +284,7 @@ def unpack_feature_major(
             for _ in range(r0, r1):
                 if have < bits:
                     while have <= 56 and at < n_bytes:
-                        word |= np.uint64(codes[at]) << np.uint64(have)
+                        word = _append_byte(word, np.uint64(have), np.uint64(codes[at]))
                         at += 1
                         have += 8
                 q = word & mask

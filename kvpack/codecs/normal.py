@@ -30,11 +30,14 @@ import torch
 from scipy.stats import norm
 
 from kvpack.codecs.base import (
+    FUSED_LEVELS,
     Codec,
     CodecParams,
+    FusedEncoding,
     SectionSpec,
     fp16_nearest,
     masked_mean_std,
+    minmax_from,
     minmax_normalizers,
     scaled_codes_specs,
 )
@@ -91,6 +94,17 @@ class NormalCodec(Codec):
         if not self.params.symmetric:
             arrays["zero_point"] = center
         return arrays
+
+    def fuses(self) -> bool:
+        return self.params.normalization == "minmax"
+
+    def fused_encoding(self, lo, hi, x, layout):
+        center, spread = minmax_from(lo, hi, self.params.symmetric)
+        arrays = {"scale": spread} if self.params.symmetric else {"scale": spread, "zero_point": center}
+        return FusedEncoding(FUSED_LEVELS, center, spread, arrays, self.levels_for()[None, :])
+
+    def fused_levels(self, arrays):
+        return self.levels_for()[None, :], False
 
     def decode(self, arrays, layout):
         x = self.levels_for()[arrays["codes"].int()] * arrays["scale"][:, None]

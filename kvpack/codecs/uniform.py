@@ -19,8 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from kvpack.codecs.base import (
+    FUSED_UNIFORM_ASYMMETRIC,
+    FUSED_UNIFORM_SYMMETRIC,
     Codec,
     CodecParams,
+    FusedEncoding,
     SectionSpec,
     fp16_round_down,
     fp16_round_up,
@@ -61,6 +64,24 @@ class UniformCodec(Codec):
         if not self.params.symmetric:
             arrays["zero_point"] = zero
         return arrays
+
+    def fuses(self) -> bool:
+        return True
+
+    def fused_encoding(self, lo, hi, x, layout):
+        top = self.levels - 1
+        if self.params.symmetric:
+            scale = fp16_round_up(torch.maximum(lo.abs(), hi.abs()) * (2.0 / top))
+            return FusedEncoding(FUSED_UNIFORM_SYMMETRIC, torch.zeros_like(scale), scale, {"scale": scale})
+        zero = fp16_round_down(lo)
+        scale = fp16_round_up((hi - zero) / top)
+        return FusedEncoding(FUSED_UNIFORM_ASYMMETRIC, zero, scale, {"scale": scale, "zero_point": zero})
+
+    def fused_levels(self, arrays):
+        levels = torch.arange(self.levels, dtype=torch.float32)
+        if self.params.symmetric:
+            levels = levels - (self.levels - 1) / 2.0
+        return levels[None, :], False
 
     def decode(self, arrays, layout):
         scale = arrays["scale"][:, None]

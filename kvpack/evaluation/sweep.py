@@ -52,7 +52,7 @@ from typing import Any
 from kvpack.config import TRANSFORM_DEFAULTS, CodecConfig
 from kvpack.errors import InvalidInputError, ModelUnavailableError
 from kvpack.evaluation.evaluate import EvalMethod, EvalProtocol
-from kvpack.metrics import json_safe
+from kvpack.jsonable import json_safe
 
 _TOP_KEYS = {"baselines", "eval", "grid", "runs", "output"}
 _EVAL_KEYS = {"text_file", "prefix", "continuation", "windows", "model", "gguf_file", "device"}

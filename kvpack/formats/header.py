@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kvpack.codecs.base import KIND_DATA, SectionSpec
+from kvpack.codecs.base import KIND_DATA, SCOPE_ENTRY, SectionSpec
 from kvpack.config import CodecConfig
 from kvpack.dtypes import DTYPE_SIZES, FLOAT_DTYPES
 from kvpack.errors import FormatError, HeaderLimitError, InvalidInputError, UnsupportedVersionError, brief, brief_list
@@ -108,7 +108,7 @@ def section_specs(shape: tuple[int, ...], dtype: str, codec: CodecConfig | None,
         InvalidInputError: the shape does not fit the codec (e.g. group size does not divide).
     """
     if codec is None:
-        return {"data": SectionSpec(KIND_DATA, dtype, math.prod(shape))}
+        return {"data": SectionSpec(KIND_DATA, dtype, math.prod(shape), scope=SCOPE_ENTRY)}
     return plan_for(shape, dtype, name, codec).section_specs()
 
 

@@ -59,6 +59,11 @@ def open_input(path: str | os.PathLike):
         raise InvalidInputError(f"{path}: cannot be read ({exc.strerror})") from None
 
 
+def not_a_kvp_file(name: str | os.PathLike) -> FormatError:
+    """The one error for a file that does not start with the ``.kvp`` magic bytes."""
+    return FormatError(f"{name}: not a .kvp file (it does not start with the .kvp magic bytes)")
+
+
 def is_kvp_file(path: str | os.PathLike) -> bool:
     """True when the file starts with the ``.kvp`` magic."""
     with open_input(path) as handle:
@@ -100,12 +105,12 @@ class KvpReader:
         if preamble[: len(MAGIC)] != MAGIC[: len(preamble)]:
             if not any(preamble[: len(MAGIC)]):  # the writer fills the preamble in last
                 raise FormatError(f"{name}: not a complete .kvp file (it starts with zero bytes: an unfinished write)")
-            raise FormatError(f"{name}: not a .kvp file (wrong magic bytes)")
+            raise not_a_kvp_file(name)
         if len(preamble) < PREAMBLE_SIZE:
             raise TruncatedFileError(f"{name}: truncated: {len(preamble)} bytes, shorter than the 64-byte preamble")
         magic, major, minor, flags, header_offset, header_length, header_crc, preamble_crc = PREAMBLE.unpack(preamble)
         if magic != MAGIC:
-            raise FormatError(f"{name}: not a .kvp file (wrong magic bytes)")
+            raise not_a_kvp_file(name)
         if major != FORMAT_MAJOR:
             # a 1.x-style preamble checksum that fails suggests a flipped bit rather than a real version
             suspect = zlib.crc32(preamble[:PREAMBLE_CRC_OFFSET]) != preamble_crc

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from kvpack.dtypes import DTYPE_SIZES
 from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.atomic import atomic_output
-from kvpack.formats.reader import open_input
+from kvpack.formats.reader import not_a_kvp_file, open_input
 from kvpack.names import KV_NAME, kv_tensor_name, parse_kv_name, parse_stacked_name, stacked_name  # noqa: F401
 
 
@@ -49,9 +49,7 @@ class SafetensorsSource:
             self._keys = list(self._handle.keys())
         except Exception as exc:  # safetensors raises its own error types for every malformed file
             if self.path.suffix.lower() == ".kvp":  # named as ours: say what it lacks
-                raise FormatError(
-                    f"{self.path}: not a kvpack file (it does not start with the .kvp magic bytes)"
-                ) from None
+                raise not_a_kvp_file(self.path) from None
             raise FormatError(f"{self.path}: not a readable safetensors file ({_first_line(exc)})") from None
         self.file_size = self.path.stat().st_size
 

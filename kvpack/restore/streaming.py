@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpack.codecs.base import SCOPE_EXACT, SCOPE_GROUP, SCOPE_SHARED
 from kvpack.dtypes import DTYPE_SIZES, TORCH_DTYPES
 from kvpack.dtypes import from_bytes as _from_bytes
 from kvpack.entry import codes_array, decode_entry, values_array
@@ -51,10 +52,9 @@ from kvpack.transforms.plan import TensorPlan, unstacked_view
 
 #: Values per decoded piece: its float32 temporaries stay at a few tens of MB.
 PIECE_ELEMENTS = 1 << 20
-#: The sections a piece of a token-axis entry can be cut from (any other section: decoded whole).
-_PER_GROUP = ("codes", "scale", "zero_point", "outlier_index", "outlier_value")
-_SHARED = ("rotation_signs", "rope_inv_freq")
-_PIECEWISE_SECTIONS = frozenset((*_PER_GROUP, *_SHARED, "codebook", "kept"))
+#: The section scopes a piece of a token-axis entry can be cut from (a section of any other scope:
+#: the entry is decoded whole). Each section declares its scope (:class:`kvpack.codecs.base.SectionSpec`).
+_PIECEWISE_SCOPES = frozenset((SCOPE_GROUP, SCOPE_SHARED, SCOPE_EXACT))
 
 Progress = Callable[[int, int, str], None]
 
@@ -301,12 +301,10 @@ def _entry_pieces(
 def _piecewise(entry: TensorEntry) -> bool:
     """Whether a quantized entry can be decoded a range of tokens at a time (see the module docs)."""
     plan = entry.plan
-    config = plan.config
     return (
         plan.axis == "token"
-        and not config.width_counts
         and plan.layout.n_elements > 0
-        and set(plan.section_specs()) <= _PIECEWISE_SECTIONS
+        and all(spec.scope in _PIECEWISE_SCOPES for spec in plan.section_specs().values())
         # feature-major codes (format 1.5) hold a token range in every feature's stretch: decoded whole
         and not any(section.transpose for section in entry.sections.values())
     )
@@ -354,7 +352,6 @@ def _decode_coded(entry: TensorEntry, plan: TensorPlan, sections: dict, c0: int,
     )
     sub = TensorPlan((1, heads, c1 - c0, head_dim), plan.dtype, plan.role, sub_config)
     full_specs, sub_specs = plan.section_specs(), sub.section_specs()
-    group_codebooks = getattr(config.params, "codebook_scope", None) == "group"
     out = []
     for b in range(batch):
         g0 = (b * plan.coded_tokens + c0) * groups_per_row
@@ -362,7 +359,7 @@ def _decode_coded(entry: TensorEntry, plan: TensorPlan, sections: dict, c0: int,
         arrays = {}
         for section, spec in sub_specs.items():
             full = full_specs[section]
-            if section in _PER_GROUP or (section == "codebook" and group_codebooks):
+            if full.scope == SCOPE_GROUP:
                 per = full.count // layout.n_groups
                 lo, hi = g0 * per, g1 * per
             else:

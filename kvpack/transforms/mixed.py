@@ -28,6 +28,7 @@ from kvpack.codecs.base import (
     KIND_CODEBOOKS,
     KIND_CODES,
     KIND_SCALES,
+    SCOPE_ENTRY,
     SectionSpec,
     fp16_nearest,
     masked_mean_std,
@@ -73,7 +74,7 @@ def codec_specs(config: CodecConfig, layout: GroupLayout) -> dict[str, SectionSp
     used = [w for w, count in enumerate(counts) if count]
     if not set(used) <= allowed:
         raise InvalidInputError(f"method {config.method} cannot code width(s) {sorted(set(used) - allowed)}")
-    specs = {"bit_widths": SectionSpec(KIND_ALLOCATION, "code", layout.n_groups, WIDTH_CODE_BITS)}
+    specs = {"bit_widths": SectionSpec(KIND_ALLOCATION, "code", layout.n_groups, WIDTH_CODE_BITS, SCOPE_ENTRY)}
     specs.update({n: s for n, s in codec.section_specs(layout).items() if s.kind == KIND_SCALES})
     for width in used:
         if width:

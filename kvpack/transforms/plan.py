@@ -24,13 +24,23 @@ tensor rounded to that dtype.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
 
-from kvpack.codecs.base import KIND_EXACT, KIND_OUTLIERS, KIND_TRANSFORM, SectionSpec, check_fp16_range
+from kvpack.codecs.base import (
+    KIND_EXACT,
+    KIND_OUTLIERS,
+    KIND_TRANSFORM,
+    SCOPE_EXACT,
+    SCOPE_GROUP,
+    SCOPE_SHARED,
+    SectionSpec,
+    check_fp16_range,
+)
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
 from kvpack.grouping import (
@@ -133,15 +143,17 @@ class TensorPlan:
         if per_group:
             count = layout.n_groups * per_group
             index_bits = max(1, (config.group_size - 1).bit_length())
-            specs["outlier_index"] = SectionSpec(KIND_OUTLIERS, "code", count, index_bits)
-            specs["outlier_value"] = SectionSpec(KIND_OUTLIERS, self.dtype, count)
+            specs["outlier_index"] = SectionSpec(KIND_OUTLIERS, "code", count, index_bits, SCOPE_GROUP)
+            specs["outlier_value"] = SectionSpec(KIND_OUTLIERS, self.dtype, count, scope=SCOPE_GROUP)
         batch, heads, _, head_dim = self.shape
         if self.kept_tokens:
-            specs["kept"] = SectionSpec(KIND_EXACT, self.dtype, batch * heads * self.kept_tokens * head_dim)
+            specs["kept"] = SectionSpec(
+                KIND_EXACT, self.dtype, batch * heads * self.kept_tokens * head_dim, scope=SCOPE_EXACT
+            )
         if config.rotate == "hadamard":
-            specs["rotation_signs"] = SectionSpec(KIND_TRANSFORM, "code", head_dim, 1)
+            specs["rotation_signs"] = SectionSpec(KIND_TRANSFORM, "code", head_dim, 1, SCOPE_SHARED)
         if self.unrope:
-            specs["rope_inv_freq"] = SectionSpec(KIND_TRANSFORM, "float32", config.rope_dim // 2)
+            specs["rope_inv_freq"] = SectionSpec(KIND_TRANSFORM, "float32", config.rope_dim // 2, scope=SCOPE_SHARED)
         return specs
 
     def encode(self, x: torch.Tensor, widths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -263,10 +275,20 @@ def plan_for(shape: tuple[int, ...], dtype: str, name: str, config: CodecConfig)
     batch, num_kv_heads, seq_len, head_dim)`` and is planned as :func:`stacked_view` lays it
     out: ``(batch, num_layers * num_kv_heads, seq_len, head_dim)``, so a token group may span layers.
 
+    A plan depends only on its arguments and is built once for each (memoized): every reader,
+    writer and size estimate of one entry shares it.
+
     Raises:
         InvalidInputError: see :class:`TensorPlan`; a stacked entry with another name or shape.
     """
-    shape = tuple(int(s) for s in shape)
+    # rope_inv_freq is left out of the config's equality: part of the key on its own
+    return _plan_for(tuple(int(s) for s in shape), dtype, name, config, config.rope_inv_freq)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_for(
+    shape: tuple[int, ...], dtype: str, name: str, config: CodecConfig, rope_inv_freq: tuple[float, ...] | None
+) -> TensorPlan:
     if not config.stack_layers:
         return TensorPlan(shape, dtype, role_of(name), config)
     role = parse_stacked_name(name)
