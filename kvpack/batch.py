@@ -217,7 +217,7 @@ def resolve_jobs(jobs: int) -> int:
         InvalidInputError: ``jobs`` is negative.
     """
     if jobs < 0:
-        raise InvalidInputError(f"--jobs must be 0 (one per CPU core) or a positive number of processes, got {jobs}")
+        raise InvalidInputError(f"`jobs` must be 0 (one per CPU core) or a positive number of processes, got {jobs}")
     return jobs or cpu_cores()
 
 

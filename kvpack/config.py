@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpack.codecs import CodecParams, get_codec_class
-from kvpack.errors import InvalidInputError, brief, brief_list
+from kvpack.errors import InvalidInputError, brief, brief_list, option
 from kvpack.grouping import AXES, OUTLIER_SELECTIONS, outliers_per_group
 from kvpack.presets import flat_options
 
@@ -117,7 +117,7 @@ class CodecConfig:
         if codec_class.fixed_bits is not None and self.bits != codec_class.fixed_bits:
             raise InvalidInputError(
                 f"method {self.method} has {codec_class.fixed_bits}-bit elements, but {self.bits} bits were asked for "
-                f"(by --bits or a preset); leave bits unset or use {codec_class.fixed_bits}"
+                f"(by `bits` or a preset); leave bits unset or use {codec_class.fixed_bits}"
             )
         if type(self.group_size) is not int or not 1 <= self.group_size <= MAX_GROUP_SIZE:
             raise InvalidInputError(
@@ -126,7 +126,7 @@ class CodecConfig:
         if codec_class.block_size is not None and self.group_size != codec_class.block_size:
             raise InvalidInputError(
                 f"method {self.method} uses blocks of {codec_class.block_size} elements (its spec fixes them), but "
-                f"group size {self.group_size} was asked for (by --group-size or a preset); leave it unset or use "
+                f"group size {self.group_size} was asked for (by `group_size` or a preset); leave it unset or use "
                 f"{codec_class.block_size}"
             )
         ratio = self.outlier_ratio
@@ -163,10 +163,10 @@ class CodecConfig:
             if type(value) is not int or not 0 <= value < limit:
                 raise InvalidInputError(f"{_named(name)} must be an integer from 0 to {limit - 1}, got {brief(value)}")
         if self.rotate == "none" and self.rotate_seed:
-            raise InvalidInputError("rotate_seed (--rotate-seed) only applies with rotate hadamard (--rotate hadamard)")
+            raise InvalidInputError("`rotate_seed` only applies with `rotate=hadamard`")
         if self.outlier_select != "tails" and not self.outlier_ratio:
             raise InvalidInputError(
-                "outlier_select (--outlier-select) only applies with an outlier ratio above 0 (--outlier-ratio)"
+                "`outlier_select` only applies with an outlier ratio (`outlier_ratio`) above 0"
             )
         counts = self.width_counts
         if isinstance(counts, list):
@@ -334,8 +334,8 @@ class CodecConfig:
 
 
 def _named(key: str) -> str:
-    """A config key with its command-line flag, for messages: ``key_axis (--key-axis)``."""
-    return f"{key} (--{key.replace('_', '-')})"
+    """A config key named in a message (:func:`kvpack.errors.option`; the CLI shows its flag)."""
+    return option(key)
 
 
 def load_codec_config(path: str | Path) -> CodecConfig:

@@ -215,14 +215,14 @@ def entry_layout(
     missing = [kv_tensor_name(i, role) for i in range(layers) for role in ROLES if kv_tensor_name(i, role) not in kv]
     if not kv or missing:
         raise InvalidInputError(
-            "groups across layers (--level token) need every layer's key and value, layers 0 to L-1"
+            "groups across layers (`level=token`) need every layer's key and value, layers 0 to L-1"
             + (f"; missing {', '.join(missing[:3])}" if missing else "")
         )
     for name in sorted(kv, key=tensor_order):
         first = kv_tensor_name(0, kv[name][1])
         if shapes[name] != shapes[first]:
             raise InvalidInputError(
-                f"groups across layers (--level token) need the layers' {kv[name][1]}s to have one shape and dtype: "
+                f"groups across layers (`level=token`) need the layers' {kv[name][1]}s to have one shape and dtype: "
                 f"{name!r} is {shapes[name][0]} {shapes[name][1]}, {first} {shapes[first][0]} {shapes[first][1]}"
             )
     stacked = [(stacked_name(role), [kv_tensor_name(i, role) for i in range(layers)], config) for role in ROLES]

@@ -60,6 +60,13 @@ def error_message(exc: KvpackError | OSError) -> str:
     return " ".join(text.splitlines())
 
 
+def option(name: str, value: object = None) -> str:
+    """An option of the Python API named in a message: ``target_bits``, or ``force=True`` with a
+    value. Messages name options this way only; the command line shows the flag instead
+    (``--target-bits``, ``--force``: :func:`kvpack.cli.app.cli_terms`)."""
+    return f"`{name}`" if value is None else f"`{name}={value}`"
+
+
 def brief_list(values, most: int = 5) -> str:
     """Up to ``most`` values, each cut by :func:`brief`, then "and N more"."""
     values = list(values)

@@ -249,7 +249,7 @@ def test_every_bit_flip_in_a_data_section_is_detected(tmp_path):
 
 def test_existing_output_is_kept_without_force(sample):
     before = sample.read_bytes()
-    with pytest.raises(OutputExistsError, match="--force"):
+    with pytest.raises(OutputExistsError, match="force=True"):
         compress_tensors(small_cache(1), sample, CodecConfig.build("normal", 2, 16))
     assert sample.read_bytes() == before
     compress_tensors(small_cache(1), sample, CodecConfig.build("normal", 2, 16), force=True)

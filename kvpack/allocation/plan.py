@@ -153,14 +153,14 @@ def allocate_widths(
             if not math.isfinite(needed):
                 raise InvalidInputError(
                     f"no width in [{allocation.bits_min}, {allocation.bits_max}] is usable for every group "
-                    "(qaq leaves out a width whose error is above a narrower one's): widen --bits-min / --bits-max"
+                    "(qaq leaves out a width whose error is above a narrower one's): widen `bits_min` / `bits_max`"
                 )
             needed = math.ceil(needed * 1000) / 1000
             raise InvalidInputError(
-                f"--target-bits {allocation.target_bits:g} is below the {needed:.3f} bits per element this file "
-                f"needs with every group at its narrowest usable width (--bits-min {allocation.bits_min}"
-                + (f", --recent-tokens {allocation.recent_tokens}" if allocation.recent_tokens else "")
-                + "): give more bits, lower --bits-min or use larger groups"
+                f"`target_bits={allocation.target_bits:g}` is below the {needed:.3f} bits per element this file "
+                f"needs with every group at its narrowest usable width (`bits_min={allocation.bits_min}`"
+                + (f", `recent_tokens={allocation.recent_tokens}`" if allocation.recent_tokens else "")
+                + "): give more bits, lower `bits_min` or use larger groups"
             )
         # Shared codebooks and the header's sections cost bits per width that occurs, which the
         # per-group allocators do not see. Rounds charge a set of widths and allocate the rest of

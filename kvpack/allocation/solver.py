@@ -112,7 +112,7 @@ def allocate_bits(tables: list[WidthTable], budget_bits: float) -> list[torch.Te
     if narrowest_bits(tables) > budget_bits + 1e-6:
         raise InvalidInputError(
             "the bit budget is below what the file needs with every group at its narrowest width "
-            "(lower --bits-min or --recent-tokens, or give more bits)"
+            "(lower `bits_min` or `recent_tokens`, or give more bits)"
         )
     # the bit price lambda: the budget is reachable (checked above), so a large enough price fits it
     _, high = _bisect(
@@ -217,30 +217,30 @@ class Allocation:
             if type(getattr(self, name)) is not int:
                 raise InvalidInputError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if self.method not in ALLOCATORS:
-            raise InvalidInputError(f"--allocate must be one of {', '.join(ALLOCATORS)}, got {self.method!r}")
+            raise InvalidInputError(f"`allocate` must be one of {', '.join(ALLOCATORS)}, got {self.method!r}")
         budget = self.target_error if self.method == "qaq" else self.max_error
         other = self.max_error if self.method == "qaq" else self.target_error
-        flag = "--target-error" if self.method == "qaq" else "--max-error"
+        flag = "`target_error`" if self.method == "qaq" else "`max_error`"
         if other is not None:
             raise InvalidInputError(
-                f"--allocate {self.method} takes --target-bits or {flag}, not "
-                + ("--max-error" if self.method == "qaq" else "--target-error")
+                f"`allocate={self.method}` takes `target_bits` or {flag}, not "
+                + ("`max_error`" if self.method == "qaq" else "`target_error`")
             )
         if (self.target_bits is None) == (budget is None):
-            raise InvalidInputError(f"--allocate {self.method} needs exactly one of --target-bits and {flag}")
+            raise InvalidInputError(f"`allocate={self.method}` needs exactly one of `target_bits` and {flag}")
         if self.target_error is not None and not 0 < self.target_error < 1e6:
-            raise InvalidInputError(f"--target-error must be a positive number, got {self.target_error}")
+            raise InvalidInputError(f"`target_error` must be a positive number, got {self.target_error}")
         if type(self.recent_tokens) is not int or self.recent_tokens < 0:
-            raise InvalidInputError(f"--recent-tokens must be a non-negative integer, got {self.recent_tokens!r}")
+            raise InvalidInputError(f"`recent_tokens` must be a non-negative integer, got {self.recent_tokens!r}")
         if self.target_bits is not None and not 0 < self.target_bits <= 64:
             raise InvalidInputError(
-                f"--target-bits must be a number of bits per element above 0, got {self.target_bits}"
+                f"`target_bits` must be a number of bits per element above 0, got {self.target_bits}"
             )
         if self.max_error is not None and not 0 < self.max_error < 1:
-            raise InvalidInputError(f"--max-error must be a relative squared error in (0, 1), got {self.max_error}")
+            raise InvalidInputError(f"`max_error` must be a relative squared error in (0, 1), got {self.max_error}")
         if not 0 <= self.bits_min <= self.bits_max <= 8:
             raise InvalidInputError(
-                f"--bits-min / --bits-max must satisfy 0 <= min <= max <= 8, got {self.bits_min} / {self.bits_max}"
+                f"`bits_min` / `bits_max` must satisfy 0 <= min <= max <= 8, got {self.bits_min} / {self.bits_max}"
             )
 
     def default_widths(self) -> tuple[int, int]:
@@ -284,7 +284,7 @@ class Allocation:
         if "allocate" not in given:
             named = [flags[key] for key in given] if flags else sorted(given)
             raise InvalidInputError(
-                f"{', '.join(named)} need {flags['allocate'] if flags else 'allocate (--allocate)'}"
+                f"{', '.join(named)} need {flags['allocate'] if flags else '`allocate`'}"
             )
         return cls(given.pop("allocate"), **given)
 
@@ -377,8 +377,8 @@ def entry_table(
 
     if allocation.method != "target" and stats is None:
         raise InvalidInputError(
-            f"--allocate {allocation.method} needs attention statistics: make the dump with "
-            "`kvpack dump --attention-stats` (kvpack eval computes them itself)"
+            f"`allocate={allocation.method}` needs attention statistics: make the dump with them "
+            "(kvpack dump --attention-stats, or dump_cache(attention_stats=N); kvpack eval computes them itself)"
         )
     per_group, per_tensor = width_costs(config, layout)
     inlier = torch.ones_like(groups) if mask is None else mask.to(groups.dtype)
@@ -440,7 +440,7 @@ def allocate_qaq(
         return _split(choose(target_error), tables)
     if narrowest_bits(tables) > budget_bits + 1e-6:
         raise InvalidInputError(
-            "the bit budget is below what the narrowest widths need (lower --bits-min or --recent-tokens, "
+            "the bit budget is below what the narrowest widths need (lower `bits_min` or `recent_tokens`, "
             "or give more bits)"
         )
     positive = errors[torch.isfinite(errors) & (errors > 0)]

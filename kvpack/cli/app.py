@@ -17,9 +17,11 @@ from kvpack.cli import (
     generate_cmd,
     inspect_cmd,
     methods_cmd,
+    render,
     stats_cmd,
     sweep_cmd,
 )
+from kvpack.cli.render import cli_terms
 from kvpack.errors import KvpackError, error_message
 
 app = typer.Typer(
@@ -84,11 +86,35 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+#: API option names whose flag has another name than the option's own.
+_RENAMED = {"attention_stats": ("--last-n-queries", None, False)}
+
+
+def _flag_table(command: str | None) -> dict[str, tuple[str, str | None, bool]]:
+    """API option name -> ``(flag, negative flag, is a flag)`` from the commands' options, the
+    running ``command``'s first (a library message names options in API terms)."""
+    group = typer.main.get_command(app)
+    commands = sorted(group.commands.items(), key=lambda item: item[0] != command)
+    table: dict[str, tuple[str, str | None, bool]] = {}
+    for _, cmd in commands:
+        for param in cmd.params:
+            longs = [o for o in param.opts if o.startswith("--")]
+            if getattr(param, "param_type_name", "") != "option" or not longs or param.name in table:
+                continue
+            negative = next((o for o in param.secondary_opts if o.startswith("--")), None)
+            table[param.name] = (longs[0], negative, bool(param.is_flag))
+    if command == "dump":
+        table.update(_RENAMED)
+    return table
+
+
 def _run(argv: list[str] | None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    render.flag_table = lambda: _flag_table(next((a for a in args if not a.startswith("-")), None))
     try:
         code = app(args=argv, prog_name="kvpack", standalone_mode=False)
     except KvpackError as exc:
-        print(f"error: {error_message(exc)}", file=sys.stderr)
+        print(f"error: {cli_terms(error_message(exc))}", file=sys.stderr)
         return 2
     except typer.TyperException as exc:  # usage errors raised by the vendored Click
         if type(exc).__name__ == "NoArgsIsHelpError":

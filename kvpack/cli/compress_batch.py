@@ -13,7 +13,17 @@ from rich.table import Table
 from kvpack.allocation.solver import Allocation
 from kvpack.batch import Expansion, Job, plan_outputs, record, run_jobs, same_file_key
 from kvpack.cli.options import build_codec
-from kvpack.cli.render import console, err_console, fmt_num, fmt_sci, human_bytes, print_json, progress_bar, say
+from kvpack.cli.render import (
+    cli_terms,
+    console,
+    err_console,
+    fmt_num,
+    fmt_sci,
+    human_bytes,
+    print_json,
+    progress_bar,
+    say,
+)
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError, KvpackError, error_message
 from kvpack.formats.entropy import EntropyConfig
@@ -95,6 +105,7 @@ def compress_many(
 def _error_line(result: dict) -> None:
     """``error: <file>: <message>`` on stderr, on one line (the file is not repeated when the message starts with it)."""
     where, message = result["input"], result["error"]
+    message = cli_terms(message)
     line = f"error: {message}" if message.startswith(f"{where}: ") else f"error: {where}: {message}"
     err_console.print(line, soft_wrap=True, markup=False, highlight=False)
 

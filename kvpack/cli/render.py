@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +14,29 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvpack.jsonable import json_safe
+
+#: API option name -> (flag, its negative form, is a flag): set by :mod:`kvpack.cli.app` for the running command.
+flag_table: Callable[[], dict[str, tuple[str, str | None, bool]]] | None = None
+_OPTION = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
+
+
+def cli_terms(message: str) -> str:
+    """A library message in the command line's words: the API options it names (``target_bits``,
+    ``force=True``; :func:`kvpack.errors.option`) become flags (``--target-bits``, ``--force``)."""
+    table = flag_table() if flag_table is not None else {}
+
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        if name not in table:
+            return name if value is None else f"{name}={value}"
+        long, negative, is_flag = table[name]
+        if value is None:
+            return long
+        if is_flag:
+            return long if value == "True" else negative or f"no {long}"
+        return f"{long} {value}"
+
+    return _OPTION.sub(flag, message)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -88,7 +88,7 @@ class EvalProtocol:
             raise InvalidInputError(
                 f"the text has {n_tokens:,} tokens; {self.windows} windows of {self.prefix} + "
                 f"{self.continuation} + 1 tokens need {self.windows * self.window_tokens:,}. "
-                "Use a longer text or fewer/shorter windows (--windows, --prefix, --continuation)"
+                "Use a longer text or fewer/shorter windows (`windows`, `prefix`, `continuation`)"
             )
         return [index * stride for index in range(self.windows)]
 

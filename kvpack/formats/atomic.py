@@ -38,7 +38,7 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     if path.exists() and not path.is_file():
         raise InvalidInputError(f"output {path} is not a regular file (a device, fifo or socket); choose a file path")
     if path.exists() and not force:
-        raise OutputExistsError(f"output {path} exists (pass --force to overwrite it)")
+        raise OutputExistsError(f"output {path} exists (pass `force=True` to overwrite it)")
     if not path.parent.is_dir():
         raise InvalidInputError(f"output folder {path.parent} does not exist")
     return path
@@ -87,7 +87,7 @@ def _link_new(tmp: Path, target: Path) -> None:
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise OutputExistsError(f"output {target} exists (pass --force to overwrite it)") from None
+        raise OutputExistsError(f"output {target} exists (pass `force=True` to overwrite it)") from None
     except OSError:  # a file system without hard links: the best we can do is check, then rename
         check_output_path(target, force=False)
         os.replace(tmp, target)

@@ -64,12 +64,12 @@ class EntropyConfig:
     def __post_init__(self) -> None:
         if type(self.level) is not int or not (self.level == 0 or ZSTD_LEVEL_MIN <= self.level <= ZSTD_LEVEL_MAX):
             raise InvalidInputError(
-                f"--zstd-level must be 0 (off) or {ZSTD_LEVEL_MIN}-{ZSTD_LEVEL_MAX}, got {self.level}"
+                f"`zstd_level` must be 0 (off) or {ZSTD_LEVEL_MIN}-{ZSTD_LEVEL_MAX}, got {self.level}"
             )
         unknown = sorted(set(self.kinds) - set(SECTION_KINDS))
         if unknown:
             raise InvalidInputError(
-                f"unknown section kind(s) {', '.join(unknown)} for --zstd-kinds; choose from {', '.join(SECTION_KINDS)}"
+                f"unknown section kind(s) {', '.join(unknown)} for `zstd_kinds`; choose from {', '.join(SECTION_KINDS)}"
             )
         object.__setattr__(self, "kinds", frozenset(self.kinds))
 

@@ -178,7 +178,7 @@ def check_model(metadata: dict[str, str], model: Any, tokenizer: Any = None) -> 
     current = model_identity(lm, name, gguf_file, model_tokenizer(model, tokenizer))
     if not any(metadata.get(key) for key in ("model", "num_layers", "num_kv_heads")):
         raise ModelMismatchError(
-            "the cache file records no model identity (model, layers, kv heads); pass check=False (CLI: --no-check) to load it anyway"
+            "the cache file records no model identity (model, layers, kv heads); pass `check=False` to load it anyway"
         )
     differences = []
     for key in STRUCTURE_FIELDS:

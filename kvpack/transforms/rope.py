@@ -79,7 +79,7 @@ def rope_from_metadata(metadata: dict[str, str]) -> RopeSpec:
     raw = metadata.get("rope_inv_freq")
     if raw is None:
         raise InvalidInputError(
-            "un-RoPE (--unrope) needs the model's rotary frequencies, which this dump does not record "
+            "un-RoPE (`unrope`) needs the model's rotary frequencies, which this dump does not record "
             "(dump it again with this kvpack, or pass them with CodecConfig.with_rope; models with several "
             "rotary embeddings are not supported)"
         )
