@@ -13,7 +13,7 @@ from rich.table import Table
 from kvpack.allocation import Allocation
 from kvpack.batch import Expansion, Job, plan_outputs, record, run_jobs, same_file_key
 from kvpack.cli.options import build_codec
-from kvpack.cli.render import console, err_console, fmt_num, fmt_sci, human_bytes, print_json, progress_bar, say
+from kvpack.cli.render import err_console, fmt_num, fmt_sci, human_bytes, print_json, print_table, progress_bar, say
 from kvpack.config import CodecConfig
 from kvpack.entropy import EntropyConfig
 from kvpack.errors import InvalidInputError, KvpackError, error_message
@@ -82,7 +82,7 @@ def compress_many(
     if json_to_stdout:
         print_json(results)
     else:
-        console.print(_summary_table(results))
+        print_table(_summary_table(results))
         say(_total_line(results, wall))
         if json_path is not None:
             from kvpack.cli.render import write_json

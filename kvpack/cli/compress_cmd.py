@@ -46,11 +46,11 @@ from kvpack.cli.options import (
 )
 from kvpack.cli.render import (
     bits_table,
-    console,
     entropy_summary,
     error_table,
     human_bytes,
     print_json,
+    print_table,
     progress_bar,
     report_rows,
     say,
@@ -164,8 +164,8 @@ def compress(
     if entropy_summary(report["rows"]["all"]):
         say(entropy_summary(report["rows"]["all"]))
     rows = report_rows(report, per_layer)
-    console.print(bits_table("bits per element (every byte of the file counted)", rows))
-    console.print(error_table("reconstruction error (bytes: stored, header share included)", rows))
+    print_table(bits_table("bits per element (every byte of the file counted)", rows))
+    print_table(error_table("reconstruction error (bytes: stored, header share included)", rows))
     all_bits = report["rows"]["all"]["bits_per_element"]
     exact = all_bits["exact"] / all_bits["total"] if all_bits["total"] else 0.0
     if exact > 0.5:

@@ -45,7 +45,7 @@ from kvpack.cli.options import (
     codec_flags,
     given_codec_flags,
 )
-from kvpack.cli.render import console, err_console, print_json, progress_bar, quality_table, say, write_json
+from kvpack.cli.render import err_console, print_json, print_table, progress_bar, quality_table, say, write_json
 from kvpack.errors import InvalidInputError
 
 
@@ -158,7 +158,7 @@ def evaluate(
         f"{continuation} tokens, "
         f"{run['targets']:,} targets; reference (fp16 cache) PPL {run['ppl_ref']:.4f}"
     )
-    console.print(quality_table("quality against the fp16 cache", run["methods"]))
+    print_table(quality_table("quality against the fp16 cache", run["methods"]))
     attention = result["attention_error"]
     if attention:
         worst = max(range(len(attention)), key=attention.__getitem__)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from kvpack.cli.options import JsonFlag, PerLayer
-from kvpack.cli.render import console, error_table, print_json
+from kvpack.cli.render import error_table, print_json, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -38,4 +38,4 @@ def stats(
     rows = [(name, result["rows"][name]) for name in ("key", "value", "all")]
     if per_layer:
         rows += [(f"layer {row['layer']}", row) for row in result["layers"]]
-    console.print(error_table(f"{reconstructed} vs {original} ({result['tensors']} K/V tensors)", rows))
+    print_table(error_table(f"{reconstructed} vs {original} ({result['tensors']} K/V tensors)", rows))

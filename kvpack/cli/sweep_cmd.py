@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvpack.cli.options import Force
-from kvpack.cli.render import console, err_console, progress_bar, quality_table, say
+from kvpack.cli.render import err_console, print_table, progress_bar, quality_table, say
 
 
 def register(app: typer.Typer) -> None:
@@ -96,7 +96,7 @@ def sweep(
         table.write_text(csv_text(results), encoding="utf-8")
     say(f"reference (fp16 cache) PPL {run['ppl_ref']:.4f} over {run['targets']:,} targets")
     ordered = sorted(results, key=lambda r: (r["bits_per_element"], r["delta_ppl_pct"]))
-    console.print(quality_table("sweep (* = on the Pareto front of bits per element and KL)", ordered, pareto=True))
+    print_table(quality_table("sweep (* = on the Pareto front of bits per element and KL)", ordered, pareto=True))
     for family, best in smallest_bits_within(results).items():
         say(
             f"{family}: "
