@@ -76,8 +76,9 @@ def test_piped_tables_keep_every_cell_whole_at_40_columns(small_kvp, capsys):
 
 
 def test_narrow_terminal_wraps_text_but_never_cuts(small_kvp, capsys, monkeypatch):
-    import kvpack.cli.render as render
     from rich.console import Console
+
+    import kvpack.cli.render as render
 
     code, out, _ = run(["inspect", small_kvp, "--json"], capsys)
     info = json.loads(out)
@@ -91,3 +92,166 @@ def test_narrow_terminal_wraps_text_but_never_cuts(small_kvp, capsys, monkeypatc
     # the long metadata value wraps inside its column (the terminal is 40 wide), word by word
     words = info["metadata"]["note"].split()
     assert all(word in text for word in words) and info["metadata"]["note"] not in text
+
+
+# --- 2. one --json [PATH|-] convention ------------------------------------------------------
+
+COMMANDS = ("dump", "compress", "decompress", "inspect", "stats", "methods", "generate", "eval", "sweep")
+
+
+def click_commands() -> dict:
+    import typer.main
+
+    from kvpack.cli.app import app
+
+    return typer.main.get_command(app).commands
+
+
+def test_every_command_reports_with_the_same_json_option(capsys):
+    from kvpack.cli.options import Command
+
+    commands = click_commands()
+    assert set(commands) == set(COMMANDS)
+    for name, cmd in commands.items():
+        assert isinstance(cmd, Command), name  # the class that lets --json go without a value
+        (option,) = [p for p in cmd.params if "--json" in getattr(p, "opts", ())]
+        assert option.metavar == "[PATH|-]" and option.default is None, name
+        assert any("--force" in getattr(p, "opts", ()) for p in cmd.params), name
+        code, out, _ = run([name, "--help"], capsys)
+        assert code == 0 and "--json" in out and "[PATH|-]" in out, name
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["inspect", "f.kvp", "--json"], ["f.kvp", "--json=-"]),  # at the end
+        (["inspect", "--json", "f.kvp"], ["--json=-", "f.kvp"]),  # FILE would be missing: the bare flag
+        (["inspect", "f.kvp", "--json", "r.json"], ["f.kvp", "--json", "r.json"]),
+        (["inspect", "f.kvp", "--json", "-"], ["f.kvp", "--json", "-"]),
+        (["inspect", "f.kvp", "--json", "--tensors"], ["f.kvp", "--json=-", "--tensors"]),
+        (["inspect", "--json=r.json", "f.kvp"], ["--json=r.json", "f.kvp"]),
+        (["stats", "--json", "a", "b"], ["--json=-", "a", "b"]),
+        (["stats", "a", "--json", "r.json", "b"], ["a", "--json", "r.json", "b"]),
+        (["compress", "c.safetensors", "--json", "-o", "x.kvp"], ["c.safetensors", "--json=-", "-o", "x.kvp"]),
+        # an option's value is never taken for --json, nor --json for an option's value
+        (["dump", "--prompt", "--json", "-o", "p.kvp"], ["--prompt", "--json", "-o", "p.kvp"]),
+        (["compress", "c.safetensors", "-o", "--json"], ["c.safetensors", "-o", "--json"]),
+        (["inspect", "--", "--json"], ["--", "--json"]),  # after --, an argument
+    ],
+)
+def test_json_value_may_be_left_out(args, expected):
+    from kvpack.cli.options import fill_optional_values
+
+    assert fill_optional_values(click_commands()[args[0]], args[1:]) == expected
+
+
+def test_inspect_and_stats_json_as_before_and_to_a_file(small_kvp, tmp_path, capsys):
+    code, out, _ = run(["inspect", small_kvp, "--json"], capsys)
+    info = json.loads(out)  # README: `kvpack inspect x.kvp --json` prints only the JSON
+    assert code == 0 and info["format"] == "kvp" and info["metadata"]["model"] == "unit"
+    for args in (["inspect", "--json", small_kvp], ["inspect", small_kvp, "--json", "-"]):
+        code, out, _ = run(args, capsys)
+        assert code == 0 and json.loads(out) == info
+
+    report = tmp_path / "info.json"
+    code, out, _ = run(["inspect", small_kvp, "--json", report], capsys)
+    assert code == 0 and "bits per element" in out  # the usual output, and the file besides
+    assert json.loads(report.read_text()) == info
+    report.write_text("precious")
+    code, _, err = run(["inspect", small_kvp, "--json", report], capsys)
+    assert code == 2 and "exists (pass --force" in err and report.read_text() == "precious"
+    code, _, _ = run(["inspect", small_kvp, "--json", report, "--force"], capsys)
+    assert code == 0 and json.loads(report.read_text()) == info
+    before = small_kvp.read_bytes()
+    code, _, err = run(["inspect", small_kvp, "--json", small_kvp, "--force"], capsys)
+    assert code == 2 and "must differ from the file inspected" in err and small_kvp.read_bytes() == before
+
+    restored = tmp_path / "r.safetensors"
+    assert run(["decompress", small_kvp, "-o", restored], capsys)[0] == 0
+    code, out, _ = run(["stats", restored, small_kvp, "--json"], capsys)
+    stats = json.loads(out)  # README: `kvpack stats a b --json`
+    assert code == 0 and stats["rows"]["all"]["rel_mse"] == 0.0  # the restored file holds the decoded values
+    code, out, _ = run(["stats", "--json", restored, small_kvp], capsys)
+    assert code == 0 and json.loads(out) == stats
+    code, out, _ = run(["stats", restored, small_kvp, "--json", tmp_path / "s.json"], capsys)
+    assert code == 0 and "rel MSE" in out and json.loads((tmp_path / "s.json").read_text()) == stats
+
+
+def test_compress_and_decompress_json(small_kvp, tmp_path, capsys):
+    restored = tmp_path / "r.safetensors"
+    code, out, _ = run(["decompress", small_kvp, "-o", restored, "--tokens", "8:40", "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["output_bytes"] == restored.stat().st_size and report["tensors"] == 2
+    assert report["selection"] == {"layers": None, "names": None, "tokens": [8, 40]} and report["dtype"] is None
+    code, out, _ = run(["decompress", small_kvp, "-o", restored, "--force", "--json", tmp_path / "d.json"], capsys)
+    assert code == 0 and out.startswith("wrote ")
+    assert json.loads((tmp_path / "d.json").read_text())["output_bytes"] == restored.stat().st_size
+
+    # compress: a bare --json before another option prints only the JSON, as --json - did
+    code, out, _ = run(["compress", restored, "--json", "-o", tmp_path / "c.kvp", "-m", "uniform", "-g", "32"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["file_bytes"] == (tmp_path / "c.kvp").stat().st_size
+
+
+def test_methods_json_lists_the_registry(tmp_path, capsys):
+    from kvpack.baselines import BASELINES
+    from kvpack.codecs import Codec
+    from kvpack.presets import PRESETS
+
+    code, out, _ = run(["methods", "--json"], capsys)
+    listing = json.loads(out)
+    assert code == 0
+    assert [c["name"] for c in listing["codecs"]] == sorted(Codec.registry)
+    assert [p["name"] for p in listing["presets"]] == list(PRESETS)
+    assert [b["name"] for b in listing["baselines"]] == ["fp16", *BASELINES]
+    uniform = next(c for c in listing["codecs"] if c["name"] == "uniform")
+    assert uniform["options"] == {"symmetric": False}
+    code, out, _ = run(["methods", "--json", tmp_path / "m.json"], capsys)
+    assert code == 0 and "presets (--preset NAME" in out and json.loads((tmp_path / "m.json").read_text()) == listing
+
+
+@pytest.mark.model
+def test_dump_and_generate_json(cli_model, tmp_path, capsys):
+    prompt = tmp_path / "p.kvp"
+    code, out, _ = run(
+        ["dump", "--prompt", "The capital of France is", "-o", prompt, "--lossless", "--dtype", "float32", "--json"],
+        capsys,
+    )
+    report = json.loads(out)
+    assert code == 0 and report["format"] == "kvp" and report["lossless"] and report["codec"] is None
+    assert report["file_bytes"] == prompt.stat().st_size and report["num_layers"] == 30
+    assert report["seq_len"] == int(report["metadata"]["seq_len"]) > 0
+
+    code, out, _ = run(
+        ["generate", "--cache", prompt, "--prompt-suffix", " Paris.", "--max-new-tokens", "4", "--json"], capsys
+    )
+    result = json.loads(out)
+    assert code == 0 and len(result["token_ids"]) == 4 and result["prompt_tokens"] == report["seq_len"]
+    assert result["text"] == cli_model.tokenizer.decode(result["token_ids"], skip_special_tokens=True)
+    assert result["suffix_token_ids"] == cli_model.tokenizer(" Paris.", add_special_tokens=False)["input_ids"]
+    code, out, _ = run(["generate", "--cache", prompt, "--max-new-tokens", "4", "--json", tmp_path / "g.json"], capsys)
+    saved = json.loads((tmp_path / "g.json").read_text())
+    assert code == 0 and out.strip() == saved["text"].strip() and len(saved["token_ids"]) == 4
+
+
+@pytest.mark.model
+def test_sweep_json_is_the_results(cli_model, tmp_path, capsys):
+    from tests.conftest import wikitext_excerpt
+
+    (tmp_path / "text.txt").write_text(wikitext_excerpt(), encoding="utf-8")
+    config = tmp_path / "sweep.toml"
+    config.write_text(
+        'baselines = ["fp16", "kivi-4"]\n'
+        '[eval]\ntext_file = "text.txt"\nprefix = 64\ncontinuation = 16\nwindows = 1\n'
+        '[[runs]]\nlabel = "kivi-4 preset"\npreset = "kivi-4"\n[output]\ndir = "out"\n'
+    )
+    code, out, _ = run(["sweep", "--config", config, "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0
+    assert [r["label"] for r in report["methods"]] == ["fp16", "kivi-4", "kivi-4 preset"]
+    assert report == json.loads((tmp_path / "out" / "results.json").read_text())
+    code, out, _ = run(["sweep", "--config", config, "--force", "--json", tmp_path / "s.json"], capsys)
+    assert code == 0 and "Pareto" in out
+    assert [r["label"] for r in json.loads((tmp_path / "s.json").read_text())["methods"]] == [
+        r["label"] for r in report["methods"]
+    ]

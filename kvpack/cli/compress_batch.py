@@ -12,7 +12,7 @@ from rich.table import Table
 
 from kvpack.allocation import Allocation
 from kvpack.batch import Expansion, Job, plan_outputs, record, run_jobs, same_file_key
-from kvpack.cli.options import build_codec
+from kvpack.cli.options import build_codec, json_only
 from kvpack.cli.render import err_console, fmt_num, fmt_sci, human_bytes, print_json, print_table, progress_bar, say
 from kvpack.config import CodecConfig
 from kvpack.entropy import EntropyConfig
@@ -41,7 +41,7 @@ def compress_many(
     from kvpack.formats.writer import check_output_path
 
     outputs = plan_outputs(expansion.files, output_dir)
-    json_to_stdout = json_path is not None and str(json_path) == "-"
+    json_to_stdout = json_only(json_path)
     if json_path is not None and not json_to_stdout:
         check_output_path(json_path, force)
         taken = {same_file_key(p) for p in [*expansion.files, *outputs]}

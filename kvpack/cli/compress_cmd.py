@@ -14,7 +14,7 @@ from kvpack.cli.options import (
     CodebookScope,
     Force,
     Jobs,
-    JsonPath,
+    JsonOut,
     KeepFirst,
     KeepLast,
     KeyAxis,
@@ -42,7 +42,10 @@ from kvpack.cli.options import (
     build_allocation,
     build_codec,
     build_entropy,
+    check_json_path,
     codec_flags,
+    command,
+    json_only,
 )
 from kvpack.cli.render import (
     bits_table,
@@ -56,11 +59,10 @@ from kvpack.cli.render import (
     say,
     write_json,
 )
-from kvpack.errors import InvalidInputError
 
 
 def register(app: typer.Typer) -> None:
-    app.command("compress")(compress)
+    command(app, "compress")(compress)
 
 
 def compress(
@@ -108,7 +110,7 @@ def compress(
     zstd_kinds: ZstdKinds = None,
     no_transpose: NoTranspose = False,
     per_layer: PerLayer = False,
-    json_path: JsonPath = None,
+    json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
     """Quantize every K and V tensor of a dump into a bit-packed .kvp file and report size and error.
@@ -120,7 +122,6 @@ def compress(
     """
     from kvpack.api import compress_file, kv_dims
     from kvpack.batch import expand_inputs, output_path, resolve_jobs
-    from kvpack.formats.writer import check_output_path
 
     flags = codec_flags(locals())
     allocation = build_allocation(locals())
@@ -139,11 +140,8 @@ def compress(
     if level is not None:
         config = build_codec(flags, kv_dims(input))
     output = output or input.with_suffix(".kvp")
-    json_to_stdout = json_path is not None and str(json_path) == "-"
-    if json_path is not None and not json_to_stdout:
-        check_output_path(json_path, force)
-        if json_path.resolve() in (input.resolve(), output.resolve()):
-            raise InvalidInputError(f"--json {json_path} must differ from the input and the output")
+    json_to_stdout = json_only(json_path)
+    check_json_path(json_path, force, input, output)
     with progress_bar("compress") as update:
         report = compress_file(
             input, output, config, force=force, progress=update, allocation=allocation, entropy=entropy

@@ -16,7 +16,7 @@ from kvpack.cli.options import (
     Device,
     Force,
     GgufFile,
-    JsonPath,
+    JsonOut,
     KeepFirst,
     KeepLast,
     KeyAxis,
@@ -42,15 +42,18 @@ from kvpack.cli.options import (
     Windows,
     build_allocation,
     build_codec,
+    check_json_path,
     codec_flags,
+    command,
     given_codec_flags,
+    json_only,
 )
 from kvpack.cli.render import err_console, print_json, print_table, progress_bar, quality_table, say, write_json
 from kvpack.errors import InvalidInputError
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval")(evaluate)
+    command(app, "eval")(evaluate)
 
 
 def evaluate(
@@ -96,7 +99,7 @@ def evaluate(
         ),
     ] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Print the attention-output error per layer.")] = False,
-    json_path: JsonPath = None,
+    json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
     """Measure what a codec costs the model: PPL, ΔPPL, KL and top-1 agreement against the fp16 cache.
@@ -112,7 +115,6 @@ def evaluate(
     from kvpack.dump import load_model, tokenize
     from kvpack.evaluate import EvalMethod, EvalProtocol
     from kvpack.evaluate import evaluate as run_evaluation
-    from kvpack.formats.writer import check_output_path
 
     protocol = EvalProtocol(prefix, continuation, windows)
     flags = codec_flags(locals())
@@ -129,9 +131,8 @@ def evaluate(
     else:
         config = load_codec_config(config_file) if config_file is not None else build_codec(flags)
         chosen = EvalMethod.codec(config, allocation=allocation)
-    json_to_stdout = json_path is not None and str(json_path) == "-"
-    if json_path is not None and not json_to_stdout:
-        check_output_path(json_path, force)
+    json_to_stdout = json_only(json_path)
+    check_json_path(json_path, force, text_file, config_file, what="the text and config files")
     text = read_text_file(text_file)
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)

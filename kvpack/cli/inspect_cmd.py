@@ -10,12 +10,21 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kvpack.cli.options import JsonFlag, PerLayer
-from kvpack.cli.render import bits_table, entropy_summary, human_bytes, print_json, print_table, report_rows, say
+from kvpack.cli.options import ForceJson, JsonOut, PerLayer, check_json_path, command, json_only
+from kvpack.cli.render import (
+    bits_table,
+    entropy_summary,
+    human_bytes,
+    print_json,
+    print_table,
+    report_rows,
+    say,
+    write_json,
+)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("inspect")(inspect)
+    command(app, "inspect")(inspect)
 
 
 def inspect(
@@ -25,18 +34,26 @@ def inspect(
         bool, typer.Option("--verify", help="Also read every section, check its checksum and decode every tensor.")
     ] = False,
     per_layer: PerLayer = False,
-    json_output: JsonFlag = False,
+    json_path: JsonOut = None,
+    force: ForceJson = False,
 ) -> None:
     """Show the format version, source metadata, codecs, shapes and bits-per-element breakdown.
 
-    Example: kvpack inspect cache.kvp --tensors
+    Examples: kvpack inspect cache.kvp --tensors; kvpack inspect cache.kvp --json
     """
     from kvpack.api import describe_file
 
+    check_json_path(json_path, force, path, what="the file inspected")
     info = describe_file(path, verify=verify)
-    if json_output:
+    if json_only(json_path):
         print_json(info)
         return
+    _print_info(path, info, tensors, verify, per_layer)
+    if json_path is not None:
+        write_json(json_path, info, force=force)
+
+
+def _print_info(path: Path, info: dict, tensors: bool, verify: bool, per_layer: bool) -> None:
     if info["format"] == "kvp":
         say(
             f"{path}: kvpack container, format {info['version']}, {human_bytes(info['file_bytes'])} "

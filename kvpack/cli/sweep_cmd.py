@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from kvpack.cli.options import Force
-from kvpack.cli.render import err_console, print_table, progress_bar, quality_table, say
+from kvpack.cli.options import Force, JsonOut, check_json_path, command, json_only
+from kvpack.cli.render import err_console, print_json, print_table, progress_bar, quality_table, say, write_json
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sweep")(sweep)
+    command(app, "sweep")(sweep)
 
 
 OUTPUT_FILES = ("results.csv", "results.json", "plot.png")
@@ -28,6 +29,7 @@ def sweep(
             file_okay=False,
         ),
     ] = None,
+    json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
     """Evaluate methods x bits x group sizes x symmetric x outlier ratios, single [[runs]] (transforms,
@@ -36,6 +38,9 @@ def sweep(
     Writes results.csv, results.json and plot.png (ΔPPL and KL versus bits per element)
     and prints the table with the Pareto front (bits per element, KL) marked. See
     bench/quality.toml (a grid) and bench/toolbox.toml ([[runs]]) for example configs.
+
+    The --json report is results.json: the protocol, ppl_ref, model, text_file, the config
+    (config_file) and methods, the results list (one entry per method, as eval's report).
 
     Example: kvpack sweep --config bench/quality.toml --output-dir sweep-out
     """
@@ -61,6 +66,9 @@ def sweep(
     if folder.is_dir():
         for name in OUTPUT_FILES:
             check_output_path(folder / name, force)
+    check_json_path(
+        json_path, force, config, *(folder / name for name in OUTPUT_FILES), what="the config and results files"
+    )
     if settings.text_file is None:
         raise InvalidInputError(f"{config}: set eval.text_file")
     from kvpack.cli.dump_cmd import read_text_file
@@ -94,6 +102,9 @@ def sweep(
         plot(results, png, title)
         js.write_text(results_json(run, settings), encoding="utf-8")
         table.write_text(csv_text(results), encoding="utf-8")
+    if json_only(json_path):
+        print_json(json.loads(results_json(run, settings)))
+        return
     say(f"reference (fp16 cache) PPL {run['ppl_ref']:.4f} over {run['targets']:,} targets")
     ordered = sorted(results, key=lambda r: (r["bits_per_element"], r["delta_ppl_pct"]))
     print_table(quality_table("sweep (* = on the Pareto front of bits per element and KL)", ordered, pareto=True))
@@ -107,3 +118,5 @@ def sweep(
             )
         )
     say(f"wrote {folder / 'results.csv'}, {folder / 'results.json'}, {folder / 'plot.png'}")
+    if json_path is not None:
+        write_json(json_path, json.loads(results_json(run, settings)), force=force)
