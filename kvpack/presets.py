@@ -25,8 +25,9 @@ class Preset:
 
 
 def _kivi(bits: int) -> Preset:
+    """KIVI with its residual: ``r128``, the last 128 tokens exact (the baseline ``kivi-B-r0`` keeps none)."""
     return Preset(
-        f"kivi-{bits}",
+        f"kivi-{bits}-r128",
         f"{bits}-bit asym int, keys per channel / values per token, groups of 32, the last 128 tokens exact "
         "(KIVI's full-precision residual)",
         "KIVI, Liu et al. 2024, arXiv 2402.02750 (group size 32, residual length 128)",
@@ -86,8 +87,12 @@ def get_preset(name: str) -> Preset:
     """The preset called ``name``.
 
     Raises:
-        InvalidInputError: no such preset.
+        InvalidInputError: no such preset, or an old KIVI name (naming the new ones).
     """
+    from kvpack.baselines import RENAMED_KIVI, renamed_kivi
+
+    if name in RENAMED_KIVI:
+        raise renamed_kivi(name, "preset")
     return lookup(PRESETS, name, "preset", sort=False)
 
 

@@ -2,7 +2,7 @@
 
 The config is TOML (``docs/benchmarks.md`` shows the one ``bench/quality.py`` runs)::
 
-    baselines = ["fp16", "fp8-e4m3", "kivi-2", "kivi-4"]   # optional
+    baselines = ["fp16", "fp8-e4m3", "kivi-2-r0", "kivi-4-r0"]   # optional
 
     [eval]                      # all optional; text_file is relative to the config file
     text_file = "../shared/data/wikitext-2-raw-test.txt"   # for a config in the project's root
@@ -31,7 +31,7 @@ The config is TOML (``docs/benchmarks.md`` shows the one ``bench/quality.py`` ru
     unrope = true
 
     [[runs]]
-    preset = "kivi-2"
+    preset = "kivi-2-r128"
 
     [output]
     dir = "sweep-results"       # results.csv, results.json, plot.png; relative to the config file

@@ -241,17 +241,95 @@ def test_sweep_json_is_the_results(cli_model, tmp_path, capsys):
     (tmp_path / "text.txt").write_text(wikitext_excerpt(), encoding="utf-8")
     config = tmp_path / "sweep.toml"
     config.write_text(
-        'baselines = ["fp16", "kivi-4"]\n'
+        'baselines = ["fp16", "kivi-4-r0"]\n'
         '[eval]\ntext_file = "text.txt"\nprefix = 64\ncontinuation = 16\nwindows = 1\n'
-        '[[runs]]\nlabel = "kivi-4 preset"\npreset = "kivi-4"\n[output]\ndir = "out"\n'
+        '[[runs]]\nlabel = "kivi-4-r128"\npreset = "kivi-4-r128"\n[output]\ndir = "out"\n'
     )
     code, out, _ = run(["sweep", "--config", config, "--json"], capsys)
     report = json.loads(out)
     assert code == 0
-    assert [r["label"] for r in report["methods"]] == ["fp16", "kivi-4", "kivi-4 preset"]
+    assert [r["label"] for r in report["methods"]] == ["fp16", "kivi-4-r0", "kivi-4-r128"]
     assert report == json.loads((tmp_path / "out" / "results.json").read_text())
     code, out, _ = run(["sweep", "--config", config, "--force", "--json", tmp_path / "s.json"], capsys)
     assert code == 0 and "Pareto" in out
     assert [r["label"] for r in json.loads((tmp_path / "s.json").read_text())["methods"]] == [
         r["label"] for r in report["methods"]
     ]
+
+
+# --- 3. KIVI names say what they store --------------------------------------------------------
+
+
+def assert_one_line_error(code, err, *patterns):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(p in lines[0] for p in patterns), err
+
+
+@pytest.fixture
+def long_dump(tmp_path):
+    """A safetensors dump of one layer, 192 tokens (six KIVI groups of 32), random float16 K/V."""
+    from kvpack.formats.safetensors_io import write_safetensors
+
+    gen = torch.Generator().manual_seed(2)
+    tensors = {f"layers.0.{r}": torch.randn(1, 2, 192, 32, generator=gen).half() for r in ("key", "value")}
+    tensors["token_ids"] = torch.arange(192).reshape(1, 192)
+    path = tmp_path / "long.safetensors"
+    write_safetensors(path, tensors, {"model": "unit", "seq_len": "192", "dtype": "float16"})
+    return path, tensors
+
+
+def test_kivi_preset_keeps_128_recent_tokens_and_the_baseline_none(long_dump, tmp_path, capsys):
+    from kvpack.baselines import BASELINES
+    from kvpack.formats.safetensors_io import SafetensorsSource
+
+    path, tensors = long_dump
+    out = tmp_path / "r128.kvp"
+    code, _, _ = run(["compress", path, "-o", out, "--preset", "kivi-4-r128"], capsys)
+    assert code == 0
+    restored = tmp_path / "r128.safetensors"
+    assert run(["decompress", out, "-o", restored], capsys)[0] == 0
+    with SafetensorsSource(restored) as source:
+        for role in ("key", "value"):
+            x, x_hat = tensors[f"layers.0.{role}"], source.get(f"layers.0.{role}")
+            assert torch.equal(x_hat[:, :, -128:], x[:, :, -128:])  # r128: the last 128 tokens exact
+            assert not torch.equal(x_hat[:, :, :64], x[:, :, :64])  # the older ones quantized
+
+    for role in ("key", "value"):  # r0: every token quantized, 4 bits + a float16 scale and zero per 32
+        x = tensors[f"layers.0.{role}"]
+        x_hat, bits = BASELINES["kivi-4-r0"].reconstruct(f"layers.0.{role}", x)
+        assert bits / x.numel() == pytest.approx(5.0)
+        recent = (x_hat[:, :, -128:] == x[:, :, -128:].float()).float().mean()
+        assert recent < 0.5
+
+
+@pytest.mark.parametrize("old", ["kivi-2", "kivi-4"])
+def test_old_kivi_names_fail_naming_the_new_ones(old, long_dump, tmp_path, capsys):
+    path, _ = long_dump
+    code, _, err = run(["compress", path, "-o", tmp_path / "x.kvp", "--preset", old], capsys)
+    assert_one_line_error(code, err, f"preset '{old}' was renamed", f"{old}-r128", f"{old}-r0")
+    assert not (tmp_path / "x.kvp").exists()
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    code, _, err = run(["eval", "--text-file", text, "--baseline", old], capsys)
+    assert_one_line_error(code, err, f"baseline '{old}' was renamed", f"{old}-r0", f"{old}-r128")
+    for toml in (f'baselines = ["{old}"]\n', f'[[runs]]\npreset = "{old}"\n'):
+        config = tmp_path / "s.toml"
+        config.write_text(toml + '[eval]\ntext_file = "t.txt"\n')
+        code, _, err = run(["sweep", "--config", config], capsys)
+        assert_one_line_error(code, err, str(config), f"'{old}' was renamed", f"{old}-r0", f"{old}-r128")
+
+
+def test_methods_lists_the_unambiguous_names(capsys):
+    code, out, _ = run(["methods", "--json"], capsys)
+    listing = json.loads(out)
+    presets = {p["name"]: p for p in listing["presets"]}
+    baselines = {b["name"] for b in listing["baselines"]}
+    assert {"kivi-2-r128", "kivi-4-r128"} <= set(presets) and {"kivi-2-r0", "kivi-4-r0"} <= baselines
+    assert not {"kivi-2", "kivi-4"} & (set(presets) | baselines)
+    assert presets["kivi-4-r128"]["options"]["transforms"]["keep_last"] == 128
+    for config in ("quality.toml", "toolbox.toml"):  # the bench configs load with the new names
+        from kvpack.sweep import load_sweep_config
+
+        labels = [m.label for m in load_sweep_config(REPO / "bench" / config).methods]
+        assert "kivi-2-r0" in labels and "kivi-4-r0" in labels

@@ -116,7 +116,7 @@ def compress(
     """Quantize every K and V tensor of a dump into a bit-packed .kvp file and report size and error.
 
     Examples: kvpack compress cache.safetensors --method adaptive --bits 3 --group-size 64;
-    kvpack compress cache.safetensors --preset kivi-2;
+    kvpack compress cache.safetensors --preset kivi-2-r128;
     kvpack compress cache.safetensors --method uniform --bits 3 --key-axis channel --unrope --keep-first 1;
     kvpack compress store/ 'more/*.safetensors' -o packed/ --jobs 0 (many files: a summary table, exit 2 if any failed)
     """

@@ -95,7 +95,9 @@ def evaluate(
     baseline: Annotated[
         Optional[str],
         typer.Option(
-            "--baseline", help="Evaluate a reference method instead: fp16, fp8-e4m3, fp8-e5m2, kivi-2, kivi-4."
+            "--baseline",
+            help="Evaluate a reference method instead: fp16, fp8-e4m3, fp8-e5m2, kivi-2-r0, kivi-4-r0 (KIVI's "
+            "quantizer, no recent tokens in full precision; see `kvpack methods`).",
         ),
     ] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Print the attention-output error per layer.")] = False,
