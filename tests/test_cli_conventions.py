@@ -333,3 +333,24 @@ def test_methods_lists_the_unambiguous_names(capsys):
 
         labels = [m.label for m in load_sweep_config(REPO / "bench" / config).methods]
         assert "kivi-2-r0" in labels and "kivi-4-r0" in labels
+
+
+# --- 4. help shows brackets as written -------------------------------------------------------
+
+
+def test_sweep_help_shows_runs_tables(capsys):
+    code, out, _ = run(["sweep", "--help"], capsys)
+    assert code == 0 and out.count("[[runs]]") == 2  # the summary and the example configs
+
+
+def test_every_bracket_of_every_help_text_is_printed(capsys):
+    import re
+
+    tokens = re.compile(r"\[[^\]\s]*\]+")
+    for name, cmd in click_commands().items():
+        code, out, _ = run([name, "--help"], capsys)
+        assert code == 0
+        texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        for text in texts:
+            for token in tokens.findall(text.replace("\\", "")):
+                assert token in out, (name, token)

@@ -59,7 +59,20 @@ class Command(TyperCommand):
     a ``--json`` at the end, or followed by another option (not ``-``), becomes
     ``--json=-``. Next to an argument it takes it as PATH, unless the command would then
     miss a required argument: ``kvpack inspect --json FILE`` stays the bare flag it was.
+
+    Help texts are plain text: with typer's rich help, their brackets are escaped so that
+    ``[[runs]]`` is printed, not taken for markup.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.rich_markup_mode == "rich":
+            from rich.markup import escape
+
+            self.help = escape(self.help) if self.help else self.help
+            for param in self.params:
+                if getattr(param, "help", None):
+                    param.help = escape(param.help)
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, fill_optional_values(self, list(args)))
