@@ -44,6 +44,7 @@ import io
 import itertools
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +149,8 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     for key in ("text_file", "model", "gguf_file", "device"):
         if key in evaluation and not isinstance(evaluation[key], str):
             raise _fail(path, f"eval.{key} must be a string")
-    text_file = base / evaluation["text_file"] if "text_file" in evaluation else None
+    # normalized (base is resolved): an error or a report names /x/shared/data/..., not /x/project/bench/../../
+    text_file = Path(os.path.normpath(base / evaluation["text_file"])) if "text_file" in evaluation else None
     methods = [EvalMethod.named_baseline(name) for name in _baselines(path, data.get("baselines", []))]
     if "grid" in data:
         methods += _grid_methods(path, _check_keys(path, "[grid]", data["grid"], _GRID_KEYS))

@@ -354,3 +354,42 @@ def test_every_bracket_of_every_help_text_is_printed(capsys):
         for text in texts:
             for token in tokens.findall(text.replace("\\", "")):
                 assert token in out, (name, token)
+
+
+# --- 5. the quality config works from a clone beside shared/ ---------------------------------
+
+
+def test_quality_config_works_from_a_clone_beside_shared(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import kvpack.dump
+    from kvpack.errors import ModelUnavailableError
+    from kvpack.sweep import load_sweep_config
+
+    clone = tmp_path / "kvpack"  # a fresh clone, with shared/ beside it
+    (clone / "bench").mkdir(parents=True)
+    config = clone / "bench" / "quality.toml"
+    shutil.copy(REPO / "bench" / "quality.toml", config)
+    text = tmp_path / "shared" / "data" / "wikitext-2-raw-test.txt"
+    settings = load_sweep_config(config)
+    assert settings.text_file == text  # relative to the config's folder, named without ".."
+    assert load_sweep_config(REPO / "bench" / "quality.toml").text_file == REPO.parent / text.relative_to(tmp_path)
+
+    code, _, err = run(["sweep", "--config", config], capsys)  # no WikiText-2 copy yet
+    assert_one_line_error(code, err, str(config), str(text), "does not exist; put the text there")
+
+    # the results go to a folder the repository does not track: a clone's first sweep needs no --force
+    if (REPO / ".git").exists():
+        folder = settings.output_dir.relative_to(clone)
+        tracked = subprocess.run(["git", "ls-files", str(folder)], cwd=REPO, capture_output=True, text=True)
+        assert tracked.returncode == 0 and tracked.stdout == ""
+
+    text.parent.mkdir(parents=True)
+    text.write_text("A short stand-in for the WikiText-2 test split.\n", encoding="utf-8")
+
+    def model_reached(*args, **kwargs):
+        raise ModelUnavailableError("every check before the model passed")
+
+    monkeypatch.setattr(kvpack.dump, "load_model", model_reached)
+    code, _, err = run(["sweep", "--config", config], capsys)
+    assert_one_line_error(code, err, "every check before the model passed")

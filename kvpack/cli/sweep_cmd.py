@@ -59,6 +59,13 @@ def sweep(
     )
 
     settings = load_sweep_config(config)
+    if settings.text_file is None:
+        raise InvalidInputError(f"{config}: set eval.text_file")
+    if not settings.text_file.is_file():
+        raise InvalidInputError(
+            f"{config}: eval.text_file {settings.source['eval']['text_file']!r} is {settings.text_file}, which "
+            "does not exist; put the text there (paths in a config are relative to its folder)"
+        )
     require_matplotlib()  # before the long run, not after
     folder = output_dir or settings.output_dir
     if folder.exists() and not folder.is_dir():
@@ -69,8 +76,6 @@ def sweep(
     check_json_path(
         json_path, force, config, *(folder / name for name in OUTPUT_FILES), what="the config and results files"
     )
-    if settings.text_file is None:
-        raise InvalidInputError(f"{config}: set eval.text_file")
     from kvpack.cli.dump_cmd import read_text_file
 
     text = read_text_file(settings.text_file)
