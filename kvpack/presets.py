@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvpack.errors import lookup
+from kvpack.errors import InvalidInputError, lookup
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,9 @@ class Preset:
 
 
 def _kivi(bits: int) -> Preset:
+    """KIVI with its residual: ``r128``, the last 128 tokens exact (the baseline ``kivi-B-r0`` keeps none)."""
     return Preset(
-        f"kivi-{bits}",
+        f"kivi-{bits}-r128",
         f"{bits}-bit asym int, keys per channel / values per token, groups of 32, the last 128 tokens exact "
         "(KIVI's full-precision residual)",
         "KIVI, Liu et al. 2024, arXiv 2402.02750 (group size 32, residual length 128)",
@@ -82,12 +83,31 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+RENAMED_KIVI = ("kivi-2", "kivi-4")
+
+
+def renamed_kivi(name: str, kind: str) -> InvalidInputError:
+    """The one-line error for an old, ambiguous KIVI name, giving both new names."""
+    preferred, other = (f"{name}-r0", f"{name}-r128") if kind == "baseline" else (f"{name}-r128", f"{name}-r0")
+    what = {
+        f"{name}-r0": "KIVI's quantizer, no recent tokens in full precision",
+        f"{name}-r128": "the last 128 tokens stored exactly, as KIVI's residual",
+    }
+    other_kind = "preset" if kind == "baseline" else "baseline"
+    return InvalidInputError(
+        f"{kind} {name!r} was renamed, as the baseline and the preset shared it: use {preferred} "
+        f"({what[preferred]}), or the {other_kind} {other} ({what[other]})"
+    )
+
+
 def get_preset(name: str) -> Preset:
     """The preset called ``name``.
 
     Raises:
-        InvalidInputError: no such preset.
+        InvalidInputError: no such preset, or an old KIVI name (naming the new ones).
     """
+    if name in RENAMED_KIVI:
+        raise renamed_kivi(name, "preset")
     return lookup(PRESETS, name, "preset", sort=False)
 
 

@@ -10,17 +10,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kvpack.allocation.solver import Allocation
+from kvpack.allocation.solver.solver import Allocation
 from kvpack.batch import Expansion, Job, plan_outputs, record, run_jobs, same_file_key
-from kvpack.cli.options import build_codec
+from kvpack.cli.options import build_codec, json_only
 from kvpack.cli.render import (
     cli_terms,
-    console,
     err_console,
     fmt_num,
     fmt_sci,
     human_bytes,
     print_json,
+    print_table,
     progress_bar,
     say,
 )
@@ -51,7 +51,7 @@ def compress_many(
     from kvpack.sources import kv_dims
 
     outputs = plan_outputs(expansion.files, output_dir)
-    json_to_stdout = json_path is not None and str(json_path) == "-"
+    json_to_stdout = json_only(json_path)
     if json_path is not None and not json_to_stdout:
         check_output_path(json_path, force)
         taken = {same_file_key(p) for p in [*expansion.files, *outputs]}
@@ -92,7 +92,7 @@ def compress_many(
     if json_to_stdout:
         print_json(results)
     else:
-        console.print(_summary_table(results))
+        print_table(_summary_table(results))
         say(_total_line(results, wall))
         if json_path is not None:
             from kvpack.cli.render import write_json

@@ -14,7 +14,7 @@ from kvpack.cli.options import (
     CodebookScope,
     Force,
     Jobs,
-    JsonPath,
+    JsonOut,
     KeepFirst,
     KeepLast,
     KeyAxis,
@@ -42,25 +42,27 @@ from kvpack.cli.options import (
     build_allocation,
     build_codec,
     build_entropy,
+    check_json_path,
     codec_flags,
+    command,
+    json_only,
 )
 from kvpack.cli.render import (
     bits_table,
-    console,
     entropy_summary,
     error_table,
     human_bytes,
     print_json,
+    print_table,
     progress_bar,
     report_rows,
     say,
     write_json,
 )
-from kvpack.errors import InvalidInputError
 
 
 def register(app: typer.Typer) -> None:
-    app.command("compress")(compress)
+    command(app, "compress")(compress)
 
 
 def compress(
@@ -108,19 +110,18 @@ def compress(
     zstd_kinds: ZstdKinds = None,
     no_transpose: NoTranspose = False,
     per_layer: PerLayer = False,
-    json_path: JsonPath = None,
+    json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
     """Quantize every K and V tensor of a dump into a bit-packed .kvp file and report size and error.
 
     Examples: kvpack compress cache.safetensors --method adaptive --bits 3 --group-size 64;
-    kvpack compress cache.safetensors --preset kivi-2;
+    kvpack compress cache.safetensors --preset kivi-2-r128;
     kvpack compress cache.safetensors --method uniform --bits 3 --key-axis channel --unrope --keep-first 1;
     kvpack compress store/ 'more/*.safetensors' -o packed/ --jobs 0 (many files: a summary table, exit 2 if any failed)
     """
     from kvpack.batch import expand_inputs, output_path, resolve_jobs
     from kvpack.compress import compress_file
-    from kvpack.formats.atomic import check_output_path
     from kvpack.sources import kv_dims
 
     flags = codec_flags(locals())
@@ -140,11 +141,8 @@ def compress(
     if level is not None:
         config = build_codec(flags, kv_dims(input))
     output = output or input.with_suffix(".kvp")
-    json_to_stdout = json_path is not None and str(json_path) == "-"
-    if json_path is not None and not json_to_stdout:
-        check_output_path(json_path, force)
-        if json_path.resolve() in (input.resolve(), output.resolve()):
-            raise InvalidInputError(f"--json {json_path} must differ from the input and the output")
+    json_to_stdout = json_only(json_path)
+    check_json_path(json_path, force, input, output)
     with progress_bar("compress") as update:
         report = compress_file(
             input, output, config, force=force, progress=update, allocation=allocation, entropy=entropy
@@ -165,8 +163,8 @@ def compress(
     if entropy_summary(report["rows"]["all"]):
         say(entropy_summary(report["rows"]["all"]))
     rows = report_rows(report, per_layer)
-    console.print(bits_table("bits per element (every byte of the file counted)", rows))
-    console.print(error_table("reconstruction error (bytes: stored, header share included)", rows))
+    print_table(bits_table("bits per element (every byte of the file counted)", rows))
+    print_table(error_table("reconstruction error (bytes: stored, header share included)", rows))
     all_bits = report["rows"]["all"]["bits_per_element"]
     exact = all_bits["exact"] / all_bits["total"] if all_bits["total"] else 0.0
     if exact > 0.5:

@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvpack.cli.options import Force
-from kvpack.cli.render import human_bytes, progress_bar, say
+from kvpack.cli.options import Force, JsonOut, check_json_path, command, json_only
+from kvpack.cli.render import human_bytes, print_json, progress_bar, say, write_json
 from kvpack.errors import InvalidInputError, brief
 
 
 def register(app: typer.Typer) -> None:
-    app.command("decompress")(decompress)
+    command(app, "decompress")(decompress)
 
 
 def decompress(
@@ -45,6 +45,7 @@ def decompress(
             "--tokens", help="Only tokens A to B-1 of every K/V tensor and of token_ids: A:B, A: or :B (from 0)."
         ),
     ] = None,
+    json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
     """Decode a .kvp file, or part of it, and write it (with token ids and metadata) to safetensors.
@@ -52,6 +53,9 @@ def decompress(
     Writes as it decodes: memory stays about one tensor's stored bytes, whatever the cache size.
     --layers, --tensors and --tokens each narrow what is restored; only the selected tensors'
     data is read.
+
+    The --json report: input, output, tensors (count), output_bytes, dtype (null: as stored) and
+    selection (layers, names, tokens; null where not narrowed).
 
     Example: kvpack decompress cache.kvp -o part.safetensors --layers 0,3-5 --tokens 0:512
     """
@@ -66,11 +70,22 @@ def decompress(
         "names": None if tensors is None else parse_names(tensors),
         "tokens": None if tokens is None else parse_tokens(tokens),
     }
+    check_json_path(json_path, force, input, output)
     with progress_bar("decompress") as update:
         result = decompress_file(
             input, output, DUMP_DTYPES[dtype] if dtype else None, force=force, progress=update, **selection
         )
+    report = {
+        **{k: str(v) if isinstance(v, Path) else v for k, v in result.items()},
+        "dtype": dtype,
+        "selection": {**selection, "tokens": None if tokens is None else list(selection["tokens"])},
+    }
+    if json_only(json_path):
+        print_json(report)
+        return
     say(f"wrote {output}: {result['tensors']} tensors, {human_bytes(result['output_bytes'])}")
+    if json_path is not None:
+        write_json(json_path, report, force=force)
 
 
 _LAYER_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?")

@@ -13,6 +13,7 @@ from kvpack.cli.options import (
     DumpDtype,
     Force,
     GgufFile,
+    JsonOut,
     KeepFirst,
     KeepLast,
     KeyAxis,
@@ -31,16 +32,19 @@ from kvpack.cli.options import (
     Unrope,
     ValueAxis,
     build_codec,
+    check_json_path,
     codec_flags,
+    command,
     given_codec_flags,
+    json_only,
 )
-from kvpack.cli.render import err_console, human_bytes, progress_bar, say
+from kvpack.cli.render import err_console, human_bytes, print_json, progress_bar, say, write_json
 from kvpack.errors import InvalidInputError
 from kvpack.names import parse_kv_name
 
 
 def register(app: typer.Typer) -> None:
-    app.command("dump")(dump)
+    command(app, "dump")(dump)
 
 
 def dump(
@@ -90,6 +94,7 @@ def dump(
     last_n_queries: Annotated[
         int, typer.Option("--last-n-queries", help="N for --attention-stats: the last query positions.")
     ] = 64,
+    json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
     """Run a causal LM over a text and write its KV cache (and token ids) to safetensors or .kvp.
@@ -97,6 +102,11 @@ def dump(
     Without --text-file or --prompt, uses the bundled WikiText-2 passage (CC BY-SA 3.0).
     With a .kvp output the cache is compressed in the same step (codec options as for
     `kvpack compress`), or stored exactly with --lossless; `kvpack generate` continues from it.
+
+    The --json report: output, format (safetensors | kvp), model, num_layers, seq_len,
+    text_tokens, dtype, file_bytes, kv_bytes_per_token (before compression), codec (the codec
+    config, null for safetensors or --lossless), lossless, bits_per_element (.kvp: every byte
+    counted; null for safetensors) and the metadata written.
 
     Examples: kvpack dump --text-file doc.txt --max-tokens 2048 -o cache.safetensors;
     kvpack dump --prompt "You are ..." -o prompt.kvp --method uniform --bits 4
@@ -128,6 +138,7 @@ def dump(
     if attention_stats and last_n_queries < 1:
         raise InvalidInputError(f"--last-n-queries must be at least 1, got {last_n_queries}")
     check_output_path(output, force)
+    check_json_path(json_path, force, output, text_file, what="the output and the text file")
     if text_file is not None:
         text = read_text_file(text_file)
     elif prompt is not None:
@@ -152,6 +163,21 @@ def dump(
         )
     seq_len = int(metadata["seq_len"])
     kv_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if parse_kv_name(n))
+    report = {
+        "output": str(output),
+        "format": "kvp" if to_kvp else "safetensors",
+        "model": metadata.get("model"),
+        "num_layers": int(metadata["num_layers"]) if metadata.get("num_layers", "").isdigit() else None,
+        "seq_len": seq_len,
+        "text_tokens": int(metadata["text_tokens"]),
+        "dtype": dtype,
+        "file_bytes": None,
+        "kv_bytes_per_token": kv_bytes / seq_len if seq_len else None,
+        "codec": None if config is None else config.to_dict(),
+        "lossless": to_kvp and config is None,
+        "bits_per_element": None,
+        "metadata": metadata,
+    }
     if to_kvp:
         from kvpack.compress import compress_tensors
         from kvpack.names import tensor_order
@@ -161,14 +187,24 @@ def dump(
         entries = compress_tensors(ordered, output, config, metadata, force=force)
         size = output.stat().st_size
         bits = build_report(entries, size, None)["rows"]["all"]["bits_per_element"]["total"]
+        report.update(file_bytes=size, bits_per_element=bits)
+        if json_only(json_path):
+            print_json(report)
+            return
         codec = config.describe() if config is not None else f"lossless {dtype}"
         say(
             f"wrote {output}: {metadata['num_layers']} layers, {seq_len} tokens, {codec}, "
             f"{human_bytes(size)} ({bits:.3f} bits per K/V element, {kv_bytes / seq_len:,.0f} bytes of "
             f"{dtype} K/V per token before compression)"
         )
+        if json_path is not None:
+            write_json(json_path, report, force=force)
         return
     size = write_safetensors(output, tensors, metadata, force=force)
+    report["file_bytes"] = size
+    if json_only(json_path):
+        print_json(report)
+        return
     say(
         f"wrote {output}: {metadata['num_layers']} layers, {seq_len} tokens"
         + (
@@ -179,6 +215,8 @@ def dump(
         + f", {dtype}, "
         f"{human_bytes(size)} ({kv_bytes / seq_len:,.0f} bytes of K/V per token)"
     )
+    if json_path is not None:
+        write_json(json_path, report, force=force)
 
 
 def read_text_file(path: Path) -> str:

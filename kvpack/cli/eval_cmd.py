@@ -16,7 +16,7 @@ from kvpack.cli.options import (
     Device,
     Force,
     GgufFile,
-    JsonPath,
+    JsonOut,
     KeepFirst,
     KeepLast,
     KeyAxis,
@@ -42,15 +42,18 @@ from kvpack.cli.options import (
     Windows,
     build_allocation,
     build_codec,
+    check_json_path,
     codec_flags,
+    command,
     given_codec_flags,
+    json_only,
 )
-from kvpack.cli.render import console, err_console, print_json, progress_bar, quality_table, say, write_json
+from kvpack.cli.render import err_console, print_json, print_table, progress_bar, quality_table, say, write_json
 from kvpack.errors import InvalidInputError
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval")(evaluate)
+    command(app, "eval")(evaluate)
 
 
 def evaluate(
@@ -92,11 +95,13 @@ def evaluate(
     baseline: Annotated[
         Optional[str],
         typer.Option(
-            "--baseline", help="Evaluate a reference method instead: fp16, fp8-e4m3, fp8-e5m2, kivi-2, kivi-4."
+            "--baseline",
+            help="Evaluate a reference method instead: fp16, fp8-e4m3, fp8-e5m2, kivi-2-r0, kivi-4-r0 (KIVI's "
+            "quantizer, no recent tokens in full precision; see `kvpack methods`).",
         ),
     ] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Print the attention-output error per layer.")] = False,
-    json_path: JsonPath = None,
+    json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
     """Measure what a codec costs the model: PPL, ΔPPL, KL and top-1 agreement against the fp16 cache.
@@ -111,7 +116,6 @@ def evaluate(
     from kvpack.config import load_codec_config
     from kvpack.evaluation.evaluate import EvalMethod, EvalProtocol
     from kvpack.evaluation.evaluate import evaluate as run_evaluation
-    from kvpack.formats.atomic import check_output_path
     from kvpack.model.dump import load_model, tokenize
 
     protocol = EvalProtocol(prefix, continuation, windows)
@@ -129,9 +133,8 @@ def evaluate(
     else:
         config = load_codec_config(config_file) if config_file is not None else build_codec(flags)
         chosen = EvalMethod.codec(config, allocation=allocation)
-    json_to_stdout = json_path is not None and str(json_path) == "-"
-    if json_path is not None and not json_to_stdout:
-        check_output_path(json_path, force)
+    json_to_stdout = json_only(json_path)
+    check_json_path(json_path, force, text_file, config_file, what="the text and config files")
     text = read_text_file(text_file)
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
@@ -158,7 +161,7 @@ def evaluate(
         f"{continuation} tokens, "
         f"{run['targets']:,} targets; reference (fp16 cache) PPL {run['ppl_ref']:.4f}"
     )
-    console.print(quality_table("quality against the fp16 cache", run["methods"]))
+    print_table(quality_table("quality against the fp16 cache", run["methods"]))
     attention = result["attention_error"]
     if attention:
         worst = max(range(len(attention)), key=attention.__getitem__)

@@ -10,12 +10,21 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kvpack.cli.options import JsonFlag, PerLayer
-from kvpack.cli.render import bits_table, console, entropy_summary, human_bytes, print_json, report_rows, say
+from kvpack.cli.options import ForceJson, JsonOut, PerLayer, check_json_path, command, json_only
+from kvpack.cli.render import (
+    bits_table,
+    entropy_summary,
+    human_bytes,
+    print_json,
+    print_table,
+    report_rows,
+    say,
+    write_json,
+)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("inspect")(inspect)
+    command(app, "inspect")(inspect)
 
 
 def inspect(
@@ -25,18 +34,26 @@ def inspect(
         bool, typer.Option("--verify", help="Also read every section, check its checksum and decode every tensor.")
     ] = False,
     per_layer: PerLayer = False,
-    json_output: JsonFlag = False,
+    json_path: JsonOut = None,
+    force: ForceJson = False,
 ) -> None:
     """Show the format version, source metadata, codecs, shapes and bits-per-element breakdown.
 
-    Example: kvpack inspect cache.kvp --tensors
+    Examples: kvpack inspect cache.kvp --tensors; kvpack inspect cache.kvp --json
     """
     from kvpack.report import describe_file
 
+    check_json_path(json_path, force, path, what="the file inspected")
     info = describe_file(path, verify=verify)
-    if json_output:
+    if json_only(json_path):
         print_json(info)
         return
+    _print_info(path, info, tensors, verify, per_layer)
+    if json_path is not None:
+        write_json(json_path, info, force=force)
+
+
+def _print_info(path: Path, info: dict, tensors: bool, verify: bool, per_layer: bool) -> None:
     if info["format"] == "kvp":
         say(
             f"{path}: kvpack container, format {info['version']}, {human_bytes(info['file_bytes'])} "
@@ -53,20 +70,20 @@ def inspect(
         say(f"verified: all {info['verified_sections']} sections match their checksums and every tensor decodes")
     elif verify:
         say("verified: every tensor reads")
-    console.print(_metadata_table(info["metadata"]))
+    print_table(_metadata_table(info["metadata"]))
     if tensors:
-        console.print(_tensor_table(info))
+        print_table(_tensor_table(info))
     else:
-        console.print(_shape_summary(info))
+        print_table(_shape_summary(info))
     if info["format"] == "kvp":
-        console.print(
+        print_table(
             bits_table("bits per element (every byte of the file counted)", report_rows(info["size"], per_layer))
         )
         if entropy_summary(info["size"]["rows"]["all"]):
             say(entropy_summary(info["size"]["rows"]["all"]))
         widths = width_histograms(info["tensors"])
         if widths:
-            console.print(_width_table(widths, per_tensor=tensors))
+            print_table(_width_table(widths, per_tensor=tensors))
 
 
 def width_histograms(tensors: list[dict]) -> dict[str, list[int]]:
@@ -106,8 +123,8 @@ def _width_table(widths: dict[str, list[int]], per_tensor: bool) -> Table:
 
 def _metadata_table(metadata: dict) -> Table:
     table = Table(title="metadata", title_justify="left")
-    table.add_column("key")
-    table.add_column("value")
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")
     for key, value in sorted(metadata.items()):
         table.add_row(escape(key), escape(value))
     return table
@@ -129,8 +146,10 @@ def _shape_summary(info: dict) -> Table:
     )
     table = Table(title="tensors by shape (use --tensors to list each)", title_justify="left")
     is_kvp = info["format"] == "kvp"
-    for column in ("count", "shape", "dtype") + (("codec",) if is_kvp else ()):
-        table.add_column(column)
+    for column in ("count", "shape", "dtype"):
+        table.add_column(column, no_wrap=True)
+    if is_kvp:
+        table.add_column("codec", overflow="fold")
     for (shape, dtype, codec), count in counts.items():
         table.add_row(str(count), str(list(shape)), escape(dtype), *((escape(codec),) if is_kvp else ()))
     return table
@@ -140,9 +159,10 @@ def _tensor_table(info: dict) -> Table:
     table = Table(title="tensors", title_justify="left")
     columns = ["name", "shape", "dtype", "bytes"] + (["codec", "bits/el"] if info["format"] == "kvp" else [])
     for column in columns:
-        table.add_column(
-            column, justify="right" if column in ("bytes", "bits/el") else "left", no_wrap=column != "shape"
-        )
+        if column == "codec":
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, justify="right" if column in ("bytes", "bits/el") else "left", no_wrap=True)
     for t in info["tensors"]:
         cells = [escape(t["name"]), str(t["shape"]), t["dtype"], f"{t['bytes']:,}"]
         if info["format"] == "kvp":

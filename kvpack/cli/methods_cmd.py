@@ -6,15 +6,70 @@ import dataclasses
 
 import typer
 
-from kvpack.cli.render import say
+from kvpack.cli.options import ForceJson, JsonOut, check_json_path, command, json_only
+from kvpack.cli.render import print_json, say, write_json
 
 
 def register(app: typer.Typer) -> None:
-    app.command("methods")(methods)
+    command(app, "methods")(methods)
 
 
-def methods() -> None:
-    """List the codecs (--method), the transforms every codec takes, the presets (--preset) and the baselines."""
+def methods(json_path: JsonOut = None, force: ForceJson = False) -> None:
+    """List the codecs (--method), the transforms every codec takes, the presets (--preset) and the baselines.
+
+    The --json report: codecs (name, summary, options with their defaults, fixed_bits,
+    block_size, source), transforms (flag, description), presets (name, summary, source,
+    options, flags) and baselines (name, summary, source).
+
+    Example: kvpack methods --json
+    """
+    check_json_path(json_path, force)
+    if json_only(json_path):
+        print_json(registry_report())
+        return
+    _print_methods()
+    if json_path is not None:
+        write_json(json_path, registry_report(), force=force)
+
+
+def registry_report() -> dict:
+    """What ``kvpack methods`` lists, as JSON-ready data."""
+    from kvpack.codecs import Codec
+    from kvpack.evaluation.baselines import BASELINES
+    from kvpack.presets import PRESETS
+
+    return {
+        "codecs": [
+            {
+                "name": name,
+                "summary": codec.summary,
+                "options": {f.name: f.default for f in dataclasses.fields(codec.Params)},
+                "fixed_bits": codec.fixed_bits,
+                "block_size": codec.block_size,
+                "source": codec.source,
+            }
+            for name, codec in sorted(Codec.registry.items())
+        ],
+        "transforms": [{"flag": flag, "description": text} for flag, text in TRANSFORM_HELP],
+        "presets": [
+            {
+                "name": p.name,
+                "summary": p.summary,
+                "source": p.source,
+                "options": p.options,
+                "flags": preset_flags(p.options),
+            }
+            for p in PRESETS.values()
+        ],
+        "baselines": [{"name": "fp16", "summary": FP16_SUMMARY, "source": None}]
+        + [{"name": name, "summary": b.summary, "source": b.source} for name, b in BASELINES.items()],
+    }
+
+
+FP16_SUMMARY = "the reference float16 cache, stored losslessly in a real .kvp"
+
+
+def _print_methods() -> None:
     from kvpack.codecs import Codec
     from kvpack.evaluation.baselines import BASELINES
     from kvpack.presets import PRESETS
@@ -43,7 +98,7 @@ def methods() -> None:
         say(f"    source: {preset.source}")
     say("")
     say("baselines for `kvpack eval --baseline` and sweeps (not .kvp codecs):")
-    say("fp16: the reference float16 cache, stored losslessly in a real .kvp")
+    say(f"fp16: {FP16_SUMMARY}")
     for name, baseline in BASELINES.items():
         say(f"{name}: {baseline.summary}")
         say(f"    source: {baseline.source}")

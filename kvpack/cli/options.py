@@ -6,17 +6,26 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from kvpack.errors import InvalidInputError
 
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
-JsonPath = Annotated[
+ForceJson = Annotated[bool, typer.Option("--force", help="Overwrite the --json file if it exists.")]
+#: The value of a ``--json`` given without one: the JSON report alone, on stdout.
+JSON_STDOUT = "-"
+JsonOut = Annotated[
     Optional[Path],
     typer.Option(
-        "--json", help="Also write the report as JSON to this file ('-': print only the JSON).", dir_okay=False
+        "--json",
+        metavar="[PATH|-]",
+        help="Report as JSON. Bare or '-': print only the JSON on stdout. PATH: write it to PATH as well as "
+        "the usual output (an existing file needs --force). Put a bare --json after the arguments (or write "
+        "--json -).",
+        dir_okay=False,
+        show_default=False,
     ),
 ]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 Symmetric = Annotated[
     Optional[bool],
     typer.Option("--symmetric/--asymmetric", help="No zero-point (uniform/normal/adaptive).", show_default=False),
@@ -39,6 +48,100 @@ Jobs = Annotated[
 DumpDtype = Annotated[
     str, typer.Option("--dtype", help="dtype of the stored K/V tensors: float16 | bfloat16 | float32.")
 ]
+
+
+class Command(TyperCommand):
+    """Every kvpack command: its :data:`JsonOut` option may be given without a value.
+
+    Typer has no option with an optional value (it deprecated ``is_flag``/``flag_value``,
+    fastapi/typer#986, and its vendored Click parser has no such option). So this command
+    completes the arguments before the parser sees them, as Click's optional values work:
+    a ``--json`` at the end, or followed by another option (not ``-``), becomes
+    ``--json=-``. Next to an argument it takes it as PATH, unless the command would then
+    miss a required argument: ``kvpack inspect --json FILE`` stays the bare flag it was.
+
+    Help texts are plain text: with typer's rich help, their brackets are escaped so that
+    ``[[runs]]`` is printed, not taken for markup.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.rich_markup_mode == "rich":
+            from rich.markup import escape
+
+            self.help = escape(self.help) if self.help else self.help
+            for param in self.params:
+                if getattr(param, "help", None):
+                    param.help = escape(param.help)
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, fill_optional_values(self, list(args)))
+
+
+def command(app: typer.Typer, name: str):
+    """``app.command(name)`` with the kvpack :class:`Command` class."""
+    return app.command(name, cls=Command)
+
+
+def fill_optional_values(cmd: TyperCommand, args: list[str]) -> list[str]:
+    """``args`` with each ``--json`` whose value is left out written ``--json=-`` (see :class:`Command`)."""
+    optional = {opt for p in cmd.params if "--json" in getattr(p, "opts", ()) for opt in p.opts}
+    if not optional:
+        return args
+    takes_values = {
+        opt: p.nargs
+        for p in cmd.params
+        if p.param_type_name == "option" and not p.is_flag and not p.count and not set(p.opts) & optional
+        for opt in (*p.opts, *p.secondary_opts)
+    }
+    required = sum(max(p.nargs, 1) for p in cmd.params if p.param_type_name == "argument" and p.required)
+    out = list(args)
+    positional = 0
+    taking: list[int] = []  # --json followed by a word it takes as PATH
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            positional += len(args) - i - 1
+            break
+        if arg in optional:
+            following = args[i + 1] if i + 1 < len(args) else None
+            if following is None or (following.startswith("-") and following != JSON_STDOUT):
+                out[i] = f"{arg}={JSON_STDOUT}"
+            else:
+                taking.append(i)
+                i += 1
+        elif arg in takes_values:
+            i += takes_values[arg]
+        elif not arg.startswith("-") or arg == "-":
+            positional += 1
+        i += 1
+    for index in taking[: max(0, required - positional)]:  # the word was the argument, not a PATH
+        out[index] = f"{args[index]}={JSON_STDOUT}"
+    return out
+
+
+def json_only(target: Optional[Path]) -> bool:
+    """Whether ``--json`` asks for the JSON report alone on stdout."""
+    return target is not None and str(target) == JSON_STDOUT
+
+
+def check_json_path(
+    target: Optional[Path], force: bool, *others: Optional[Path], what: str = "the input and the output"
+) -> None:
+    """Refuse a ``--json`` file that exists (without ``force``) or is one of the command's inputs or outputs.
+
+    Raises:
+        OutputExistsError: it exists and ``force`` is false.
+        InvalidInputError: its folder is missing, or it is one of ``others``.
+    """
+    from kvpack.formats.atomic import check_output_path
+
+    if target is None or json_only(target):
+        return
+    check_output_path(target, force)
+    if any(other is not None and target.resolve() == Path(other).resolve() for other in others):
+        raise InvalidInputError(f"--json {target} must differ from {what}")
 
 
 ModelName = Annotated[
@@ -205,12 +308,12 @@ ALLOCATION_FLAGS = {
 
 
 def build_allocation(values: dict):
-    """The :class:`~kvpack.allocation.solver.Allocation` of a command's flags (``locals()``), or ``None``.
+    """The :class:`~kvpack.allocation.solver.solver.Allocation` of a command's flags (``locals()``), or ``None``.
 
     Raises:
         InvalidInputError: budgets or widths without --allocate, or bad values.
     """
-    from kvpack.allocation.solver import Allocation
+    from kvpack.allocation.solver.solver import Allocation
 
     given = {name: values.get(name) for name in ALLOCATION_FLAGS if values.get(name) is not None}
     return Allocation.from_flat(given, ALLOCATION_FLAGS)

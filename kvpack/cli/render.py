@@ -10,7 +10,9 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.segment import Segments
 from rich.table import Table
 
 from kvpack.jsonable import json_safe
@@ -40,6 +42,46 @@ def cli_terms(message: str) -> str:
 
 console = Console()
 err_console = Console(stderr=True)
+
+#: Columns that may wrap (free text) keep at least this many characters per line in a terminal.
+FOLD_FLOOR = 16
+_UNBOUNDED = 1 << 16
+
+
+def print_table(table: Table) -> None:
+    """Print ``table`` with every cell whole, whatever the terminal's width or when stdout is not one.
+
+    Rich shrinks a table that is wider than the console and cuts cells with an ellipsis
+    (``scal…``, ``4.0…``). Here the console is never narrower than the table needs:
+    - not a terminal (a pipe, a log): the table's natural width, one line per row;
+    - a terminal: its width, or more when the ``no_wrap`` columns (numbers) do not fit in it
+      beside the other (text) columns at :data:`FOLD_FLOOR` characters; text columns then
+      wrap, at spaces or within a word (``overflow="fold"``), and are never cut either.
+    Lines wider than the terminal are left to it to wrap.
+    """
+    for column in table.columns:
+        if not column.no_wrap and column.overflow == "ellipsis":
+            column.overflow = "fold"
+    width = needed_width(table, wrap=console.is_terminal)
+    if width <= console.width:
+        console.print(table)
+    else:  # rendered wider than the console (Console.print never widens), printed uncropped
+        console.print(Segments(console.render(table, console.options.update_width(width))), crop=False)
+
+
+def needed_width(table: Table, wrap: bool) -> int:
+    """Columns of output ``table`` needs to print every cell whole: its natural width, or with
+    ``wrap`` the width at which only its text (not ``no_wrap``) columns wrap, down to :data:`FOLD_FLOOR`."""
+    options = console.options.update_width(_UNBOUNDED)
+    natural = Measurement.get(console, options, table).maximum
+    if not wrap:
+        return natural
+    slack = 0
+    for column in table.columns:
+        if not column.no_wrap:
+            widest = max(Measurement.get(console, options, cell).maximum for cell in (column.header, *column.cells))
+            slack += max(0, widest - FOLD_FLOOR)
+    return natural - slack
 
 
 @contextmanager
@@ -89,9 +131,9 @@ def bits_table(title: str, rows: list[tuple[str, dict]]) -> Table:
     table = Table(title=escape(title), title_justify="left")
     table.add_column("part", no_wrap=True)
     for column in BIT_COLUMNS:
-        table.add_column(column, justify="right")
-    table.add_column("total", justify="right", style="bold")
-    table.add_column("vs fp16", justify="right")
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("total", justify="right", style="bold", no_wrap=True)
+    table.add_column("vs fp16", justify="right", no_wrap=True)
     for label, row in rows:
         bits = row["bits_per_element"]
         ratio = row.get("ratio_vs_fp16")
@@ -147,7 +189,10 @@ def quality_table(title: str, results: list[dict], pareto: bool = False) -> Tabl
 
     table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("method", "bits", "eff.", "PPL", "ΔPPL%", "KL", "top1%", "attn"):
-        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column != "method")
+        if column == "method":
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, justify="right", no_wrap=True)
     for r in results:
         label = ("* " if r.get("pareto") else "  ") + r["label"] if pareto else r["label"]
         table.add_row(

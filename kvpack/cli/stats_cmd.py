@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from kvpack.cli.options import JsonFlag, PerLayer
-from kvpack.cli.render import console, error_table, print_json
+from kvpack.cli.options import ForceJson, JsonOut, PerLayer, check_json_path, command, json_only
+from kvpack.cli.render import error_table, print_json, print_table, write_json
 
 
 def register(app: typer.Typer) -> None:
-    app.command("stats")(stats)
+    command(app, "stats")(stats)
 
 
 def stats(
@@ -23,19 +23,23 @@ def stats(
         Path, typer.Argument(help="Cache to compare (.safetensors or .kvp).", dir_okay=False, metavar="RECONSTRUCTED")
     ],
     per_layer: PerLayer = False,
-    json_output: JsonFlag = False,
+    json_path: JsonOut = None,
+    force: ForceJson = False,
 ) -> None:
     """Error of RECONSTRUCTED against ORIGINAL: relative MSE, SNR, max abs error, cosine.
 
-    Example: kvpack stats cache.safetensors cache.kvp
+    Examples: kvpack stats cache.safetensors cache.kvp; kvpack stats cache.safetensors cache.kvp --json
     """
     from kvpack.report import compare_caches
 
+    check_json_path(json_path, force, original, reconstructed, what="the caches compared")
     result = compare_caches(original, reconstructed)
-    if json_output:
+    if json_only(json_path):
         print_json(result)
         return
     rows = [(name, result["rows"][name]) for name in ("key", "value", "all")]
     if per_layer:
         rows += [(f"layer {row['layer']}", row) for row in result["layers"]]
-    console.print(error_table(f"{reconstructed} vs {original} ({result['tensors']} K/V tensors)", rows))
+    print_table(error_table(f"{reconstructed} vs {original} ({result['tensors']} K/V tensors)", rows))
+    if json_path is not None:
+        write_json(json_path, result, force=force)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from kvpack.cli.options import Force
-from kvpack.cli.render import console, err_console, progress_bar, quality_table, say
+from kvpack.cli.options import Force, JsonOut, check_json_path, command, json_only
+from kvpack.cli.render import err_console, print_json, print_table, progress_bar, quality_table, say, write_json
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sweep")(sweep)
+    command(app, "sweep")(sweep)
 
 
 OUTPUT_FILES = ("results.csv", "results.json", "plot.png")
@@ -28,6 +29,7 @@ def sweep(
             file_okay=False,
         ),
     ] = None,
+    json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
     """Evaluate methods x bits x group sizes x symmetric x outlier ratios, single [[runs]] (transforms,
@@ -36,6 +38,9 @@ def sweep(
     Writes results.csv, results.json and plot.png (ΔPPL and KL versus bits per element)
     and prints the table with the Pareto front (bits per element, KL) marked. See
     bench/quality.toml (a grid) and bench/toolbox.toml ([[runs]]) for example configs.
+
+    The --json report is results.json: the protocol, ppl_ref, model, text_file, the config
+    (config_file) and methods, the results list (one entry per method, as eval's report).
 
     Example: kvpack sweep --config bench/quality.toml --output-dir sweep-out
     """
@@ -54,6 +59,13 @@ def sweep(
     from kvpack.model.dump import load_model, tokenize
 
     settings = load_sweep_config(config)
+    if settings.text_file is None:
+        raise InvalidInputError(f"{config}: set eval.text_file")
+    if not settings.text_file.is_file():
+        raise InvalidInputError(
+            f"{config}: eval.text_file {settings.source['eval']['text_file']!r} is {settings.text_file}, which "
+            "does not exist; put the text there (paths in a config are relative to its folder)"
+        )
     require_matplotlib()  # before the long run, not after
     folder = output_dir or settings.output_dir
     if folder.exists() and not folder.is_dir():
@@ -61,8 +73,9 @@ def sweep(
     if folder.is_dir():
         for name in OUTPUT_FILES:
             check_output_path(folder / name, force)
-    if settings.text_file is None:
-        raise InvalidInputError(f"{config}: set eval.text_file")
+    check_json_path(
+        json_path, force, config, *(folder / name for name in OUTPUT_FILES), what="the config and results files"
+    )
     from kvpack.cli.dump_cmd import read_text_file
 
     text = read_text_file(settings.text_file)
@@ -94,9 +107,12 @@ def sweep(
         plot(results, png, title)
         js.write_text(results_json(run, settings), encoding="utf-8")
         table.write_text(csv_text(results), encoding="utf-8")
+    if json_only(json_path):
+        print_json(json.loads(results_json(run, settings)))
+        return
     say(f"reference (fp16 cache) PPL {run['ppl_ref']:.4f} over {run['targets']:,} targets")
     ordered = sorted(results, key=lambda r: (r["bits_per_element"], r["delta_ppl_pct"]))
-    console.print(quality_table("sweep (* = on the Pareto front of bits per element and KL)", ordered, pareto=True))
+    print_table(quality_table("sweep (* = on the Pareto front of bits per element and KL)", ordered, pareto=True))
     for family, best in smallest_bits_within(results).items():
         say(
             f"{family}: "
@@ -107,3 +123,5 @@ def sweep(
             )
         )
     say(f"wrote {folder / 'results.csv'}, {folder / 'results.json'}, {folder / 'plot.png'}")
+    if json_path is not None:
+        write_json(json_path, json.loads(results_json(run, settings)), force=force)

@@ -9,14 +9,16 @@ protocol. fp16 itself is evaluated through a real lossless ``.kvp`` file instead
   dividing by one scale per (layer, key/value, head), ``amax / fp8_max`` rounded up to
   float16; values saturate at ±fp8_max, rounding is torch's round-to-nearest-even.
   (OCP 8-bit floating point specification, OFP8, v1.0.)
-- ``kivi-2`` / ``kivi-4``: KIVI (Liu et al. 2024, arXiv 2402.02750): asymmetric min/max
+- ``kivi-2-r0`` / ``kivi-4-r0``: KIVI (Liu et al. 2024, arXiv 2402.02750): asymmetric min/max
   integer quantization, keys per channel in groups of 32 consecutive tokens, values per
   token in groups of 32 consecutive channels of a head, float16 scale and zero-point per
   group. Keys' last ``seq_len mod 32`` tokens (which do not fill a group) stay float16 and
   are counted at 16 bits. KIVI also keeps a window of the most recent tokens of keys and
   values in full precision while generating; this baseline does not (it quantizes the
   whole prompt cache, as ../shared/BASELINES.md does at 3.0 / 5.0 bits), so it is KIVI's
-  quantizer, not its streaming residual.
+  quantizer, not its streaming residual: ``r0``, no recent tokens in full precision. The
+  presets ``kivi-2-r128`` / ``kivi-4-r128`` keep KIVI's 128 (:mod:`kvpack.presets`). The
+  names ``kivi-2`` / ``kivi-4``, which both used, are refused with the new names.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kvpack.codecs.base import fp16_round_up
 from kvpack.codecs.uniform import UniformCodec, UniformParams
 from kvpack.errors import InvalidInputError, lookup
 from kvpack.names import parse_kv_name
+from kvpack.presets import RENAMED_KIVI, renamed_kivi
 
 KIVI_GROUP = 32
 
@@ -111,27 +114,30 @@ BASELINES: dict[str, Baseline] = {
         "OCP OFP8 v1.0; torch.float8_e5m2",
         lambda name, x: fp8_per_head(x, torch.float8_e5m2),
     ),
-    "kivi-2": Baseline(
-        "kivi-2",
-        "2-bit asym int, keys per channel / values per token, groups of 32, no full-precision residual "
-        "(the kivi-2 preset keeps one)",
+    "kivi-2-r0": Baseline(
+        "kivi-2-r0",
+        "2-bit asym int, keys per channel / values per token, groups of 32, no full-precision recent tokens "
+        "(the kivi-2-r128 preset keeps 128)",
         "KIVI, Liu et al. 2024, arXiv 2402.02750",
         _kivi(2),
     ),
-    "kivi-4": Baseline(
-        "kivi-4",
-        "4-bit asym int, keys per channel / values per token, groups of 32, no full-precision residual "
-        "(the kivi-4 preset keeps one)",
+    "kivi-4-r0": Baseline(
+        "kivi-4-r0",
+        "4-bit asym int, keys per channel / values per token, groups of 32, no full-precision recent tokens "
+        "(the kivi-4-r128 preset keeps 128)",
         "KIVI, Liu et al. 2024, arXiv 2402.02750",
         _kivi(4),
     ),
 }
 
 
+#: Names the baseline and the preset both had (2.8 bits per element apart at 4 bits), refused.
 def get_baseline(name: str) -> Baseline:
     """The baseline called ``name``.
 
     Raises:
-        InvalidInputError: no such baseline.
+        InvalidInputError: no such baseline, or an old KIVI name (naming the new ones).
     """
+    if name in RENAMED_KIVI:
+        raise renamed_kivi(name, "baseline")
     return lookup(BASELINES, name, "baseline", also=("fp16",))

@@ -2,7 +2,7 @@
 
 The config is TOML (``docs/benchmarks.md`` shows the one ``bench/quality.py`` runs)::
 
-    baselines = ["fp16", "fp8-e4m3", "kivi-2", "kivi-4"]   # optional
+    baselines = ["fp16", "fp8-e4m3", "kivi-2-r0", "kivi-4-r0"]   # optional
 
     [eval]                      # all optional; text_file is relative to the config file
     text_file = "../shared/data/wikitext-2-raw-test.txt"   # for a config in the project's root
@@ -31,7 +31,7 @@ The config is TOML (``docs/benchmarks.md`` shows the one ``bench/quality.py`` ru
     unrope = true
 
     [[runs]]
-    preset = "kivi-2"
+    preset = "kivi-2-r128"
 
     [output]
     dir = "sweep-results"       # results.csv, results.json, plot.png; relative to the config file
@@ -44,6 +44,7 @@ import io
 import itertools
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,7 @@ CSV_COLUMNS = (
     "attention_error_mean",
     "pareto",
 )
-from kvpack.allocation.solver import Allocation
+from kvpack.allocation.solver.solver import Allocation
 from kvpack.config import config_from_flat
 from kvpack.presets import flat_options
 
@@ -151,7 +152,8 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     for key in ("text_file", "model", "gguf_file", "device"):
         if key in evaluation and not isinstance(evaluation[key], str):
             raise _fail(path, f"eval.{key} must be a string")
-    text_file = base / evaluation["text_file"] if "text_file" in evaluation else None
+    # normalized (base is resolved): an error or a report names /x/shared/data/..., not /x/project/bench/../../
+    text_file = Path(os.path.normpath(base / evaluation["text_file"])) if "text_file" in evaluation else None
     methods = [EvalMethod.named_baseline(name) for name in _baselines(path, data.get("baselines", []))]
     if "grid" in data:
         methods += _grid_methods(path, _check_keys(path, "[grid]", data["grid"], _GRID_KEYS))

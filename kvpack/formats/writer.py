@@ -16,13 +16,7 @@ import numpy as np
 from kvpack.config import CodecConfig
 from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.atomic import atomic_output
-from kvpack.formats.constants import (
-    FLAG_HEADER_ZSTD,
-    FORMAT_MAJOR,
-    FORMAT_MINOR,
-    PREAMBLE_SIZE,
-    pack_preamble,
-)
+from kvpack.formats.constants import FLAG_HEADER_ZSTD, FORMAT_MAJOR, FORMAT_MINOR, PREAMBLE_SIZE, pack_preamble
 from kvpack.formats.entropy import EntropyConfig, compress_section
 from kvpack.formats.header import (
     SectionEntry,
