@@ -31,7 +31,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvpack.allocation.solver.solver import Allocation
+from kvpack.allocation.solver import Allocation
 from kvpack.compress import compress_file
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError, KvpackError, error_message

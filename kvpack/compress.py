@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from kvpack import __version__
-from kvpack.allocation.solver.importance import is_stats_tensor
-from kvpack.allocation.solver.plan import allocate_entries
-from kvpack.allocation.solver.solver import Allocation
+from kvpack.allocation.importance import is_stats_tensor
+from kvpack.allocation.plan import allocate_entries
+from kvpack.allocation.solver import Allocation
 from kvpack.config import CodecConfig
 from kvpack.dtypes import check_float_dtype, dtype_name
 from kvpack.entry import decode_entry, encode_tensor, entry_layout, stack

@@ -80,7 +80,7 @@ class CodecConfig:
         width_counts: mixed precision (format 1.4): how many groups of the tensor have each
             code width 0 to 8 (9 counts; empty: every group has ``bits``). Which group has
             which width is stored in the tensor's ``bit_widths`` section. Set per tensor by
-            the allocators (:mod:`kvpack.allocation.solver.solver`).
+            the allocators (:mod:`kvpack.allocation.solver`).
 
     Raises:
         InvalidInputError: any field out of range or of the wrong type.

@@ -44,7 +44,7 @@ def encode_tensor(
             stored as is.
         config: the codec config, or ``None`` for lossless storage.
         widths: with ``config.width_counts`` (mixed precision), the code width of every group
-            (int64 ``(n_groups,)``, 0 to 8), as an allocator chose it (:mod:`kvpack.allocation.solver.solver`).
+            (int64 ``(n_groups,)``, 0 to 8), as an allocator chose it (:mod:`kvpack.allocation.solver`).
         transposes: code sections to pack feature-major, with their row length
             (:func:`section_transposes`; format 1.5, docs/format.md §6.3); default none.
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from kvpack.allocation.solver.solver import Allocation, WidthTable, allocate_bits
 from safetensors import safe_open
 
+from kvpack.allocation.solver import Allocation, WidthTable, allocate_bits
 from kvpack.cli.app import main
 from kvpack.compress import compress_file
 from kvpack.config import CodecConfig
@@ -280,7 +280,7 @@ def _file_widths(path) -> dict[str, torch.Tensor]:
 
 
 def test_qaq_keeps_its_default_narrowest_width_and_names_what_a_budget_needs(tmp_path, stats_dump, capsys):
-    from kvpack.allocation.solver.solver import QAQ_BITS_MIN
+    from kvpack.allocation.solver import QAQ_BITS_MIN
 
     config = CodecConfig.build("uniform", 4, 64)
     compress_file(stats_dump, tmp_path / "q.kvp", config, allocation=Allocation("qaq", target_bits=3.0))

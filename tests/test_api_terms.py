@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from kvpack.allocation.solver.solver import Allocation
 
 from kvpack import CodecConfig, compress_tensors
+from kvpack.allocation.solver import Allocation
 from kvpack.cli.app import main
 from kvpack.errors import InvalidInputError, OutputExistsError
 from kvpack.formats.safetensors_io import write_safetensors

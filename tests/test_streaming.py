@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kvpack.allocation.solver.solver import Allocation
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kvpack.restore.streaming as streaming
+from kvpack.allocation.solver import Allocation
 from kvpack.cli.app import main
 from kvpack.compress import compress_file, compress_tensors
 from kvpack.config import CodecConfig

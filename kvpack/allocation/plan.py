@@ -1,8 +1,8 @@
 """The per-file bit allocation plan: every group's error at every width, handed to the solver.
 
 Reads each K/V entry once, measures its groups (:mod:`kvpack.transforms.mixed`), weights them
-by attention statistics where the dump has them (:mod:`kvpack.allocation.solver.importance`), and asks
-the solver (:mod:`kvpack.allocation.solver.solver`) for a width per group within the budget, counting
+by attention statistics where the dump has them (:mod:`kvpack.allocation.importance`), and asks
+the solver (:mod:`kvpack.allocation.solver`) for a width per group within the budget, counting
 the header and shared codebooks as the file will store them (:mod:`kvpack.formats.layout`).
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from kvpack.allocation.solver.importance import importance_weights, layer_statistics
-from kvpack.allocation.solver.solver import (
+from kvpack.allocation.importance import importance_weights, layer_statistics
+from kvpack.allocation.solver import (
     Allocation,
     GroupStats,
     WidthTable,
@@ -65,7 +65,7 @@ def allocate_widths(
     metadata: dict[str, str] | None = None,
     entropy: EntropyConfig | None = None,
 ) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
-    """Per quantized entry, its mixed-precision config and group widths (:mod:`kvpack.allocation.solver.solver`).
+    """Per quantized entry, its mixed-precision config and group widths (:mod:`kvpack.allocation.solver`).
 
     Reads every K/V tensor once (``get``) and measures each group's error at every width.
 
@@ -75,7 +75,7 @@ def allocate_widths(
         get: tensor name -> tensor.
         metadata: the file's metadata (its header is counted).
         entropy: the file's entropy stage (its header keys are counted; the budget is of dense sections).
-        stats: attention statistics (:mod:`kvpack.allocation.solver.importance`); ``target`` weights each value's
+        stats: attention statistics (:mod:`kvpack.allocation.importance`); ``target`` weights each value's
             error by what it costs the attention output with them, and counts every tensor's
             relative error alike without; ``importance`` and ``qaq`` need them.
 
@@ -231,7 +231,7 @@ def _group_view(
 
 
 def _group_stats(plan: Any, sources: list[str], stats: dict[str, torch.Tensor], config: CodecConfig) -> Any:
-    """The :class:`~kvpack.allocation.solver.solver.GroupStats` of an entry, or ``None`` without statistics."""
+    """The :class:`~kvpack.allocation.solver.GroupStats` of an entry, or ``None`` without statistics."""
 
     def weights(layer: int, role: str, shape: tuple) -> torch.Tensor | None:
         rope_dim = config.rope_dim if config.unrope and role == "key" else 0

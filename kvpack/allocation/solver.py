@@ -330,7 +330,7 @@ def width_costs(config, layout) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class GroupStats:
-    """The attention statistics of one tensor's groups (:mod:`kvpack.allocation.solver.importance`), in group order.
+    """The attention statistics of one tensor's groups (:mod:`kvpack.allocation.importance`), in group order.
 
     Attributes:
         role: ``key`` or ``value``.

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kvpack.allocation.solver.solver import Allocation
+from kvpack.allocation.solver import Allocation
 from kvpack.batch import Expansion, Job, plan_outputs, record, run_jobs, same_file_key
 from kvpack.cli.options import build_codec, json_only
 from kvpack.cli.render import (

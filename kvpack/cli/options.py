@@ -308,12 +308,12 @@ ALLOCATION_FLAGS = {
 
 
 def build_allocation(values: dict):
-    """The :class:`~kvpack.allocation.solver.solver.Allocation` of a command's flags (``locals()``), or ``None``.
+    """The :class:`~kvpack.allocation.solver.Allocation` of a command's flags (``locals()``), or ``None``.
 
     Raises:
         InvalidInputError: budgets or widths without --allocate, or bad values.
     """
-    from kvpack.allocation.solver.solver import Allocation
+    from kvpack.allocation.solver import Allocation
 
     given = {name: values.get(name) for name in ALLOCATION_FLAGS if values.get(name) is not None}
     return Allocation.from_flat(given, ALLOCATION_FLAGS)

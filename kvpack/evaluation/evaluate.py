@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from kvpack.allocation.solver.importance import attention_statistics
-from kvpack.allocation.solver.solver import Allocation
+from kvpack.allocation.importance import attention_statistics
+from kvpack.allocation.solver import Allocation
 from kvpack.compress import compress_tensors
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError

@@ -79,7 +79,7 @@ CSV_COLUMNS = (
     "attention_error_mean",
     "pareto",
 )
-from kvpack.allocation.solver.solver import Allocation
+from kvpack.allocation.solver import Allocation
 from kvpack.config import config_from_flat
 from kvpack.presets import flat_options
 

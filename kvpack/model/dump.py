@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kvpack import __version__
-from kvpack.allocation.solver.importance import STATS_METADATA, attention_statistics, stats_description
+from kvpack.allocation.importance import STATS_METADATA, attention_statistics, stats_description
 from kvpack.errors import InvalidInputError, ModelUnavailableError
 from kvpack.model.queries import QueryCapture
 from kvpack.names import kv_tensor_name
@@ -336,7 +336,7 @@ def dump_cache(
 
     Args:
         attention_stats: also record the attention statistics of the last this many query
-            positions (:mod:`kvpack.allocation.solver.importance`; metadata key ``attention_stats`` says what they are).
+            positions (:mod:`kvpack.allocation.importance`; metadata key ``attention_stats`` says what they are).
 
     Returns:
         ``({"layers.{i}.key": (batch, num_kv_heads, seq_len_i, head_dim), "layers.{i}.value":
