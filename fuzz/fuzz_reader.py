@@ -30,6 +30,8 @@ with atheris.instrument_imports():
     from kvpack.errors import FormatError
     from kvpack.formats.constants import PREAMBLE, pack_preamble
     from kvpack.formats.reader import KvpReader
+    from kvpack.restore.decode import read_tensor
+    from kvpack.restore.streaming import verify_entries
 
 _FD, _PATH = tempfile.mkstemp(suffix=".kvp")
 os.close(_FD)
@@ -61,9 +63,9 @@ def read_everything(data: bytes) -> None:
         handle.write(data)
     try:
         with KvpReader(_PATH) as reader:
-            reader.verify()
+            verify_entries(reader)  # the path of inspect --verify: every section checked, every entry decoded
             for name in reader.keys():
-                reader.read_tensor(name)
+                read_tensor(reader, name)  # the path of load_kvp / stats: whole tensors
     except FormatError:
         pass
 
