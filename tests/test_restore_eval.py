@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvpack.cli.app import main
-from kvpack.config import CodecConfig, load_codec_config
+from kvpack.config import CodecConfig
+from kvpack.config_files import load_codec_config
 from kvpack.errors import ChecksumMismatchError, InvalidInputError, ModelMismatchError
 from kvpack.evaluation.baselines import KIVI_GROUP, fp8_per_head, kivi
 from kvpack.evaluation.evaluate import EvalMethod, EvalProtocol, attention_output, codec_label

@@ -113,7 +113,7 @@ def evaluate(
     Example: kvpack eval --text-file wiki.test.raw --method uniform --bits 4 --json result.json
     """
     from kvpack.cli.dump_cmd import read_text_file
-    from kvpack.config import load_codec_config
+    from kvpack.config_files import load_codec_config
     from kvpack.evaluation.evaluate import EvalMethod, EvalProtocol
     from kvpack.evaluation.evaluate import evaluate as run_evaluation
     from kvpack.model.dump import load_model, tokenize

@@ -80,7 +80,7 @@ CSV_COLUMNS = (
     "pareto",
 )
 from kvpack.allocation.solver import Allocation
-from kvpack.config import config_from_flat
+from kvpack.config_files import config_from_flat
 from kvpack.presets import flat_options
 
 
