@@ -225,9 +225,11 @@ def check_methods(model: Any, methods: list[EvalMethod]) -> list[EvalMethod]:
 
 def _continue(lm: Any, tensors: dict[str, torch.Tensor], tokens: torch.Tensor, prefix: int) -> torch.Tensor:
     """Log-probabilities ``(continuation, vocab)`` float32 of ``tokens`` fed through a cache of ``tensors``."""
+    from kvpack.dump import cache_keyword
+
     param = next(lm.parameters())
     cache = build_cache(layer_pairs(tensors), lm, prefix, param.device, param.dtype)
-    logits = lm(input_ids=tokens.to(param.device), past_key_values=cache, use_cache=True).logits[0]
+    logits = lm(input_ids=tokens.to(param.device), use_cache=True, **{cache_keyword(lm): cache}).logits[0]
     return torch.log_softmax(logits.to(torch.float32), dim=-1)
 
 
@@ -258,6 +260,8 @@ def evaluate(
     Raises:
         InvalidInputError: no methods, duplicate labels, or a text too short for the windows.
     """
+    from kvpack.dump import output_cache
+
     protocol = protocol or EvalProtocol()
     lm = unwrap_model(model)[0]
     if not methods:
@@ -283,7 +287,7 @@ def evaluate(
             capture.recording, capture.keep_last = allocating, protocol.stats_queries
             out = lm(input_ids=prefix.to(device), use_cache=True, logits_to_keep=1)
             capture.recording, capture.keep_last = False, None
-            reference = cache_tensors(out.past_key_values, torch.float16)
+            reference = cache_tensors(output_cache(out), torch.float16)
             del out
             stats = {}
             if allocating:  # what dump --attention-stats records, from this prefix

@@ -1,7 +1,8 @@
 """Persist a transformers KV cache and restore it so a model continues from it.
 
-``save_cache`` writes the cache object a forward pass returns (``DynamicCache`` or the
-legacy tuple of ``(key, value)`` pairs), its token ids and the model's identity to a
+``save_cache`` writes the cache object a forward pass returns (``output.cache``, a
+``DynamicCache``; ``output.past_key_values`` in older transformers) or the legacy tuple of
+``(key, value)`` pairs, its token ids and the model's identity to a
 ``.kvp`` (any codec, or lossless). ``load_cache`` reads it back as a ``DynamicCache`` of
 the installed transformers version, on a chosen device and dtype, after checking that the
 file was made by the same model. The whole file is decoded before the cache object is
@@ -111,7 +112,7 @@ def save_cache(
 
     Args:
         path: output ``.kvp`` file (written atomically).
-        cache: the ``past_key_values`` a forward pass returned.
+        cache: the cache a forward pass returned (``output.cache``; see :func:`kvpack.dump.output_cache`).
         token_ids: int64 ``(batch, seq_len)``, the tokens the cache holds.
         model: the model that made the cache (a transformers model or a
             :class:`~kvpack.model.dump.LoadedModel`); its identity is recorded and checked on load.
@@ -234,7 +235,8 @@ def load_cache(
         tokenizer: also compare its fingerprint (default: the tokenizer of a ``LoadedModel``).
 
     Returns:
-        A :class:`PromptCache`; pass ``result.cache`` as ``past_key_values``.
+        A :class:`PromptCache`; pass ``result.cache`` to the model as ``cache=`` (``past_key_values=``
+        in older transformers; :func:`kvpack.dump.cache_keyword` names it).
 
     Raises:
         FormatError: the file is truncated or corrupted.
@@ -400,6 +402,8 @@ def continue_generation(
         InvalidInputError: ``max_new_tokens < 1``, or an empty suffix on a cache whose
             layers cannot drop their last token (sliding-window layers).
     """
+    from kvpack.dump import cache_keyword
+
     lm = unwrap_model(model)[0]
     if max_new_tokens < 1:
         raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -412,14 +416,13 @@ def continue_generation(
         if any(hasattr(layer, "cumulative_length") for layer in getattr(cache, "layers", [])):
             raise InvalidInputError("this model has sliding-window layers; give a non-empty prompt suffix")
         cache.crop(-1)
-    options = {}
+    options = {cache_keyword(lm): cache}
     eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
     if getattr(lm.generation_config, "pad_token_id", None) is None and eos is not None:
         options["pad_token_id"] = eos[0] if isinstance(eos, (list, tuple)) else eos  # silences a warning
     output = lm.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        past_key_values=cache,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         **options,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -158,15 +159,43 @@ def run_prefill(
 ) -> Any:
     """Feed ``token_ids (batch, seq_len)`` through ``model`` in chunks; return its cache object."""
     device = next(model.parameters()).device
+    keyword = cache_keyword(model)
     cache = None
     total = token_ids.shape[1]
     for start in range(0, total, chunk_size):
         chunk = token_ids[:, start : start + chunk_size].to(device)
-        out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=chunk, use_cache=True, **{keyword: cache})
+        cache = output_cache(out)
         if progress:
             progress(min(start + chunk_size, total), total)
     return cache
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword a transformers model's ``forward`` (and ``generate``) takes its cache under.
+
+    ``cache`` in current transformers, where ``past_key_values`` is deprecated (a
+    ``FutureWarning`` on every call); ``past_key_values`` in the older releases kvpack still
+    supports, whose ``forward`` has no ``cache`` parameter (there ``cache=`` would be swallowed
+    by ``**kwargs`` and the cache silently ignored, so the name is read from the signature).
+    """
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The cache object a forward pass returned, read under the name its output class declares.
+
+    ``output.cache`` in current transformers (``output.past_key_values`` logs a deprecation
+    warning there), ``output.past_key_values`` in older releases and in output classes that
+    still declare that field.
+    """
+    if "cache" in getattr(output, "__dataclass_fields__", {}):
+        return output.cache
+    return output.past_key_values
 
 
 def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
