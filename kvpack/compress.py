@@ -73,7 +73,7 @@ def compress_tensors(
     with KvpWriter(path, file_metadata, force=force, entropy=entropy) as writer:
         for entry_name, sources, codec in layout:
             x = tensors[entry_name] if entry_name == sources[0] else stack(tensors, sources)
-            codec, widths = mixed.get(entry_name, (codec, None))
+            codec, widths = mixed.codec_for(entry_name, codec)
             _write_entry(writer, entry_name, x, codec, widths)
         return writer.entries
 
@@ -145,7 +145,7 @@ def compress_file(
                     progress(index, len(layout), entry_name)
                 stacked = entry_name != sources[0]
                 x = stack(source, sources) if stacked else source.get(entry_name)
-                codec, widths = mixed.get(entry_name, (codec, None))
+                codec, widths = mixed.codec_for(entry_name, codec)
                 entry, sections = _write_entry(writer, entry_name, x, codec, widths)
                 if codec is not None:
                     decoded = decode_entry(entry, sections)

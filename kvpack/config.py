@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from kvpack.codecs import CodecParams, get_codec_class
 from kvpack.errors import InvalidInputError, brief, brief_list, option
 from kvpack.grouping import AXES, OUTLIER_SELECTIONS, outliers_per_group
@@ -237,6 +239,12 @@ class CodecConfig:
             rope_scaling=scaling,
             rope_offset=self.rope_offset if offset is None else offset,
         )
+
+    def with_widths(self, widths: torch.Tensor | tuple[int, ...]) -> CodecConfig:
+        """This config for a mixed-precision tensor whose groups have ``widths`` (int64 ``(n_groups,)``,
+        0 to 8) or, given as a tuple, these counts of groups per width 0..8 (``width_counts``, format 1.4)."""
+        counts = widths if isinstance(widths, tuple) else tuple(torch.bincount(widths, minlength=9).tolist())
+        return dataclasses.replace(self, width_counts=counts)
 
     def make_codec(self):
         return get_codec_class(self.method)(self.bits, self.params)

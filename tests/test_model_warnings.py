@@ -98,7 +98,7 @@ def lossless_dump(smollm, text_file, tmp_path_factory) -> Path:
 
 
 def test_cache_keyword_follows_the_forward_signature():
-    from kvpack.dump import cache_keyword, output_cache
+    from kvpack.model.dump import cache_keyword, output_cache
 
     class Current(torch.nn.Module):
         def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs): ...
@@ -169,9 +169,9 @@ def test_the_cache_is_used_not_ignored(smollm):
     """A keyword the model does not know would land in ``**kwargs`` and the cache be dropped
     silently; these would then fail: the prefill cache would hold only the last chunk, the
     eval logits would be those of the continuation alone, generate would not extend the cache."""
-    from kvpack.cache_io import PromptCache, build_cache, cache_tensors, continue_generation, layer_pairs
-    from kvpack.dump import cache_layers, run_prefill, tokenize
-    from kvpack.evaluate import _continue
+    from kvpack.evaluation.evaluate import _continue
+    from kvpack.model.cache import PromptCache, build_cache, cache_tensors, continue_generation, layer_pairs
+    from kvpack.model.dump import cache_layers, run_prefill, tokenize
 
     lm = smollm.model
     ids = tokenize(smollm.tokenizer, wikitext_excerpt())[:, :120]

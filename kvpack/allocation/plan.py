@@ -8,9 +8,9 @@ the header and shared codebooks as the file will store them (:mod:`kvpack.format
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,21 @@ from kvpack.names import parse_kv_name
 from kvpack.transforms.plan import plan_for, stacked_view
 
 
+@dataclass(frozen=True)
+class WidthMap:
+    """The allocator's output: the code width of every group (int64 ``(n_groups,)``, 0 to 8) of each
+    quantized entry it allocated; other entries keep the file's fixed width."""
+
+    widths: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def codec_for(self, name: str, codec: CodecConfig | None) -> tuple[CodecConfig | None, torch.Tensor | None]:
+        """The codec config entry ``name`` is written with (mixed precision where allocated) and its group widths."""
+        widths = self.widths.get(name)
+        if widths is None or codec is None:
+            return codec, None
+        return codec.with_widths(widths), widths
+
+
 def allocate_entries(
     layout: list[tuple[str, list[str], CodecConfig | None]],
     shapes: dict[str, tuple[tuple[int, ...], str]],
@@ -49,9 +64,10 @@ def allocate_entries(
     stats: dict[str, torch.Tensor] | None = None,
     metadata: dict[str, str] | None = None,
     entropy: EntropyConfig | None = None,
-) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
+) -> WidthMap:
+    """The :class:`WidthMap` of a file (empty without an allocation); see :func:`allocate_widths`."""
     if allocation is None or config is None:
-        return {}
+        return WidthMap()
     return allocate_widths(layout, shapes, get, config, allocation, stats, metadata or {}, entropy)
 
 
@@ -64,8 +80,8 @@ def allocate_widths(
     stats: dict[str, torch.Tensor] | None = None,
     metadata: dict[str, str] | None = None,
     entropy: EntropyConfig | None = None,
-) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
-    """Per quantized entry, its mixed-precision config and group widths (:mod:`kvpack.allocation.solver`).
+) -> WidthMap:
+    """Per quantized entry, the width of every group (:mod:`kvpack.allocation.solver`).
 
     Reads every K/V tensor once (``get``) and measures each group's error at every width.
 
@@ -107,18 +123,13 @@ def allocate_widths(
         tables[entry_name] = table
         tensor_costs[entry_name] = per_tensor[[all_widths.index(w) for w in table.widths]]
         # everything but codes and codebooks: as a file with every group at one width stores it
-        full = dataclasses.replace(config, width_counts=_counts_at(plan.layout.n_groups, table.widths[-1]))
+        full = config.with_widths(_counts_at(plan.layout.n_groups, table.widths[-1]))
         specs = plan_for(tuple(x.shape), dtype_name(x.dtype), entry_name, full).section_specs()
         fixed_bits += sum(8 * spec_nbytes(s) for n, s in specs.items() if not n.startswith(("codes", "codebook")))
     fixed_bits += 8 * PREAMBLE_SIZE
     names = list(tables)
     ordered = [tables[n] for n in names]
 
-    def with_widths(chosen: list[torch.Tensor]) -> dict[str, tuple[CodecConfig, torch.Tensor]]:
-        return {
-            n: (dataclasses.replace(config, width_counts=tuple(torch.bincount(w, minlength=9).tolist())), w)
-            for n, w in zip(names, chosen, strict=True)
-        }
 
     def present_cost(present: list[torch.Tensor], chosen: list[torch.Tensor] | None = None) -> float:
         """Bits that depend on which widths occur (bool masks over each table's widths): shared
@@ -137,7 +148,7 @@ def allocate_widths(
                         counts[width] = int(used)
                     if 1 in counts:  # the rest of the groups at the narrowest width present
                         counts[counts.index(1)] += tables[name].n_groups - sum(counts)
-                codec = dataclasses.replace(config, width_counts=tuple(counts))
+                codec = config.with_widths(tuple(counts))
             listed.append((name, shape, dtype, codec))
         shared = sum(float(tensor_costs[n][m].sum()) for n, m in zip(names, present, strict=True))
         return shared + 8.0 * sum(header_and_padding(metadata or {}, listed, entropy))
@@ -208,7 +219,7 @@ def allocate_widths(
         chosen = allocate_qaq(ordered, None, allocation.target_error)
     else:
         chosen = allocate_error(ordered, allocation.max_error)  # each table's energy is 1: the mean over the tensors
-    return with_widths(chosen)
+    return WidthMap(dict(zip(names, chosen, strict=True)))
 
 
 def _group_view(

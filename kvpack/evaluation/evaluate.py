@@ -44,7 +44,7 @@ from kvpack.errors import InvalidInputError
 from kvpack.evaluation.baselines import KIVI_GROUP, get_baseline
 from kvpack.metrics import ErrorAccumulator
 from kvpack.model.cache import build_cache, cache_tensors, layer_pairs, unwrap_model
-from kvpack.model.dump import check_codec_fits, kv_head_shape
+from kvpack.model.dump import cache_keyword, check_codec_fits, kv_head_shape, output_cache
 from kvpack.model.queries import QueryCapture
 from kvpack.names import parse_kv_name
 from kvpack.restore.files import load_kvp
@@ -225,7 +225,6 @@ def check_methods(model: Any, methods: list[EvalMethod]) -> list[EvalMethod]:
 
 def _continue(lm: Any, tensors: dict[str, torch.Tensor], tokens: torch.Tensor, prefix: int) -> torch.Tensor:
     """Log-probabilities ``(continuation, vocab)`` float32 of ``tokens`` fed through a cache of ``tensors``."""
-    from kvpack.dump import cache_keyword
 
     param = next(lm.parameters())
     cache = build_cache(layer_pairs(tensors), lm, prefix, param.device, param.dtype)
@@ -260,7 +259,6 @@ def evaluate(
     Raises:
         InvalidInputError: no methods, duplicate labels, or a text too short for the windows.
     """
-    from kvpack.dump import output_cache
 
     protocol = protocol or EvalProtocol()
     lm = unwrap_model(model)[0]

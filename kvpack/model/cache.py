@@ -23,7 +23,7 @@ from kvpack.compress import compress_tensors
 from kvpack.config import CodecConfig
 from kvpack.dtypes import dtype_name
 from kvpack.errors import InvalidInputError, ModelMismatchError, brief_text
-from kvpack.model.dump import cache_layers, decoder_config, kv_head_shape, model_identity
+from kvpack.model.dump import cache_keyword, cache_layers, decoder_config, kv_head_shape, model_identity
 from kvpack.names import kv_tensor_name, parse_kv_name, tensor_order
 from kvpack.report import build_report
 from kvpack.sources import open_cache
@@ -112,7 +112,7 @@ def save_cache(
 
     Args:
         path: output ``.kvp`` file (written atomically).
-        cache: the cache a forward pass returned (``output.cache``; see :func:`kvpack.dump.output_cache`).
+        cache: the cache a forward pass returned (``output.cache``; see :func:`kvpack.model.dump.output_cache`).
         token_ids: int64 ``(batch, seq_len)``, the tokens the cache holds.
         model: the model that made the cache (a transformers model or a
             :class:`~kvpack.model.dump.LoadedModel`); its identity is recorded and checked on load.
@@ -236,7 +236,7 @@ def load_cache(
 
     Returns:
         A :class:`PromptCache`; pass ``result.cache`` to the model as ``cache=`` (``past_key_values=``
-        in older transformers; :func:`kvpack.dump.cache_keyword` names it).
+        in older transformers; :func:`kvpack.model.dump.cache_keyword` names it).
 
     Raises:
         FormatError: the file is truncated or corrupted.
@@ -402,7 +402,6 @@ def continue_generation(
         InvalidInputError: ``max_new_tokens < 1``, or an empty suffix on a cache whose
             layers cannot drop their last token (sliding-window layers).
     """
-    from kvpack.dump import cache_keyword
 
     lm = unwrap_model(model)[0]
     if max_new_tokens < 1:
