@@ -272,3 +272,54 @@ def test_input_is_validated_before_the_output_check(dump, tmp_path, capsys):
     code, _, err = run(["compress", dump, "-o", existing, "-g", "24"], capsys)
     assert_one_line_error(code, err, "does not divide")
     assert existing.read_bytes() == b"old"
+
+
+# --- a codec option is one field of the codec's Params ------------------------------------------
+
+
+@pytest.fixture
+def probe_codec():
+    """A throwaway codec registered for one test: uniform with one more ``Params`` field."""
+    from dataclasses import dataclass
+
+    from kvpack.codecs import Codec
+    from kvpack.codecs.base import option
+    from kvpack.codecs.uniform import UniformCodec, UniformParams
+
+    @dataclass(frozen=True)
+    class ProbeParams(UniformParams):
+        sharpness: float = option(1.0, "How sharp the probe codec is")
+
+    class ProbeCodec(UniformCodec):
+        name = "probe"
+        Params = ProbeParams
+
+    try:
+        yield ProbeCodec
+    finally:
+        Codec.registry.pop("probe", None)
+
+
+def test_a_codec_params_field_is_a_flag_of_compress_eval_and_dump(probe_codec, dump, tmp_path, capsys):
+    from kvpack.codecs import Codec
+
+    for name in ("compress", "eval", "dump"):  # every run builds the commands from the registry
+        code, out, _ = run([name, "--help"], capsys)
+        assert code == 0 and out.count("--sharpness") == 1 and "How sharp the probe" in out, name
+        assert out.count("--symmetric") == 1  # a field name several codecs share is one option
+
+    out = tmp_path / "p.kvp"
+    code, _, err = run(["compress", dump, "-o", out, "--method", "probe", "--sharpness", "2.5", "--symmetric"], capsys)
+    assert code == 0, err
+    code, listing, _ = run(["inspect", out, "--json"], capsys)
+    params = {tensor["name"]: tensor["codec"]["params"] for tensor in json.loads(listing)["tensors"] if tensor["codec"]}
+    assert params and all(p == {"symmetric": True, "sharpness": 2.5} for p in params.values()), params
+    # validated by the Params dataclass: a codec without the field, a value of the wrong type
+    code, _, err = run(["compress", dump, "-o", tmp_path / "u.kvp", "--method", "uniform", "--sharpness", "2"], capsys)
+    assert_one_line_error(code, err, "unknown option")
+    code, _, err = run(["compress", dump, "-o", tmp_path / "u.kvp", "--method", "probe", "--sharpness", "x"], capsys)
+    assert_one_line_error(code, err, "--sharpness")
+
+    Codec.registry.pop("probe")
+    code, out, _ = run(["compress", "--help"], capsys)
+    assert code == 0 and "--sharpness" not in out and "--symmetric" in out

@@ -452,14 +452,14 @@ def test_transforms_in_chunks_equal_one_pass_and_leave_the_input_alone(monkeypat
 
 def test_every_transform_key_is_known_to_the_reader_and_the_cli():
     """The transform keys are listed by hand in three places; they must agree."""
-    from kvpack.cli.options import _TRANSFORMS, CODEC_FLAGS
+    from kvpack.cli.options import TRANSFORM_OPTIONS, codec_parameters
     from kvpack.config import TRANSFORM_DEFAULTS
     from kvpack.formats.constants import KNOWN_REQUIRED_KEYS
 
     assert set(TRANSFORM_DEFAULTS) <= KNOWN_REQUIRED_KEYS
     # rope_*: from the model; stack_layers: set by --level token; width_counts: by the allocators
-    assert set(_TRANSFORMS) == {k for k in TRANSFORM_DEFAULTS if not k.startswith("rope_")} - {
+    assert set(TRANSFORM_OPTIONS) == {k for k in TRANSFORM_DEFAULTS if not k.startswith("rope_")} - {
         "stack_layers",
         "width_counts",
     }
-    assert set(_TRANSFORMS) <= set(CODEC_FLAGS)
+    assert set(TRANSFORM_OPTIONS) <= {p.name for p in codec_parameters()}

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from kvpack.allocation.solver import Allocation
 from kvpack.batch import Expansion, Job, plan_outputs, record, run_jobs, same_file_key
-from kvpack.cli.options import build_codec, json_only
+from kvpack.cli.options import SharedOptions, json_only
 from kvpack.cli.render import (
     cli_terms,
     err_console,
@@ -32,7 +32,7 @@ from kvpack.formats.entropy import EntropyConfig
 def compress_many(
     expansion: Expansion,
     output_dir: Path | None,
-    flags: dict,
+    shared: SharedOptions,
     config: CodecConfig,
     allocation: Allocation | None,
     workers: int,
@@ -64,7 +64,7 @@ def compress_many(
     jobs: list[tuple[int, Job]] = []
     for path, output in zip(expansion.files, outputs, strict=True):
         try:  # --level: the group size follows each file's head count and head_dim
-            file_config = config if flags["level"] is None else build_codec(flags, kv_dims(path))
+            file_config = config if shared["level"] is None else shared.codec(kv_dims(path))
         except (KvpackError, OSError) as exc:
             slots.append(record(path, output, error=error_message(exc)))
             continue

@@ -8,44 +8,18 @@ from typing import Annotated, Optional
 import typer
 
 from kvpack.cli.options import (
-    Allocate,
-    BitsMax,
-    BitsMin,
-    CodebookScope,
+    ALLOCATION,
+    CODEC,
+    ENTROPY,
     Force,
     Jobs,
     JsonOut,
-    KeepFirst,
-    KeepLast,
-    KeyAxis,
-    Level,
-    MaxError,
-    MaybeBits,
-    MaybeGroupSize,
-    MaybeMethod,
-    MaybeOutlierRatio,
-    Normalization,
-    NoTranspose,
-    OutlierSelect,
     PerLayer,
-    PresetName,
-    RecentTokens,
-    Rotate,
-    RotateSeed,
-    Symmetric,
-    TargetBits,
-    TargetError,
-    Unrope,
-    ValueAxis,
-    ZstdKinds,
-    ZstdLevel,
-    build_allocation,
-    build_codec,
-    build_entropy,
+    SharedOptions,
     check_json_path,
-    codec_flags,
     command,
     json_only,
+    with_options,
 )
 from kvpack.cli.render import (
     bits_table,
@@ -65,6 +39,7 @@ def register(app: typer.Typer) -> None:
     command(app, "compress")(compress)
 
 
+@with_options(CODEC, ALLOCATION, ENTROPY)
 def compress(
     inputs: Annotated[
         list[Path],
@@ -82,33 +57,8 @@ def compress(
         ),
     ] = None,
     jobs: Jobs = 1,
-    preset: PresetName = None,
-    method: MaybeMethod = None,
-    bits: MaybeBits = None,
-    group_size: MaybeGroupSize = None,
-    level: Level = None,
-    key_axis: KeyAxis = None,
-    value_axis: ValueAxis = None,
-    symmetric: Symmetric = None,
-    outlier_ratio: MaybeOutlierRatio = None,
-    outlier_select: OutlierSelect = None,
-    codebook_scope: CodebookScope = None,
-    normalization: Normalization = None,
-    keep_first: KeepFirst = None,
-    keep_last: KeepLast = None,
-    rotate: Rotate = None,
-    rotate_seed: RotateSeed = None,
-    unrope: Unrope = None,
-    allocate: Allocate = None,
-    target_bits: TargetBits = None,
-    max_error: MaxError = None,
-    target_error: TargetError = None,
-    recent_tokens: RecentTokens = None,
-    bits_min: BitsMin = None,
-    bits_max: BitsMax = None,
-    zstd_level: ZstdLevel = 1,
-    zstd_kinds: ZstdKinds = None,
-    no_transpose: NoTranspose = False,
+    *,
+    shared: SharedOptions,
     per_layer: PerLayer = False,
     json_path: JsonOut = None,
     force: Force = False,
@@ -124,22 +74,21 @@ def compress(
     from kvpack.compress import compress_file
     from kvpack.sources import kv_dims
 
-    flags = codec_flags(locals())
-    allocation = build_allocation(locals())
-    entropy = build_entropy(zstd_level, zstd_kinds, no_transpose)
-    config = build_codec(flags)  # every flag checked before the input is read
+    allocation = shared.allocation()
+    entropy = shared.entropy()
+    config = shared.codec()  # every flag checked before the input is read
     workers = resolve_jobs(jobs)
     expansion = expand_inputs(inputs)
     if expansion.batch:
         from kvpack.cli.compress_batch import compress_many
 
-        compress_many(expansion, output, flags, config, allocation, workers, json_path, force, entropy)
+        compress_many(expansion, output, shared, config, allocation, workers, json_path, force, entropy)
         return
     input = expansion.files[0]
     if output is not None and output.is_dir():  # as in the batch form: DIR/<name>.kvp
         output = output_path(input, output)
-    if level is not None:
-        config = build_codec(flags, kv_dims(input))
+    if shared["level"] is not None:
+        config = shared.codec(kv_dims(input))
     output = output or input.with_suffix(".kvp")
     json_to_stdout = json_only(json_path)
     check_json_path(json_path, force, input, output)

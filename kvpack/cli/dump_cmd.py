@@ -8,35 +8,18 @@ from typing import Annotated, Optional
 import typer
 
 from kvpack.cli.options import (
-    CodebookScope,
+    CODEC,
     Device,
     DumpDtype,
     Force,
     GgufFile,
     JsonOut,
-    KeepFirst,
-    KeepLast,
-    KeyAxis,
-    Level,
-    MaybeBits,
-    MaybeGroupSize,
-    MaybeMethod,
-    MaybeOutlierRatio,
     ModelName,
-    Normalization,
-    OutlierSelect,
-    PresetName,
-    Rotate,
-    RotateSeed,
-    Symmetric,
-    Unrope,
-    ValueAxis,
-    build_codec,
+    SharedOptions,
     check_json_path,
-    codec_flags,
     command,
-    given_codec_flags,
     json_only,
+    with_options,
 )
 from kvpack.cli.render import err_console, human_bytes, print_json, progress_bar, say, write_json
 from kvpack.errors import InvalidInputError
@@ -47,6 +30,7 @@ def register(app: typer.Typer) -> None:
     command(app, "dump")(dump)
 
 
+@with_options(CODEC)
 def dump(
     output: Annotated[
         Path,
@@ -63,23 +47,8 @@ def dump(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Keep at most this many tokens.")] = None,
     dtype: DumpDtype = "float16",
     device: Device = "cpu",
-    preset: PresetName = None,
-    method: MaybeMethod = None,
-    bits: MaybeBits = None,
-    group_size: MaybeGroupSize = None,
-    level: Level = None,
-    key_axis: KeyAxis = None,
-    value_axis: ValueAxis = None,
-    symmetric: Symmetric = None,
-    outlier_ratio: MaybeOutlierRatio = None,
-    outlier_select: OutlierSelect = None,
-    codebook_scope: CodebookScope = None,
-    normalization: Normalization = None,
-    keep_first: KeepFirst = None,
-    keep_last: KeepLast = None,
-    rotate: Rotate = None,
-    rotate_seed: RotateSeed = None,
-    unrope: Unrope = None,
+    *,
+    shared: SharedOptions,
     lossless: Annotated[
         bool, typer.Option("--lossless", help=".kvp output: store K/V exactly (in --dtype), no codec.")
     ] = False,
@@ -120,8 +89,7 @@ def dump(
     if dtype not in DUMP_DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DUMP_DTYPES)}, got {dtype!r}")
     to_kvp = output.suffix.lower() == ".kvp"
-    flags = codec_flags(locals())
-    given = given_codec_flags(flags) + (["--lossless"] if lossless else [])
+    given = shared.given("codec") + (["--lossless"] if lossless else [])
     config = None
     if not to_kvp and given:
         verb = "applies" if len(given) == 1 else "apply"
@@ -129,7 +97,7 @@ def dump(
     if lossless and len(given) > 1:
         raise InvalidInputError("--lossless stores K/V exactly; drop the codec options")
     if to_kvp and not lossless:
-        config = build_codec(flags)  # every flag checked before the model loads
+        config = shared.codec()  # every flag checked before the model loads
     if attention_stats and to_kvp:
         raise InvalidInputError(
             "--attention-stats needs a .safetensors output: a .kvp file stores no statistics "
@@ -149,8 +117,8 @@ def dump(
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
     if config is not None:
-        if level is not None:
-            config = build_codec(flags, cache_dims(loaded.model))
+        if shared["level"] is not None:
+            config = shared.codec(cache_dims(loaded.model))
         config = check_codec_fits(loaded.model, config)
     with progress_bar("prefill tokens") as update:
         tensors, metadata = dump_cache(

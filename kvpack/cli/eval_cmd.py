@@ -8,45 +8,21 @@ from typing import Annotated, Optional
 import typer
 
 from kvpack.cli.options import (
-    Allocate,
-    BitsMax,
-    BitsMin,
-    CodebookScope,
+    ALLOCATION,
+    CODEC,
     Continuation,
     Device,
     Force,
     GgufFile,
     JsonOut,
-    KeepFirst,
-    KeepLast,
-    KeyAxis,
-    Level,
-    MaxError,
-    MaybeBits,
-    MaybeGroupSize,
-    MaybeMethod,
-    MaybeOutlierRatio,
     ModelName,
-    Normalization,
-    OutlierSelect,
     Prefix,
-    PresetName,
-    RecentTokens,
-    Rotate,
-    RotateSeed,
-    Symmetric,
-    TargetBits,
-    TargetError,
-    Unrope,
-    ValueAxis,
+    SharedOptions,
     Windows,
-    build_allocation,
-    build_codec,
     check_json_path,
-    codec_flags,
     command,
-    given_codec_flags,
     json_only,
+    with_options,
 )
 from kvpack.cli.render import err_console, print_json, print_table, progress_bar, quality_table, say, write_json
 from kvpack.errors import InvalidInputError
@@ -56,6 +32,7 @@ def register(app: typer.Typer) -> None:
     command(app, "eval")(evaluate)
 
 
+@with_options(CODEC, ALLOCATION)
 def evaluate(
     text_file: Annotated[Path, typer.Option("--text-file", help="UTF-8 text to evaluate on.", dir_okay=False)],
     model: ModelName = None,
@@ -64,30 +41,8 @@ def evaluate(
     prefix: Prefix = 1024,
     continuation: Continuation = 256,
     windows: Windows = 8,
-    preset: PresetName = None,
-    method: MaybeMethod = None,
-    bits: MaybeBits = None,
-    group_size: MaybeGroupSize = None,
-    level: Level = None,
-    key_axis: KeyAxis = None,
-    value_axis: ValueAxis = None,
-    symmetric: Symmetric = None,
-    outlier_ratio: MaybeOutlierRatio = None,
-    outlier_select: OutlierSelect = None,
-    codebook_scope: CodebookScope = None,
-    normalization: Normalization = None,
-    keep_first: KeepFirst = None,
-    keep_last: KeepLast = None,
-    rotate: Rotate = None,
-    rotate_seed: RotateSeed = None,
-    unrope: Unrope = None,
-    allocate: Allocate = None,
-    target_bits: TargetBits = None,
-    max_error: MaxError = None,
-    target_error: TargetError = None,
-    recent_tokens: RecentTokens = None,
-    bits_min: BitsMin = None,
-    bits_max: BitsMax = None,
+    *,
+    shared: SharedOptions,
     config_file: Annotated[
         Optional[Path],
         typer.Option("--config", help="Codec config file (JSON or TOML), instead of codec options.", dir_okay=False),
@@ -119,9 +74,8 @@ def evaluate(
     from kvpack.model.dump import load_model, tokenize
 
     protocol = EvalProtocol(prefix, continuation, windows)
-    flags = codec_flags(locals())
-    allocation = build_allocation(locals())
-    codec_given = given_codec_flags(flags)
+    allocation = shared.allocation()
+    codec_given = shared.given("codec")
     if config_file is not None and baseline is not None:
         raise InvalidInputError("give --config or --baseline, not both")
     if (config_file is not None or baseline is not None) and codec_given:
@@ -131,17 +85,17 @@ def evaluate(
             raise InvalidInputError("--allocate applies to a codec, not to --baseline")
         chosen = EvalMethod.named_baseline(baseline)
     else:
-        config = load_codec_config(config_file) if config_file is not None else build_codec(flags)
+        config = load_codec_config(config_file) if config_file is not None else shared.codec()
         chosen = EvalMethod.codec(config, allocation=allocation)
     json_to_stdout = json_only(json_path)
     check_json_path(json_path, force, text_file, config_file, what="the text and config files")
     text = read_text_file(text_file)
     with err_console.status("loading model"):
         loaded = load_model(model, gguf_file, device)
-    if level is not None and chosen.config is not None:
+    if shared["level"] is not None and chosen.config is not None:
         from kvpack.model.dump import cache_dims
 
-        chosen = EvalMethod.codec(build_codec(flags, cache_dims(loaded.model)), allocation=allocation)
+        chosen = EvalMethod.codec(shared.codec(cache_dims(loaded.model)), allocation=allocation)
     token_ids = tokenize(loaded.tokenizer, text)
     protocol.offsets(token_ids.shape[1])  # too short a text fails before any work
     with progress_bar("eval") as update:

@@ -1,9 +1,16 @@
-"""Option aliases shared by several commands (``Annotated`` types)."""
+"""Options shared by several commands: ``Annotated`` aliases, and the option groups (codec, allocation,
+entropy) that :func:`with_options` attaches to a command, the codec's own options generated from the
+codec registry."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -24,21 +31,6 @@ JsonOut = Annotated[
         "--json -).",
         dir_okay=False,
         show_default=False,
-    ),
-]
-Symmetric = Annotated[
-    Optional[bool],
-    typer.Option("--symmetric/--asymmetric", help="No zero-point (uniform/normal/adaptive).", show_default=False),
-]
-CodebookScope = Annotated[
-    Optional[str],
-    typer.Option("--codebook-scope", help="adaptive: one codebook per tensor | head | group (default: head)."),
-]
-Normalization = Annotated[
-    Optional[str],
-    typer.Option(
-        "--normalization",
-        help="Group normalization minmax | meanstd (default: minmax for adaptive, meanstd for normal).",
     ),
 ]
 PerLayer = Annotated[bool, typer.Option("--per-layer", help="Add a row per layer.")]
@@ -62,15 +54,53 @@ class Command(TyperCommand):
 
     Help texts are plain text: with typer's rich help, their brackets are escaped so that
     ``[[runs]]`` is printed, not taken for markup.
+
+    A command whose function takes option groups (:func:`with_options`) is registered without
+    parameters and builds them, through typer, the first time anything asks for its ``params``
+    (running it, its --help): the codec options come from the codec registry, which imports
+    torch, and ``kvpack --help`` lists the commands without it.
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        self._deferred: Callable[[], Callable] | None = None
         super().__init__(*args, **kwargs)
         if self.rich_markup_mode == "rich":
             from rich.markup import escape
 
             self.help = escape(self.help) if self.help else self.help
-            for param in self.params:
+        self._deferred = getattr(self.callback, DEFERRED, None)
+        if self._deferred is None:
+            self._escape_help(self._params)
+
+    @property
+    def params(self) -> list:
+        if self._deferred is not None:
+            self._build()
+        return self._params
+
+    @params.setter
+    def params(self, value: list) -> None:
+        self._params = value
+
+    def _build(self) -> None:
+        """Parameters and callback from the function with its option groups (typer reads its signature)."""
+        from typer.main import get_command_from_info
+        from typer.models import CommandInfo
+
+        make_function, self._deferred = self._deferred, None
+        built = get_command_from_info(
+            CommandInfo(name=self.name, callback=make_function()),
+            pretty_exceptions_short=True,
+            rich_markup_mode=self.rich_markup_mode,
+        )
+        self._params, self.callback = built.params, built.callback
+        self._escape_help(self._params)
+
+    def _escape_help(self, params: list) -> None:
+        if self.rich_markup_mode == "rich":
+            from rich.markup import escape
+
+            for param in params:
                 if getattr(param, "help", None):
                     param.help = escape(param.help)
 
@@ -78,9 +108,31 @@ class Command(TyperCommand):
         return super().parse_args(ctx, fill_optional_values(self, list(args)))
 
 
+#: The attribute of a registered stand-in function that builds the real one (see :class:`Command`).
+DEFERRED = "kvpack_command_function"
+#: The attribute :func:`with_options` sets on a command function: ``(groups, into)``.
+OPTION_GROUPS = "kvpack_option_groups"
+
+
 def command(app: typer.Typer, name: str):
-    """``app.command(name)`` with the kvpack :class:`Command` class."""
-    return app.command(name, cls=Command)
+    """``app.command(name)`` with the kvpack :class:`Command` class (a function with option groups is
+    registered as a stand-in whose options are built when the command is first used)."""
+
+    def register(function: Callable) -> Callable:
+        attached = getattr(function, OPTION_GROUPS, None)
+        if attached is None:
+            return app.command(name, cls=Command)(function)
+
+        def stand_in() -> None:  # typer builds a command without parameters from it
+            raise AssertionError(f"kvpack {name}: the command was not built")
+
+        stand_in.__name__, stand_in.__qualname__ = function.__name__, function.__qualname__
+        stand_in.__module__, stand_in.__doc__ = function.__module__, function.__doc__
+        setattr(stand_in, DEFERRED, lambda: command_function(function, *attached))
+        app.command(name, cls=Command)(stand_in)
+        return function
+
+    return register
 
 
 def fill_optional_values(cmd: TyperCommand, args: list[str]) -> list[str]:
@@ -157,7 +209,7 @@ Continuation = Annotated[
 Windows = Annotated[int, typer.Option("--windows", help="Windows, at token offsets i * (text tokens // windows).")]
 
 # Codec options have no defaults here: None means "not given", so a preset's value or a
-# conflicting choice (--config, --baseline) can be told apart; build_codec applies the defaults.
+# conflicting choice (--config, --baseline) can be told apart; SharedOptions.codec applies the defaults.
 MaybeMethod = Annotated[
     Optional[str], typer.Option("--method", "-m", help="Codec (default adaptive; see `kvpack methods`).")
 ]
@@ -270,117 +322,283 @@ PresetName = Annotated[
     Optional[str], typer.Option("--preset", help="A published recipe (see `kvpack methods`); flags override it.")
 ]
 
-#: Every codec flag: parameter name -> flag as typed on the command line.
-CODEC_FLAGS = {
-    "preset": "--preset",
-    "method": "--method",
-    "bits": "--bits",
-    "group_size": "--group-size",
-    "level": "--level",
-    "outlier_ratio": "--outlier-ratio",
-    "outlier_select": "--outlier-select",
-    "symmetric": "--symmetric/--asymmetric",
-    "codebook_scope": "--codebook-scope",
-    "normalization": "--normalization",
-    "key_axis": "--key-axis",
-    "value_axis": "--value-axis",
-    "keep_first": "--keep-first",
-    "keep_last": "--keep-last",
-    "rotate": "--rotate",
-    "rotate_seed": "--rotate-seed",
-    "unrope": "--unrope/--no-unrope",
-}
-_CODEC_OPTIONS = ("symmetric", "codebook_scope", "normalization")
-_TRANSFORMS = ("key_axis", "value_axis", "keep_first", "keep_last", "outlier_select", "rotate", "rotate_seed", "unrope")
 LEVELS = ("head", "layer", "token")
 
 
-#: Allocation flags: parameter name -> flag.
-ALLOCATION_FLAGS = {
-    "allocate": "--allocate",
-    "target_bits": "--target-bits",
-    "max_error": "--max-error",
-    "target_error": "--target-error",
-    "recent_tokens": "--recent-tokens",
-    "bits_min": "--bits-min",
-    "bits_max": "--bits-max",
-}
+# --- option groups -----------------------------------------------------------------------------
+
+Parameters = tuple[inspect.Parameter, ...]
 
 
-def build_allocation(values: dict):
-    """The :class:`~kvpack.allocation.solver.Allocation` of a command's flags (``locals()``), or ``None``.
+def _parameters(*specs: tuple[str, Any, Any]) -> Parameters:
+    """Keyword parameters ``(name, Annotated alias, default)`` as a command's signature holds them."""
+    return tuple(
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=alias)
+        for name, alias, default in specs
+    )
+
+
+#: The transform options (keys of :data:`kvpack.config.TRANSFORM_DEFAULTS` a user sets).
+TRANSFORM_OPTIONS = (
+    "key_axis",
+    "value_axis",
+    "keep_first",
+    "keep_last",
+    "outlier_select",
+    "rotate",
+    "rotate_seed",
+    "unrope",
+)
+#: The codec options that are not the codec's own (its ``Params``) nor transforms.
+_CODEC_CHOICE = ("preset", "method", "bits", "group_size", "level", "outlier_ratio")
+
+
+def codec_parameters() -> Parameters:
+    """The codec options of ``compress``, ``eval`` and ``dump``: the codec choice, its own options
+    (:func:`codec_params_options`, from the registry: imports torch) and the transforms."""
+    return (
+        *_parameters(
+            ("preset", PresetName, None),
+            ("method", MaybeMethod, None),
+            ("bits", MaybeBits, None),
+            ("group_size", MaybeGroupSize, None),
+            ("level", Level, None),
+            ("key_axis", KeyAxis, None),
+            ("value_axis", ValueAxis, None),
+        ),
+        *codec_params_options(),
+        *_parameters(
+            ("outlier_ratio", MaybeOutlierRatio, None),
+            ("outlier_select", OutlierSelect, None),
+            ("keep_first", KeepFirst, None),
+            ("keep_last", KeepLast, None),
+            ("rotate", Rotate, None),
+            ("rotate_seed", RotateSeed, None),
+            ("unrope", Unrope, None),
+        ),
+    )
+
+
+def codec_params_options() -> Parameters:
+    """One option per field name of the registered codecs' ``Params`` (a name several codecs share is
+    one option), typed from the field, default None ("not given": the Params dataclass validates the
+    value and knows the default). Its help is the field's ``help`` with its choices, the methods
+    taking it and their defaults; its flag the field's ``flag`` or ``--field-name``.
 
     Raises:
-        InvalidInputError: budgets or widths without --allocate, or bad values.
+        TypeError: two codecs declare a field of one name with different types (a bug in a codec).
     """
-    from kvpack.allocation.solver import Allocation
+    from kvpack.codecs import Codec
+    from kvpack.codecs.base import field_type
 
-    given = {name: values.get(name) for name in ALLOCATION_FLAGS if values.get(name) is not None}
-    return Allocation.from_flat(given, ALLOCATION_FLAGS)
+    owners: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for method, codec_class in Codec.registry.items():
+        for field in dataclasses.fields(codec_class.Params):
+            owners.setdefault(field.name, []).append((method, field))
+    parameters = []
+    for name, fields in owners.items():
+        kinds = {field_type(field) for _, field in fields}
+        if len(kinds) > 1:
+            raise TypeError(f"codec option {name!r} has different types in {', '.join(m for m, _ in fields)}")
+        (kind,) = kinds
+        flag = next((f.metadata["flag"] for _, f in fields if "flag" in f.metadata), None)
+        dashed = name.replace("_", "-")
+        flag = flag or (f"--{dashed}/--no-{dashed}" if kind is bool else f"--{dashed}")
+        alias = Annotated[Optional[kind], typer.Option(flag, help=_codec_option_help(fields, flag), show_default=False)]
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=alias))
+    return tuple(parameters)
 
 
-def build_entropy(level: int, kinds: str | None, no_transpose: bool = False):
-    """The :class:`~kvpack.formats.entropy.EntropyConfig` of ``--zstd-level`` / ``--zstd-kinds`` / ``--no-transpose``.
+def _codec_option_help(fields: list[tuple[str, dataclasses.Field]], flag: str) -> str:
+    """``help: choices (methods; default: ...).`` of a codec option declared by ``fields``."""
+    text = next((f.metadata["help"] for _, f in fields if f.metadata.get("help")), fields[0][1].name)
+    choices = list(dict.fromkeys(c for _, f in fields for c in f.metadata.get("choices", ())))
+    if choices:
+        text += ": " + " | ".join(choices)
 
-    Raises:
-        InvalidInputError: a level outside 0-22 or an unknown kind.
+    def shown(value: Any) -> str:  # a bool's default as its flag
+        if isinstance(value, bool) and "/" in flag:
+            on, off = flag.split("/")
+            return on if value else off
+        return str(value)
+
+    defaults = {method: shown(field.default) for method, field in fields}
+    if len(set(defaults.values())) == 1:
+        note = f"{', '.join(defaults)}; default: {next(iter(defaults.values()))}"
+    else:
+        note = "default: " + ", ".join(f"{value} for {method}" for method, value in defaults.items())
+    return f"{text} ({note})."
+
+
+def allocation_parameters() -> Parameters:
+    """``--allocate`` and its budgets and widths (compress, eval)."""
+    return _parameters(
+        ("allocate", Allocate, None),
+        ("target_bits", TargetBits, None),
+        ("max_error", MaxError, None),
+        ("target_error", TargetError, None),
+        ("recent_tokens", RecentTokens, None),
+        ("bits_min", BitsMin, None),
+        ("bits_max", BitsMax, None),
+    )
+
+
+def entropy_parameters() -> Parameters:
+    """The entropy stage's options (compress)."""
+    return _parameters(
+        ("zstd_level", ZstdLevel, 1), ("zstd_kinds", ZstdKinds, None), ("no_transpose", NoTranspose, False)
+    )
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """Options several commands take, attached with :func:`with_options`; ``parameters`` builds them
+    when the command is first used."""
+
+    name: str
+    parameters: Callable[[], Parameters]
+
+
+CODEC = OptionGroup("codec", codec_parameters)
+ALLOCATION = OptionGroup("allocation", allocation_parameters)
+ENTROPY = OptionGroup("entropy", entropy_parameters)
+
+
+def with_options(*groups: OptionGroup, into: str = "shared"):
+    """Decorator: the command also takes every option of ``groups``, in place of its parameter
+    ``into`` (annotated :class:`SharedOptions`), which receives their values as one object.
+
+    The function is registered with :func:`command`; its signature stays as written.
     """
-    from kvpack.formats.entropy import SECTION_KINDS, EntropyConfig
 
-    chosen = SECTION_KINDS if kinds is None else tuple(k.strip() for k in kinds.split(",") if k.strip())
-    return EntropyConfig(level=level, kinds=frozenset(chosen), transpose=not no_transpose)
+    def decorate(function: Callable) -> Callable:
+        setattr(function, OPTION_GROUPS, (groups, into))
+        return function
 
-
-def codec_flags(values: dict) -> dict:
-    """The codec flags out of a command's parameters (``locals()``); None = not given."""
-    return {name: values.get(name) for name in CODEC_FLAGS}
+    return decorate
 
 
-def given_codec_flags(flags: dict) -> list[str]:
-    """The codec flags the user gave (not None), named as on the command line."""
-    return [CODEC_FLAGS[name] for name, value in flags.items() if value is not None]
+def command_function(function: Callable, groups: tuple[OptionGroup, ...], into: str) -> Callable:
+    """The function typer reads: ``function``'s parameters with the options of ``groups`` in place of
+    ``into`` (``Annotated`` keyword parameters of its ``__signature__``); calling it passes their values
+    to ``function`` as one :class:`SharedOptions`."""
+    own = list(inspect.signature(function, eval_str=True).parameters.values())
+    at = [p.name for p in own].index(into)
+    members = {group.name: group.parameters() for group in groups}
+    added = [p for parameters in members.values() for p in parameters]
+    flags = {p.name: _long_flag(p) for p in added}
+
+    def call(**values: Any) -> Any:
+        shared = SharedOptions(
+            {name: values.pop(name) for name in flags},
+            flags,
+            {group: tuple(p.name for p in parameters) for group, parameters in members.items()},
+        )
+        return function(**values, **{into: shared})
+
+    kind = inspect.Parameter.KEYWORD_ONLY
+    call.__signature__ = inspect.Signature([p.replace(kind=kind) for p in (*own[:at], *added, *own[at + 1 :])])
+    call.__name__, call.__qualname__, call.__module__ = function.__name__, function.__qualname__, function.__module__
+    call.__doc__ = function.__doc__
+    return call
 
 
-def build_codec(flags: dict, dims: tuple[int | None, int | None, int | None] | None = None):
-    """A :class:`~kvpack.config.CodecConfig` from the codec flags, a preset under them, and the defaults.
+def _long_flag(parameter: inspect.Parameter) -> str:
+    """The flag of an ``Annotated[..., typer.Option(...)]`` parameter as a user types it (``--bits``,
+    ``--symmetric/--asymmetric``)."""
+    info = typing.get_args(parameter.annotation)[1]
+    declared = [info.default, *(info.param_decls or ())]
+    return next(d for d in declared if isinstance(d, str) and d.startswith("--"))
 
-    Args:
-        flags: :func:`codec_flags` of a command.
-        dims: ``(num_layers, num_kv_heads, head_dim)`` of the cache, needed to resolve
-            ``--level``; without them a level is checked but leaves the group size as given.
 
-    Raises:
-        InvalidInputError: an unknown method, preset or level, an option the method lacks, a
-            value out of range, or a group size that does not subdivide the level.
+@dataclass(frozen=True)
+class SharedOptions:
+    """The values of a command's option groups (:func:`with_options`); None: not given.
+
+    Attributes:
+        values: parameter name -> value, for every option of the groups.
+        flags: parameter name -> flag as typed on the command line.
+        groups: group name -> its parameter names.
     """
-    from kvpack.config import CodecConfig
-    from kvpack.presets import expand_preset
 
-    given = {
-        "method": flags["method"],
-        "bits": flags["bits"],
-        "group_size": flags["group_size"],
-        "outlier_ratio": flags["outlier_ratio"],
-        **{name: flags[name] for name in _CODEC_OPTIONS},
-        "transforms": {name: flags[name] for name in _TRANSFORMS},
-    }
-    options = expand_preset(flags["preset"], given)
-    level = flags["level"]
-    if level is not None:  # the level replaces a preset's group size; only --group-size subdivides it
-        from kvpack.codecs import get_codec_class
-        from kvpack.errors import InvalidInputError
+    values: dict[str, Any]
+    flags: dict[str, str]
+    groups: dict[str, tuple[str, ...]]
 
-        transforms = options["transforms"]
-        if "channel" in (transforms.get("key_axis"), transforms.get("value_axis")):
-            raise InvalidInputError(
-                "--level sets the size of token groups; with a channel axis give --group-size (tokens per group)"
-            )
-        block = get_codec_class(options.get("method") or "adaptive").block_size
-        size = level_group_size(level, flags["group_size"] or block, dims)
-        options["group_size"] = size if size is not None else options.get("group_size")
-        if level == "token":
-            transforms["stack_layers"] = True
-    return CodecConfig.build(options.pop("method", "adaptive"), **options)
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def given(self, group: str = "codec") -> list[str]:
+        """The flags of ``group`` the user gave (not None), named as on the command line."""
+        return [self.flags[name] for name in self.groups.get(group, ()) if self.values[name] is not None]
+
+    def codec(self, dims: tuple[int | None, int | None, int | None] | None = None):
+        """A :class:`~kvpack.config.CodecConfig` from the codec options, a preset under them, and the defaults.
+
+        Args:
+            dims: ``(num_layers, num_kv_heads, head_dim)`` of the cache, needed to resolve
+                ``--level``; without them a level is checked but leaves the group size as given.
+
+        Raises:
+            InvalidInputError: an unknown method, preset or level, an option the method lacks, a
+                value out of range, or a group size that does not subdivide the level.
+        """
+        from kvpack.config import CodecConfig
+        from kvpack.presets import expand_preset
+
+        flags = {name: self.values[name] for name in self.groups["codec"]}
+        own = [name for name in flags if name not in _CODEC_CHOICE and name not in TRANSFORM_OPTIONS]
+        given = {
+            "method": flags["method"],
+            "bits": flags["bits"],
+            "group_size": flags["group_size"],
+            "outlier_ratio": flags["outlier_ratio"],
+            **{name: flags[name] for name in own},
+            "transforms": {name: flags[name] for name in TRANSFORM_OPTIONS},
+        }
+        options = expand_preset(flags["preset"], given)
+        level = flags["level"]
+        if level is not None:  # the level replaces a preset's group size; only --group-size subdivides it
+            from kvpack.codecs import get_codec_class
+
+            transforms = options["transforms"]
+            if "channel" in (transforms.get("key_axis"), transforms.get("value_axis")):
+                raise InvalidInputError(
+                    "--level sets the size of token groups; with a channel axis give --group-size (tokens per group)"
+                )
+            block = get_codec_class(options.get("method") or "adaptive").block_size
+            size = level_group_size(level, flags["group_size"] or block, dims)
+            options["group_size"] = size if size is not None else options.get("group_size")
+            if level == "token":
+                transforms["stack_layers"] = True
+        return CodecConfig.build(options.pop("method", "adaptive"), **options)
+
+    def allocation(self):
+        """The :class:`~kvpack.allocation.solver.Allocation` of the allocation options, or ``None``.
+
+        Raises:
+            InvalidInputError: budgets or widths without --allocate, or bad values.
+        """
+        from kvpack.allocation.solver import Allocation
+
+        names = self.groups["allocation"]
+        given = {name: self.values[name] for name in names if self.values[name] is not None}
+        return Allocation.from_flat(given, {name: self.flags[name] for name in names})
+
+    def entropy(self):
+        """The :class:`~kvpack.formats.entropy.EntropyConfig` of ``--zstd-level`` / ``--zstd-kinds`` /
+        ``--no-transpose``.
+
+        Raises:
+            InvalidInputError: a level outside 0-22 or an unknown kind.
+        """
+        from kvpack.formats.entropy import SECTION_KINDS, EntropyConfig
+
+        kinds = self.values["zstd_kinds"]
+        chosen = SECTION_KINDS if kinds is None else tuple(k.strip() for k in kinds.split(",") if k.strip())
+        return EntropyConfig(
+            level=self.values["zstd_level"], kinds=frozenset(chosen), transpose=not self.values["no_transpose"]
+        )
 
 
 def level_group_size(

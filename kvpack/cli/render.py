@@ -25,7 +25,9 @@ _OPTION = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
 def cli_terms(message: str) -> str:
     """A library message in the command line's words: the API options it names (``target_bits``,
     ``force=True``; :func:`kvpack.errors.option`) become flags (``--target-bits``, ``--force``)."""
-    table = flag_table() if flag_table is not None else {}
+    if flag_table is None or not _OPTION.search(message):  # the table builds every command's options
+        return message
+    table = flag_table()
 
     def flag(match: re.Match) -> str:
         name, value = match.group(1), match.group(2)

@@ -23,7 +23,7 @@ sensitivity-weighted k-means "nuqX" datatypes); Lloyd, "Least squares quantizati
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -40,7 +40,9 @@ from kvpack.codecs.base import (
     masked_mean_std,
     minmax_from,
     minmax_normalizers,
+    option,
     scaled_codes_specs,
+    symmetric_option,
 )
 from kvpack.grouping import GroupLayout, from_heads, to_groups, to_heads
 
@@ -53,9 +55,9 @@ LLOYD_TOLERANCE = 1e-6
 
 @dataclass(frozen=True)
 class AdaptiveParams(CodecParams):
-    symmetric: bool = False
-    normalization: str = field(default="minmax", metadata={"choices": ("minmax", "meanstd")})
-    codebook_scope: str = field(default="head", metadata={"choices": ("tensor", "head", "group")})
+    symmetric: bool = symmetric_option()
+    normalization: str = option("minmax", "Group normalization", choices=("minmax", "meanstd"))
+    codebook_scope: str = option("head", "One codebook per", choices=("tensor", "head", "group"))
 
 
 class AdaptiveCodec(Codec):

@@ -74,18 +74,46 @@ class SectionSpec:
             raise ValueError(f"section spec {self.kind}/{self.dtype}: scope must be one of {SCOPES}, got {self.scope!r}")
 
 
+def option(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str | None = None) -> Any:
+    """A field of a codec's :class:`CodecParams`, with what the command line makes of it.
+
+    Each field is one option of ``compress``, ``eval`` and ``dump -o x.kvp`` (a field name several
+    codecs share is one option). ``help`` is its text (the command line adds the choices, the
+    methods taking it and their defaults); ``choices`` are the only values accepted; ``flag`` is
+    the spelling where it is not ``--field-name`` (``--field-name/--no-field-name`` for a bool),
+    e.g. ``--symmetric/--asymmetric``.
+    """
+    metadata: dict[str, Any] = {"help": help}
+    if choices:
+        metadata["choices"] = tuple(choices)
+    if flag is not None:
+        metadata["flag"] = flag
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def symmetric_option() -> Any:
+    """The ``symmetric`` field of the codecs with a zero-point (one definition, one CLI option)."""
+    return option(False, "No zero-point", flag="--symmetric/--asymmetric")
+
+
+def field_type(field: dataclasses.Field) -> type:
+    """The Python type of a :class:`CodecParams` field (``bool``, ``str``, ``int`` or ``float``)."""
+    return _FIELD_TYPES[field.type] if isinstance(field.type, str) else field.type
+
+
 @dataclass(frozen=True)
 class CodecParams:
     """Base of every codec's frozen option dataclass.
 
-    Fields with ``metadata={"choices": (...)}`` only accept those values. Loaded from a file
-    through :meth:`from_dict`, which accepts only the declared fields with their declared types.
+    Fields (declared with :func:`option`) with ``metadata={"choices": (...)}`` only accept those
+    values. Loaded from a file through :meth:`from_dict`, which accepts only the declared fields
+    with their declared types.
     """
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            expected = _FIELD_TYPES[field.type] if isinstance(field.type, str) else field.type
+            expected = field_type(field)
             if type(value) is not expected and not (expected is float and type(value) is int):
                 raise InvalidInputError(f"option {field.name} must be {expected.__name__}, got {brief(value)}")
             choices = field.metadata.get("choices")

@@ -22,7 +22,7 @@ outliers of key channels (see docs/benchmarks.md for what that costs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -39,7 +39,9 @@ from kvpack.codecs.base import (
     masked_mean_std,
     minmax_from,
     minmax_normalizers,
+    option,
     scaled_codes_specs,
+    symmetric_option,
 )
 from kvpack.grouping import GroupLayout
 
@@ -56,8 +58,8 @@ def gaussian_bins(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class NormalParams(CodecParams):
-    symmetric: bool = False
-    normalization: str = field(default="meanstd", metadata={"choices": ("meanstd", "minmax")})
+    symmetric: bool = symmetric_option()
+    normalization: str = option("meanstd", "Group normalization", choices=("meanstd", "minmax"))
 
 
 class NormalCodec(Codec):

@@ -30,13 +30,14 @@ from kvpack.codecs.base import (
     masked_abs_max,
     masked_min_max,
     scaled_codes_specs,
+    symmetric_option,
 )
 from kvpack.grouping import GroupLayout
 
 
 @dataclass(frozen=True)
 class UniformParams(CodecParams):
-    symmetric: bool = False
+    symmetric: bool = symmetric_option()
 
 
 class UniformCodec(Codec):
