@@ -3,7 +3,7 @@
 Per group: mean ``mu`` and population standard deviation ``sigma`` (with ``symmetric``:
 ``mu = 0`` and ``sigma`` = root mean square), both stored as float16 (rounded to
 nearest). With ``L = 2**B``, bin edges are the standard normal quantiles
-``t_i = Phi^-1(i / L)`` (``scipy.stats.norm.ppf``), so every bin holds probability ``1/L``
+``t_i = Phi^-1(i / L)`` (``scipy.special.ndtri``, what ``scipy.stats.norm.ppf`` computes), so every bin holds probability ``1/L``
 under N(0, 1); bin ``i`` is reconstructed at its conditional mean
 ``E[Z | t_i < Z < t_{i+1}] = L * (phi(t_i) - phi(t_{i+1}))``. Codes are the bin of
 ``(x - mu) / sigma``; ``x_hat = mu + sigma * level[code]``. A group with ``sigma == 0``
@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from scipy.stats import norm
+from scipy.special import ndtri
 
 from kvpack.codecs.base import (
     FUSED_LEVELS,
@@ -50,8 +50,8 @@ from kvpack.grouping import GroupLayout
 def gaussian_bins(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inner bin edges ``(2**bits - 1,)`` and reconstruction levels ``(2**bits,)`` (float32)."""
     levels = 1 << bits
-    edges = norm.ppf(np.arange(levels + 1) / levels)  # -inf .. inf
-    density = norm.pdf(edges)
+    edges = ndtri(np.arange(levels + 1) / levels)  # -inf .. inf
+    density = np.exp(-(edges**2) / 2.0) / np.sqrt(2 * np.pi)  # the standard normal pdf, as scipy.stats computes it
     centroids = levels * (density[:-1] - density[1:])
     return torch.tensor(edges[1:-1], dtype=torch.float32), torch.tensor(centroids, dtype=torch.float32)
 
