@@ -218,7 +218,7 @@ def main() -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     base = base_dump(args.work_dir)
     print(HEADER, flush=True)
-    baseline = measure([sys.executable, "-c", "import torch, kvpack.api, kvpack.cli.app"])
+    baseline = measure([sys.executable, "-c", "import torch, kvpack.compress, kvpack.restore.files, kvpack.cli.app"])
     baseline.update(size="–", command="baseline: import torch + kvpack", mb_per_s=None, cache_mb=0.0)
     print(format_row(baseline), flush=True)
     rows = [baseline]

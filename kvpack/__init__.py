@@ -31,7 +31,7 @@ _EXPORTS = {
     "EvalMethod": "kvpack.evaluation.evaluate",
     "EvalProtocol": "kvpack.evaluation.evaluate",
     "KvpReader": "kvpack.formats.reader",
-    "open_kvp": "kvpack.formats.reader",
+    "open_kvp": "kvpack.restore.decode",
     "KvpWriter": "kvpack.formats.writer",
 }
 __all__ = ["__version__", *_EXPORTS]

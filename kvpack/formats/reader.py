@@ -292,8 +292,3 @@ def _inflate_header(raw: bytes, name: str) -> bytes:
         return decompress_section(raw, size)
     except ValueError as exc:
         raise FormatError(f"{name}: corrupted header: {exc}") from None
-
-
-def open_kvp(path: str | os.PathLike) -> KvpReader:
-    """Open a ``.kvp`` file lazily (see :class:`KvpReader`)."""
-    return KvpReader(path)

@@ -6,6 +6,8 @@ to :func:`kvpack.entry.decode_entry` and names the file in every error.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kvpack.entry import decode_entry
@@ -16,7 +18,11 @@ from kvpack.names import parse_kv_name
 
 class EntryDecoder:
     """Decodes the tensors of one open :class:`KvpReader`; a stacked entry (``layers.all.key``,
-    ``--level token``) is decoded once and kept until each of its layers has been read."""
+    ``--level token``) is decoded once and kept until each of its layers has been read.
+
+    Everything else (``keys()``, ``tensor_names()``, ``metadata``, ``entries()``, ``verify()`` ...)
+    is the reader's. As a context manager it closes the reader it was opened with.
+    """
 
     def __init__(self, reader: KvpReader):
         self.reader = reader
@@ -53,6 +59,28 @@ class EntryDecoder:
         except (RuntimeError, ValueError, IndexError, TypeError, OverflowError) as exc:
             # Every size was validated; what remains are values no encoder writes.
             raise FormatError(f"{reader.path}: tensor {brief(name)} cannot be decoded ({exc})") from None
+
+
+    def __getattr__(self, name: str):
+        if name == "reader":  # not set yet (during unpickling or a failed __init__)
+            raise AttributeError(name)
+        return getattr(self.reader, name)
+
+    def __enter__(self) -> EntryDecoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.reader.close()
+
+
+def open_kvp(path: str | os.PathLike) -> EntryDecoder:
+    """Open a ``.kvp`` lazily: the header is read and validated, tensors are decoded one at a
+    time with ``read_tensor(name, dtype=None)``; use with ``with``.
+
+    Raises:
+        FormatError: see :class:`KvpReader` (missing, truncated or corrupted file).
+    """
+    return EntryDecoder(KvpReader(path))
 
 
 def read_tensor(reader: KvpReader, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
