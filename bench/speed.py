@@ -253,6 +253,7 @@ def measure_trees(args: argparse.Namespace, trees: list[Tree]) -> dict:
         check_tree(tree, args.python, cache_root, work)
         print(f"tree {tree.label}: {tree.path} at {tree.commit}", flush=True)
     started = time.perf_counter()
+    load = [os.getloadavg()[0]]  # 1-minute load average between the stages: is the machine quiet?
     big = work / f"smollm2-wikitext-{args.size_gb:g}GB.safetensors"
     if not big.exists():  # built once, with the first tree's kvpack
         child(args, trees[0], ["--build-only"], cache_root, work)
@@ -272,6 +273,7 @@ def measure_trees(args: argparse.Namespace, trees: list[Tree]) -> dict:
                     work,
                 )
                 codecs[tree.label].append(json.loads(out.read_text()))
+                load.append(os.getloadavg()[0])
                 if codecs[tree.label][-1]["kvpack"] != str(tree.path / "kvpack"):
                     raise SystemExit(f"tree {tree.label}: the codec run imported {codecs[tree.label][-1]['kvpack']}")
     process = None
@@ -288,6 +290,7 @@ def measure_trees(args: argparse.Namespace, trees: list[Tree]) -> dict:
             process_repeats=args.process_repeats,
             warmup=args.warmup,
         )
+        load.append(os.getloadavg()[0])
     run = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
@@ -298,6 +301,7 @@ def measure_trees(args: argparse.Namespace, trees: list[Tree]) -> dict:
         "rounds": args.rounds,
         "repeats": args.repeats,
         "minutes": (time.perf_counter() - started) / 60,
+        "load": load,
         "trees": [{"label": t.label, "path": str(t.path), "commit": t.commit} for t in trees],
         "codecs": {label: merge_rounds(runs) for label, runs in codecs.items() if runs},
         "process": process,
@@ -383,6 +387,16 @@ def render_trees(run: dict) -> str:
         "",
     ]
     lines += [f"- **{t['label']}**: `{t['path']}` at {t['commit']}" for t in run["trees"]]
+    if run.get("load"):
+        cores = int(run["machine"].split(", ")[1].split()[0])
+        peak = max(run["load"])
+        lines += ["", f"1-minute load average between the stages: {', '.join(f'{x:.1f}' for x in run['load'])}."]
+        if peak > cores:
+            lines[-1] += (
+                f" **The machine was busy (load {peak:.1f} on {cores} cores): these MB/s are far below a quiet "
+                "run's (numba's parallel kernels wait for descheduled threads) and the changes between trees "
+                "are not trustworthy; run again on a quiet machine.**"
+            )
     codecs = run.get("codecs") or {}
     if codecs:
         ref = codecs[first]
