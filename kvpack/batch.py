@@ -31,6 +31,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from kvpack.allocation.solver import Allocation
 from kvpack.compress import compress_file
 from kvpack.config import CodecConfig
@@ -293,9 +295,7 @@ def _init_worker(threads: int) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C pending since start is dropped
-    import torch
-
-    from kvpack.codecs.kernels import set_threads
+    from kvpack.codecs.kernels import set_threads  # first use of numba, in the worker only
 
     torch.set_num_threads(threads)
     set_threads(threads)  # the fused kernels' pool too: N workers x N threads would oversubscribe the cores

@@ -165,9 +165,7 @@ class CodecConfig:
         if self.rotate == "none" and self.rotate_seed:
             raise InvalidInputError("`rotate_seed` only applies with `rotate=hadamard`")
         if self.outlier_select != "tails" and not self.outlier_ratio:
-            raise InvalidInputError(
-                "`outlier_select` only applies with an outlier ratio (`outlier_ratio`) above 0"
-            )
+            raise InvalidInputError("`outlier_select` only applies with an outlier ratio (`outlier_ratio`) above 0")
         counts = self.width_counts
         if isinstance(counts, list):
             counts = tuple(counts)
@@ -320,7 +318,6 @@ class CodecConfig:
         if self.stack_layers:
             text += " (K and V of all layers in one entry each)"
         if self.outlier_ratio:
-
             try:
                 kept = outliers_per_group(self.outlier_ratio, self.group_size, self.outlier_select)
                 text += (

@@ -43,7 +43,6 @@ def load_codec_config(path: str | Path) -> CodecConfig:
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
     if isinstance(data, dict) and "preset" in data and "params" not in data:
-
         rest = {k: v for k, v in data.items() if k != "preset"}
         try:
             data = flat_options(data["preset"] if isinstance(data["preset"], str) else repr(data["preset"]), rest)

@@ -68,7 +68,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 def check_float_dtype(name: str, dtype: str) -> None:
     """Raises InvalidInputError unless tensor ``name`` of dtype ``dtype`` (a file name) can be quantized."""
     if dtype not in FLOAT_DTYPES:
-        raise InvalidInputError(f"tensor {name!r}: dtype {dtype} cannot be quantized (expected {', '.join(FLOAT_DTYPES)})")
+        raise InvalidInputError(
+            f"tensor {name!r}: dtype {dtype} cannot be quantized (expected {', '.join(FLOAT_DTYPES)})"
+        )
 
 
 def restore_dtype(dtype: torch.dtype | None) -> str | None:

@@ -57,7 +57,7 @@ def encode(name: str, x: torch.Tensor, config: CodecConfig, plan: TensorPlan) ->
         InvalidInputError: NaN / Inf values, or values beyond the float16 range of the metadata
             (the messages of the torch path).
     """
-    from kvpack.codecs import kernels
+    from kvpack.codecs import kernels  # first use of numba: header-only commands never load it
 
     layout = plan.layout
     batch, heads, tokens, head_dim = layout.shape
@@ -136,7 +136,7 @@ def decode(entry, codes: np.ndarray, arrays: dict[str, torch.Tensor], out_dtype:
     Raises:
         InvalidInputError: decoded values that overflow float32 (no encoder writes such scales).
     """
-    from kvpack.codecs import kernels
+    from kvpack.codecs import kernels  # first use of numba
 
     config, layout = entry.codec, entry.plan.layout
     batch, heads, tokens, head_dim = layout.shape

@@ -128,7 +128,6 @@ def size_breakdown(entries: list[TensorEntry], file_size: int) -> dict:
     }
 
 
-
 def build_report(entries: list[TensorEntry], file_size: int, errors: dict[str, ErrorAccumulator] | None) -> dict:
     """Size breakdown (bits per element by section kind) joined with error statistics.
 
@@ -258,7 +257,6 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict:
         InvalidInputError, FormatError: unreadable or invalid file.
     """
     if is_kvp_file(path):
-
         with KvpReader(path) as reader:
             entries = reader.entries()
             tensors = [

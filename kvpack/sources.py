@@ -55,7 +55,6 @@ class CacheSource:
             InvalidInputError: no such tensor.
         """
         if self.kind == "kvp":
-
             return select_outputs(self._kvp, names=[name])[0].shape
         if name not in self._keys:
             raise InvalidInputError(f"{self.path}: no tensor named {name!r}")
@@ -82,7 +81,6 @@ class CacheSource:
             FormatError: unreadable data.
         """
         if self.kind == "kvp":
-
             yield from tensor_pieces(self._kvp, names, step)
             return
         shapes = {name: self.shape(name) for name in names}

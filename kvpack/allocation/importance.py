@@ -29,6 +29,8 @@ target``), ΔPPL at 2.5 / 3.0 bits per element: ``a_t^2`` +53.6 % (2 windows onl
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from kvpack.errors import InvalidInputError
@@ -47,8 +49,6 @@ def is_stats_tensor(name: str) -> bool:
 
 def stats_description(last_n: int) -> str:
     """The ``attention_stats`` metadata value: what the statistics tensors hold (JSON)."""
-    import json
-
     return json.dumps(
         {
             "last_n_queries": last_n,

@@ -130,7 +130,6 @@ def allocate_widths(
     names = list(tables)
     ordered = [tables[n] for n in names]
 
-
     def present_cost(present: list[torch.Tensor], chosen: list[torch.Tensor] | None = None) -> float:
         """Bits that depend on which widths occur (bool masks over each table's widths): shared
         codebooks, and the header with a section per width (sized with the counts of ``chosen``

@@ -283,9 +283,7 @@ class Allocation:
             return None
         if "allocate" not in given:
             named = [flags[key] for key in given] if flags else sorted(given)
-            raise InvalidInputError(
-                f"{', '.join(named)} need {flags['allocate'] if flags else '`allocate`'}"
-            )
+            raise InvalidInputError(f"{', '.join(named)} need {flags['allocate'] if flags else '`allocate`'}")
         return cls(given.pop("allocate"), **given)
 
     def restrict(self, table: WidthTable) -> WidthTable:

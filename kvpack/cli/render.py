@@ -42,6 +42,7 @@ def cli_terms(message: str) -> str:
 
     return _OPTION.sub(flag, message)
 
+
 console = Console()
 err_console = Console(stderr=True)
 

@@ -128,7 +128,9 @@ class AdaptiveCodec(Codec):
         if step > 1:  # the same groups the torch path learns from
             index = sampled_groups(layout, step)
             sub = sampled_layout(layout, step)
-            codebook = self.learn(to_groups(x[:, :, ::step].to(torch.float32), sub), sub, None, center[index], half[index])
+            codebook = self.learn(
+                to_groups(x[:, :, ::step].to(torch.float32), sub), sub, None, center[index], half[index]
+            )
         else:
             codebook = self.learn(to_groups(x.to(torch.float32), layout), layout, None, center, half)
         arrays = {"scale": half, "codebook": codebook.reshape(-1)}

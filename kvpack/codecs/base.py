@@ -71,7 +71,9 @@ class SectionSpec:
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
-            raise ValueError(f"section spec {self.kind}/{self.dtype}: scope must be one of {SCOPES}, got {self.scope!r}")
+            raise ValueError(
+                f"section spec {self.kind}/{self.dtype}: scope must be one of {SCOPES}, got {self.scope!r}"
+            )
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str | None = None) -> Any:

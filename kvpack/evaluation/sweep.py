@@ -40,6 +40,7 @@ The config is TOML (``docs/benchmarks.md`` shows the one ``bench/quality.py`` ru
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import itertools
 import json
@@ -320,8 +321,6 @@ def series_name(result: dict) -> str:
 
 def require_matplotlib() -> None:
     """Raises: ModelUnavailableError: matplotlib (for the plot) is not installed."""
-    import importlib.util
-
     if importlib.util.find_spec("matplotlib") is None:
         raise ModelUnavailableError("the sweep plot needs matplotlib: pip install 'kvpack[models]'")
 
@@ -329,10 +328,10 @@ def require_matplotlib() -> None:
 def plot(results: list[dict], path: Path, title: str) -> None:
     """PNG of ΔPPL % and KL versus bits per element: one line per codec series, baselines as markers."""
     require_matplotlib()
-    import matplotlib
+    import matplotlib  # optional heavy dependency (the models extra), loaded on first use
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     series: dict[str, list[dict]] = {}
     for result in results:

@@ -317,7 +317,7 @@ def build_cache(
     fewer than ``seq_len`` tokens is told it has seen ``seq_len`` tokens. The tensors are
     copied to ``device`` / ``dtype`` (default: their own dtype).
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # optional heavy dependency (the models extra), loaded on first use
 
     lm = unwrap_model(model)[0] if model is not None else None
     cache = DynamicCache(config=lm.config) if lm is not None else DynamicCache()

@@ -89,7 +89,10 @@ def load_model(model: str | None = None, gguf_file: str | None = None, device: s
         InvalidInputError: the device is not available.
     """
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import (  # optional heavy dependency (the models extra), loaded on first use
+            AutoModelForCausalLM,
+            AutoTokenizer,
+        )
     except ImportError:
         raise ModelUnavailableError("dumping needs the model extra: pip install 'kvpack[models]'") from None
     label = model
@@ -102,7 +105,9 @@ def load_model(model: str | None = None, gguf_file: str | None = None, device: s
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if os.path.isdir(model):
         kwargs["local_files_only"] = True
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import (
+        logging as hf_logging,  # optional heavy dependency (the models extra), loaded on first use
+    )
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # loading bars; the CLI shows its own status
@@ -375,16 +380,17 @@ def dump_cache(
         InvalidInputError: unsupported dtype, empty text, a cache without K/V tensors, or
             ``attention_stats`` below 1.
     """
-    import transformers
+    import transformers  # optional heavy dependency (the models extra), loaded on first use
 
     all_ids = tokenize(loaded.tokenizer, text)
     token_ids = tokenize(loaded.tokenizer, text, max_tokens)
     if attention_stats is None:
         tensors = collect_cache(loaded.model, token_ids, dtype, progress)
     else:
-
         if attention_stats < 1:
-            raise InvalidInputError(f"`attention_stats` (the last query positions to keep) must be at least 1, got {attention_stats}")
+            raise InvalidInputError(
+                f"`attention_stats` (the last query positions to keep) must be at least 1, got {attention_stats}"
+            )
         with QueryCapture(loaded.model) as capture:
             capture.recording, capture.keep_last = True, attention_stats
             tensors = collect_cache(loaded.model, token_ids, dtype, progress)

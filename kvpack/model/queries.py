@@ -30,7 +30,7 @@ class QueryCapture:
 
     def __enter__(self) -> QueryCapture:
         global _ACTIVE
-        from transformers import AttentionInterface
+        from transformers import AttentionInterface  # optional heavy dependency (the models extra), loaded on first use
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
         previous = self.model.config._attn_implementation or "eager"
@@ -65,7 +65,9 @@ class QueryCapture:
 
 
 def _capture_attention(module, query, key, value, attention_mask, **kwargs):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import (
+        ALL_ATTENTION_FUNCTIONS,  # optional heavy dependency (the models extra), loaded on first use
+    )
 
     capture = _ACTIVE
     previous = capture._previous if capture is not None else "sdpa"

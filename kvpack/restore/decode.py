@@ -60,7 +60,6 @@ class EntryDecoder:
             # Every size was validated; what remains are values no encoder writes.
             raise FormatError(f"{reader.path}: tensor {brief(name)} cannot be decoded ({exc})") from None
 
-
     def __getattr__(self, name: str):
         if name == "reader":  # not set yet (during unpickling or a failed __init__)
             raise AttributeError(name)
