@@ -56,7 +56,8 @@ def merge_results(results_dir: Path, extra: Path, labels: set[str] | None = None
     Raises:
         SystemExit: another protocol or reference.
     """
-    from kvpack.evaluation.sweep import csv_text, mark_pareto, plot
+    from kvpack.cli.plots import csv_text, plot
+    from kvpack.evaluation.sweep import mark_pareto
 
     run = json.loads((results_dir / "results.json").read_text())
     other = json.loads(extra.read_text())

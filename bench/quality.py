@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from bench_common import replace_section, run_sweep
 
-from kvpack.evaluation.sweep import plot, series_name, smallest_bits_within
+from kvpack.cli.plots import plot
+from kvpack.evaluation.sweep import series_name, smallest_bits_within
 
 MARKER = "## Model quality on WikiText-2"
 HERE = Path(__file__).resolve().parent

@@ -44,17 +44,10 @@ def sweep(
 
     Example: kvpack sweep --config bench/quality.toml --output-dir sweep-out
     """
+    from kvpack.cli.plots import csv_text, plot, require_matplotlib
     from kvpack.errors import InvalidInputError
     from kvpack.evaluation.evaluate import check_methods, evaluate
-    from kvpack.evaluation.sweep import (
-        csv_text,
-        load_sweep_config,
-        mark_pareto,
-        plot,
-        require_matplotlib,
-        results_json,
-        smallest_bits_within,
-    )
+    from kvpack.evaluation.sweep import load_sweep_config, mark_pareto, results_json, smallest_bits_within
     from kvpack.formats.atomic import atomic_output, check_output_path
     from kvpack.model.dump import load_model, tokenize
 
