@@ -31,7 +31,7 @@ from kvpack.restore.decode import read_tensor
 from kvpack.restore.files import decompress_file, load_kvp
 
 LAYERS, HEADS, HEAD_DIM, TOKENS = 30, 3, 64, 512  # SmolLM2-135M on the real_dump fixture
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(args, capsys):

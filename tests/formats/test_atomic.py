@@ -25,7 +25,7 @@ from kvpack import load_kvp
 from kvpack.cli.app import main
 from kvpack.formats.constants import PREAMBLE_SIZE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPRESS = ["--method", "adaptive", "--bits", "4", "--group-size", "64"]
 # The real cache repeated along the sequence: compress then writes for several seconds, so a
 # signal sent once the temp file has grown lands in the middle of the write, not after it.
