@@ -1,25 +1,74 @@
-"""Shared fixtures: one real SmolLM2 KV cache per test session (the model loads once)."""
+"""Shared fixtures and helpers: one real SmolLM2 KV cache per test session (the model loads once), the
+shared data folder, synthetic caches, and the check that model-backed tests carry the ``model`` marker."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvpack.formats.safetensors_io import SafetensorsSource
 
-WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw-test.txt"
+#: Where the project's shared data lives: ``../shared/data`` beside the project folder (for a checkout in
+#: ``/work/kvpack``, ``/work/shared/data``). Set ``KVPACK_SHARED_DATA`` to another folder to use that one
+#: instead (for example ``KVPACK_SHARED_DATA=/nonexistent`` to run the tests as a fresh clone without it).
+SHARED_DATA_ENV = "KVPACK_SHARED_DATA"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_TOKENS = 512
+#: Fixtures that run SmolLM2 (directly or through another fixture): a test using one is marked ``model``.
+MODEL_FIXTURES = frozenset({"real_dump", "real_tensors", "smollm", "cli_model", "wiki_ids"})
+
+
+def shared_data_file(name: str) -> Path | None:
+    """The file ``name`` of the shared data folder, or None when it is not there.
+
+    The folder is ``../shared/data`` beside the project (``SHARED_DATA``), or the folder named by the
+    environment variable ``KVPACK_SHARED_DATA``. It is optional: it is not part of the repository, and every
+    test must pass from a fresh clone without it, falling back to data the repository ships (the
+    bundled WikiText-2 passage). This is the one place tests look for it.
+    """
+    folder = Path(os.environ[SHARED_DATA_ENV]) if os.environ.get(SHARED_DATA_ENV) else SHARED_DATA
+    path = folder / name
+    return path if path.is_file() else None
 
 
 def wikitext_excerpt() -> str:
     """About 600 tokens of WikiText-2 test text, from the shared copy (else the bundled passage)."""
-    if WIKITEXT.is_file():
-        text = WIKITEXT.read_text(encoding="utf-8")
+    shared = shared_data_file("wikitext-2-raw-test.txt")
+    if shared is not None:
+        text = shared.read_text(encoding="utf-8")
         return text[200_000:204_000]
     from kvpack.model.dump import bundled_text
 
     return bundled_text()
+
+
+def small_cache(seed=0, seq=20, heads=2, dim=16, layers=2, dtype=torch.float16):
+    """A random cache of ``layers`` layers of K and V, (1, heads, seq, dim), and its token ids."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"layers.{i}.{role}": torch.randn(1, heads, seq, dim, generator=gen).to(dtype)
+        for i in range(layers)
+        for role in ("key", "value")
+    }
+    tensors["token_ids"] = torch.randint(0, 50000, (1, seq), generator=gen)
+    return tensors
+
+
+def pytest_collection_modifyitems(config, items):
+    """Refuse a test that uses a model fixture without ``@pytest.mark.model`` (so ``-m "not model"`` runs
+    without the model)."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("model") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that use a model fixture must be marked @pytest.mark.model:\n  " + "\n  ".join(unmarked)
+        )
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +110,14 @@ def cli_model(smollm, monkeypatch):
 
     monkeypatch.setattr(kvpack.model.dump, "load_model", load)
     return smollm
+
+
+@pytest.fixture(scope="session")
+def wiki_ids(smollm):
+    """The token ids of ``wikitext_excerpt()`` under SmolLM2's tokenizer."""
+    from kvpack.model.dump import tokenize
+
+    return tokenize(smollm.tokenizer, wikitext_excerpt())
 
 
 def tiny_gemma2(sliding_window: int, max_positions: int):

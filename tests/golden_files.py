@@ -2,7 +2,7 @@
 
 Each ``tests/golden/v{major}.{minor}/`` folder was written once by the kvpack writer of
 that format version and committed; every later version must keep reading all of them
-(``tests/test_golden.py``), and the current writer must reproduce the current version's
+(``tests/formats/test_golden.py``), and the current writer must reproduce the current version's
 folder byte for byte. Inputs are real: K/V of SmolLM2-135M-Instruct (layer 3, kv heads
 0-1, the first 6 tokens of the bundled WikiText-2 passage) in ``tests/golden/inputs.safetensors``,
 plus one hand-made tensor whose packed bytes are worked out by hand in the test.

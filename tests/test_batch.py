@@ -60,6 +60,7 @@ def store(real_dump, tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.model
 def test_directory_batch_compresses_the_good_files_and_names_the_bad_ones(store, real_tensors, tmp_path, capsys):
     report = tmp_path / "batch.json"
     code, out, err = run(["compress", store, *UNIFORM_4, "--json", report], capsys)
@@ -95,6 +96,7 @@ def test_directory_batch_compresses_the_good_files_and_names_the_bad_ones(store,
     assert_round_trip(store / "d.kvp", real_tensors)
 
 
+@pytest.mark.model
 def test_jobs_2_writes_the_same_bytes_as_jobs_1(real_dump, tmp_path, capsys):
     store = tmp_path / "store"
     store.mkdir()
@@ -111,6 +113,7 @@ def test_jobs_2_writes_the_same_bytes_as_jobs_1(real_dump, tmp_path, capsys):
     assert outputs[2] == outputs[1]
 
 
+@pytest.mark.model
 def test_patterns_duplicates_and_arguments_that_match_nothing(store, tmp_path, capsys):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -134,6 +137,7 @@ def test_patterns_duplicates_and_arguments_that_match_nothing(store, tmp_path, c
     assert sorted(p.name for p in out_dir.iterdir()) == ["a.kvp", "b.kvp"]
 
 
+@pytest.mark.model
 def test_expansion_rules(store):
     expansion = expand_inputs([store])
     names = ["a", "b", "bad", "c", "d"]
@@ -150,6 +154,7 @@ def test_expansion_rules(store):
     assert twice.files[0] == store / "c.safetensors" and len(twice.files) == len(set(twice.files)) == 6
 
 
+@pytest.mark.model
 def test_output_must_be_a_directory_in_batch_mode(store, tmp_path, capsys):
     a, b = store / "a.safetensors", store / "b.safetensors"
     for target in (tmp_path / "out.kvp", tmp_path / "missing-folder"):
@@ -162,6 +167,7 @@ def test_output_must_be_a_directory_in_batch_mode(store, tmp_path, capsys):
     assert not (store / "a.kvp").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["file.kvp", "store"]
 
 
+@pytest.mark.model
 def test_two_inputs_with_one_output_name_fail_before_any_work(store, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
@@ -181,6 +187,7 @@ def test_two_inputs_with_one_output_name_fail_before_any_work(store, tmp_path, c
         plan_outputs([store / "a", store / "a.kvp"])
 
 
+@pytest.mark.model
 def test_bad_options_fail_once_and_misfits_fail_per_file(store, capsys):
     code, _, err = run(["compress", store, "--jobs", "-1"], capsys)
     assert (
@@ -196,6 +203,7 @@ def test_bad_options_fail_once_and_misfits_fail_per_file(store, capsys):
     assert not any(p.suffix == ".kvp" and p.name != "d.kvp" for p in store.iterdir()) and temp_files(store) == []
 
 
+@pytest.mark.model
 def test_level_is_resolved_per_file(store, tmp_path, capsys):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -207,6 +215,7 @@ def test_level_is_resolved_per_file(store, tmp_path, capsys):
     assert not results[1]["ok"] and results[1]["report"] is None
 
 
+@pytest.mark.model
 def test_one_file_into_a_directory(store, tmp_path, capsys):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -228,6 +237,7 @@ def big_store(real_dump, tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.model
 def test_ctrl_c_stops_the_pool_and_leaves_no_temp_files(big_store, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -250,6 +260,7 @@ def test_ctrl_c_stops_the_pool_and_leaves_no_temp_files(big_store, tmp_path):
     assert list(out_dir.iterdir()) == []
 
 
+@pytest.mark.model
 def test_a_bug_in_one_file_is_reported_without_a_traceback_and_the_others_go_on(store, tmp_path, monkeypatch, capsys):
     import kvpack.batch
 

@@ -1,10 +1,12 @@
+from __future__ import annotations
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpack.errors import InvalidInputError
-from kvpack.packing import pack, packed_nbytes, unpack
+from kvpack.packing import pack, packed_nbytes, unpack, unpack_range
 
 
 def reference_pack(codes, bits):
@@ -74,3 +76,15 @@ def test_rejects_out_of_range_codes_and_widths():
 def test_unpack_rejects_wrong_length():
     with pytest.raises(InvalidInputError, match="expected 3"):
         unpack(np.zeros(2, np.uint8), 3, 8)
+
+
+def test_unpack_range_matches_unpack_at_every_width():
+    rng = np.random.default_rng(0)
+    for bits in (1, 2, 3, 5, 8, 9, 13):
+        codes = rng.integers(0, 1 << bits, 203)
+        packed = pack(codes, bits)
+        full = unpack(packed, bits, 203)
+        for start, stop in [(0, 203), (1, 2), (7, 9), (8, 8), (13, 200), (200, 203)]:
+            assert np.array_equal(unpack_range(packed, bits, 203, start, stop), full[start:stop]), (bits, start)
+    with pytest.raises(InvalidInputError):
+        unpack_range(pack(codes, 13), 13, 203, 5, 204)

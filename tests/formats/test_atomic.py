@@ -1,7 +1,8 @@
-"""Crash safety with real subprocesses: an interrupted or failing write keeps the old output (or leaves nothing).
+"""Crash-safe output (kvpack.formats.atomic): an interrupted or failing write keeps the old output (or leaves
+nothing), and outputs get the usual file mode.
 
-Each test runs ``python -m kvpack`` in a child process and interrupts it the way the outside
-world does (SIGINT, SIGKILL, a full disk, a file size limit), then looks at the target folder.
+The subprocess tests run ``python -m kvpack`` in a child process and interrupt it the way the outside
+world does (SIGINT, SIGKILL, a full disk, a file size limit), then look at the target folder.
 """
 
 import errno
@@ -21,11 +22,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvpack import load_kvp
+from kvpack import CodecConfig, compress_tensors, load_kvp
 from kvpack.cli.app import main
+from kvpack.errors import (
+    InvalidInputError,
+    OutputExistsError,
+)
 from kvpack.formats.constants import PREAMBLE_SIZE
+from kvpack.formats.entropy import EntropyConfig
+from tests.conftest import small_cache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPRESS = ["--method", "adaptive", "--bits", "4", "--group-size", "64"]
 # The real cache repeated along the sequence: compress then writes for several seconds, so a
 # signal sent once the temp file has grown lands in the middle of the write, not after it.
@@ -248,3 +255,48 @@ def test_file_size_limit_fails_decompress_cleanly(real_dump, old_kvp, tmp_path, 
     # also catches a temp file of the safetensors library's own (.tmpXXXXXX) left behind
     assert folder_state(target.parent) == before, err
     assert_one_line_error(code, err, 2, os.strerror(errno.EFBIG))
+
+
+@pytest.fixture
+def sample(tmp_path):
+    path = tmp_path / "s.kvp"
+    # dense sections: the header edits below find their keys where a 1.4 writer put them
+    compress_tensors(
+        small_cache(), path, CodecConfig.build("uniform", 3, 16, 0.1), {"model": "m"}, entropy=EntropyConfig.off()
+    )
+    return path
+
+
+def test_existing_output_is_kept_without_force(sample):
+    before = sample.read_bytes()
+    with pytest.raises(OutputExistsError, match="force=True"):
+        compress_tensors(small_cache(1), sample, CodecConfig.build("normal", 2, 16))
+    assert sample.read_bytes() == before
+    compress_tensors(small_cache(1), sample, CodecConfig.build("normal", 2, 16), force=True)
+    assert sample.read_bytes() != before
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path):
+    target = tmp_path / "partial.kvp"
+    tensors = small_cache()
+    tensors["layers.1.value"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(InvalidInputError, match="NaN"):
+        compress_tensors(tensors, target, CodecConfig.build("uniform", 4, 16))
+    assert os.listdir(tmp_path) == []
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    path = tmp_path / "mode.kvp"
+    compress_tensors({"x": torch.zeros(2)}, path, CodecConfig.build("uniform"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    os.chmod(path, 0o640)
+    compress_tensors({"x": torch.ones(2)}, path, CodecConfig.build("uniform"), force=True)
+    assert path.stat().st_mode & 0o777 == 0o640
+    # safetensors writes through a temp file of its own (mode 0600): the output still gets the usual mode
+    from kvpack.formats.safetensors_io import write_safetensors
+
+    restored = tmp_path / "restored.safetensors"
+    write_safetensors(restored, {"x": torch.zeros(2)}, {})
+    assert restored.stat().st_mode & 0o777 == 0o666 & ~umask

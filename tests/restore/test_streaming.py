@@ -6,11 +6,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -24,14 +20,12 @@ from kvpack.config import CodecConfig
 from kvpack.errors import ChecksumMismatchError, InvalidInputError
 from kvpack.formats.entropy import EntropyConfig
 from kvpack.formats.reader import KvpReader
-from kvpack.formats.safetensors_io import SafetensorsStream, safetensors_layout, write_safetensors
-from kvpack.packing import pack, unpack, unpack_range
+from kvpack.formats.safetensors_io import SafetensorsStream
 from kvpack.report import compare_caches, describe_file
 from kvpack.restore.decode import read_tensor
 from kvpack.restore.files import decompress_file, load_kvp
 
 LAYERS, HEADS, HEAD_DIM, TOKENS = 30, 3, 64, 512  # SmolLM2-135M on the real_dump fixture
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(args, capsys):
@@ -87,6 +81,7 @@ def header_of(path) -> tuple[int, dict]:
 # --- the streamed safetensors file ----------------------------------------------------------
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("kind", ["lossless", "uniform", "stacked"])
 def test_streamed_decompress_matches_the_save_file_path(kvp_files, kind, tmp_path):
     path = kvp_files[kind]
@@ -109,6 +104,7 @@ def test_streamed_decompress_matches_the_save_file_path(kvp_files, kind, tmp_pat
     assert 8 + length + spans[-1][1] == streamed.stat().st_size == result["output_bytes"]
 
 
+@pytest.mark.model
 def test_dtype_option_still_works(kvp_files, tmp_path, capsys):
     out = tmp_path / "f32.safetensors"
     code, _, err = run(["decompress", kvp_files["uniform"], "-o", out, "--dtype", "float32"], capsys)
@@ -121,6 +117,7 @@ def test_dtype_option_still_works(kvp_files, tmp_path, capsys):
         assert handle.metadata()["dtype"] == "float32"
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_failure_midway_leaves_no_output_and_no_temp_file(kvp_files, tmp_path, monkeypatch, existing):
     out = tmp_path / "out.safetensors"
@@ -153,6 +150,7 @@ def corrupted_copy(path, target, name: str, at: int, mask: int):
     return target
 
 
+@pytest.mark.model
 def test_a_corrupt_section_midway_leaves_nothing_and_one_error_line(kvp_files, tmp_path, capsys):
     bad = corrupted_copy(kvp_files["uniform"], tmp_path / "bad.kvp", "layers.20.value", 5, 0x10)
     code, _, err = run(["decompress", bad, "-o", tmp_path / "o.safetensors"], capsys)
@@ -160,38 +158,7 @@ def test_a_corrupt_section_midway_leaves_nothing_and_one_error_line(kvp_files, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.kvp"]
 
 
-def test_safetensors_layout_of_awkward_tensors_reads_back(tmp_path):
-    tensors = {
-        "half": torch.randn(3, dtype=torch.float16),
-        "ids": torch.arange(5),
-        "empty": torch.zeros(0, 4),
-        "scalar": torch.tensor(3.5),
-        "bf16": torch.randn(2, 3, dtype=torch.bfloat16),
-        "flags": torch.tensor([True, False, True]),
-        "bytes": torch.arange(7, dtype=torch.uint8),
-    }
-    path = tmp_path / "t.safetensors"
-    size = write_safetensors(path, tensors, {"k": "v"})
-    got = load_file(str(path))
-    assert size == path.stat().st_size and set(got) == set(tensors)
-    for name, x in tensors.items():
-        assert got[name].dtype == x.dtype and torch.equal(got[name], x), name
-    _, header = header_of(path)
-    for value in header.values():  # every tensor starts at a multiple of its element size
-        if "dtype" in value:
-            item = {"I64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(value["dtype"], 1)
-            assert value["data_offsets"][0] % item == 0
-    with pytest.raises(InvalidInputError, match="unique"):
-        safetensors_layout([("a", (1,), "float16"), ("a", (1,), "float16")], None)
-    assert "__metadata__" not in header_of_layout([("a", (2,), "float32")], None)
-
-
-def header_of_layout(tensors, metadata) -> dict:
-    layout = safetensors_layout(tensors, metadata)
-    return json.loads(layout.header[8:])
-
-
-# --- piecewise decoding ------------------------------------------------------------------
+# --- piecewise decoding ---------------------------------------------------------------------------
 
 
 PIECEWISE_CASES = {
@@ -214,6 +181,7 @@ PIECEWISE_CASES = {
 }
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("transpose", [False, True], ids=["group order (pieces)", "feature-major (whole)"])
 @pytest.mark.parametrize("case", list(PIECEWISE_CASES))
 def test_piecewise_decoding_is_bit_exact(case, transpose, dump_tensors, tmp_path, monkeypatch):
@@ -241,6 +209,7 @@ def test_piecewise_decoding_is_bit_exact(case, transpose, dump_tensors, tmp_path
         assert torch.equal(part[name], x[..., 13:333] if name == "token_ids" else x[:, :, 13:333]), name
 
 
+@pytest.mark.model
 def test_mixed_precision_entries_are_decoded_whole_and_cut(dump_tensors, tmp_path, monkeypatch):
     tensors, metadata = dump_tensors
     few = {
@@ -261,21 +230,10 @@ def test_mixed_precision_entries_are_decoded_whole_and_cut(dump_tensors, tmp_pat
         assert not streaming._piecewise(reader.entry("layers.2.key"))
 
 
-def test_unpack_range_matches_unpack_at_every_width():
-    rng = np.random.default_rng(0)
-    for bits in (1, 2, 3, 5, 8, 9, 13):
-        codes = rng.integers(0, 1 << bits, 203)
-        packed = pack(codes, bits)
-        full = unpack(packed, bits, 203)
-        for start, stop in [(0, 203), (1, 2), (7, 9), (8, 8), (13, 200), (200, 203)]:
-            assert np.array_equal(unpack_range(packed, bits, 203, start, stop), full[start:stop]), (bits, start)
-    with pytest.raises(InvalidInputError):
-        unpack_range(pack(codes, 13), 13, 203, 5, 204)
+# --- partial reads --------------------------------------------------------------------------------
 
 
-# --- partial reads -------------------------------------------------------------------------
-
-
+@pytest.mark.model
 def test_partial_reads_match_the_whole_cache(kvp_files, tmp_path, capsys):
     for kind in ("uniform", "stacked", "lossless"):
         path = kvp_files[kind]
@@ -309,6 +267,7 @@ def test_partial_reads_match_the_whole_cache(kvp_files, tmp_path, capsys):
     }
 
 
+@pytest.mark.model
 def test_a_selection_reads_only_its_own_sections(kvp_files, tmp_path, monkeypatch):
     read = []
     real = KvpReader.read_section
@@ -334,6 +293,7 @@ def test_a_selection_reads_only_its_own_sections(kvp_files, tmp_path, monkeypatc
     assert read == ["layers.all.key"] * sections and sum(decoded) == TOKENS
 
 
+@pytest.mark.model
 def test_a_selection_reads_despite_another_tensors_corrupt_bytes(kvp_files, tmp_path, capsys):
     bad = corrupted_copy(kvp_files["uniform"], tmp_path / "bad.kvp", "layers.0.key", 100, 0xFF)
     part, _ = load_kvp(bad, layers=[1, 2])
@@ -345,6 +305,7 @@ def test_a_selection_reads_despite_another_tensors_corrupt_bytes(kvp_files, tmp_
         load_kvp(bad)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -371,6 +332,7 @@ def test_bad_selections_give_one_line_and_exit_2(kvp_files, tmp_path, capsys, ar
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.model
 def test_api_selection_errors(kvp_files):
     with pytest.raises(InvalidInputError, match="bounds are non-negative integers"):
         load_kvp(kvp_files["uniform"], tokens=(-1, 5))
@@ -385,6 +347,7 @@ def test_api_selection_errors(kvp_files):
 # --- stats and inspect ----------------------------------------------------------------------
 
 
+@pytest.mark.model
 def test_stats_and_verify_work_piece_by_piece(real_dump, kvp_files, tmp_path, monkeypatch):
     restored = tmp_path / "r.safetensors"
     decompress_file(kvp_files["uniform"], restored)
@@ -400,18 +363,7 @@ def test_stats_and_verify_work_piece_by_piece(real_dump, kvp_files, tmp_path, mo
     assert describe_file(kvp_files["stacked"], verify=True)["verified_sections"] == sections
 
 
-def test_compressing_a_dump_twice_gives_the_same_bytes(real_dump, tmp_path):
-    """safetensors hands its metadata back in hash order, which differs between processes: sorted on reading."""
-    with safe_open(str(real_dump), "pt") as handle:
-        assert len(handle.metadata()) > 5
-    here, there = tmp_path / "a.kvp", tmp_path / "b.kvp"
-    compress_file(real_dump, here, CodecConfig.build("uniform", 4, 64))
-    args = ["compress", real_dump, "-o", there, "--method", "uniform", "--bits", "4", "--group-size", "64"]
-    done = subprocess.run([sys.executable, "-m", "kvpack", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert here.read_bytes() == there.read_bytes()
-
-
+@pytest.mark.model
 def test_stats_decodes_a_stacked_entry_once_for_all_its_layers(real_dump, dump_tensors, kvp_files, monkeypatch):
     decoded = []
     real_decode = streaming._decode_coded
@@ -426,6 +378,7 @@ def test_stats_decodes_a_stacked_entry_once_for_all_its_layers(real_dump, dump_t
     assert both["tensors"] == 2 * LAYERS and both["rows"]["all"]["rel_mse"] > 0
 
 
+@pytest.mark.model
 def test_feature_major_files_read_a_selection_whole_and_cut(kvp_files, monkeypatch):
     """Format 1.5's default codes: a token range decodes the selected entries whole (fused kernel), then cuts."""
     path = kvp_files["feature-major"]

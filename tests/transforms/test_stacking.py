@@ -41,6 +41,7 @@ def distinct_per_token(tensors: dict, role: str) -> torch.Tensor:
     return torch.tensor([row.unique().numel() for row in rows])
 
 
+@pytest.mark.model
 def test_cli_token_level_shares_one_grid_per_token_across_all_layers(tmp_path, real_dump, capsys):
     out, restored = tmp_path / "token.kvp", tmp_path / "token.safetensors"
     code, stdout, err = run(
@@ -90,6 +91,7 @@ def test_cli_token_level_shares_one_grid_per_token_across_all_layers(tmp_path, r
     assert code == 0 and "layers.all.key" in stdout
 
 
+@pytest.mark.model
 def test_token_level_subdivided_at_layer_boundaries_equals_the_layer_level(tmp_path, real_tensors):
     """Groups of num_kv_heads * head_dim never cross a layer, so the stacked file decodes exactly as per-layer groups."""
     per_layer = CodecConfig.build("uniform", 3, HEADS * HEAD_DIM)
@@ -102,6 +104,7 @@ def test_token_level_subdivided_at_layer_boundaries_equals_the_layer_level(tmp_p
     assert (tmp_path / "stacked.kvp").stat().st_size < (tmp_path / "layer.kvp").stat().st_size  # one header entry
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(
     "method, bits, transforms",
     [
@@ -139,6 +142,7 @@ def test_every_codec_and_transform_works_across_layers(tmp_path, real_dump, real
     assert cache_error(tmp_path / "x.kvp") <= 1.25 * cache_error(tmp_path / "layer.kvp") + 1e-6
 
 
+@pytest.mark.model
 def test_readers_restore_single_layers_of_a_stacked_file(tmp_path, real_dump, real_tensors):
     compress_file(real_dump, tmp_path / "x.kvp", stacked(bits=4))
     whole = load_kvp(tmp_path / "x.kvp")[0]
@@ -180,6 +184,7 @@ def test_stacking_refuses_caches_whose_layers_differ(tmp_path, capsys):
     assert run(["compress", path, "-m", "uniform", "-g", "16"], capsys)[0] == 0
 
 
+@pytest.mark.model
 def test_hostile_stacked_headers_are_refused(tmp_path, real_tensors):
     small = {n: x[:, :, :4] if n.startswith("layers.") else x for n, x in real_tensors.items()}
     compress_tensors(small, tmp_path / "x.kvp", stacked(group_size=64))
@@ -211,24 +216,6 @@ def test_hostile_stacked_headers_are_refused(tmp_path, real_tensors):
     refused(rename("layers.all.key", "layers.0.key"), "stack_layers applies to the entries layers.all.key")
 
 
-def test_eval_at_the_token_level_on_the_model(cli_model, tmp_path, capsys):
-    from tests.conftest import wikitext_excerpt
-
-    text = tmp_path / "wiki.txt"
-    text.write_text(wikitext_excerpt(), encoding="utf-8")
-    args = ["eval", "--text-file", text, "--prefix", "64", "--continuation", "16", "--windows", "2", "--json", "-"]
-    code, stdout, err = run([*args, "-m", "uniform", "-b", "4", "--level", "token"], capsys)
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["config"]["stack_layers"] is True and report["config"]["group_size"] == LAYERS * HEADS * HEAD_DIM
-    # 4-bit codes and a scale per token, after the entropy stage (one grid for a whole token: mostly middle codes)
-    assert 1.0 < report["bits_per_element"] < 4.2 and report["kl_mean"] > 0
-    code, stdout, err = run(["dump", "--text-file", text, "-o", tmp_path / "d.kvp", "--level", "token"], capsys)
-    assert code == 0, err
-    with KvpReader(tmp_path / "d.kvp") as reader:
-        assert reader.entry("layers.all.value").codec.stack_layers
-
-
 def test_writer_refuses_a_layer_that_is_also_in_a_stacked_entry(tmp_path):
     from kvpack.entry import encode_tensor
     from kvpack.formats.writer import KvpWriter
@@ -246,6 +233,7 @@ def test_writer_refuses_a_layer_that_is_also_in_a_stacked_entry(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.model
 def test_a_stacked_entry_for_one_role_beside_per_layer_tensors(tmp_path, real_tensors):
     """Valid by the spec: keys stacked, values per layer; the reader restores both kinds."""
     from kvpack.entry import encode_tensor

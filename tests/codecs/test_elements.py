@@ -460,6 +460,7 @@ def _half_spacing_bound(q: np.ndarray, fmt) -> np.ndarray:
     return np.where(a <= fmt.max_value, half, a - fmt.max_value)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("method", sorted(ELEMENT_CODECS))
 @pytest.mark.parametrize("ratio", [0.0, 0.0625])
 def test_real_cache_round_trip(real_tensors, tmp_path, method, ratio):
@@ -512,6 +513,7 @@ def test_real_cache_round_trip(real_tensors, tmp_path, method, ratio):
                 assert torch.all((groups.abs() <= scale[:, None] * fmt.max_value)[mask])
 
 
+@pytest.mark.model
 def test_real_cache_error_ordering(real_tensors):
     """More element bits, less error: measured on real keys and values (no outliers)."""
     rel = {}

@@ -1,14 +1,11 @@
-"""The fused kernels (kvpack.codecs.kernels, kvpack.fused) give the torch path's bytes and values, bit for bit."""
+"""The fused path (kvpack.fused) gives the torch path's bytes and values, bit for bit."""
 
-import numba
-import numpy as np
 import pytest
 import torch
 
 from kvpack import CodecConfig
 from kvpack import fused as fastpath
 from kvpack.codecs.adaptive import LLOYD_SAMPLES
-from kvpack.codecs.kernels import bfloat16_bits_of, float16_bits_of
 from kvpack.entry import decode_entry, encode_tensor
 from kvpack.errors import InvalidInputError
 from kvpack.formats.entropy import EntropyConfig, section_transposes
@@ -29,32 +26,6 @@ CONFIGS = (
 )
 
 
-@numba.njit
-def _convert(values, half, brain):
-    bits = values.view(np.uint32)
-    for i in range(values.size):
-        half[i] = float16_bits_of(bits[i])
-        brain[i] = bfloat16_bits_of(bits[i])
-
-
-def test_float32_to_half_rounding_matches_torch():
-    gen = np.random.default_rng(0)
-    patterns = gen.integers(0, 1 << 32, size=1 << 20, dtype=np.uint64).astype(np.uint32)
-    edges = np.array([0x33000000, 0x33000001, 0x38800000, 0x387FFFFF, 0x477FEFFF, 0x477FF000, 0x7F800000, 0x3F801000])
-    patterns = np.concatenate([patterns, edges.astype(np.uint32), edges.astype(np.uint32) | 0x80000000])
-    values = patterns.view(np.float32)
-    values = values[~np.isnan(values)]  # NaN payloads may differ; NaN stays NaN (checked below)
-    half, brain = np.empty(values.size, np.uint16), np.empty(values.size, np.uint16)
-    _convert(values, half, brain)
-    expected = torch.from_numpy(values)
-    assert np.array_equal(half, expected.half().view(torch.int16).numpy().view(np.uint16))
-    assert np.array_equal(brain, expected.bfloat16().view(torch.int16).numpy().view(np.uint16))
-    nan_half, nan_brain = np.empty(1, np.uint16), np.empty(1, np.uint16)
-    _convert(np.array([np.nan], np.float32), nan_half, nan_brain)
-    assert np.isnan(nan_half.view(np.float16)[0])
-    assert np.isnan((nan_brain.astype(np.uint32) << 16).view(np.float32)[0])
-
-
 def both_paths(name, x, config, monkeypatch):
     dtype = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[x.dtype]
     transposes = section_transposes(name, tuple(x.shape), dtype, config, EntropyConfig())
@@ -73,6 +44,7 @@ def bits_of(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int32) if x.dtype == torch.float32 else x.view(torch.int16)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.describe())
 def test_fast_path_bytes_and_values_equal_the_torch_path(config, real_tensors, monkeypatch):
     key = real_tensors["layers.4.key"]
@@ -95,6 +67,7 @@ def test_fast_path_bytes_and_values_equal_the_torch_path(config, real_tensors, m
             )
 
 
+@pytest.mark.model
 def test_long_adaptive_tensors_learn_from_the_same_sampled_tokens(real_tensors, monkeypatch):
     x = real_tensors["layers.7.key"]
     long = torch.cat(
@@ -105,6 +78,7 @@ def test_long_adaptive_tensors_learn_from_the_same_sampled_tokens(real_tensors, 
     assert fast == slow
 
 
+@pytest.mark.model
 def test_fast_path_refuses_what_the_torch_path_refuses(real_tensors, monkeypatch):
     config = CodecConfig.build("uniform", 4, 64)
     x = real_tensors["layers.0.value"].clone()
@@ -117,6 +91,7 @@ def test_fast_path_refuses_what_the_torch_path_refuses(real_tensors, monkeypatch
         both_paths("layers.0.value", big, config, monkeypatch)
 
 
+@pytest.mark.model
 def test_other_layouts_take_the_torch_path(real_tensors):
     x = real_tensors["layers.0.key"]
     entropy = EntropyConfig()
@@ -136,6 +111,7 @@ def test_other_layouts_take_the_torch_path(real_tensors):
     assert not fastpath.can_encode(x, plain, plan, {})  # codes in group order (--no-transpose)
 
 
+@pytest.mark.model
 def test_signed_zeros_give_the_same_bytes_on_both_paths(real_tensors, monkeypatch):
     """Groups whose min or max is a zero of either sign: the stored zero-point is +0.0 on both paths."""
     x = real_tensors["layers.6.value"][:, :, :40].clone()
@@ -150,6 +126,7 @@ def test_signed_zeros_give_the_same_bytes_on_both_paths(real_tensors, monkeypatc
         assert fast == slow, config.describe()
 
 
+@pytest.mark.model
 def test_the_fast_path_names_the_tensor_it_refuses(real_tensors, monkeypatch):
     big = real_tensors["layers.0.value"].to(torch.bfloat16).clone()
     big[0, 0, 3, 3] = 1e6

@@ -25,7 +25,7 @@ from kvpack.formats.reader import KvpReader
 from tests.golden_files import GOLDEN, GOLDEN_DIR, SINCE, current_folder, golden_inputs, write_golden
 from tests.kvp_bytes import with_header
 
-SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "kvp-header.schema.json"
+SCHEMA = Path(__file__).resolve().parents[2] / "docs" / "kvp-header.schema.json"
 VERSION_FOLDERS = sorted(p for p in GOLDEN_DIR.iterdir() if p.is_dir())
 GOLDEN_PATHS = [
     folder / f"{name}.kvp"

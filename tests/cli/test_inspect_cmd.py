@@ -1,0 +1,45 @@
+"""`kvpack inspect` (kvpack.cli.inspect_cmd): --verify, and file contents printed verbatim."""
+
+import torch
+
+from kvpack import CodecConfig, compress_tensors
+from kvpack.cli.app import main
+from kvpack.formats.safetensors_io import write_safetensors
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, pattern):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_markup_in_file_contents_is_printed_verbatim(tmp_path, capsys):
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, {"layers.0.key": torch.ones(1, 1, 2, 8)}, {"model": "[/bold][link=x]evil"})
+    code, out, err = run(["inspect", path], capsys)
+    assert code == 0 and "[/bold][link=x]evil" in out
+    code, out, _ = run(["compress", path, "-o", tmp_path / "m.kvp", "--group-size", "8"], capsys)
+    assert code == 0
+    code, out, _ = run(["inspect", tmp_path / "m.kvp", "--tensors"], capsys)
+    assert code == 0 and "[/bold][link=x]evil" in out
+
+
+def test_inspect_verify_finds_a_corrupted_section(tmp_path, capsys):
+    path = tmp_path / "v.kvp"
+    compress_tensors({"layers.0.key": torch.randn(1, 1, 64, 8)}, path, CodecConfig.build("uniform", 4, 8))
+    code, out, _ = run(["inspect", path, "--verify"], capsys)
+    assert code == 0 and "verified: all 3 sections match their checksums" in out
+    data = bytearray(path.read_bytes())
+    data[80] ^= 0x10  # inside the codes section
+    path.write_bytes(bytes(data))
+    code, _, _ = run(["inspect", path], capsys)
+    assert code == 0  # without --verify the sections are not read
+    code, _, err = run(["inspect", path, "--verify"], capsys)
+    assert_one_line_error(code, err, "checksum mismatch in section codes")

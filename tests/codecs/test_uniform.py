@@ -1,0 +1,57 @@
+"""The uniform codec (kvpack.codecs.uniform): the error bound of its grid."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from kvpack.config import CodecConfig
+from kvpack.grouping import GroupLayout, to_groups
+
+FLOATS = st.floats(-1000, 1000, allow_nan=False, allow_infinity=False, width=16)
+
+
+def _encode_decode(method, bits, groups, layout, mask=None, **options):
+    codec = CodecConfig.build(method, bits, layout.group_size, **options).make_codec()
+    arrays = codec.encode(groups, layout, mask)
+    decoded = codec.decode({k: v.float() if v.is_floating_point() else v.long() for k, v in arrays.items()}, layout)
+    return arrays, decoded
+
+
+def _groups_of(values: np.ndarray) -> tuple[GroupLayout, torch.Tensor]:
+    """Layout and ``(n_groups, 8)`` float32 groups of a float16 array drawn by hypothesis."""
+    x = torch.from_numpy(values.astype(np.float32))
+    layout = GroupLayout(tuple(x.shape), 8)
+    return layout, to_groups(x, layout)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    values=arrays(np.float16, (1, 2, 5, 8), elements=FLOATS),
+    bits=st.integers(1, 8),
+    symmetric=st.booleans(),
+)
+def test_uniform_error_is_at_most_half_a_step(values, bits, symmetric):
+    layout, groups = _groups_of(values)
+    arrays, decoded = _encode_decode("uniform", bits, groups, layout, symmetric=symmetric)
+    scale = arrays["scale"][:, None]
+    assert arrays["codes"].max() <= (1 << bits) - 1
+    assert torch.all((groups - decoded).abs() <= scale / 2 * (1 + 1e-5) + 1e-30)
+    # the step is the min/max one (up to float16 rounding of scale and zero-point), not a coarser one
+    top = (1 << bits) - 1
+    lo, hi = groups.double().amin(1, keepdim=True), groups.double().amax(1, keepdim=True)
+    span = 2 * torch.maximum(hi.abs(), lo.abs()) if symmetric else hi - lo + lo.abs() * 2**-10
+    assert torch.all(scale.double() <= span / top * (1 + 2**-10) + 2**-24)
+
+
+@pytest.mark.model
+def test_uniform_bound_on_real_keys_and_values(real_tensors):
+    for name in ("layers.0.key", "layers.0.value", "layers.29.key"):
+        x = real_tensors[name].float()
+        layout = GroupLayout(tuple(x.shape), 64)
+        groups = to_groups(x, layout)
+        for bits in (2, 4):
+            arrays, decoded = _encode_decode("uniform", bits, groups, layout)
+            assert torch.all((groups - decoded).abs() <= arrays["scale"][:, None] / 2 * (1 + 1e-5))

@@ -1,0 +1,56 @@
+"""The streaming writer (kvpack.formats.writer): what it refuses to write, leaving nothing behind."""
+
+import os
+
+import pytest
+import torch
+
+from kvpack import CodecConfig, KvpWriter, compress_tensors, load_kvp
+from kvpack.entry import encode_tensor
+from kvpack.errors import (
+    InvalidInputError,
+)
+from kvpack.formats.entropy import EntropyConfig
+
+
+def test_writer_refuses_sections_that_do_not_match(tmp_path):
+    config = CodecConfig.build("uniform", 4, 16)
+    with pytest.raises(InvalidInputError, match="bytes, expected"):
+        with KvpWriter(tmp_path / "w.kvp") as writer:
+            sections = encode_tensor("layers.0.key", torch.zeros(1, 1, 2, 16), config)
+            sections["codes"] = sections["codes"][:-1]
+            writer.add_tensor("layers.0.key", (1, 1, 2, 16), "float32", config, sections)
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_refuses_reserved_names_and_bad_metadata(tmp_path):
+    with pytest.raises(InvalidInputError, match="invalid tensor name"):
+        compress_tensors({"__metadata__": torch.zeros(2)}, tmp_path / "a.kvp", CodecConfig.build("uniform"))
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        compress_tensors({"x": torch.zeros(2)}, tmp_path / "b.kvp", CodecConfig.build("uniform"), {"m": "\ud800"})
+    assert os.listdir(tmp_path) == []
+
+
+CODECS = {
+    "uniform-4": CodecConfig.build("uniform", 4, 64),
+    "uniform-2": CodecConfig.build("uniform", 2, 64),
+    "normal-4": CodecConfig.build("normal", 4, 64, normalization="minmax"),
+    "adaptive-3": CodecConfig.build("adaptive", 3, 64),
+    "kivi-2": CodecConfig.build("uniform", 2, 32, transforms={"key_axis": "channel"}),
+    "mxfp4": CodecConfig.build("mxfp4", None, None),
+}
+
+
+@pytest.mark.model
+def test_writer_refuses_a_transpose_that_does_not_fit(real_tensors, tmp_path):
+    from kvpack.formats.writer import KvpWriter
+
+    x = real_tensors["layers.0.key"]
+    config = CODECS["uniform-4"]
+    sections = encode_tensor("layers.0.key", x, config)
+    with KvpWriter(tmp_path / "x.kvp") as writer:
+        with pytest.raises(InvalidInputError, match="cannot be transposed"):
+            writer.add_tensor("layers.0.key", tuple(x.shape), "float16", config, sections, {"scale": 2})
+        writer.add_tensor("layers.0.key", tuple(x.shape), "float16", config, sections)  # nothing was written before
+    compress_tensors({"layers.0.key": x}, tmp_path / "y.kvp", config, entropy=EntropyConfig(transpose=False))
+    assert torch.equal(load_kvp(tmp_path / "x.kvp")[0]["layers.0.key"], load_kvp(tmp_path / "y.kvp")[0]["layers.0.key"])
