@@ -58,7 +58,7 @@ def test_config_round_trips_and_refuses_bad_transforms():
 
 def test_every_transform_key_is_known_to_the_reader_and_the_cli():
     """The transform keys are listed by hand in three places; they must agree."""
-    from kvpack.cli.options import TRANSFORM_OPTIONS, codec_parameters
+    from kvpack.cli.option_groups import TRANSFORM_OPTIONS, codec_parameters
     from kvpack.config import TRANSFORM_DEFAULTS
     from kvpack.formats.constants import KNOWN_REQUIRED_KEYS
 

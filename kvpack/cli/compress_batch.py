@@ -12,7 +12,8 @@ from rich.table import Table
 
 from kvpack.allocation.solver import Allocation
 from kvpack.batch import Expansion, Job, plan_outputs, record, run_jobs, same_file_key
-from kvpack.cli.options import SharedOptions, json_only
+from kvpack.cli.option_groups import SharedOptions
+from kvpack.cli.options import json_only
 from kvpack.cli.render import (
     cli_terms,
     err_console,

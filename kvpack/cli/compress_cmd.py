@@ -7,20 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvpack.cli.options import (
-    ALLOCATION,
-    CODEC,
-    ENTROPY,
-    Force,
-    Jobs,
-    JsonOut,
-    PerLayer,
-    SharedOptions,
-    check_json_path,
-    command,
-    json_only,
-    with_options,
-)
+from kvpack.cli.option_groups import ALLOCATION, CODEC, ENTROPY, SharedOptions, with_options
+from kvpack.cli.options import Force, Jobs, JsonOut, PerLayer, check_json_path, command, json_only
 from kvpack.cli.render import (
     bits_table,
     entropy_summary,

@@ -7,19 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
+from kvpack.cli.option_groups import CODEC, SharedOptions, with_options
 from kvpack.cli.options import (
-    CODEC,
     Device,
     DumpDtype,
     Force,
     GgufFile,
     JsonOut,
     ModelName,
-    SharedOptions,
     check_json_path,
     command,
     json_only,
-    with_options,
 )
 from kvpack.cli.render import err_console, human_bytes, print_json, progress_bar, say, write_json
 from kvpack.errors import InvalidInputError

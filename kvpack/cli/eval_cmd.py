@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from kvpack.cli.option_groups import ALLOCATION, CODEC, SharedOptions, with_options
 from kvpack.cli.options import (
-    ALLOCATION,
-    CODEC,
     Continuation,
     Device,
     Force,
@@ -17,12 +16,10 @@ from kvpack.cli.options import (
     JsonOut,
     ModelName,
     Prefix,
-    SharedOptions,
     Windows,
     check_json_path,
     command,
     json_only,
-    with_options,
 )
 from kvpack.cli.render import err_console, print_json, print_table, progress_bar, quality_table, say, write_json
 from kvpack.errors import InvalidInputError

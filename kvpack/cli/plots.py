@@ -62,8 +62,6 @@ def csv_text(results: list[dict]) -> str:
     return buffer.getvalue()
 
 
-
-
 def require_matplotlib() -> None:
     """Raises: ModelUnavailableError: matplotlib (for the plot) is not installed."""
     if importlib.util.find_spec("matplotlib") is None:
