@@ -5,7 +5,7 @@ A tensor takes the fast path when it is float16 or bfloat16, its codec is ``unif
 ``tensor`` or ``head`` codebook scope, its groups lie on the token axis, it has no outliers,
 protected tokens, rotation, un-RoPE, stacked layers or mixed widths, and its codes are stored
 feature-major (format 1.5 §6.3, the default). Everything else goes through
-:class:`kvpack.transforms.plan.TensorPlan`. Both give the same bytes (``tests/test_kernels.py``).
+:class:`kvpack.transforms.plan.TensorPlan`. Both give the same bytes (``tests/test_fused.py``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ decode (codes to values of the output dtype), on every core (``numba.prange``).
 The results are exactly those of the torch path: the same float32 operations in the same order
 (no fused multiply-add: numba does not contract without ``fastmath``), rounding half to even
 (``np.rint``, like ``torch.round``), and float16 / bfloat16 outputs rounded to nearest even, as
-``torch.Tensor.to`` does. ``tests/test_kernels.py`` checks the codes and the decoded values
+``torch.Tensor.to`` does. ``tests/test_fused.py`` checks the codes and the decoded values
 against the torch path bit for bit on real caches. Speed: ``bench/speed.py``.
 """
 
