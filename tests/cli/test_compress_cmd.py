@@ -210,15 +210,15 @@ def test_cli_compress_with_every_flag_and_presets(tmp_path, real_dump, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--key-axis", "diagonal"], "key_axis (--key-axis) must be one of"),
+        (["--key-axis", "diagonal"], "--key-axis must be one of"),
         (["--level", "layer", "--key-axis", "channel"], "--level sets the size of token groups"),
         (["--level", "head", "--group-size", "48"], "does not subdivide the head level"),
         (["--preset", "kivi-9"], "unknown preset"),
         (["--method", "mxfp4", "--bits", "3"], "4-bit elements"),
         (["--method", "uniform", "--group-size", "7", "--rotate", "hadamard"], "does not divide"),
-        (["--keep-first", "-3"], "keep_first (--keep-first) must be an integer"),
-        (["--rotate-seed", "5"], "rotate_seed (--rotate-seed) only applies"),
-        (["--outlier-select", "magnitude"], "outlier_select (--outlier-select) only applies"),
+        (["--keep-first", "-3"], "--keep-first must be an integer"),
+        (["--rotate-seed", "5"], "--rotate-seed only applies"),
+        (["--outlier-select", "magnitude"], "--outlier-select only applies"),
     ],
 )
 def test_cli_refuses_bad_toolbox_flags_in_one_line(tmp_path, real_dump, capsys, flags, message):

@@ -15,7 +15,7 @@ from kvpack import CodecConfig, compress_tensors
 from kvpack.cli.app import main
 from kvpack.report import BIT_COLUMNS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(args, capsys):
