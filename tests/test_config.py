@@ -36,11 +36,11 @@ def test_config_round_trips_and_refuses_bad_transforms():
     assert CodecConfig.from_dict(json.loads(json.dumps(codec.to_dict()))) == codec
     assert "key_axis" not in config().to_dict()  # defaults are not written
     bad = [
-        ({"key_axis": "diagonal"}, r"key_axis \(--key-axis\) must be one of token, channel"),
-        ({"keep_first": -1}, r"keep_first \(--keep-first\) must be an integer"),
-        ({"keep_last": 1.5}, r"keep_last \(--keep-last\) must be an integer"),
-        ({"rotate": "random"}, r"rotate \(--rotate\) must be one of none, hadamard"),
-        ({"outlier_select": "top"}, r"outlier_select \(--outlier-select\) must be one of"),
+        ({"key_axis": "diagonal"}, r"`key_axis` must be one of token, channel"),
+        ({"keep_first": -1}, r"`keep_first` must be an integer"),
+        ({"keep_last": 1.5}, r"`keep_last` must be an integer"),
+        ({"rotate": "random"}, r"`rotate` must be one of none, hadamard"),
+        ({"outlier_select": "top"}, r"`outlier_select` must be one of"),
         ({"rope_scaling": math.nan}, "rope_scaling must be a positive number"),
         ({"rope_dim": 3}, "rope_dim must be even"),
         ({"unrope": 1}, "unrope must be true or false"),

@@ -8,6 +8,7 @@ from kvpack.config import CodecConfig
 from kvpack.entry import decode_entry, encode_tensor
 from kvpack.errors import InvalidInputError
 from kvpack.formats.reader import KvpReader
+from kvpack.restore.decode import read_tensor
 
 
 def test_encode_rejects_nan_inf_and_bad_shapes():
@@ -45,7 +46,7 @@ def test_decode_entry_needs_the_entry_transposes(real_tensors, tmp_path):
     compress_tensors({"layers.1.key": x}, tmp_path / "x.kvp", config)
     with KvpReader(tmp_path / "x.kvp") as reader:
         entry = reader.entry("layers.1.key")
-        from_file = reader.read_tensor("layers.1.key")
+        from_file = read_tensor(reader, "layers.1.key")
         sections = reader.read_sections("layers.1.key")
     assert entry.sections["codes"].transpose == x.shape[1] * x.shape[3]
     assert torch.equal(decode_entry(entry, sections), from_file)
