@@ -31,6 +31,8 @@ def test_no_library_module_is_longer_than_500_lines():
 
 def test_kvpack_help_loads_no_torch():
     """`kvpack --help` stays fast: the command line imports the library only when a command runs."""
-    code = "import sys; from kvpack.cli.app import main; main(['--help']); print('torch' in sys.modules, file=sys.stderr)"
+    code = (
+        "import sys; from kvpack.cli.app import main; main(['--help']); print('torch' in sys.modules, file=sys.stderr)"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stderr.strip().splitlines()[-1] == "False", result.stderr

@@ -16,18 +16,12 @@ from safetensors.torch import save_file
 
 from kvpack import load_kvp
 from kvpack.batch import expand_inputs, plan_outputs
-from kvpack.cli.app import main
 from kvpack.errors import InvalidInputError
+from tests.cli_helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIFORM_4 = ["--method", "uniform", "--bits", "4", "--group-size", "64"]  # the fastest codec: seconds per batch
 REL_MSE_4_BITS = 0.05  # uniform 4-bit, groups of 64, on SmolLM2: measured 0.016
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def temp_files(*folders: Path) -> list[str]:

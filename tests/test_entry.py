@@ -9,6 +9,7 @@ from kvpack.entry import decode_entry, encode_tensor
 from kvpack.errors import InvalidInputError
 from kvpack.formats.reader import KvpReader
 from kvpack.restore.decode import read_tensor
+from tests.codec_settings import CODECS
 
 
 def test_encode_rejects_nan_inf_and_bad_shapes():
@@ -26,16 +27,6 @@ def test_encode_rejects_nan_inf_and_bad_shapes():
         encode_tensor("layers.0.key", torch.zeros(1, 1, 4, 12), config)
     with pytest.raises(InvalidInputError, match="float16 range"):
         encode_tensor("layers.0.key", torch.full((1, 1, 4, 8), 1e6), config)
-
-
-CODECS = {
-    "uniform-4": CodecConfig.build("uniform", 4, 64),
-    "uniform-2": CodecConfig.build("uniform", 2, 64),
-    "normal-4": CodecConfig.build("normal", 4, 64, normalization="minmax"),
-    "adaptive-3": CodecConfig.build("adaptive", 3, 64),
-    "kivi-2": CodecConfig.build("uniform", 2, 32, transforms={"key_axis": "channel"}),
-    "mxfp4": CodecConfig.build("mxfp4", None, None),
-}
 
 
 @pytest.mark.model

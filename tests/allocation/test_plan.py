@@ -6,33 +6,18 @@ import torch
 from safetensors import safe_open
 
 from kvpack.allocation.solver import Allocation
-from kvpack.cli.app import main
 from kvpack.compress import compress_file
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
 from kvpack.formats.reader import KvpReader
 from kvpack.restore.files import load_kvp
 from kvpack.transforms.plan import plan_for
-
-CODECS = [
-    ("uniform", {}),
-    ("normal", {}),
-    ("adaptive", {}),
-    ("adaptive", {"codebook_scope": "group"}),
-    ("mxfp4", {}),
-    ("fp8-e4m3", {}),
-    ("uniform", {"symmetric": True}),
-]
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_helpers import run
+from tests.codec_settings import MIXED_CODECS
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("method, options", [c for c in CODECS if c != ("uniform", {"symmetric": True})])
+@pytest.mark.parametrize("method, options", [c for c in MIXED_CODECS if c != ("uniform", {"symmetric": True})])
 @pytest.mark.parametrize("target", [2.5, 3.0])
 def test_target_bits_land_on_the_real_cache(tmp_path, real_dump, method, options, target):
     config = CodecConfig.build(method, None, None, **options)

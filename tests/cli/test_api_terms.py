@@ -30,7 +30,9 @@ def test_output_exists_says_force_true_in_the_api_and_force_on_the_command_line(
     with pytest.raises(OutputExistsError) as raised:
         compress_tensors({"layers.0.key": torch.randn(1, 2, 8, 64)}, out, CodecConfig.build("uniform", 4, 64))
     assert "pass `force=True` to overwrite it" in str(raised.value) and "--" not in str(raised.value)
-    assert cli_error(["compress", dump, "-o", out], capsys) == f"error: output {out} exists (pass --force to overwrite it)"
+    assert (
+        cli_error(["compress", dump, "-o", out], capsys) == f"error: output {out} exists (pass --force to overwrite it)"
+    )
 
 
 @pytest.mark.parametrize(

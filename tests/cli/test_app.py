@@ -13,19 +13,7 @@ import torch
 from kvpack.cli.app import main
 from kvpack.formats.constants import FORMAT_MAJOR, FORMAT_MINOR
 from kvpack.formats.safetensors_io import write_safetensors
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], err
-    assert "Traceback" not in err
+from tests.cli_helpers import assert_one_line_error, run
 
 
 def test_compress_inspect_decompress_stats(dump, tmp_path, capsys):

@@ -10,19 +10,7 @@ from safetensors import safe_open
 from kvpack.cli.app import main
 from kvpack.formats.reader import KvpReader
 from kvpack.presets import PRESETS
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], err
-    assert "Traceback" not in err
+from tests.cli_helpers import assert_one_line_error, run
 
 
 @pytest.mark.parametrize(

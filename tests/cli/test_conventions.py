@@ -14,14 +14,9 @@ import torch
 from kvpack import CodecConfig, compress_tensors
 from kvpack.cli.app import main
 from kvpack.report import BIT_COLUMNS
+from tests.cli_helpers import run
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

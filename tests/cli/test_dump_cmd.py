@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from kvpack.cli.app import main
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_helpers import run
 
 
 def test_dump_refuses_attention_statistics_it_cannot_store(tmp_path, capsys):

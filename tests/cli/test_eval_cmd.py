@@ -8,6 +8,7 @@ import pytest
 
 from kvpack.cli.app import main
 from kvpack.formats.reader import KvpReader
+from tests.cli_helpers import run
 from tests.conftest import wikitext_excerpt
 
 
@@ -38,12 +39,6 @@ def test_cli_eval_json_has_the_documented_names(cli_model, tmp_path, capsys):
 
 
 LAYERS, HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.model

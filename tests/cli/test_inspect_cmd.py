@@ -3,21 +3,8 @@
 import torch
 
 from kvpack import CodecConfig, compress_tensors
-from kvpack.cli.app import main
 from kvpack.formats.safetensors_io import write_safetensors
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0], err
-    assert "Traceback" not in err
+from tests.cli_helpers import assert_one_line_error, run
 
 
 def test_markup_in_file_contents_is_printed_verbatim(tmp_path, capsys):

@@ -1,12 +1,6 @@
 """`kvpack methods` (kvpack.cli.methods_cmd): the registry, presets, transforms and element formats."""
 
-from kvpack.cli.app import main
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_helpers import run
 
 
 def test_methods_lists_the_registry(capsys):

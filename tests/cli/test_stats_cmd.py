@@ -3,14 +3,8 @@
 import pytest
 import torch
 
-from kvpack.cli.app import main
 from kvpack.formats.safetensors_io import write_safetensors
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_helpers import run
 
 
 def one_line_error(code, err):

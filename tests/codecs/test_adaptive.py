@@ -8,13 +8,7 @@ from kvpack.compress import compress_tensors
 from kvpack.config import CodecConfig
 from kvpack.grouping import GroupLayout, to_groups
 from kvpack.restore.files import load_kvp
-
-
-def _encode_decode(method, bits, groups, layout, mask=None, **options):
-    codec = CodecConfig.build(method, bits, layout.group_size, **options).make_codec()
-    arrays = codec.encode(groups, layout, mask)
-    decoded = codec.decode({k: v.float() if v.is_floating_point() else v.long() for k, v in arrays.items()}, layout)
-    return arrays, decoded
+from tests.codec_settings import encode_decode
 
 
 def _weighted_mse(values, weights, codebook):
@@ -66,7 +60,7 @@ def test_adaptive_no_worse_than_uniform_on_real_cache(real_tensors, bits):
             layout = GroupLayout(tuple(x.shape), 64)
             groups = to_groups(x, layout)
             for method in sq_err:
-                _, decoded = _encode_decode(method, bits, groups, layout)
+                _, decoded = encode_decode(method, bits, groups, layout)
                 sq_err[method] += float(((decoded - groups) ** 2).sum())
         assert sq_err["adaptive"] <= sq_err["uniform"], (role, bits, sq_err)
 

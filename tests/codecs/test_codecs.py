@@ -9,14 +9,7 @@ from kvpack.entry import decode_entry, encode_tensor
 from kvpack.errors import InvalidInputError
 from kvpack.formats.header import TensorEntry
 from kvpack.grouping import GroupLayout, outliers_per_side, to_groups
-
-
-def _encode_decode(method, bits, groups, layout, mask=None, **options):
-    codec = CodecConfig.build(method, bits, layout.group_size, **options).make_codec()
-    arrays = codec.encode(groups, layout, mask)
-    decoded = codec.decode({k: v.float() if v.is_floating_point() else v.long() for k, v in arrays.items()}, layout)
-    return arrays, decoded
-
+from tests.codec_settings import encode_decode
 
 GRID_CODECS = sorted(name for name, codec in Codec.registry.items() if codec.fixed_bits is None)
 
@@ -27,7 +20,7 @@ def test_constant_and_zero_groups_are_exact(method):
     x[0, 0, 1] = 3.5
     x[0, 0, 2] = -0.25
     layout = GroupLayout(tuple(x.shape), 16)
-    _, decoded = _encode_decode(method, 3, to_groups(x, layout), layout)
+    _, decoded = encode_decode(method, 3, to_groups(x, layout), layout)
     assert torch.equal(decoded, to_groups(x, layout))
 
 

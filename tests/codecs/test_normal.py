@@ -9,24 +9,8 @@ from hypothesis.extra.numpy import arrays
 from scipy.stats import norm
 
 from kvpack.codecs.normal import gaussian_bins
-from kvpack.config import CodecConfig
 from kvpack.grouping import GroupLayout, to_groups
-
-FLOATS = st.floats(-1000, 1000, allow_nan=False, allow_infinity=False, width=16)
-
-
-def _encode_decode(method, bits, groups, layout, mask=None, **options):
-    codec = CodecConfig.build(method, bits, layout.group_size, **options).make_codec()
-    arrays = codec.encode(groups, layout, mask)
-    decoded = codec.decode({k: v.float() if v.is_floating_point() else v.long() for k, v in arrays.items()}, layout)
-    return arrays, decoded
-
-
-def _groups_of(values: np.ndarray) -> tuple[GroupLayout, torch.Tensor]:
-    """Layout and ``(n_groups, 8)`` float32 groups of a float16 array drawn by hypothesis."""
-    x = torch.from_numpy(values.astype(np.float32))
-    layout = GroupLayout(tuple(x.shape), 8)
-    return layout, to_groups(x, layout)
+from tests.codec_settings import FLOATS, encode_decode, groups_of
 
 
 def test_normal_levels_are_gaussian_bin_centroids():
@@ -51,7 +35,7 @@ def test_normal_codec_reconstructs_gaussian_data_at_expected_error():
     x = torch.randn(1, 4, 512, 64) * 2 + 1
     layout = GroupLayout(tuple(x.shape), 64)
     groups = to_groups(x, layout)
-    _, decoded = _encode_decode("normal", 4, groups, layout)
+    _, decoded = encode_decode("normal", 4, groups, layout)
     centered = groups - groups.mean(dim=1, keepdim=True)
     rel = ((decoded - groups) ** 2).sum() / (centered**2).sum()
     # equiprobable 16-level quantizer of a Gaussian: MSE about 0.0134 sigma^2 (1 - sum(levels^2)/16)
@@ -67,8 +51,8 @@ def test_normal_codec_reconstructs_gaussian_data_at_expected_error():
     symmetric=st.booleans(),
 )
 def test_normal_minmax_error_is_at_most_half_the_widest_gap(values, bits, symmetric):
-    layout, groups = _groups_of(values)
-    arrays, decoded = _encode_decode("normal", bits, groups, layout, symmetric=symmetric, normalization="minmax")
+    layout, groups = groups_of(values)
+    arrays, decoded = encode_decode("normal", bits, groups, layout, symmetric=symmetric, normalization="minmax")
     _, centroids = gaussian_bins(bits)
     scaled = (centroids / centroids.abs().max()).double()
     widest = float((scaled[1:] - scaled[:-1]).max()) if bits > 1 else 2.0
@@ -83,6 +67,6 @@ def test_normal_minmax_keeps_key_outliers_that_meanstd_clips(real_tensors):
     groups = to_groups(x, layout)
     errors = {}
     for normalization in ("meanstd", "minmax"):
-        _, decoded = _encode_decode("normal", 8, groups, layout, normalization=normalization)
+        _, decoded = encode_decode("normal", 8, groups, layout, normalization=normalization)
         errors[normalization] = float(((decoded - groups) ** 2).sum() / (groups**2).sum())
     assert errors["minmax"] < 2e-3 < errors["meanstd"]

@@ -7,24 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from kvpack.config import CodecConfig
 from kvpack.grouping import GroupLayout, to_groups
-
-FLOATS = st.floats(-1000, 1000, allow_nan=False, allow_infinity=False, width=16)
-
-
-def _encode_decode(method, bits, groups, layout, mask=None, **options):
-    codec = CodecConfig.build(method, bits, layout.group_size, **options).make_codec()
-    arrays = codec.encode(groups, layout, mask)
-    decoded = codec.decode({k: v.float() if v.is_floating_point() else v.long() for k, v in arrays.items()}, layout)
-    return arrays, decoded
-
-
-def _groups_of(values: np.ndarray) -> tuple[GroupLayout, torch.Tensor]:
-    """Layout and ``(n_groups, 8)`` float32 groups of a float16 array drawn by hypothesis."""
-    x = torch.from_numpy(values.astype(np.float32))
-    layout = GroupLayout(tuple(x.shape), 8)
-    return layout, to_groups(x, layout)
+from tests.codec_settings import FLOATS, encode_decode, groups_of
 
 
 @settings(max_examples=150, deadline=None)
@@ -34,8 +18,8 @@ def _groups_of(values: np.ndarray) -> tuple[GroupLayout, torch.Tensor]:
     symmetric=st.booleans(),
 )
 def test_uniform_error_is_at_most_half_a_step(values, bits, symmetric):
-    layout, groups = _groups_of(values)
-    arrays, decoded = _encode_decode("uniform", bits, groups, layout, symmetric=symmetric)
+    layout, groups = groups_of(values)
+    arrays, decoded = encode_decode("uniform", bits, groups, layout, symmetric=symmetric)
     scale = arrays["scale"][:, None]
     assert arrays["codes"].max() <= (1 << bits) - 1
     assert torch.all((groups - decoded).abs() <= scale / 2 * (1 + 1e-5) + 1e-30)
@@ -53,5 +37,5 @@ def test_uniform_bound_on_real_keys_and_values(real_tensors):
         layout = GroupLayout(tuple(x.shape), 64)
         groups = to_groups(x, layout)
         for bits in (2, 4):
-            arrays, decoded = _encode_decode("uniform", bits, groups, layout)
+            arrays, decoded = encode_decode("uniform", bits, groups, layout)
             assert torch.all((groups - decoded).abs() <= arrays["scale"][:, None] / 2 * (1 + 1e-5))

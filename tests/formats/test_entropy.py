@@ -8,22 +8,14 @@ import pytest
 import torch
 import zstandard
 
-from kvpack import CodecConfig, compress_tensors, load_kvp
+from kvpack import compress_tensors, load_kvp
 from kvpack.entry import encode_tensor
 from kvpack.errors import FormatError, UnsupportedVersionError
 from kvpack.formats.entropy import MAX_EXPANSION, EntropyConfig, section_transposes, transposed, untransposed
 from kvpack.formats.reader import KvpReader
 from kvpack.packing import unpack
+from tests.codec_settings import CODECS
 from tests.kvp_bytes import dumps, header_json, read_everything, with_header
-
-CODECS = {
-    "uniform-4": CodecConfig.build("uniform", 4, 64),
-    "uniform-2": CodecConfig.build("uniform", 2, 64),
-    "normal-4": CodecConfig.build("normal", 4, 64, normalization="minmax"),
-    "adaptive-3": CodecConfig.build("adaptive", 3, 64),
-    "kivi-2": CodecConfig.build("uniform", 2, 32, transforms={"key_axis": "channel"}),
-    "mxfp4": CodecConfig.build("mxfp4", None, None),
-}
 
 
 def code_bits(path) -> float:

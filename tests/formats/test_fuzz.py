@@ -555,7 +555,9 @@ def test_process_memory_for_worst_case_files_is_bounded(tmp_path):
     # warm-up: a plain file decoded once writes numba's disk cache of the kernels (compiling is not reading)
     warm = tmp_path / "warm.kvp"
     compress_tensors({"layers.0.key": torch.randn(1, 1, 16, 64)}, warm, CodecConfig.build("uniform", 1, 64))
-    subprocess.run([sys.executable, "-c", RSS_PROBE, str(warm)], capture_output=True, text=True, timeout=300, check=True)
+    subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, str(warm)], capture_output=True, text=True, timeout=300, check=True
+    )
     for path in (one_bit, json_heavy, long_rows, many_rows):
         result = subprocess.run(
             [sys.executable, "-c", RSS_PROBE, str(path)], capture_output=True, text=True, timeout=300, check=True

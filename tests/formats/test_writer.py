@@ -11,6 +11,7 @@ from kvpack.errors import (
     InvalidInputError,
 )
 from kvpack.formats.entropy import EntropyConfig
+from tests.codec_settings import CODECS
 
 
 def test_writer_refuses_sections_that_do_not_match(tmp_path):
@@ -29,16 +30,6 @@ def test_writer_refuses_reserved_names_and_bad_metadata(tmp_path):
     with pytest.raises(InvalidInputError, match="not valid Unicode"):
         compress_tensors({"x": torch.zeros(2)}, tmp_path / "b.kvp", CodecConfig.build("uniform"), {"m": "\ud800"})
     assert os.listdir(tmp_path) == []
-
-
-CODECS = {
-    "uniform-4": CodecConfig.build("uniform", 4, 64),
-    "uniform-2": CodecConfig.build("uniform", 2, 64),
-    "normal-4": CodecConfig.build("normal", 4, 64, normalization="minmax"),
-    "adaptive-3": CodecConfig.build("adaptive", 3, 64),
-    "kivi-2": CodecConfig.build("uniform", 2, 32, transforms={"key_axis": "channel"}),
-    "mxfp4": CodecConfig.build("mxfp4", None, None),
-}
 
 
 @pytest.mark.model

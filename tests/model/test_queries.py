@@ -5,14 +5,8 @@ import json
 import pytest
 import torch
 
-from kvpack.cli.app import main
 from kvpack.formats.reader import KvpReader
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_helpers import run
 
 
 @pytest.mark.model

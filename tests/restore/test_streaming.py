@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 
 import kvpack.restore.streaming as streaming
 from kvpack.allocation.solver import Allocation
-from kvpack.cli.app import main
 from kvpack.compress import compress_file, compress_tensors
 from kvpack.config import CodecConfig
 from kvpack.errors import ChecksumMismatchError, InvalidInputError
@@ -24,14 +23,9 @@ from kvpack.formats.safetensors_io import SafetensorsStream
 from kvpack.report import compare_caches, describe_file
 from kvpack.restore.decode import read_tensor
 from kvpack.restore.files import decompress_file, load_kvp
+from tests.cli_helpers import run
 
 LAYERS, HEADS, HEAD_DIM, TOKENS = 30, 3, 64, 512  # SmolLM2-135M on the real_dump fixture
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,8 @@ from kvpack.formats.writer import KvpWriter
 from kvpack.grouping import to_groups
 from kvpack.restore.decode import read_tensor
 from kvpack.transforms.plan import plan_for
+from tests.codec_settings import MIXED_CODECS
 from tests.kvp_bytes import header_json, with_header
-
-CODECS = [
-    ("uniform", {}),
-    ("normal", {}),
-    ("adaptive", {}),
-    ("adaptive", {"codebook_scope": "group"}),
-    ("mxfp4", {}),
-    ("fp8-e4m3", {}),
-    ("uniform", {"symmetric": True}),
-]
 
 
 def random_widths(config, n_groups, seed=0):
@@ -39,7 +30,7 @@ def mixed(method, options, widths):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("method, options", CODECS)
+@pytest.mark.parametrize("method, options", MIXED_CODECS)
 def test_mixed_widths_round_trip_through_the_container(tmp_path, real_tensors, method, options):
     x = real_tensors["layers.5.key"]
     base = CodecConfig.build(method, None, None, **options)

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from kvpack.cli.app import main
 from kvpack.compress import compress_file, compress_tensors
 from kvpack.config import CodecConfig
 from kvpack.entry import entry_layout
@@ -20,6 +19,7 @@ from kvpack.restore.decode import read_tensor
 from kvpack.restore.files import load_kvp
 from kvpack.sources import open_cache
 from kvpack.transforms.plan import MAX_STACKED_LAYERS
+from tests.cli_helpers import run
 from tests.kvp_bytes import header_json, with_header
 
 LAYERS, HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
@@ -27,12 +27,6 @@ LAYERS, HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
 
 def stacked(bits=3, group_size=LAYERS * HEADS * HEAD_DIM, method="uniform", **transforms):
     return CodecConfig.build(method, bits, group_size, transforms={"stack_layers": True, **transforms})
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def distinct_per_token(tensors: dict, role: str) -> torch.Tensor:
