@@ -29,7 +29,6 @@ from kvpack.errors import (
     OutputExistsError,
 )
 from kvpack.formats.constants import PREAMBLE_SIZE
-from kvpack.formats.entropy import EntropyConfig
 from tests.conftest import small_cache
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,16 +254,6 @@ def test_file_size_limit_fails_decompress_cleanly(real_dump, old_kvp, tmp_path, 
     # also catches a temp file of the safetensors library's own (.tmpXXXXXX) left behind
     assert folder_state(target.parent) == before, err
     assert_one_line_error(code, err, 2, os.strerror(errno.EFBIG))
-
-
-@pytest.fixture
-def sample(tmp_path):
-    path = tmp_path / "s.kvp"
-    # dense sections: the header edits below find their keys where a 1.4 writer put them
-    compress_tensors(
-        small_cache(), path, CodecConfig.build("uniform", 3, 16, 0.1), {"model": "m"}, entropy=EntropyConfig.off()
-    )
-    return path
 
 
 def test_existing_output_is_kept_without_force(sample):

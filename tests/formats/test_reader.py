@@ -17,20 +17,8 @@ from kvpack.errors import (
     UnsupportedVersionError,
 )
 from kvpack.formats.constants import MAGIC, PREAMBLE, PREAMBLE_SIZE, pack_preamble
-from kvpack.formats.entropy import EntropyConfig
 from kvpack.restore.decode import read_tensor
-from tests.conftest import small_cache
 from tests.kvp_bytes import header_json, patch_section, rewrite_header, with_header
-
-
-@pytest.fixture
-def sample(tmp_path):
-    path = tmp_path / "s.kvp"
-    # dense sections: the header edits below find their keys where a 1.4 writer put them
-    compress_tensors(
-        small_cache(), path, CodecConfig.build("uniform", 3, 16, 0.1), {"model": "m"}, entropy=EntropyConfig.off()
-    )
-    return path
 
 
 def test_truncation_at_every_length_is_a_format_error(sample, tmp_path):
