@@ -1,4 +1,4 @@
-"""Bit allocation: a code width per group, chosen over every group of a file at once.
+"""The allocation solvers: a width per group from the groups' error tables and a budget (bits or error).
 
 ``target`` (rate control) takes, for every group, its **measured** error at each width the
 codec can code (:func:`kvpack.transforms.mixed.width_errors`: the codec really encodes and decodes

@@ -1,6 +1,5 @@
-"""Options shared by several commands: ``Annotated`` aliases, and the option groups (codec, allocation,
-entropy) that :func:`with_options` attaches to a command, the codec's own options generated from the
-codec registry."""
+"""Options shared by several commands: ``Annotated`` aliases, the :class:`Command` class (``--json [PATH|-]``)
+and :func:`command`; the option groups are in :mod:`kvpack.cli.option_groups`."""
 
 from __future__ import annotations
 

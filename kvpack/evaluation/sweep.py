@@ -259,14 +259,6 @@ def mark_pareto(results: list[dict]) -> None:
         result["pareto"] = flag
 
 
-
-
-
-
-
-
-
-
 def series_name(result: dict) -> str:
     """Plot line a result belongs to: the codec label without its bit width, or the baseline name."""
     config = result["config"]

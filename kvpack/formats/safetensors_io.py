@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kvpack.dtypes import DTYPE_SIZES
+from kvpack.dtypes import DTYPE_NAMES, DTYPE_SIZES, SAFETENSORS_CODES, SAFETENSORS_NAMES, TORCH_DTYPES
 from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.atomic import atomic_output
 from kvpack.formats.reader import not_a_kvp_file, open_input
@@ -71,7 +71,7 @@ class SafetensorsSource:
             FormatError: the tensor cannot be read (cut off, bad header).
         """
         shape, dtype = self.shape_dtype(name)
-        if len(shape) == 4 and dtype in _TORCH_DTYPES:
+        if len(shape) == 4 and dtype in TORCH_DTYPES:
             return self.get_slice(name, 0, shape[2])
         try:
             return self._handle.get_tensor(name)
@@ -90,13 +90,13 @@ class SafetensorsSource:
             FormatError: not a 4-D tensor, a range outside it, or a file cut short.
         """
         shape, dtype = self.shape_dtype(name)
-        if len(shape) != 4 or not 0 <= start <= stop <= shape[2] or dtype not in _TORCH_DTYPES:
+        if len(shape) != 4 or not 0 <= start <= stop <= shape[2] or dtype not in TORCH_DTYPES:
             raise FormatError(f"{self.path}: cannot read tokens {start}:{stop} of tensor {name!r} of shape {shape}")
         batch, heads, seq, dim = shape
         size = DTYPE_SIZES[dtype]
         run = (stop - start) * dim * size  # contiguous bytes per (batch, head)
         if run == 0 or batch * heads == 0:
-            return torch.empty((batch, heads, stop - start, dim), dtype=_TORCH_DTYPES[dtype])
+            return torch.empty((batch, heads, stop - start, dim), dtype=TORCH_DTYPES[dtype])
         buffer = bytearray(batch * heads * run)
         view = memoryview(buffer)
         first = self._data_start(name)
@@ -108,7 +108,7 @@ class SafetensorsSource:
                     raise FormatError(f"{self.path}: truncated: tensor {name!r} is cut off")
         finally:
             os.close(fd)
-        return torch.frombuffer(buffer, dtype=_TORCH_DTYPES[dtype]).reshape(batch, heads, stop - start, dim)
+        return torch.frombuffer(buffer, dtype=TORCH_DTYPES[dtype]).reshape(batch, heads, stop - start, dim)
 
     def _data_start(self, name: str) -> int:
         """Absolute offset of tensor ``name``'s first byte (from the header, which ``safe_open`` has validated)."""
@@ -128,31 +128,6 @@ class SafetensorsSource:
         return tuple(info.get_shape()), _dtype_name(info.get_dtype())
 
 
-#: safetensors' dtype codes of the dtypes kvpack stores (safetensors README, "Format").
-SAFETENSORS_CODES = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-}
-_TORCH_DTYPE_NAMES = {
-    torch.float64: "float64",
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.int64: "int64",
-    torch.int32: "int32",
-    torch.int16: "int16",
-    torch.int8: "int8",
-    torch.uint8: "uint8",
-    torch.bool: "bool",
-}
 #: Bytes per pwrite call: bounds the temporary a piece's bytes may need.
 _WRITE_BYTES = 1 << 24
 
@@ -252,8 +227,8 @@ class SafetensorsStream:
         if name not in self.layout.offsets:
             raise InvalidInputError(f"no tensor named {name!r} in this safetensors layout")
         shape, dtype = self.layout.shapes[name], self.layout.dtypes[name]
-        if x.dtype != _TORCH_DTYPES[dtype]:
-            x = x.to(_TORCH_DTYPES[dtype])
+        if x.dtype != TORCH_DTYPES[dtype]:
+            x = x.to(TORCH_DTYPES[dtype])
         if not shape:  # a scalar
             axis, start = 0, 0
             x = x.reshape(1)
@@ -315,7 +290,7 @@ def safetensors_writer(
     puts each tensor, or each piece of one, at its place. Memory is bounded by the pieces the
     caller holds. The output appears only when the block ends without error and every byte
     was written; on any error (or Ctrl-C) neither it nor a temporary file is left
-    (:func:`kvpack.formats.writer.atomic_output`).
+    (:func:`kvpack.formats.atomic.atomic_output`).
 
     Raises:
         OutputExistsError: ``path`` exists and ``force`` is false.
@@ -350,30 +325,13 @@ def write_safetensors(
 
 def _dtype_of(name: str, x: torch.Tensor) -> str:
     try:
-        return _TORCH_DTYPE_NAMES[x.dtype]
+        return DTYPE_NAMES[x.dtype]
     except KeyError:
         raise InvalidInputError(f"tensor {name!r}: dtype {x.dtype} cannot be written to safetensors") from None
 
 
-_TORCH_DTYPES = {v: k for k, v in _TORCH_DTYPE_NAMES.items()}
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
-
-
 def _dtype_name(code: str) -> str:
-    return _SAFETENSORS_DTYPES.get(code, code.lower())
+    return SAFETENSORS_NAMES.get(code, code.lower())
 
 
 def _first_line(exc: BaseException) -> str:
