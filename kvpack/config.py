@@ -151,7 +151,7 @@ class CodecConfig:
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
-                raise InvalidInputError(f"{_named(name)} must be one of {', '.join(allowed)}, got {brief(value)}")
+                raise InvalidInputError(f"{option(name)} must be one of {', '.join(allowed)}, got {brief(value)}")
         for name, limit in (
             ("keep_first", MAX_KEPT_TOKENS),
             ("keep_last", MAX_KEPT_TOKENS),
@@ -161,7 +161,7 @@ class CodecConfig:
         ):
             value = getattr(self, name)
             if type(value) is not int or not 0 <= value < limit:
-                raise InvalidInputError(f"{_named(name)} must be an integer from 0 to {limit - 1}, got {brief(value)}")
+                raise InvalidInputError(f"{option(name)} must be an integer from 0 to {limit - 1}, got {brief(value)}")
         if self.rotate == "none" and self.rotate_seed:
             raise InvalidInputError("`rotate_seed` only applies with `rotate=hadamard`")
         if self.outlier_select != "tails" and not self.outlier_ratio:
@@ -334,8 +334,3 @@ class CodecConfig:
         if self.unrope:
             text += ", pre-RoPE keys"
         return f"{text}" + (f" ({options})" if options else "")
-
-
-def _named(key: str) -> str:
-    """A config key named in a message (:func:`kvpack.errors.option`; the CLI shows its flag)."""
-    return option(key)

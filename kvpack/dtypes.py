@@ -87,15 +87,15 @@ def restore_dtype(dtype: torch.dtype | None) -> str | None:
     return name
 
 
-def check_finite(name: str, values: torch.Tensor, stacked: bool = False) -> None:
+def check_finite(
+    name: str, values: torch.Tensor, stacked: bool = False, consequence: str = "refusing to quantize it"
+) -> None:
     """Raises InvalidInputError when tensor ``name`` holds NaN or Inf (naming the layer of a stacked one,
-    ``(layers, ...)``)."""
+    ``(layers, ...)``, and saying the ``consequence``)."""
     if not torch.isfinite(values).all():
         bad = ~torch.isfinite(values)
         where = f" (layer {int(bad.flatten(1).any(1).nonzero()[0])})" if stacked else ""
-        raise InvalidInputError(
-            f"tensor {name!r}{where} holds {int(bad.sum())} NaN or Inf values; refusing to quantize it"
-        )
+        raise InvalidInputError(f"tensor {name!r}{where} holds {int(bad.sum())} NaN or Inf values; {consequence}")
 
 
 def tensor_bytes(x: torch.Tensor) -> bytes:

@@ -28,7 +28,7 @@ from kvpack.codecs.base import (
     KIND_SCALES,
     KIND_TRANSFORM,
 )
-from kvpack.dtypes import DTYPE_SIZES
+from kvpack.dtypes import DTYPE_SIZES, check_finite
 from kvpack.errors import InvalidInputError
 from kvpack.formats.header import TensorEntry, section_specs
 from kvpack.formats.reader import KvpReader, is_kvp_file
@@ -219,9 +219,10 @@ def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike
 
 def _check_finite(path: str | os.PathLike, name: str, values: torch.Tensor) -> None:
     """Raises InvalidInputError when a compared tensor holds NaN or Inf (no error statistic means anything then)."""
-    if not bool(torch.isfinite(values).all()):
-        count = int((~torch.isfinite(values)).sum())
-        raise InvalidInputError(f"{path}: tensor {name!r} holds {count} NaN or Inf values; cannot compare it")
+    try:
+        check_finite(name, values, consequence="cannot compare it")
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{path}: {exc}") from None
 
 
 def _read_together(names: list[str], *sources: CacheSource) -> list[list[str]]:
