@@ -23,6 +23,7 @@ import glob
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -286,6 +287,9 @@ class _WorkerStopped(SystemExit):
 
 
 def _on_sigterm(signum, frame) -> None:
+    # the signal may land inside a finalizer (numba's compiler cleans up in __del__): the worker is
+    # stopping on purpose and the parent reports the one line, so such finalizers' errors stay silent
+    sys.unraisablehook = lambda _: None
     raise _WorkerStopped(128 + signum)
 
 
