@@ -19,23 +19,27 @@ from kvpack import __version__
 from kvpack.allocation.importance import is_stats_tensor
 from kvpack.allocation.plan import allocate_entries
 from kvpack.allocation.solver import Allocation
+from kvpack.allocation.transform_rate import TOLERANCE, choose_distortion
 from kvpack.config import CodecConfig
 from kvpack.dtypes import check_float_dtype, dtype_name
-from kvpack.entry import decode_entry, encode_tensor, entry_layout, stack
+from kvpack.entry import decode_entry, encode_entry, entry_layout, stack
 from kvpack.errors import InvalidInputError
 from kvpack.formats.atomic import check_output_path
 from kvpack.formats.entropy import EntropyConfig, section_transposes
-from kvpack.formats.header import TensorEntry
+from kvpack.formats.header import TensorEntry, section_specs
 from kvpack.formats.reader import is_kvp_file
 from kvpack.formats.safetensors_io import SafetensorsSource
 from kvpack.formats.writer import KvpWriter
 from kvpack.metrics import ErrorAccumulator
 from kvpack.names import parse_kv_name, tensor_order
+from kvpack.profile import Profile, find_profile
 from kvpack.report import build_report
-from kvpack.transforms.plan import plan_for
+from kvpack.restore.profiles import PROFILE_TENSOR
 from kvpack.transforms.rope import rope_from_metadata
 
 Progress = Callable[[int, int, str], None]
+#: File bits per K/V element the transform codec aims at when no target is given.
+DEFAULT_TRANSFORM_BITS = 2.0
 
 
 def compress_tensors(
@@ -47,6 +51,8 @@ def compress_tensors(
     allocation: Allocation | None = None,
     stats: dict[str, torch.Tensor] | None = None,
     entropy: EntropyConfig | None = None,
+    profile: Profile | str | os.PathLike | None = None,
+    embed_profile: bool = False,
 ) -> list[TensorEntry]:
     """Write a dict of tensors to a ``.kvp``: ``layers.{i}.key|value`` quantized, the rest lossless.
 
@@ -59,23 +65,121 @@ def compress_tensors(
     ``entropy`` sets the lossless stage (:class:`kvpack.formats.entropy.EntropyConfig`; default zstd
     level 1 on every section, codes feature-major; ``EntropyConfig.off()`` writes dense sections).
 
+    The transform codec (``method="transform"``) takes its calibration ``profile`` (a
+    :class:`~kvpack.profile.Profile` or a path; default: the config's, else the profile directory's
+    for the model ``metadata`` names) and lands the file on ``allocation.target_bits`` (default
+    :data:`DEFAULT_TRANSFORM_BITS`) bits per K/V element; ``embed_profile`` stores the profile in
+    the file (tensor ``kvpack.profile``, counted in its bits).
+
     Raises:
         InvalidInputError, OutputExistsError: see :func:`encode_tensor`, :func:`entry_layout`
-            and :class:`KvpWriter`.
+            and :class:`KvpWriter`; a missing or foreign profile.
     """
-    config = with_model_rope(config, metadata or {})
+    metadata = metadata or {}
+    config = with_model_profile(with_model_rope(config, metadata), metadata, profile)
     stats = stats if stats is not None else {n: x for n, x in tensors.items() if is_stats_tensor(n)}
-    shapes = {name: (tuple(x.shape), dtype_name(x.dtype)) for name, x in tensors.items() if not is_stats_tensor(name)}
+    tensors = {name: x for name, x in tensors.items() if not is_stats_tensor(name)}
+    if embed_profile:
+        tensors[PROFILE_TENSOR] = embedded_profile(config)
+    shapes = {name: (tuple(x.shape), dtype_name(x.dtype)) for name, x in tensors.items()}
     layout = entry_layout(shapes, config)
-    file_metadata = metadata_for_file(metadata or {}, config, allocation)
+    file_metadata = metadata_for_file(metadata, config, allocation)
     entropy = EntropyConfig() if entropy is None else entropy
-    mixed = allocate_entries(layout, shapes, tensors.__getitem__, config, allocation, stats, file_metadata, entropy)
-    with KvpWriter(path, file_metadata, force=force, entropy=entropy) as writer:
-        for entry_name, sources, codec in layout:
-            x = tensors[entry_name] if entry_name == sources[0] else stack(tensors, sources)
-            codec, widths = mixed.codec_for(entry_name, codec)
-            _write_entry(writer, entry_name, x, codec, widths)
-        return writer.entries
+    groups_allocation = None if config is not None and config.whole_tensor else allocation  # the transform: one level
+
+    def write(layout, force: bool) -> list[TensorEntry]:
+        mixed = allocate_entries(
+            layout, shapes, tensors.__getitem__, config, groups_allocation, stats, file_metadata, entropy
+        )
+        with KvpWriter(path, file_metadata, force=force, entropy=entropy) as writer:
+            for entry_name, sources, codec in layout:
+                x = tensors[entry_name] if entry_name == sources[0] else stack(tensors, sources)
+                codec, widths = mixed.codec_for(entry_name, codec)
+                _write_entry(writer, entry_name, x, codec, widths)
+            return writer.entries
+
+    if config is None or not config.whole_tensor:
+        return write(layout, force)
+    target = transform_target(allocation)
+    chosen = _transform_layout(layout, shapes, tensors.__getitem__, config, target, file_metadata, entropy)
+    entries = write(chosen, force)
+    correction = _missed_target(path, entries, target)
+    if correction is None:
+        return entries
+    chosen = _transform_layout(layout, shapes, tensors.__getitem__, config, target, file_metadata, entropy, correction)
+    return write(chosen, True)  # our own first attempt is replaced
+
+
+def transform_target(allocation: Allocation | None) -> float:
+    """The file bits per K/V element the transform codec aims at.
+
+    Raises:
+        InvalidInputError: an allocation other than a bits target (the transform codec has one knob).
+    """
+    if allocation is None:
+        return DEFAULT_TRANSFORM_BITS
+    if allocation.target_bits is None or allocation.method != "target":
+        raise InvalidInputError("method transform takes `target_bits` (file bits per element), no other allocation")
+    return allocation.target_bits
+
+
+def _transform_layout(layout, shapes, get, config, target, metadata, entropy, correction=1.0):
+    theta = choose_distortion(layout, shapes, get, config, target, metadata, entropy, correction)
+    chosen = config.with_params(distortion=theta)
+    return [(name, sources, chosen if codec is not None else None) for name, sources, codec in layout]
+
+
+def _missed_target(path, entries: list[TensorEntry], target: float) -> float | None:
+    """``target / actual`` bits when the written file missed ``target`` by more than the tolerance, else None."""
+    kv_elements = sum(e.n_elements for e in entries if e.codec is not None)
+    actual = Path(path).stat().st_size * 8 / max(kv_elements, 1)
+    return None if abs(actual / target - 1) <= TOLERANCE else target / actual
+
+
+def with_model_profile(
+    config: CodecConfig | None, metadata: dict[str, str], profile: Profile | str | os.PathLike | None = None
+) -> CodecConfig | None:
+    """``config`` with its calibration profile when its codec needs one (the transform codec).
+
+    ``profile`` is a :class:`Profile`, a path, or ``None``: the config's own, else the profile
+    directory's profile of the model the dump's ``metadata`` names (``weights_fingerprint``).
+
+    Raises:
+        InvalidInputError: none found (naming the ``kvpack calibrate`` command that makes it), or a
+            profile of another model or whose keys are not what the config codes.
+        FormatError: a corrupted profile file.
+    """
+    if config is None or not config.whole_tensor:
+        return config
+    if profile is None and config.profile is not None:
+        found = config.profile
+    elif isinstance(profile, Profile):
+        found = profile
+    else:
+        found = find_profile(metadata.get("weights_fingerprint"), model=metadata.get("model", ""), path=profile)
+    model = metadata.get("weights_fingerprint")
+    if model and found.model_fingerprint and model != found.model_fingerprint:
+        raise InvalidInputError(
+            f"{found.label} does not belong to this cache's model {metadata.get('model', '?')} (weights {model})"
+        )
+    pre_rope = found.metadata.get("keys") == "pre_rope"
+    if pre_rope != config.unrope:
+        raise InvalidInputError(
+            f"{found.label} holds {'pre-RoPE' if pre_rope else 'cached (no RoPE to undo)'} keys, but the codec "
+            f"{'does not un-RoPE' if pre_rope else 'un-RoPEs'} them (`unrope={not config.unrope}` fits it)"
+        )
+    return config.with_profile(found)
+
+
+def embedded_profile(config: CodecConfig | None) -> torch.Tensor:
+    """The profile's file bytes as a uint8 tensor (entry ``kvpack.profile``).
+
+    Raises:
+        InvalidInputError: the codec has no profile to embed.
+    """
+    if config is None or config.profile is None:
+        raise InvalidInputError("`embed_profile` needs the transform codec and its profile")
+    return torch.frombuffer(bytearray(config.profile.to_bytes()), dtype=torch.uint8)
 
 
 def _write_entry(
@@ -84,7 +188,7 @@ def _write_entry(
     """Encode one tensor and add it to ``writer`` (with its entropy stage); returns the entry and the sections."""
     dtype = dtype_name(x.dtype)
     transposes = section_transposes(name, tuple(x.shape), dtype, codec, writer.entropy) if x.numel() else {}
-    sections = encode_tensor(name, x, codec, widths, transposes)
+    codec, sections = encode_entry(name, x, codec, widths, transposes)
     return writer.add_tensor(name, tuple(x.shape), dtype, codec, sections, transposes), sections
 
 
@@ -96,6 +200,9 @@ def metadata_for_file(
     meta["codec"] = config.describe() if config is not None else "lossless"
     if allocation is not None and config is not None:
         meta["allocation"] = json.dumps(dataclasses.asdict(allocation), sort_keys=True)
+    if config is not None and config.profile is not None:
+        meta["profile"] = config.profile.fingerprint
+        meta["profile_model"] = config.profile.model_fingerprint
     return meta
 
 
@@ -107,55 +214,80 @@ def compress_file(
     progress: Progress | None = None,
     allocation: Allocation | None = None,
     entropy: EntropyConfig | None = None,
+    profile: Profile | str | os.PathLike | None = None,
+    embed_profile: bool = False,
 ) -> dict:
     """Compress a safetensors KV-cache dump into a ``.kvp`` file and measure the result.
 
     Every ``layers.{i}.key|value`` tensor is quantized with ``config``; other tensors are
     stored losslessly. Each tensor is decoded again from the bytes written, so the error
-    statistics are those of the file.
+    statistics are those of the file. ``profile`` and ``embed_profile``: see :func:`compress_tensors`.
 
     Returns:
         The report (see :func:`build_report`).
 
     Raises:
         InvalidInputError: missing input, bad tensor (NaN/Inf, shape), group size that does
-            not divide, an input without K/V tensors, or a ``.kvp`` given as input.
+            not divide, an input without K/V tensors, a ``.kvp`` given as input, or a missing or
+            foreign profile.
         FormatError: the input is not a readable safetensors file.
         OutputExistsError: the output exists and ``force`` is false.
     """
     if is_kvp_file(input_path):
         raise InvalidInputError(f"{input_path} is already a .kvp file; compress takes a safetensors dump")
-    errors: dict[str, ErrorAccumulator] = {}
     with SafetensorsSource(input_path) as source:
-        config = with_model_rope(config, source.metadata)
+        config = with_model_profile(with_model_rope(config, source.metadata), source.metadata, profile)
         names = sorted((n for n in source.keys() if not is_stats_tensor(n)), key=tensor_order)
         layout = check_compressible(source, config, names)
         check_output_path(output_path, force)
         if Path(input_path).resolve() == Path(output_path).resolve():
             raise InvalidInputError("input and output are the same file")
         shapes = {name: source.shape_dtype(name) for name in names}
+        extra = {PROFILE_TENSOR: embedded_profile(config)} if embed_profile else {}
+        for name, x in extra.items():
+            shapes[name] = (tuple(x.shape), dtype_name(x.dtype))
+            layout.append((name, [name], None))
+
+        def get(name: str) -> torch.Tensor:
+            return extra[name] if name in extra else source.get(name)
+
         stats = {name: source.get(name) for name in source.keys() if is_stats_tensor(name)}
         # sorted: safetensors hands the metadata over in a different order each run; same input, same bytes
         file_metadata = metadata_for_file(dict(sorted(source.metadata.items())), config, allocation)
         entropy = EntropyConfig() if entropy is None else entropy
-        mixed = allocate_entries(layout, shapes, source.get, config, allocation, stats, file_metadata, entropy)
-        with KvpWriter(output_path, file_metadata, force=force, entropy=entropy) as writer:
-            for index, (entry_name, sources, codec) in enumerate(layout):
+        groups_allocation = None if config.whole_tensor else allocation  # the transform codec: one level
+
+        def write(layout, force: bool) -> tuple[list[TensorEntry], dict[str, ErrorAccumulator]]:
+            errors: dict[str, ErrorAccumulator] = {}
+            mixed = allocate_entries(layout, shapes, get, config, groups_allocation, stats, file_metadata, entropy)
+            with KvpWriter(output_path, file_metadata, force=force, entropy=entropy) as writer:
+                for index, (entry_name, sources, codec) in enumerate(layout):
+                    if progress:
+                        progress(index, len(layout), entry_name)
+                    stacked = entry_name != sources[0]
+                    x = stack(get, sources) if stacked else get(entry_name)
+                    codec, widths = mixed.codec_for(entry_name, codec)
+                    entry, sections = _write_entry(writer, entry_name, x, codec, widths)
+                    if codec is not None:
+                        decoded = decode_entry(entry, sections)
+                        for i, name in enumerate(sources):  # errors per layer, also of a stacked entry
+                            errors[name] = ErrorAccumulator()
+                            errors[name].add(x[i] if stacked else x, decoded[i] if stacked else decoded)
+                    del x
                 if progress:
-                    progress(index, len(layout), entry_name)
-                stacked = entry_name != sources[0]
-                x = stack(source, sources) if stacked else source.get(entry_name)
-                codec, widths = mixed.codec_for(entry_name, codec)
-                entry, sections = _write_entry(writer, entry_name, x, codec, widths)
-                if codec is not None:
-                    decoded = decode_entry(entry, sections)
-                    for i, name in enumerate(sources):  # errors per layer, also of a stacked entry
-                        errors[name] = ErrorAccumulator()
-                        errors[name].add(x[i] if stacked else x, decoded[i] if stacked else decoded)
-                del x
-            if progress:
-                progress(len(layout), len(layout), "")
-            entries = writer.entries
+                    progress(len(layout), len(layout), "")
+                return writer.entries, errors
+
+        if not config.whole_tensor:
+            entries, errors = write(layout, force)
+        else:
+            target = transform_target(allocation)
+            chosen = _transform_layout(layout, shapes, get, config, target, file_metadata, entropy)
+            entries, errors = write(chosen, force)
+            correction = _missed_target(output_path, entries, target)
+            if correction is not None:
+                chosen = _transform_layout(layout, shapes, get, config, target, file_metadata, entropy, correction)
+                entries, errors = write(chosen, True)
         file_size = Path(output_path).stat().st_size
         input_size = source.file_size
     report = build_report(entries, file_size, errors)
@@ -166,6 +298,12 @@ def compress_file(
         ratio_vs_input=input_size / file_size,
         config=config.to_dict(),
     )
+    if config.profile is not None:
+        report["profile"] = {
+            "fingerprint": config.profile.fingerprint,
+            "bytes": config.profile.nbytes,
+            "embedded": embed_profile,
+        }
     return report
 
 
@@ -211,7 +349,7 @@ def check_compressible(
                 )
             shape = (len(sources), *shape)
         try:
-            plan_for(tuple(shape), dtype, entry_name, config)
+            section_specs(tuple(shape), dtype, config, entry_name)
         except InvalidInputError as exc:
             raise InvalidInputError(f"tensor {entry_name!r}: {exc}") from None
     return layout

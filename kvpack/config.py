@@ -105,6 +105,9 @@ class CodecConfig:
     stack_layers: bool = False
     width_counts: tuple[int, ...] = ()
     rope_inv_freq: tuple[float, ...] | None = field(default=None, compare=False, repr=False)
+    #: the calibration profile of the transform codec (:mod:`kvpack.profile`; not serialized: the
+    #: file names it by ``params.profile``, :meth:`with_profile` sets both)
+    profile: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         codec_class = get_codec_class(self.method)
@@ -134,6 +137,16 @@ class CodecConfig:
             raise InvalidInputError(f"outlier ratio must be a number in [0, {MAX_OUTLIER_RATIO}), got {brief(ratio)}")
         object.__setattr__(self, "outlier_ratio", float(ratio))
         self._check_transforms()
+        if codec_class.whole_tensor:
+            extra = [
+                name
+                for name in ("outlier_ratio", "key_axis", "value_axis", "rotate", "stack_layers", "width_counts")
+                if getattr(self, name) != {**TRANSFORM_DEFAULTS, "outlier_ratio": 0.0}[name]
+            ]
+            if extra:
+                raise InvalidInputError(
+                    f"method {self.method} codes whole tensors; {', '.join(option(n) for n in extra)} do not apply to it"
+                )
         if self.params is None:
             object.__setattr__(self, "params", codec_class.Params())
         elif type(self.params) is not codec_class.Params:
@@ -215,7 +228,7 @@ class CodecConfig:
             params = codec_class.Params.from_dict(options)
         except InvalidInputError as exc:
             raise InvalidInputError(f"method {brief(method)}: {exc}") from None
-        transforms = dict(transforms or {})
+        transforms = {**codec_class.default_transforms, **(transforms or {})}
         unknown = sorted(set(transforms) - set(TRANSFORM_DEFAULTS))
         if unknown:
             raise InvalidInputError(f"unknown option(s) {brief_list(unknown)}")
@@ -237,6 +250,26 @@ class CodecConfig:
             rope_scaling=scaling,
             rope_offset=self.rope_offset if offset is None else offset,
         )
+
+    def with_profile(self, profile: Any) -> CodecConfig:
+        """This config with a calibration profile (:class:`kvpack.profile.Profile`), named in its params.
+
+        Raises:
+            InvalidInputError: the method takes no profile.
+        """
+        if "profile" not in self.params.to_dict():
+            raise InvalidInputError(f"method {self.method} takes no calibration profile (`profile`)")
+        params = dataclasses.replace(self.params, profile=profile.fingerprint)
+        return dataclasses.replace(self, params=params, profile=profile)
+
+    def with_params(self, **changes: Any) -> CodecConfig:
+        """This config with some codec options changed (the transform codec's per-entry values)."""
+        return dataclasses.replace(self, params=dataclasses.replace(self.params, **changes))
+
+    @property
+    def whole_tensor(self) -> bool:
+        """Whether the codec codes whole tensors (:mod:`kvpack.transforms.pca`) instead of groups."""
+        return get_codec_class(self.method).whole_tensor
 
     def with_widths(self, widths: torch.Tensor | tuple[int, ...]) -> CodecConfig:
         """This config for a mixed-precision tensor whose groups have ``widths`` (int64 ``(n_groups,)``,
@@ -286,6 +319,11 @@ class CodecConfig:
         tokens), then options that differ from the codec's
         defaults: ``sym`` / ``asym`` for ``symmetric``, the value for a choice, ``name=value`` otherwise.
         """
+        if self.whole_tensor:
+            text = self.method + (" unrope" if self.unrope else "")
+            if self.keep_first or self.keep_last:
+                text += f" keep{self.keep_first}/{self.keep_last}"
+            return text
         defaults = get_codec_class(self.method).Params().to_dict()
         options = []
         for key, value in self.params.to_dict().items():
@@ -313,6 +351,13 @@ class CodecConfig:
         return " ".join([text, *options])
 
     def describe(self) -> str:
+        if self.whole_tensor:
+            text = "transform coding: PCA per layer from a calibration profile, RD steps, range coding"
+            if self.params.profile:
+                text += f" (profile {self.params.profile})"
+            if self.keep_first or self.keep_last:
+                text += f", exact first {self.keep_first} / last {self.keep_last} tokens"
+            return text + (", pre-RoPE keys" if self.unrope else "")
         options = ", ".join(f"{k}={v}" for k, v in self.params.to_dict().items())
         text = f"{self.method} {self.bits}-bit, group {self.group_size}"
         if self.stack_layers:

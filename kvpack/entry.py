@@ -24,6 +24,7 @@ from kvpack.formats.header import TensorEntry, section_specs, spec_nbytes
 from kvpack.formats.safetensors_io import SafetensorsSource
 from kvpack.names import ROLES, kv_tensor_name, parse_kv_name, stacked_name, tensor_order
 from kvpack.packing import pack, unpack
+from kvpack.transforms.pca import decode_transform, encode_transform
 from kvpack.transforms.plan import plan_for, stacked_view, unstacked_view
 
 
@@ -58,6 +59,10 @@ def encode_tensor(
     dtype = dtype_name(x.dtype)
     if config is None:
         return {"data": tensor_bytes(x)}
+    if config.whole_tensor:
+        raise InvalidInputError(
+            f"tensor {name!r}: method {config.method} sets per-entry values while encoding; use encode_entry"
+        )
     if x.numel():
         check_float_dtype(name, dtype)
     try:
@@ -96,6 +101,32 @@ def encode_tensor(
     return out
 
 
+def encode_entry(
+    name: str,
+    x: torch.Tensor,
+    config: CodecConfig | None,
+    widths: torch.Tensor | None = None,
+    transposes: dict[str, int] | None = None,
+) -> tuple[CodecConfig | None, dict[str, bytes]]:
+    """Like :func:`encode_tensor`, also for whole-tensor codecs (the transform codec,
+    :mod:`kvpack.transforms.pca`), which set per-entry values while encoding.
+
+    Returns:
+        ``(the entry's codec config, section name -> bytes)``.
+
+    Raises:
+        InvalidInputError: see :func:`encode_tensor` and :func:`kvpack.transforms.pca.encode_transform`.
+    """
+    if config is None or not config.whole_tensor:
+        return config, encode_tensor(name, x, config, widths, transposes)
+    check_float_dtype(name, dtype_name(x.dtype))
+    check_finite(name, x, False)
+    try:
+        return encode_transform(name, x.detach().to("cpu"), config)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"tensor {name!r}: {exc}") from None
+
+
 def decode_entry(
     entry: TensorEntry, sections: dict[str, bytes | np.ndarray], dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -117,6 +148,8 @@ def decode_entry(
     try:
         if entry.codec is None:
             return from_bytes(sections["data"], entry.dtype).reshape(entry.shape).to(out_dtype)
+        if entry.codec.whole_tensor:
+            return decode_transform(entry.name, entry.shape, entry.dtype, entry.codec, sections).to(out_dtype)
         plan = entry.plan
         layout = plan.layout
         fast = entry.n_elements > 0 and fused.can_decode(entry, out_dtype)

@@ -35,6 +35,7 @@ from kvpack.formats.reader import KvpReader, is_kvp_file
 from kvpack.formats.safetensors_io import SafetensorsSource
 from kvpack.metrics import ErrorAccumulator
 from kvpack.names import parse_kv_name, tensor_order
+from kvpack.restore.profiles import attach_profile
 from kvpack.restore.streaming import piece_tokens, verify_entries
 from kvpack.sources import CacheSource, open_cache
 
@@ -167,7 +168,7 @@ def build_report(entries: list[TensorEntry], file_size: int, errors: dict[str, E
     }
 
 
-def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike) -> dict:
+def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike, profile=None) -> dict:
     """Error statistics of ``reconstructed`` against ``original`` (either format), per K/V.
 
     Tensor by tensor, each compared in pieces of tokens (:meth:`CacheSource.pieces`), so
@@ -181,7 +182,7 @@ def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike
         FormatError: either file is unreadable.
     """
 
-    with open_cache(original) as ref, open_cache(reconstructed) as rec:
+    with open_cache(original, profile) as ref, open_cache(reconstructed, profile) as rec:
         ref_kv = [n for n in ref.keys() if parse_kv_name(n)]
         rec_kv = {n for n in rec.keys() if parse_kv_name(n)}
         if not ref_kv:
@@ -240,7 +241,7 @@ def _read_together(names: list[str], *sources: CacheSource) -> list[list[str]]:
     return sorted(ordered, key=lambda group: names.index(group[0]))
 
 
-def describe_file(path: str | os.PathLike, verify: bool = False) -> dict:
+def describe_file(path: str | os.PathLike, verify: bool = False, profile=None) -> dict:
     """What a ``.kvp`` or safetensors file holds, without decoding any codes.
 
     With ``verify``, every section of a ``.kvp`` is read and its CRC-32 checked (a
@@ -272,6 +273,8 @@ def describe_file(path: str | os.PathLike, verify: bool = False) -> dict:
                 for e in entries
             ]
             # checksums, padding, and every value a decoder would refuse
+            if verify:
+                attach_profile(reader, profile)
             verified = verify_entries(reader) if verify else None
             return {
                 "verified_sections": verified,

@@ -13,17 +13,23 @@ from kvpack.formats.reader import KvpReader, is_kvp_file
 from kvpack.formats.safetensors_io import SafetensorsSource
 from kvpack.names import parse_kv_name, stacked_name, tensor_order
 from kvpack.restore.decode import EntryDecoder
+from kvpack.restore.profiles import attach_profile
 from kvpack.restore.streaming import select_outputs, tensor_pieces
 
 
 class CacheSource:
     """A KV cache file of either format, read one tensor (or one piece of a tensor) at a time (``.kvp`` decoded)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, profile=None):
         self.path = Path(path)
         if is_kvp_file(self.path):
             self.kind = "kvp"
             self._kvp = KvpReader(self.path)
+            try:
+                attach_profile(self._kvp, profile)
+            except BaseException:
+                self._kvp.close()
+                raise
             self._decoder = EntryDecoder(self._kvp)
             self.metadata = dict(self._kvp.metadata)
             self._keys = self._kvp.tensor_names()
@@ -92,13 +98,14 @@ class CacheSource:
             yield begin, {n: self._st.get_slice(n, begin, min(begin + step, s[2])) for n, s in shapes.items()}
 
 
-def open_cache(path: str | os.PathLike) -> CacheSource:
-    """Open a ``.kvp`` or safetensors cache for reading one tensor at a time; use with ``with``.
+def open_cache(path: str | os.PathLike, profile=None) -> CacheSource:
+    """Open a ``.kvp`` or safetensors cache for reading one tensor at a time; use with ``with``
+    (``profile``: the calibration profile of a transform-coded ``.kvp``, :mod:`kvpack.restore.profiles`).
 
     Raises:
         InvalidInputError, FormatError: missing or invalid file.
     """
-    return CacheSource(path)
+    return CacheSource(path, profile)
 
 
 def kv_dims(path: str | os.PathLike) -> tuple[int, int, int]:

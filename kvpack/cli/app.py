@@ -10,6 +10,7 @@ import typer
 
 from kvpack import __version__
 from kvpack.cli import (
+    calibrate_cmd,
     compress_cmd,
     decompress_cmd,
     dump_cmd,
@@ -34,6 +35,7 @@ app = typer.Typer(
 )
 for module in (
     dump_cmd,
+    calibrate_cmd,
     compress_cmd,
     decompress_cmd,
     inspect_cmd,

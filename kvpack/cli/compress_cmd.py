@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvpack.cli.option_groups import ALLOCATION, CODEC, ENTROPY, SharedOptions, with_options
-from kvpack.cli.options import Force, Jobs, JsonOut, PerLayer, check_json_path, command, json_only
+from kvpack.cli.options import Force, Jobs, JsonOut, PerLayer, ProfilePath, check_json_path, command, json_only
 from kvpack.cli.render import (
     bits_table,
     entropy_summary,
@@ -21,6 +21,7 @@ from kvpack.cli.render import (
     say,
     write_json,
 )
+from kvpack.errors import InvalidInputError
 
 
 def register(app: typer.Typer) -> None:
@@ -48,6 +49,11 @@ def compress(
     *,
     shared: SharedOptions,
     per_layer: PerLayer = False,
+    profile: ProfilePath = None,
+    embed_profile: Annotated[
+        bool,
+        typer.Option("--embed-profile", help="Transform codec: store the profile in the file (counted in its bits)."),
+    ] = False,
     json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
@@ -56,6 +62,7 @@ def compress(
     Examples: kvpack compress cache.safetensors --method adaptive --bits 3 --group-size 64;
     kvpack compress cache.safetensors --preset kivi-2-r128;
     kvpack compress cache.safetensors --method uniform --bits 3 --key-axis channel --unrope --keep-first 1;
+    kvpack compress cache.safetensors --method transform --target-bits 2 (after kvpack calibrate);
     kvpack compress store/ 'more/*.safetensors' -o packed/ --jobs 0 (many files: a summary table, exit 2 if any failed)
     """
     from kvpack.batch import expand_inputs, output_path, resolve_jobs
@@ -67,7 +74,15 @@ def compress(
     config = shared.codec()  # every flag checked before the input is read
     workers = resolve_jobs(jobs)
     expansion = expand_inputs(inputs)
+    if (profile is not None or embed_profile) and not config.whole_tensor:
+        raise InvalidInputError("--profile and --embed-profile apply to --method transform")
     if expansion.batch:
+        if profile is not None or embed_profile:
+            from kvpack.profile import load_profile
+
+            config = config.with_profile(load_profile(profile)) if profile is not None else config
+            if embed_profile:
+                raise InvalidInputError("--embed-profile applies to one input at a time")
         from kvpack.cli.compress_batch import compress_many
 
         compress_many(expansion, output, shared, config, allocation, workers, json_path, force, entropy)
@@ -82,7 +97,15 @@ def compress(
     check_json_path(json_path, force, input, output)
     with progress_bar("compress") as update:
         report = compress_file(
-            input, output, config, force=force, progress=update, allocation=allocation, entropy=entropy
+            input,
+            output,
+            config,
+            force=force,
+            progress=update,
+            allocation=allocation,
+            entropy=entropy,
+            profile=profile,
+            embed_profile=embed_profile,
         )
     if json_to_stdout:
         print_json(report)
@@ -97,6 +120,15 @@ def compress(
         )
         + (f", {report['ratio_vs_fp16']:.2f}x vs fp16" if report["ratio_vs_fp16"] else ", no K/V elements")
     )
+    if "profile" in report:
+        say(
+            f"profile {report['profile']['fingerprint']}: {human_bytes(report['profile']['bytes'])} per model, "
+            + (
+                "embedded (counted in the bits above)"
+                if report["profile"]["embedded"]
+                else "not in the file (--embed-profile)"
+            )
+        )
     if entropy_summary(report["rows"]["all"]):
         say(entropy_summary(report["rows"]["all"]))
     rows = report_rows(report, per_layer)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvpack.cli.options import Force, JsonOut, check_json_path, command, json_only
+from kvpack.cli.options import Force, JsonOut, ProfilePath, check_json_path, command, json_only
 from kvpack.cli.render import human_bytes, print_json, progress_bar, say, write_json
 from kvpack.errors import InvalidInputError, brief
 
@@ -45,6 +45,7 @@ def decompress(
             "--tokens", help="Only tokens A to B-1 of every K/V tensor and of token_ids: A:B, A: or :B (from 0)."
         ),
     ] = None,
+    profile: ProfilePath = None,
     json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
@@ -73,7 +74,13 @@ def decompress(
     check_json_path(json_path, force, input, output)
     with progress_bar("decompress") as update:
         result = decompress_file(
-            input, output, DUMP_DTYPES[dtype] if dtype else None, force=force, progress=update, **selection
+            input,
+            output,
+            DUMP_DTYPES[dtype] if dtype else None,
+            force=force,
+            progress=update,
+            profile=profile,
+            **selection,
         )
     report = {
         **{k: str(v) if isinstance(v, Path) else v for k, v in result.items()},

@@ -16,6 +16,7 @@ from kvpack.cli.options import (
     JsonOut,
     ModelName,
     Prefix,
+    ProfilePath,
     Windows,
     check_json_path,
     command,
@@ -53,6 +54,7 @@ def evaluate(
         ),
     ] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Print the attention-output error per layer.")] = False,
+    profile: ProfilePath = None,
     json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
@@ -83,6 +85,10 @@ def evaluate(
         chosen = EvalMethod.named_baseline(baseline)
     else:
         config = load_codec_config(config_file) if config_file is not None else shared.codec()
+        if profile is not None:
+            from kvpack.profile import load_profile
+
+            config = config.with_profile(load_profile(profile))
         chosen = EvalMethod.codec(config, allocation=allocation)
     json_to_stdout = json_only(json_path)
     check_json_path(json_path, force, text_file, config_file, what="the text and config files")
@@ -93,6 +99,8 @@ def evaluate(
         from kvpack.model.dump import cache_dims
 
         chosen = EvalMethod.codec(shared.codec(cache_dims(loaded.model)), allocation=allocation)
+    elif profile is not None and chosen.config is not None and not chosen.config.whole_tensor:
+        raise InvalidInputError("--profile applies to --method transform")
     token_ids = tokenize(loaded.tokenizer, text)
     protocol.offsets(token_ids.shape[1])  # too short a text fails before any work
     with progress_bar("eval") as update:

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kvpack.cli.options import ForceJson, JsonOut, PerLayer, check_json_path, command, json_only
+from kvpack.cli.options import ForceJson, JsonOut, PerLayer, ProfilePath, check_json_path, command, json_only
 from kvpack.cli.render import (
     bits_table,
     entropy_summary,
@@ -34,6 +34,7 @@ def inspect(
         bool, typer.Option("--verify", help="Also read every section, check its checksum and decode every tensor.")
     ] = False,
     per_layer: PerLayer = False,
+    profile: ProfilePath = None,
     json_path: JsonOut = None,
     force: ForceJson = False,
 ) -> None:
@@ -44,7 +45,7 @@ def inspect(
     from kvpack.report import describe_file
 
     check_json_path(json_path, force, path, what="the file inspected")
-    info = describe_file(path, verify=verify)
+    info = describe_file(path, verify=verify, profile=profile)
     if json_only(json_path):
         print_json(info)
         return

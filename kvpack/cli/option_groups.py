@@ -110,6 +110,8 @@ def codec_params_options() -> Parameters:
     owners: dict[str, list[tuple[str, dataclasses.Field]]] = {}
     for method, codec_class in Codec.registry.items():
         for field in dataclasses.fields(codec_class.Params):
+            if field.metadata.get("cli", True) is False:  # set by the encoder per entry, never a flag
+                continue
             owners.setdefault(field.name, []).append((method, field))
     parameters = []
     for name, fields in owners.items():
@@ -299,6 +301,9 @@ class SharedOptions:
 
         names = self.groups["allocation"]
         given = {name: self.values[name] for name in names if self.values[name] is not None}
+        method = self.values.get("method")
+        if set(given) == {"target_bits"} and method is not None and _whole_tensor(method):
+            given["allocate"] = "target"  # the transform codec's one knob: no allocator to choose
         return Allocation.from_flat(given, {name: self.flags[name] for name in names})
 
     def entropy(self):
@@ -315,6 +320,13 @@ class SharedOptions:
         return EntropyConfig(
             level=self.values["zstd_level"], kinds=frozenset(chosen), transpose=not self.values["no_transpose"]
         )
+
+
+def _whole_tensor(method: str) -> bool:
+    from kvpack.codecs import Codec
+
+    codec_class = Codec.registry.get(method)
+    return codec_class is not None and codec_class.whole_tensor
 
 
 def level_group_size(

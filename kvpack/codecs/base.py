@@ -76,16 +76,19 @@ class SectionSpec:
             )
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str | None = None) -> Any:
+def option(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str | None = None, cli: bool = True) -> Any:
     """A field of a codec's :class:`CodecParams`, with what the command line makes of it.
 
     Each field is one option of ``compress``, ``eval`` and ``dump -o x.kvp`` (a field name several
     codecs share is one option). ``help`` is its text (the command line adds the choices, the
     methods taking it and their defaults); ``choices`` are the only values accepted; ``flag`` is
     the spelling where it is not ``--field-name`` (``--field-name/--no-field-name`` for a bool),
-    e.g. ``--symmetric/--asymmetric``.
+    e.g. ``--symmetric/--asymmetric``; ``cli=False`` marks a value the encoder sets per entry
+    (stored in the file, never a flag).
     """
     metadata: dict[str, Any] = {"help": help}
+    if not cli:
+        metadata["cli"] = False
     if choices:
         metadata["choices"] = tuple(choices)
     if flag is not None:
@@ -190,6 +193,10 @@ class Codec(ABC):
     #: scale section serves every member. ``None``: this codec at any width from 1 to 8.
     family: ClassVar[dict[int, str] | None] = None
     registry: ClassVar[dict[str, type[Codec]]] = {}
+    #: Codecs of whole tensors (the transform codec): no groups; :mod:`kvpack.transforms.pca` codes them.
+    whole_tensor: ClassVar[bool] = False
+    #: Transform settings (:data:`kvpack.config.TRANSFORM_DEFAULTS` keys) this codec uses unless told otherwise.
+    default_transforms: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -38,13 +38,13 @@ import torch
 
 from kvpack.allocation.importance import attention_statistics
 from kvpack.allocation.solver import Allocation
-from kvpack.compress import compress_tensors
+from kvpack.compress import compress_tensors, with_model_profile
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
 from kvpack.evaluation.baselines import KIVI_GROUP, get_baseline
 from kvpack.metrics import ErrorAccumulator
 from kvpack.model.cache import build_cache, cache_tensors, layer_pairs, unwrap_model
-from kvpack.model.dump import cache_keyword, check_codec_fits, kv_head_shape, output_cache
+from kvpack.model.dump import cache_keyword, check_codec_fits, kv_head_shape, output_cache, weights_fingerprint
 from kvpack.model.queries import QueryCapture
 from kvpack.names import parse_kv_name
 from kvpack.restore.files import load_kvp
@@ -186,7 +186,7 @@ def _reconstruct(
         )
         effective = path.stat().st_size * 8
         dense = effective + 8 * sum(e.dense_bytes - e.stored_bytes for e in entries)
-        restored, _ = load_kvp(path)
+        restored, _ = load_kvp(path, profile=method.config.profile if method.config is not None else None)
         path.unlink()
         return restored, float(dense), float(effective)
     baseline = get_baseline(method.baseline)
@@ -214,7 +214,10 @@ def check_methods(model: Any, methods: list[EvalMethod]) -> list[EvalMethod]:
     for method in methods:
         if method.config is not None:
             try:
-                method = dataclasses.replace(method, config=check_codec_fits(lm, method.config))
+                config = check_codec_fits(lm, method.config)
+                if config.whole_tensor and config.profile is None:  # the model's profile from the profile directory
+                    config = with_model_profile(config, {"weights_fingerprint": weights_fingerprint(lm)})
+                method = dataclasses.replace(method, config=config)
             except InvalidInputError as exc:
                 raise InvalidInputError(f"{method.label}: {exc}") from None
         elif (method.baseline or "").startswith("kivi") and head_dim and head_dim % KIVI_GROUP:
@@ -275,7 +278,8 @@ def evaluate(
     ref_nll, n_targets = 0.0, 0
     steps, done = len(offsets) * (1 + len(methods)), 0
     started = time.perf_counter()
-    allocating = any(m.allocation is not None for m in methods)
+    # what a user's dump would hold: attention statistics only for the allocators that use them
+    allocating = any(m.allocation is not None and not m.config.whole_tensor for m in methods)
     with tempfile.TemporaryDirectory(prefix="kvpack-eval-") as tmp, QueryCapture(lm) as capture:
         for window, offset in enumerate(offsets):
             prefix = ids[:, offset : offset + protocol.prefix]

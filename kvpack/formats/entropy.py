@@ -168,6 +168,8 @@ def section_transposes(
     """The code sections of a tensor that ``entropy`` stores feature-major, and their row length."""
     if config is None or not entropy.enabled or not entropy.transpose or KIND_CODES not in entropy.kinds:
         return {}
+    if config.whole_tensor:  # range-coded: no fixed-width codes to transpose
+        return {}
     plan = plan_for(tuple(shape), dtype, name, config)
     widths = {section: transpose_width(plan, section, spec) for section, spec in plan.section_specs().items()}
     return {section: width for section, width in widths.items() if width}

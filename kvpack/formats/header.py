@@ -41,6 +41,7 @@ from kvpack.formats.constants import (
 from kvpack.formats.entropy import EXPANSION_SLACK, MAX_EXPANSION
 from kvpack.names import parse_kv_name, parse_stacked_name
 from kvpack.packing import packed_nbytes
+from kvpack.transforms.pca import transform_specs
 from kvpack.transforms.plan import TensorPlan, plan_for
 
 
@@ -82,8 +83,8 @@ class TensorEntry:
     @property
     def plan(self) -> TensorPlan:
         """How the quantized tensor is laid out (:class:`kvpack.transforms.plan.TensorPlan`)."""
-        if self.codec is None:
-            raise InvalidInputError(f"tensor {self.name!r} is stored losslessly and has no group layout")
+        if self.codec is None or self.codec.whole_tensor:
+            raise InvalidInputError(f"tensor {self.name!r} has no group layout")
         return plan_for(self.shape, self.dtype, self.name, self.codec)
 
     @property
@@ -109,6 +110,8 @@ def section_specs(shape: tuple[int, ...], dtype: str, codec: CodecConfig | None,
     """
     if codec is None:
         return {"data": SectionSpec(KIND_DATA, dtype, math.prod(shape), scope=SCOPE_ENTRY)}
+    if codec.whole_tensor:
+        return transform_specs(shape, dtype, codec, name)
     return plan_for(shape, dtype, name, codec).section_specs()
 
 

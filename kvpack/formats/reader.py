@@ -8,6 +8,7 @@ checked before it is used.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 from pathlib import Path
@@ -194,6 +195,18 @@ class KvpReader:
 
     def entries(self) -> list[TensorEntry]:
         return list(self._entries.values())
+
+    def attach(self, name: str, codec) -> None:
+        """Give entry ``name`` a codec config equal to its own that carries what the file does not
+        serialize (the transform codec's calibration profile, :mod:`kvpack.restore.profiles`).
+
+        Raises:
+            ValueError: ``codec`` differs from the entry's (a bug in the caller).
+        """
+        entry = self.entry(name)
+        if codec != entry.codec:
+            raise ValueError(f"tensor {name!r}: the attached codec config differs from the file's")
+        self._entries[name] = dataclasses.replace(entry, codec=codec)
 
     def read_section(self, name: str, section: str) -> np.ndarray:
         """The bytes of one section as a ``uint8`` array, after checking its CRC-32 (of the stored

@@ -265,6 +265,8 @@ def check_codec_fits(model: Any, config: Any) -> Any:
             raise InvalidInputError("`unrope` needs a model with one rotary embedding; this one has none or several")
         config = config.with_rope(rotary.inv_freq, rotary.attention_scaling)
     layers = cache_dims(model)[0]
+    if config.whole_tensor:
+        return config
     if kv_heads and head_dim and config.stack_layers and layers:
         for name in ("layers.all.key", "layers.all.value"):
             plan_for((layers, 1, kv_heads, 1, head_dim), "float16", name, config)

@@ -74,7 +74,8 @@ class EntryDecoder:
 
 def open_kvp(path: str | os.PathLike) -> EntryDecoder:
     """Open a ``.kvp`` lazily: the header is read and validated, tensors are decoded one at a
-    time with ``read_tensor(name, dtype=None)``; use with ``with``.
+    time with ``read_tensor(name, dtype=None)``; use with ``with``. ``profile``: the calibration
+    profile of a transform-coded file (:mod:`kvpack.restore.profiles`).
 
     Raises:
         FormatError: see :class:`KvpReader` (missing, truncated or corrupted file).

@@ -20,6 +20,8 @@ from kvpack.formats.atomic import check_output_path
 from kvpack.formats.reader import KvpReader
 from kvpack.formats.safetensors_io import safetensors_writer
 from kvpack.names import parse_kv_name
+from kvpack.profile import Profile
+from kvpack.restore.profiles import attach_profile
 from kvpack.restore.streaming import iter_outputs, select_outputs, token_bounds
 
 Progress = Callable[[int, int, str], None]
@@ -31,6 +33,7 @@ def load_kvp(
     layers: Iterable[int] | None = None,
     names: Iterable[str] | None = None,
     tokens: tuple[int | None, int | None] | slice | None = None,
+    profile: Profile | str | os.PathLike | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read the tensors of a ``.kvp`` (decoded), or a selection of them, and its metadata.
 
@@ -51,6 +54,8 @@ def load_kvp(
             stacked entry, ``--level token``, are one entry); a token range decodes only the
             pieces of a token-axis entry that hold those tokens, and decodes other entries
             (channel axis, mixed precision, lossless) whole before cutting them.
+        profile: the calibration profile of a transform-coded file (a :class:`Profile` or a path);
+            default the embedded one, else the profile directory's (:mod:`kvpack.restore.profiles`).
 
     Returns:
         ``(tensors, metadata)``: name -> tensor in the file's tensor order, and the file's
@@ -63,6 +68,7 @@ def load_kvp(
     """
 
     with KvpReader(path) as reader:
+        attach_profile(reader, profile)
         outputs = select_outputs(reader, restore_dtype(dtype), layers, names, tokens)
         tensors = {o.name: torch.empty(o.shape, dtype=TORCH_DTYPES[o.dtype]) for o in outputs}
         for output, start, piece in iter_outputs(reader, outputs):
@@ -83,6 +89,7 @@ def decompress_file(
     layers: Iterable[int] | None = None,
     names: Iterable[str] | None = None,
     tokens: tuple[int | None, int | None] | slice | None = None,
+    profile: Profile | str | os.PathLike | None = None,
 ) -> dict:
     """Restore a ``.kvp`` (or a selection of it) to a safetensors file with the same tensor names and metadata.
 
@@ -95,7 +102,8 @@ def decompress_file(
     Args:
         dtype: dtype of the restored K/V tensors (float16 / bfloat16 / float32); default the
             stored dtype. The metadata's ``dtype`` then names it.
-        layers, names, tokens: restore only a selection, see :func:`load_kvp`. The output
+        layers, names, tokens: restore only a selection, see :func:`load_kvp`.
+        profile: the calibration profile of a transform-coded file, see :func:`load_kvp`. The output
             metadata then has ``kvpack_selection`` (JSON: the layers, tensors and token range
             asked for) and, with a token range, ``seq_len`` is the restored token count.
 
@@ -113,6 +121,7 @@ def decompress_file(
     if Path(output_path).resolve() == Path(input_path).resolve():
         raise InvalidInputError("input and output are the same file")
     with KvpReader(input_path) as reader:
+        attach_profile(reader, profile)
         outputs = select_outputs(reader, restore_dtype(dtype), layers, names, tokens)
         metadata = dict(reader.metadata)
         if dtype is not None and "dtype" in metadata:

@@ -300,6 +300,8 @@ def _entry_pieces(
 
 def _piecewise(entry: TensorEntry) -> bool:
     """Whether a quantized entry can be decoded a range of tokens at a time (see the module docs)."""
+    if entry.codec.whole_tensor:  # range-coded chunks: decoded whole
+        return False
     plan = entry.plan
     return (
         plan.axis == "token"
