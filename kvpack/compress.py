@@ -123,17 +123,18 @@ def transform_target(allocation: Allocation | None) -> float:
     return allocation.target_bits
 
 
-def _transform_layout(layout, shapes, get, config, target, metadata, entropy, correction=1.0):
+def _transform_layout(layout, shapes, get, config, target, metadata, entropy, correction=0.0):
     theta = choose_distortion(layout, shapes, get, config, target, metadata, entropy, correction)
     chosen = config.with_params(distortion=theta)
     return [(name, sources, chosen if codec is not None else None) for name, sources, codec in layout]
 
 
 def _missed_target(path, entries: list[TensorEntry], target: float) -> float | None:
-    """``target / actual`` bits when the written file missed ``target`` by more than the tolerance, else None."""
+    """``target - actual`` bits per element when the written file missed ``target`` by more than the
+    tolerance, else None."""
     kv_elements = sum(e.n_elements for e in entries if e.codec is not None)
     actual = Path(path).stat().st_size * 8 / max(kv_elements, 1)
-    return None if abs(actual / target - 1) <= TOLERANCE else target / actual
+    return None if abs(actual / target - 1) <= TOLERANCE else target - actual
 
 
 def with_model_profile(

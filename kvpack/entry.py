@@ -24,7 +24,7 @@ from kvpack.formats.header import TensorEntry, section_specs, spec_nbytes
 from kvpack.formats.safetensors_io import SafetensorsSource
 from kvpack.names import ROLES, kv_tensor_name, parse_kv_name, stacked_name, tensor_order
 from kvpack.packing import pack, unpack
-from kvpack.transforms.pca import decode_transform, encode_transform
+from kvpack.transforms.pca import decode_transform, encode_transform, layer_basis
 from kvpack.transforms.plan import plan_for, stacked_view, unstacked_view
 
 
@@ -143,6 +143,11 @@ def decode_entry(
     Raises:
         FormatError: a section has the wrong size (only possible if not read through the reader).
     """
+    if entry.codec is not None and entry.codec.whole_tensor:
+        try:
+            layer_basis(entry.name, entry.shape, entry.codec)
+        except InvalidInputError as exc:  # a missing or foreign profile: not a fault of the file
+            raise InvalidInputError(f"tensor {entry.name!r}: {exc}") from None
     specs = section_specs(entry.shape, entry.dtype, entry.codec, entry.name)
     out_dtype = dtype or TORCH_DTYPES[entry.dtype]
     try:

@@ -28,7 +28,9 @@ from kvpack.codecs.transform import (
     kept_components,
 )
 from kvpack.config import CodecConfig
-from kvpack.dtypes import DTYPE_SIZES
+from kvpack.codecs.base import KIND_DATA
+from kvpack.dtypes import DTYPE_SIZES, tensor_bytes
+from kvpack.formats.entropy import compress_section
 from kvpack.errors import InvalidInputError
 from kvpack.formats.constants import PREAMBLE_SIZE
 from kvpack.formats.header import section_specs, spec_nbytes
@@ -54,6 +56,7 @@ class _EntrySample:
     mean_square: np.ndarray
     scale: float  # rows of the entry / sampled rows
     chunk_tokens: int
+    deadzone: float
 
 
 def _sample(name: str, x: torch.Tensor, config: CodecConfig) -> _EntrySample:
@@ -67,7 +70,14 @@ def _sample(name: str, x: torch.Tensor, config: CodecConfig) -> _EntrySample:
     layer, role = parse_kv_name(name)
     weight = config.profile.layer(layer, role).weight
     mean_square = (c.double() ** 2).mean(dim=0).numpy() if c.shape[0] else np.zeros(c.shape[1])
-    return _EntrySample(c, weight, mean_square, rows / max(c.shape[0], 1), min(SAMPLE_ROWS, config.params.chunk_tokens))
+    return _EntrySample(
+        c,
+        weight,
+        mean_square,
+        rows / max(c.shape[0], 1),
+        min(SAMPLE_ROWS, config.params.chunk_tokens),
+        config.params.deadzone,
+    )
 
 
 def _stream_bits(sample: _EntrySample, theta: float) -> float:
@@ -75,7 +85,8 @@ def _stream_bits(sample: _EntrySample, theta: float) -> float:
     if not kept.any() or not sample.coefficients.shape[0]:
         return 0.0
     steps = torch.from_numpy(component_steps(theta, sample.weight)[kept])
-    q = torch.round(sample.coefficients[:, torch.from_numpy(np.flatnonzero(kept))] / steps)
+    scaled = sample.coefficients[:, torch.from_numpy(np.flatnonzero(kept))] / steps
+    q = torch.sign(scaled) * torch.floor(scaled.abs() + (0.5 - sample.deadzone))
     if float(q.abs().max()) > MAX_SUPPORT:
         return math.inf
     sums, counts, codes = chunk_statistics(q.to(torch.int32).numpy(), sample.chunk_tokens)
@@ -90,7 +101,7 @@ def choose_distortion(
     target_bits: float,
     metadata: dict[str, str],
     entropy=None,
-    correction: float = 1.0,
+    correction: float = 0.0,
 ) -> float:
     """The distortion level ``theta`` whose file is estimated at ``target_bits`` per K/V element.
 
@@ -100,8 +111,8 @@ def choose_distortion(
         get: reads one tensor by name.
         config: the transform-codec config, with its profile and rotary frequencies.
         target_bits: bits per K/V element of the whole file (every byte counted).
-        correction: the ratio of the target to a file written at the first estimate, when it missed
-            by more than :data:`TOLERANCE` (the second pass aims the estimate that much off).
+        correction: bits per element to add to the target, when a file written at the first estimate
+            missed it by more than :data:`TOLERANCE` (the second pass aims that much off).
 
     Raises:
         InvalidInputError: the target is below what the file costs with every component dropped.
@@ -110,15 +121,21 @@ def choose_distortion(
     for name, _, codec in layout:
         shape, dtype = shapes[name]
         entries.append((name, shape, dtype, codec))
-        if codec is None:
-            fixed_bytes += math.prod(shape) * DTYPE_SIZES[dtype]
+        if codec is None:  # lossless: as the entropy stage will store it
+            raw = math.prod(shape) * DTYPE_SIZES[dtype]
+            if entropy is not None and entropy.applies_to(KIND_DATA):
+                data = memoryview(tensor_bytes(get(name)))
+                raw = min(
+                    raw, len(compress_section(data, entropy.level, 0, section_specs(shape, dtype, None, name)["data"]))
+                )
+            fixed_bytes += raw
             continue
         kv_elements += math.prod(shape)
         fixed_bytes += sum(spec_nbytes(s) for k, s in section_specs(shape, dtype, codec, name).items() if k != "stream")
         samples.append(_sample(name, get(name), codec))
     header, padding = header_and_padding(metadata, entries, entropy)
     fixed_bits = 8 * (fixed_bytes + header + padding + PREAMBLE_SIZE + 8 * len(samples))
-    budget = target_bits * kv_elements * correction
+    budget = (target_bits + correction) * kv_elements
     if fixed_bits >= budget:
         raise InvalidInputError(
             f"`target_bits={target_bits:g}` is below the {fixed_bits / max(kv_elements, 1):.3f} bits per element this "

@@ -14,10 +14,13 @@ tokens, ``F = num_kv_heads * head_dim`` components):
 - **Entropy coding.** Tokens are cut into chunks of ``chunk_tokens``; in each chunk each kept
   component's integers ``q`` are range-coded (``constriction`` 0.5, ``stream.queue.RangeEncoder``:
   32-bit words, 24-bit probabilities) with a two-sided geometric model ``p(k) ∝ r**|k|`` on
-  ``[-M, M]`` (``M`` the chunk's largest ``|q|``), ``r`` the maximum-likelihood value for the
-  component's mean ``|q|``, stored as an 8-bit code (:func:`scale_code`). Every model is built
+  ``[-M, M]`` (``M`` the chunk's largest ``|q|``; a chunk with ``M = 0`` codes nothing), ``r`` the maximum-likelihood value for the
+  component's mean ``|q|``, stored as an 8-bit code on a log grid (:func:`scale_code`, :func:`code_mean`). Every model is built
   with IEEE-exact operations only (sqrt, division, sequential products), so a decoder on any
   machine rebuilds the same probabilities (docs/format.md §6.5).
+- **Dead zone and centroids.** The zero bin is widened by ``deadzone`` steps on each side; a
+  nonzero integer decodes to the centroid of its bin under the Laplace density its chunk's model
+  implies (:func:`reconstruction_levels`), not to the bin's middle.
 """
 
 from __future__ import annotations
@@ -37,14 +40,21 @@ from kvpack.grouping import GroupLayout
 #: Largest ``|q|`` a chunk may hold (its models have ``2 M + 1`` symbols); steps finer than this
 #: allows mean more than 13 bits per coefficient, beyond what the codec is for.
 MAX_SUPPORT = 4095
-#: Scale codes: mean ``|q|`` = ``(code / SCALE_CODE_STEPS) ** 2``, code 0 to 255.
+#: Scale codes: code 0 is a chunk column of zeros; code ``c`` from 1 to 255 stands for the mean ``|q|``
+#: ``m = 2 ** ((c - SCALE_CODE_ZERO) / SCALE_CODE_STEPS)`` (about 1e-6 to 3,800, 9 % apart).
 SCALE_CODE_STEPS = 8
+SCALE_CODE_ZERO = 160
 MAX_CHUNK_TOKENS = 1 << 20
+#: Largest dead-zone (a larger one would round values of 1 step to 0 more often than to 1).
+MAX_DEADZONE = 0.5
 
 
 @dataclass(frozen=True)
 class TransformParams(CodecParams):
     chunk_tokens: int = option(1024, "Tokens per range-coding chunk of the transform codec")
+    deadzone: float = option(
+        0.1, "Transform codec: widen the zero bin by this many steps on each side (0: plain rounding)"
+    )
     #: the file's distortion level theta (set by the encoder from --target-bits; 0: not chosen yet)
     distortion: float = option(0.0, "Distortion level theta of the transform codec", cli=False)
     #: this entry's range-coded stream, in bytes (set by the encoder)
@@ -54,6 +64,8 @@ class TransformParams(CodecParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not (math.isfinite(self.deadzone) and 0 <= self.deadzone < MAX_DEADZONE):
+            raise InvalidInputError(f"`deadzone` must be in [0, {MAX_DEADZONE}), got {self.deadzone}")
         if not 1 <= self.chunk_tokens <= MAX_CHUNK_TOKENS:
             raise InvalidInputError(f"`chunk_tokens` must be from 1 to {MAX_CHUNK_TOKENS}, got {self.chunk_tokens}")
         if not (math.isfinite(self.distortion) and 0 <= self.distortion < 1e30):
@@ -103,15 +115,39 @@ def kept_components(theta: float, weight: np.ndarray, mean_square: np.ndarray) -
 
 
 def scale_code(mean_abs: np.ndarray) -> np.ndarray:
-    """uint8 code of a mean ``|q|``: ``round(8 sqrt(m))`` capped at 255 (the model's ``m`` is ``(code/8)**2``)."""
-    return np.minimum(np.rint(SCALE_CODE_STEPS * np.sqrt(mean_abs)), 255).astype(np.uint8)
+    """uint8 code of a mean ``|q|`` (float ``(...)``): 0 for 0, else the nearest code of the log grid
+    (:data:`SCALE_CODE_STEPS` per octave), clamped to 1..255."""
+    with np.errstate(divide="ignore"):
+        code = np.rint(SCALE_CODE_STEPS * np.log2(mean_abs)) + SCALE_CODE_ZERO
+    return np.where(mean_abs > 0, np.clip(code, 1, 255), 0).astype(np.uint8)
+
+
+def _octave_steps() -> tuple[float, ...]:
+    root = math.sqrt(math.sqrt(math.sqrt(2.0)))  # 2 ** (1/8), correctly rounded at each step
+    steps = [1.0]
+    for _ in range(SCALE_CODE_STEPS - 1):
+        steps.append(steps[-1] * root)
+    return tuple(steps)
+
+
+_OCTAVE = _octave_steps()
+
+
+def code_mean(code: int) -> float:
+    """The mean ``|q|`` a scale code stands for: ``ldexp(2 ** (j / 8), e)`` with ``code - 160 = 8 e + j``,
+    ``2 ** (j / 8)`` the ``j``-fold product of ``sqrt(sqrt(sqrt(2)))`` (IEEE-exact: the same on every
+    machine); 0 for code 0."""
+    if code == 0:
+        return 0.0
+    exponent, index = divmod(code - SCALE_CODE_ZERO, SCALE_CODE_STEPS)
+    return math.ldexp(_OCTAVE[index], exponent)
 
 
 def model_ratio(code: int) -> float:
-    """The geometric ratio ``r`` of a scale code: the maximum-likelihood ``r`` for mean ``|q|`` =
-    ``m = (code / 8)**2``, ``r = (sqrt(1 + m**2) - 1) / m`` (0 for code 0)."""
-    m = (code / SCALE_CODE_STEPS) ** 2
-    return 0.0 if m == 0 else (math.sqrt(1.0 + m * m) - 1.0) / m
+    """The geometric ratio ``r`` of a scale code: the maximum-likelihood ``r`` for its mean ``|q|`` ``m``
+    (:func:`code_mean`), ``r = m / (sqrt(1 + m**2) + 1)`` (0 for code 0)."""
+    m = code_mean(code)
+    return m / (math.sqrt(1.0 + m * m) + 1.0)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -133,8 +169,7 @@ def code_lengths(q_abs_sum: np.ndarray, counts: np.ndarray, codes: np.ndarray) -
         log_norm = np.where(r > 0, np.log2((1 - r) / (1 + r)), 0.0)
         log_r = np.where(r > 0, np.log2(np.where(r > 0, r, 1.0)), 0.0)
         bits = -(counts * log_norm + q_abs_sum * log_r)
-    # a zero model (code 0) with nonzero symbols: the coder's smallest probability, 2**-24
-    return np.where((r == 0) & (q_abs_sum > 0), 24.0 * counts, bits)
+    return bits
 
 
 @dataclass
@@ -151,15 +186,18 @@ def chunk_bounds(rows: int, chunk_tokens: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk_tokens, rows)) for a in range(0, rows, chunk_tokens)]
 
 
-def quantize(coefficients: torch.Tensor, steps: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """int32 ``(n, K)``: ``rint(c / step)`` of the kept components (float32 ``(n, F)`` in).
+def quantize(coefficients: torch.Tensor, steps: np.ndarray, kept: np.ndarray, deadzone: float) -> np.ndarray:
+    """int32 ``(n, K)``: ``sign(c) floor(|c| / step + 1/2 - deadzone)`` of the kept components
+    (float32 ``(n, F)`` in): uniform bins, the zero bin widened by ``deadzone`` steps on each side
+    (a dead-zone quantizer: at low rates the values near 0 cost more bits than their error).
 
     Raises:
         InvalidInputError: a coefficient more than :data:`MAX_SUPPORT` steps from 0.
     """
     index = torch.from_numpy(np.flatnonzero(kept))
     c = coefficients.index_select(1, index)
-    q = torch.round(c / torch.from_numpy(steps[kept]))
+    scaled = c / torch.from_numpy(steps[kept])
+    q = torch.sign(scaled) * torch.floor(scaled.abs() + (0.5 - deadzone))
     peak = float(q.abs().max()) if q.numel() else 0.0
     if peak > MAX_SUPPORT:
         raise InvalidInputError(
@@ -187,6 +225,8 @@ def encode_components(q: np.ndarray, kept: np.ndarray, chunk_tokens: int) -> Cod
         codes = scale_code(np.abs(block).mean(axis=0))
         support[chunk] = peak
         scales[chunk, kept_index] = codes
+        if peak == 0:  # every integer of the chunk is 0: nothing to code
+            continue
         shifted = np.ascontiguousarray((block + peak).T)
         for column, code in zip(shifted, codes.tolist(), strict=True):
             encoder.encode(column, _model(code, peak))
@@ -211,6 +251,8 @@ def decode_components(coded: CodedComponents, kept: np.ndarray, rows: int, chunk
         peak = int(coded.support[chunk])
         if not 0 <= peak <= MAX_SUPPORT:
             raise FormatError(f"chunk {chunk}: support {peak} beyond {MAX_SUPPORT}")
+        if peak == 0:
+            continue
         for k, code in enumerate(coded.scales[chunk, kept_index].tolist()):
             out[a:b, k] = decoder.decode(_model(code, peak), b - a).astype(np.int32) - peak
     return out
@@ -226,3 +268,29 @@ def chunk_statistics(q: np.ndarray, chunk_tokens: int) -> tuple[np.ndarray, np.n
     counts = np.array([b - a for a, b in bounds], dtype=np.float64)[:, None]
     sums = np.add.reduceat(np.abs(q).astype(np.float64), starts, axis=0)
     return sums, np.broadcast_to(counts, sums.shape), scale_code(sums / counts)
+
+
+def _centroid_offsets() -> np.ndarray:
+    """float64 ``(256,)``: for each scale code, where the centroid of a nonzero bin lies from its
+    lower edge, in steps (Laplace density of the code's ratio within the bin)."""
+    out = np.full(256, 0.5)
+    for code in range(1, 256):
+        r = model_ratio(code)
+        if 0 < r < 1:
+            a = -math.log(r)
+            out[code] = 1.0 / a - 1.0 / math.expm1(a) if a > 1e-6 else 0.5 - a / 12
+    return out
+
+
+_CENTROIDS = _centroid_offsets()
+
+
+def reconstruction_levels(q: np.ndarray, codes: np.ndarray, chunk_tokens: int, deadzone: float) -> torch.Tensor:
+    """float32 ``(rows, K)``: each integer's reconstruction in steps: 0 for 0, else the centroid of
+    its bin ``[|q| - 1/2 + deadzone, |q| + 1/2 + deadzone)`` under the Laplace density of its chunk's
+    scale code (``codes``: uint8 ``(chunks, K)``), ``sign(q) (|q| - 1/2 + deadzone + centroid(code))``."""
+    rows = q.shape[0]
+    per_row = np.repeat(np.arange(codes.shape[0]), chunk_tokens)[:rows]
+    offset = _CENTROIDS[codes[per_row]]
+    magnitude = np.abs(q) - 0.5 + deadzone + offset
+    return torch.from_numpy(np.where(q == 0, 0.0, np.sign(q) * magnitude).astype(np.float32))

@@ -30,6 +30,7 @@ from kvpack.codecs.transform import (
     encode_components,
     kept_components,
     quantize,
+    reconstruction_levels,
 )
 from kvpack.config import CodecConfig
 from kvpack.dtypes import as_uint8, from_bytes, tensor_bytes
@@ -79,14 +80,19 @@ def _unropes(name: str, config: CodecConfig) -> bool:
     return config.unrope and parsed is not None and parsed[1] == "key"
 
 
-def _basis(name: str, shape: tuple[int, ...], config: CodecConfig):
+def layer_basis(name: str, shape: tuple[int, ...], config: CodecConfig):
+    """``(role, the profile's LayerBasis)`` of tensor ``name`` of this shape.
+
+    Raises:
+        InvalidInputError: not a K/V tensor, no profile or not the config's, or one of another model.
+    """
     parsed = parse_kv_name(name)
     if parsed is None:
         raise InvalidInputError(f"the transform codec codes layers.<i>.key|value tensors, not {name!r}")
     profile = config.profile
     if profile is None or profile.fingerprint != config.params.profile:
         raise InvalidInputError(
-            f"tensor {name!r} needs calibration profile {config.params.profile or '?'} (pass --profile / `profile=`)"
+            f"decoding needs calibration profile {config.params.profile or '?'} (pass --profile / `profile=`)"
         )
     layer, role = parsed
     basis = profile.layer(layer, role)
@@ -102,7 +108,7 @@ def _basis(name: str, shape: tuple[int, ...], config: CodecConfig):
 def coefficients(name: str, x: torch.Tensor, config: CodecConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept tokens (``(batch, heads, first + last, head_dim)`` in ``x``'s dtype) and the coded
     tokens' coefficients (float32 ``(batch * coded, F)``) of ``x``."""
-    role, basis = _basis(name, tuple(x.shape), config)
+    role, basis = layer_basis(name, tuple(x.shape), config)
     first, coded, last = token_split(tuple(x.shape), config)
     kept = torch.cat([x[:, :, :first], x[:, :, first + coded :]], dim=2)
     rows = x[:, :, first : first + coded].float()
@@ -128,12 +134,12 @@ def encode_transform(name: str, x: torch.Tensor, config: CodecConfig) -> tuple[C
     """
     if config.params.distortion <= 0:
         raise InvalidInputError("the transform codec needs a distortion level (`distortion`) or `target_bits`")
-    role, basis = _basis(name, tuple(x.shape), config)
+    role, basis = layer_basis(name, tuple(x.shape), config)
     kept_tokens, c = coefficients(name, x, config)
     theta = config.params.distortion
     mean_square = (c.double() ** 2).mean(dim=0).numpy() if c.shape[0] else np.zeros(c.shape[1])
     kept = kept_components(theta, basis.weight, mean_square)
-    q = quantize(c, component_steps(theta, basis.weight), kept)
+    q = quantize(c, component_steps(theta, basis.weight), kept, config.params.deadzone)
     coded = encode_components(q, kept, config.params.chunk_tokens)
     entry_config = config.with_params(stream_bytes=len(coded.stream))
     sections = {
@@ -157,7 +163,7 @@ def decode_transform(
         InvalidInputError: the profile is missing or is not the file's.
         FormatError: sections no encoder writes (a support beyond the limit, an undecodable stream).
     """
-    role, basis = _basis(name, shape, config)
+    role, basis = layer_basis(name, shape, config)
     batch, heads, _, head_dim = shape
     first, coded, last = token_split(shape, config)
     features = heads * head_dim
@@ -176,7 +182,8 @@ def decode_transform(
     except (ValueError, RuntimeError, OverflowError) as exc:
         raise FormatError(f"tensor {name!r}: the transform stream cannot be decoded ({exc})") from None
     c = torch.zeros(rows, features)
-    c[:, torch.from_numpy(np.flatnonzero(kept))] = torch.from_numpy(q).float() * torch.from_numpy(steps[kept])
+    values = reconstruction_levels(q, scales[:, kept], config.params.chunk_tokens, config.params.deadzone)
+    c[:, torch.from_numpy(np.flatnonzero(kept))] = values * torch.from_numpy(steps[kept])
     x = c @ torch.from_numpy(basis.basis).T + torch.from_numpy(basis.mean)
     x = x.reshape(batch, coded, heads, head_dim).permute(0, 2, 1, 3)
     if role == "key" and config.unrope:
