@@ -53,7 +53,7 @@ MAX_DEADZONE = 0.5
 class TransformParams(CodecParams):
     chunk_tokens: int = option(1024, "Tokens per range-coding chunk of the transform codec")
     deadzone: float = option(
-        0.1, "Transform codec: widen the zero bin by this many steps on each side (0: plain rounding)"
+        0.0, "Transform codec: widen the zero bin by this many steps on each side (0: plain rounding)"
     )
     #: the file's distortion level theta (set by the encoder from --target-bits; 0: not chosen yet)
     distortion: float = option(0.0, "Distortion level theta of the transform codec", cli=False)
