@@ -35,7 +35,7 @@ from kvpack.names import parse_kv_name, tensor_order
 from kvpack.profile import Profile, find_profile
 from kvpack.report import build_report
 from kvpack.restore.profiles import PROFILE_TENSOR
-from kvpack.transforms.rope import rope_from_metadata
+from kvpack.transforms.rope import ROTATE_HALF, cached_first_position, rope_for_layer
 
 Progress = Callable[[int, int, str], None]
 #: File bits per K/V element the transform codec aims at when no target is given.
@@ -53,12 +53,15 @@ def compress_tensors(
     entropy: EntropyConfig | None = None,
     profile: Profile | str | os.PathLike | None = None,
     embed_profile: bool = False,
+    rope: dict[str, str] | None = None,
 ) -> list[TensorEntry]:
     """Write a dict of tensors to a ``.kvp``: ``layers.{i}.key|value`` quantized, the rest lossless.
 
     With ``config=None`` every tensor is stored losslessly in its own dtype. With
-    ``config.unrope``, the rotary frequencies come from the config (:meth:`CodecConfig.with_rope`)
-    or else from ``metadata`` (what ``kvpack dump`` records). With ``config.stack_layers`` the
+    ``config.unrope``, the rotary frequencies come from the config (:meth:`CodecConfig.with_rope`,
+    the same for every layer) or else from ``rope`` or ``metadata``, each layer its own (what
+    ``kvpack dump`` records, :func:`layer_rope`; ``rope`` is not written to the file). With
+    ``config.stack_layers`` the
     K/V tensors are written as two stacked entries (:func:`entry_layout`). With an
     ``allocation``, groups get their own widths (:func:`allocate_widths`), weighted by the
     attention statistics ``stats`` or by those among ``tensors`` (which are not stored).
@@ -76,13 +79,13 @@ def compress_tensors(
             and :class:`KvpWriter`; a missing or foreign profile.
     """
     metadata = metadata or {}
-    config = with_model_profile(with_model_rope(config, metadata), metadata, profile)
+    config = with_model_profile(config, metadata, profile)
     stats = stats if stats is not None else {n: x for n, x in tensors.items() if is_stats_tensor(n)}
     tensors = {name: x for name, x in tensors.items() if not is_stats_tensor(name)}
     if embed_profile:
         tensors[PROFILE_TENSOR] = embedded_profile(config)
     shapes = {name: (tuple(x.shape), dtype_name(x.dtype)) for name, x in tensors.items()}
-    layout = entry_layout(shapes, config)
+    layout = layer_rope(entry_layout(shapes, config), shapes, rope if rope is not None else metadata)
     file_metadata = metadata_for_file(metadata, config, allocation)
     entropy = EntropyConfig() if entropy is None else entropy
     groups_allocation = None if config is not None and config.whole_tensor else allocation  # the transform: one level
@@ -125,8 +128,10 @@ def transform_target(allocation: Allocation | None) -> float:
 
 def _transform_layout(layout, shapes, get, config, target, metadata, entropy, correction=0.0):
     theta = choose_distortion(layout, shapes, get, config, target, metadata, entropy, correction)
-    chosen = config.with_params(distortion=theta)
-    return [(name, sources, chosen if codec is not None else None) for name, sources, codec in layout]
+    return [
+        (name, sources, codec.with_params(distortion=theta) if codec is not None else None)
+        for name, sources, codec in layout
+    ]
 
 
 def _missed_target(path, entries: list[TensorEntry], target: float) -> float | None:
@@ -237,9 +242,9 @@ def compress_file(
     if is_kvp_file(input_path):
         raise InvalidInputError(f"{input_path} is already a .kvp file; compress takes a safetensors dump")
     with SafetensorsSource(input_path) as source:
-        config = with_model_profile(with_model_rope(config, source.metadata), source.metadata, profile)
+        config = with_model_profile(config, source.metadata, profile)
         names = sorted((n for n in source.keys() if not is_stats_tensor(n)), key=tensor_order)
-        layout = check_compressible(source, config, names)
+        layout = check_compressible(source, config, names, source.metadata)
         check_output_path(output_path, force)
         if Path(input_path).resolve() == Path(output_path).resolve():
             raise InvalidInputError("input and output are the same file")
@@ -308,40 +313,74 @@ def compress_file(
     return report
 
 
-def with_model_rope(config: CodecConfig | None, metadata: dict[str, str]) -> CodecConfig | None:
-    """``config`` with the rotary frequencies from a dump's ``metadata`` when it un-RoPEs keys without them.
+def layer_rope(
+    layout: list[tuple[str, list[str], CodecConfig | None]],
+    shapes: dict[str, tuple[tuple[int, ...], str]],
+    metadata: dict[str, str],
+) -> list[tuple[str, list[str], CodecConfig | None]]:
+    """``layout`` (:func:`entry_layout`) with each key entry's codec un-RoPE'ing with its own layer's
+    rotary parameters from a dump's ``metadata`` (:func:`kvpack.transforms.rope.rope_for_layer`).
+
+    An entry's first token is at ``rope_offset`` plus the position of its layer's first cached
+    token (:func:`~kvpack.transforms.rope.cached_first_position`: a sliding-window layer holds the
+    last tokens). Entries without un-RoPE, value entries, and codecs that already carry their
+    frequencies (:meth:`CodecConfig.with_rope`: the caller's, for every layer) are left as they are.
 
     Raises:
-        InvalidInputError: un-RoPE asked for, and the metadata records no rotary frequencies.
+        InvalidInputError: a layer without recorded rotary parameters (see ``rope_for_layer``), a
+            layer whose RoPE rotates interleaved channel pairs (the format stores rotate-half
+            un-RoPE only), or a stacked entry (``level=token``) over layers whose parameters differ.
     """
-    if config is None or not config.unrope or config.rope_inv_freq is not None:
-        return config
-
-    rope = rope_from_metadata(metadata)
-    return config.with_rope(rope.inv_freq, rope.attention_scaling)  # keeps the config's rope_offset
+    result = []
+    for entry_name, sources, codec in layout:
+        parsed = [parse_kv_name(name) for name in sources]
+        if codec is None or not codec.unrope or codec.rope_inv_freq is not None or parsed[0][1] != "key":
+            result.append((entry_name, sources, codec))
+            continue
+        specs = [rope_for_layer(metadata, layer) for layer, _ in parsed]
+        differ = next((i for i, spec in enumerate(specs) if spec != specs[0]), None)
+        if differ is not None:
+            raise InvalidInputError(
+                f"groups across layers (`level=token`) un-RoPE every layer alike, but layers {parsed[0][0]} and "
+                f"{parsed[differ][0]} use different rotary parameters; group per layer (`level=layer`) or drop `unrope`"
+            )
+        if specs[0].layout != ROTATE_HALF:
+            raise InvalidInputError(
+                f"tensor {sources[0]!r}: its model rotates interleaved channel pairs (GPT-J style RoPE), which the "
+                ".kvp format cannot store un-RoPE'd (only rotate-half); compress it without `unrope`"
+            )
+        shape = shapes[sources[0]][0]
+        offset = codec.rope_offset + (cached_first_position(metadata, shape[2]) if len(shape) == 4 else 0)
+        result.append((entry_name, sources, codec.with_rope(specs[0].inv_freq, specs[0].attention_scaling, offset)))
+    return result
 
 
 def check_compressible(
-    source: SafetensorsSource, config: CodecConfig, names: list[str]
+    source: SafetensorsSource, config: CodecConfig, names: list[str], metadata: dict[str, str] | None = None
 ) -> list[tuple[str, list[str], CodecConfig | None]]:
     """Check every K/V tensor's shape and dtype against ``config`` before any work (no data read).
 
     Returns:
-        The file's entries (:func:`entry_layout`).
+        The file's entries (:func:`entry_layout`), un-RoPE'd keys with their layers' rotary
+        parameters from ``metadata`` (:func:`layer_rope`).
 
     Raises:
         InvalidInputError: no K/V tensors, a non-float or non-4-D K/V tensor, a group size
-            that does not divide a tensor's features, or K/V tensors that cannot be stacked.
+            that does not divide a tensor's features, K/V tensors that cannot be stacked, or
+            un-RoPE without usable rotary parameters (see :func:`layer_rope`).
     """
     if not any(parse_kv_name(n) for n in names):
         raise InvalidInputError(f"{source.path}: no layers.<i>.key / layers.<i>.value tensors found")
     shapes = {name: source.shape_dtype(name) for name in names}
     layout = entry_layout(shapes, config)
+    for _, sources, codec in layout:
+        if codec is not None:
+            check_float_dtype(sources[0], shapes[sources[0]][1])
+    layout = layer_rope(layout, shapes, metadata or {})
     for entry_name, sources, codec in layout:
         if codec is None:
             continue
         shape, dtype = shapes[sources[0]]
-        check_float_dtype(sources[0], dtype)
         if config.stack_layers:
             if len(shape) != 4:
                 raise InvalidInputError(
@@ -350,7 +389,7 @@ def check_compressible(
                 )
             shape = (len(sources), *shape)
         try:
-            section_specs(tuple(shape), dtype, config, entry_name)
+            section_specs(tuple(shape), dtype, codec, entry_name)
         except InvalidInputError as exc:
             raise InvalidInputError(f"tensor {entry_name!r}: {exc}") from None
     return layout

@@ -102,7 +102,7 @@ def allocate_widths(
     kv_elements = sum(math.prod(shapes[n][0]) for _, sources, codec in layout if codec is not None for n in sources)
     if not kv_elements:
         raise InvalidInputError("bit allocation needs K/V values: the cache holds none")
-    tables, tensor_costs, fixed_bits, entries = {}, {}, 0.0, {}
+    tables, tensor_costs, fixed_bits, entries, codecs = {}, {}, 0.0, {}, {}
     for entry_name, sources, codec in layout:
         if codec is None:
             shape, dtype = shapes[entry_name]
@@ -112,10 +112,11 @@ def allocate_widths(
         x = get(sources[0]) if entry_name == sources[0] else stack(get, sources)
         check_finite(entry_name, x, config.stack_layers)
         entries[entry_name] = (entry_name, tuple(x.shape), dtype_name(x.dtype), None)
-        plan = plan_for(tuple(x.shape), dtype_name(x.dtype), entry_name, config)
+        codecs[entry_name] = codec  # the run's config, with the entry's own rotary parameters
+        plan = plan_for(tuple(x.shape), dtype_name(x.dtype), entry_name, codec)
         _, groups, mask = plan.prepare(stacked_view(x) if config.stack_layers else x)
-        group_stats = _group_stats(plan, sources, stats or {}, config)
-        table, per_tensor = entry_table(allocation, config, groups, plan.layout, mask, group_stats)
+        group_stats = _group_stats(plan, sources, stats or {}, codec)
+        table, per_tensor = entry_table(allocation, codec, groups, plan.layout, mask, group_stats)
         all_widths = table.widths
         table = allocation.restrict(table)
         if allocation.recent_tokens:
@@ -123,7 +124,7 @@ def allocate_widths(
         tables[entry_name] = table
         tensor_costs[entry_name] = per_tensor[[all_widths.index(w) for w in table.widths]]
         # everything but codes and codebooks: as a file with every group at one width stores it
-        full = config.with_widths(_counts_at(plan.layout.n_groups, table.widths[-1]))
+        full = codec.with_widths(_counts_at(plan.layout.n_groups, table.widths[-1]))
         specs = plan_for(tuple(x.shape), dtype_name(x.dtype), entry_name, full).section_specs()
         fixed_bits += sum(8 * spec_nbytes(s) for n, s in specs.items() if not n.startswith(("codes", "codebook")))
     fixed_bits += 8 * PREAMBLE_SIZE
@@ -147,7 +148,7 @@ def allocate_widths(
                         counts[width] = int(used)
                     if 1 in counts:  # the rest of the groups at the narrowest width present
                         counts[counts.index(1)] += tables[name].n_groups - sum(counts)
-                codec = config.with_widths(tuple(counts))
+                codec = codecs[name].with_widths(tuple(counts))
             listed.append((name, shape, dtype, codec))
         shared = sum(float(tensor_costs[n][m].sum()) for n, m in zip(names, present, strict=True))
         return shared + 8.0 * sum(header_and_padding(metadata or {}, listed, entropy))

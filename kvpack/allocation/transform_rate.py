@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvpack.codecs.base import KIND_DATA
 from kvpack.codecs.transform import (
     MAX_SUPPORT,
     chunk_bounds,
@@ -28,11 +29,10 @@ from kvpack.codecs.transform import (
     kept_components,
 )
 from kvpack.config import CodecConfig
-from kvpack.codecs.base import KIND_DATA
 from kvpack.dtypes import DTYPE_SIZES, tensor_bytes
-from kvpack.formats.entropy import compress_section
 from kvpack.errors import InvalidInputError
 from kvpack.formats.constants import PREAMBLE_SIZE
+from kvpack.formats.entropy import compress_section
 from kvpack.formats.header import section_specs, spec_nbytes
 from kvpack.formats.layout import header_and_padding
 from kvpack.names import parse_kv_name

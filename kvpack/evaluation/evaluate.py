@@ -44,8 +44,16 @@ from kvpack.errors import InvalidInputError
 from kvpack.evaluation.baselines import KIVI_GROUP, get_baseline
 from kvpack.metrics import ErrorAccumulator
 from kvpack.model.cache import build_cache, cache_tensors, layer_pairs, unwrap_model
-from kvpack.model.dump import cache_keyword, check_codec_fits, kv_head_shape, output_cache, weights_fingerprint
+from kvpack.model.dump import (
+    cache_keyword,
+    check_codec_fits,
+    kv_head_shape,
+    output_cache,
+    rope_for_cache,
+    weights_fingerprint,
+)
 from kvpack.model.queries import QueryCapture
+from kvpack.model.rotary import RotaryCapture
 from kvpack.names import parse_kv_name
 from kvpack.restore.files import load_kvp
 
@@ -173,16 +181,21 @@ class _Totals:
 
 
 def _reconstruct(
-    method: EvalMethod, tensors: dict[str, torch.Tensor], workdir: Path, stats: dict[str, torch.Tensor] | None = None
+    method: EvalMethod,
+    tensors: dict[str, torch.Tensor],
+    workdir: Path,
+    stats: dict[str, torch.Tensor] | None = None,
+    rope: dict[str, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, float]:
     """``(reconstructed K/V tensors, dense bits, effective bits)`` of a method applied to the
-    reference cache (``stats``: attention statistics of the prefix, for allocations). Dense bits
+    reference cache (``stats``: attention statistics of the prefix, for allocations; ``rope``: each
+    layer's rotary parameters, for un-RoPE, :func:`~kvpack.model.dump.rope_for_cache`). Dense bits
     count every section of the file densely packed (header included), as the counted baselines
     count their numbers; effective bits are the file's size after the entropy stage (format 1.5)."""
     if method.config is not None or method.baseline == FP16:
         path = workdir / "window.kvp"
         entries = compress_tensors(
-            tensors, path, method.config, {}, force=True, allocation=method.allocation, stats=stats
+            tensors, path, method.config, {}, force=True, allocation=method.allocation, stats=stats, rope=rope
         )
         effective = path.stat().st_size * 8
         dense = effective + 8 * sum(e.dense_bytes - e.stored_bytes for e in entries)
@@ -201,7 +214,8 @@ def check_methods(model: Any, methods: list[EvalMethod]) -> list[EvalMethod]:
     """Refuse, before any work, a method that cannot encode this model's K/V tensors.
 
     Returns:
-        The methods, with the model's rotary frequencies in codec configs that un-RoPE keys.
+        The methods (codecs that un-RoPE keys take each layer's rotary parameters from the run
+        over each window's prefix).
 
     Raises:
         InvalidInputError: a group size that does not divide ``num_kv_heads * head_dim``,
@@ -280,6 +294,7 @@ def evaluate(
     started = time.perf_counter()
     # what a user's dump would hold: attention statistics only for the allocators that use them
     allocating = any(m.allocation is not None and not m.config.whole_tensor for m in methods)
+    unroping = any(m.config is not None and m.config.unrope and m.config.rope_inv_freq is None for m in methods)
     with tempfile.TemporaryDirectory(prefix="kvpack-eval-") as tmp, QueryCapture(lm) as capture:
         for window, offset in enumerate(offsets):
             prefix = ids[:, offset : offset + protocol.prefix]
@@ -287,10 +302,15 @@ def evaluate(
             targets = ids[0, offset + protocol.prefix + 1 : offset + protocol.window_tokens]
             device = next(lm.parameters()).device
             capture.recording, capture.keep_last = allocating, protocol.stats_queries
-            out = lm(input_ids=prefix.to(device), use_cache=True, logits_to_keep=1)
+            with RotaryCapture(lm) as rotary:
+                out = lm(input_ids=prefix.to(device), use_cache=True, logits_to_keep=1)
             capture.recording, capture.keep_last = False, None
             reference = cache_tensors(output_cache(out), torch.float16)
             del out
+            # each layer's rotary parameters as this prefix used them, for the codecs that un-RoPE keys
+            rope = None
+            if unroping:  # sliding-window layers hold the last tokens: their positions follow from seq_len
+                rope = {**rope_for_cache(lm, prefix, rotary, len(reference) // 2), "seq_len": str(prefix.shape[1])}
             stats = {}
             if allocating:  # what dump --attention-stats records, from this prefix
                 pairs = layer_pairs(reference)
@@ -320,7 +340,7 @@ def evaluate(
             for method in methods:
                 tick = time.perf_counter()
                 total = totals.setdefault(method.label, _Totals(len(pairs)))
-                restored, bits, effective = _reconstruct(method, reference, Path(tmp), stats)
+                restored, bits, effective = _reconstruct(method, reference, Path(tmp), stats, rope)
                 logp = _continue(lm, restored, tokens, protocol.prefix)
                 total.nll += float(-logp.gather(1, targets[:, None]).sum())
                 total.kl += float((ref_prob * (ref_logp - logp)).sum())

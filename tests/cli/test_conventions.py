@@ -91,7 +91,7 @@ def test_narrow_terminal_wraps_text_but_never_cuts(small_kvp, capsys, monkeypatc
 
 # --- 2. one --json [PATH|-] convention ------------------------------------------------------
 
-COMMANDS = ("dump", "compress", "decompress", "inspect", "stats", "methods", "generate", "eval", "sweep")
+COMMANDS = ("dump", "calibrate", "compress", "decompress", "inspect", "stats", "methods", "generate", "eval", "sweep")
 
 
 def click_commands() -> dict:

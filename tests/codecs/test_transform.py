@@ -86,7 +86,7 @@ def test_scale_codes_round_trip_on_the_log_grid():
     means = np.array([0.0, 1e-7, 1e-3, 0.37, 1.0, 5.5, 1e4])
     codes = scale_code(means)
     assert codes[0] == 0 and codes[1] == 1 and codes[-1] == 255
-    for m, code in zip(means[2:-1], codes[2:-1]):
+    for m, code in zip(means[2:-1], codes[2:-1], strict=True):
         assert code_mean(int(code)) == pytest.approx(m, rel=0.05)
 
 

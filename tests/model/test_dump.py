@@ -1,6 +1,8 @@
 """Running a transformers model over text (kvpack.model.dump): the real SmolLM2 dump, and a tiny model whose
 layers differ."""
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -26,6 +28,11 @@ def test_dump_writes_the_real_cache(real_dump):
     assert len(keys) == 61 and k0.shape == (1, 3, REAL_TOKENS, 64) and k0.dtype == torch.float16
     assert ids.shape == (1, REAL_TOKENS) and ids.dtype == torch.int64
     assert torch.isfinite(k0).all() and k0.float().abs().max() > 1  # a real cache, not zeros
+    # un-RoPE's rotary parameters: one spec (rope_theta 1e5, head_dim 64) for all 30 layers, recorded once
+    assert json.loads(meta["rope_layers"]) == [0] * 30 and "rope_inv_freq" not in meta
+    (spec,) = json.loads(meta["rope_specs"])
+    assert spec["layout"] == "rotate_half" and spec["attention_scaling"] == 1.0 and len(spec["inv_freq"]) == 32
+    assert spec["inv_freq"][1] == pytest.approx(1e5 ** (-2 / 64))
 
 
 @pytest.mark.model  # transformers (the models extra), like the sliding-window restore test
