@@ -142,6 +142,8 @@ def decode_entry(
 
     Raises:
         FormatError: a section has the wrong size (only possible if not read through the reader).
+        InvalidInputError: a transform-coded entry without its calibration profile
+            (:mod:`kvpack.restore.profiles` attaches it).
     """
     if entry.codec is not None and entry.codec.whole_tensor:
         try:

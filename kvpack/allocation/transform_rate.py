@@ -36,7 +36,7 @@ from kvpack.formats.entropy import compress_section
 from kvpack.formats.header import section_specs, spec_nbytes
 from kvpack.formats.layout import header_and_padding
 from kvpack.names import parse_kv_name
-from kvpack.transforms.pca import coefficients
+from kvpack.transforms.pca import coefficient_shift, coefficients
 
 #: Chunks of tokens per entry the estimate reads (evenly spaced); the rest is scaled from them.
 SAMPLE_CHUNKS = 8
@@ -67,6 +67,7 @@ def _sample(name: str, x: torch.Tensor, config: CodecConfig) -> _EntrySample:
     if len(bounds):
         strides = [max(1, -(-(bounds[i][1] - bounds[i][0]) // SAMPLE_ROWS)) for i in picks]
         c = torch.cat([c[bounds[i][0] : bounds[i][1] : step] for i, step in zip(picks, strides, strict=True)])
+    c = c - coefficient_shift(c)
     layer, role = parse_kv_name(name)
     weight = config.profile.layer(layer, role).weight
     mean_square = (c.double() ** 2).mean(dim=0).numpy() if c.shape[0] else np.zeros(c.shape[1])

@@ -112,7 +112,7 @@ def compress(
         return
     say(
         f"{input} ({human_bytes(report['input_bytes'])}) -> {output} ({human_bytes(report['file_bytes'])}): "
-        f"{config.describe()}{'' if allocation is None else ', ' + allocation.describe()}, {entropy.describe()}; "
+        f"{config.describe()}{_budget(config, allocation)}, {entropy.describe()}; "
         + (
             f"{report['ratio_vs_input']:.2f}x smaller than the input"
             if report["ratio_vs_input"] >= 1
@@ -149,3 +149,12 @@ def compress(
             )
     if json_path is not None:
         write_json(json_path, report, force=force)
+
+
+def _budget(config, allocation) -> str:
+    """How the file's bits were budgeted, for the summary line."""
+    if config.whole_tensor:
+        from kvpack.compress import transform_target
+
+        return f", {transform_target(allocation):g} bits per element of the file"
+    return "" if allocation is None else ", " + allocation.describe()

@@ -43,7 +43,7 @@ def registry_report() -> dict:
             {
                 "name": name,
                 "summary": codec.summary,
-                "options": {f.name: f.default for f in dataclasses.fields(codec.Params)},
+                "options": {f.name: f.default for f in dataclasses.fields(codec.Params) if f.metadata.get("cli", True)},
                 "fixed_bits": codec.fixed_bits,
                 "block_size": codec.block_size,
                 "source": codec.source,
@@ -75,7 +75,10 @@ def _print_methods() -> None:
     from kvpack.presets import PRESETS
 
     for name, codec in sorted(Codec.registry.items()):
-        options = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(codec.Params)) or "none"
+        options = (
+            ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(codec.Params) if f.metadata.get("cli", True))
+            or "none"
+        )
         say(f"{name}: {codec.summary}")
         say(f"    options (defaults): {options}")
         fixed = []

@@ -7,7 +7,8 @@ of the transform codec (:mod:`kvpack.codecs.transform`) carrying its profile (:m
 2. Keys are un-RoPE'd (:mod:`kvpack.transforms.rope`) when ``unrope``: profiles hold pre-RoPE keys.
 3. Each coded token's vector over all kv heads (``F = num_kv_heads * head_dim`` features, head-major)
    minus the profile's mean is projected on the profile's basis: coefficients ``(n, F)``.
-4. The coefficients are quantized and range-coded (:mod:`kvpack.codecs.transform`): sections
+4. The tensor's own mean of each coefficient is stored (section ``shift``, float16) and taken off;
+   the coefficients are quantized and range-coded (:mod:`kvpack.codecs.transform`): sections
    ``components`` (1 bit per component: kept), ``support`` (int32 per chunk), ``scales`` (8-bit
    code per chunk and component) and ``stream`` (the range coder's bytes).
 
@@ -21,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from kvpack.codecs.base import KIND_CODES, KIND_EXACT, KIND_SCALES, KIND_TRANSFORM, SCOPE_ENTRY, SectionSpec
+from kvpack.codecs.base import FP16_MAX, KIND_CODES, KIND_EXACT, KIND_SCALES, KIND_TRANSFORM, SCOPE_ENTRY, SectionSpec
 from kvpack.codecs.transform import (
     CodedComponents,
     chunk_bounds,
@@ -38,6 +39,8 @@ from kvpack.errors import FormatError, InvalidInputError
 from kvpack.names import parse_kv_name
 from kvpack.packing import pack, unpack
 from kvpack.transforms.rope import rotate_keys
+
+FP16_LIMIT = FP16_MAX / 2
 
 
 def token_split(shape: tuple[int, ...], config: CodecConfig) -> tuple[int, int, int]:
@@ -66,6 +69,7 @@ def transform_specs(shape: tuple[int, ...], dtype: str, config: CodecConfig, nam
     specs = {
         "kept": SectionSpec(KIND_EXACT, dtype, batch * heads * (first + last) * head_dim, scope=SCOPE_ENTRY),
         "components": SectionSpec(KIND_SCALES, "code", features, 1, SCOPE_ENTRY),
+        "shift": SectionSpec(KIND_SCALES, "float16", features, scope=SCOPE_ENTRY),
         "support": SectionSpec(KIND_SCALES, "int32", chunks, scope=SCOPE_ENTRY),
         "scales": SectionSpec(KIND_SCALES, "code", chunks * features, 8, SCOPE_ENTRY),
         "stream": SectionSpec(KIND_CODES, "uint8", config.params.stream_bytes, scope=SCOPE_ENTRY),
@@ -122,6 +126,15 @@ def coefficients(name: str, x: torch.Tensor, config: CodecConfig) -> tuple[torch
     return kept, (rows - torch.from_numpy(basis.mean)) @ torch.from_numpy(basis.basis)
 
 
+def coefficient_shift(c: torch.Tensor) -> torch.Tensor:
+    """float32 ``(F,)``: the tensor's own mean of each coefficient, rounded to float16 (stored; the
+    profile's mean comes from other text, and what it misses would be error in a dropped component
+    and bits in a kept one)."""
+    if not c.shape[0]:
+        return torch.zeros(c.shape[1])
+    return c.mean(dim=0).clamp(-FP16_LIMIT, FP16_LIMIT).to(torch.float16).float()
+
+
 def encode_transform(name: str, x: torch.Tensor, config: CodecConfig) -> tuple[CodecConfig, dict[str, bytes]]:
     """Encode one K/V tensor; returns the entry's config (with ``stream_bytes``) and its sections.
 
@@ -137,6 +150,8 @@ def encode_transform(name: str, x: torch.Tensor, config: CodecConfig) -> tuple[C
     role, basis = layer_basis(name, tuple(x.shape), config)
     kept_tokens, c = coefficients(name, x, config)
     theta = config.params.distortion
+    shift = coefficient_shift(c)
+    c = c - shift
     mean_square = (c.double() ** 2).mean(dim=0).numpy() if c.shape[0] else np.zeros(c.shape[1])
     kept = kept_components(theta, basis.weight, mean_square)
     q = quantize(c, component_steps(theta, basis.weight), kept, config.params.deadzone)
@@ -145,6 +160,7 @@ def encode_transform(name: str, x: torch.Tensor, config: CodecConfig) -> tuple[C
     sections = {
         "kept": tensor_bytes(kept_tokens.contiguous()),
         "components": pack(kept.astype(np.uint8), 1).tobytes(),
+        "shift": tensor_bytes(shift.to(torch.float16)),
         "support": coded.support.astype("<i4").tobytes(),
         "scales": pack(coded.scales.reshape(-1), 8).tobytes(),
         "stream": coded.stream,
@@ -181,9 +197,13 @@ def decode_transform(
         q = decode_components(coded_components, kept, rows, config.params.chunk_tokens)
     except (ValueError, RuntimeError, OverflowError) as exc:
         raise FormatError(f"tensor {name!r}: the transform stream cannot be decoded ({exc})") from None
-    c = torch.zeros(rows, features)
+    shift = from_bytes(sections["shift"], "float16").float()
+    if not bool(torch.isfinite(shift).all()):
+        raise FormatError(f"tensor {name!r}: section shift holds NaN or infinite values")
+    c = shift.repeat(rows, 1)
     values = reconstruction_levels(q, scales[:, kept], config.params.chunk_tokens, config.params.deadzone)
-    c[:, torch.from_numpy(np.flatnonzero(kept))] = values * torch.from_numpy(steps[kept])
+    index = torch.from_numpy(np.flatnonzero(kept))
+    c[:, index] += values * torch.from_numpy(steps[kept])
     x = c @ torch.from_numpy(basis.basis).T + torch.from_numpy(basis.mean)
     x = x.reshape(batch, coded, heads, head_dim).permute(0, 2, 1, 3)
     if role == "key" and config.unrope:
