@@ -4,7 +4,11 @@ Each input is read twice: as it is, and after :func:`fix_checksums` recomputed e
 (preamble, header, and each section the header names), so mutations also reach the header
 validation and the decoders behind the checksums instead of stopping at them.
 
-Any exception other than :class:`kvpack.errors.FormatError` is a crash and stops the run
+Transform-codec entries (format 1.6) decode with a calibration profile: the one the file embeds,
+else the golden files' (``tests/golden/v1.6/transform-profile.safetensors``); an
+:class:`~kvpack.errors.InvalidInputError` saying the file names another profile is a refusal too.
+
+Any other exception than :class:`kvpack.errors.FormatError` is a crash and stops the run
 with the input saved as ``crash-*`` in the working folder. The corpus starts from the golden
 files. Run by hand (it is not part of CI)::
 
@@ -22,19 +26,26 @@ import os
 import sys
 import tempfile
 import zlib
+from pathlib import Path
 
 import atheris
 import zstandard
 
 with atheris.instrument_imports():
-    from kvpack.errors import FormatError
+    from kvpack.errors import FormatError, InvalidInputError
     from kvpack.formats.constants import PREAMBLE, pack_preamble
     from kvpack.formats.reader import KvpReader
+    from kvpack.profile import load_profile
     from kvpack.restore.decode import read_tensor
+    from kvpack.restore.profiles import PROFILE_TENSOR, attach_profile
     from kvpack.restore.streaming import verify_entries
 
 _FD, _PATH = tempfile.mkstemp(suffix=".kvp")
 os.close(_FD)
+#: The calibration profile of the golden transform-codec files that do not embed one.
+_PROFILE = load_profile(
+    Path(__file__).resolve().parents[1] / "tests" / "golden" / "v1.6" / "transform-profile.safetensors"
+)
 
 
 def fix_checksums(data: bytes) -> bytes:
@@ -63,6 +74,12 @@ def read_everything(data: bytes) -> None:
         handle.write(data)
     try:
         with KvpReader(_PATH) as reader:
+            try:  # the embedded profile, else the golden one (§6.5)
+                attach_profile(reader, None if PROFILE_TENSOR in reader.keys() else _PROFILE)
+            except InvalidInputError as exc:
+                if "profile" not in str(exc):
+                    raise
+                return
             verify_entries(reader)  # the path of inspect --verify: every section checked, every entry decoded
             for name in reader.keys():
                 read_tensor(reader, name)  # the path of load_kvp / stats: whole tensors

@@ -11,11 +11,14 @@ import zstandard
 from kvpack.formats.constants import PREAMBLE, PREAMBLE_SIZE, pack_preamble
 from kvpack.formats.reader import KvpReader
 from kvpack.restore.decode import read_tensor
+from kvpack.restore.profiles import PROFILE_TENSOR, attach_profile
 
 
-def read_everything(path) -> dict:
-    """What a user of the reader does: open, verify every section, decode every tensor."""
+def read_everything(path, profile=None) -> dict:
+    """What a user of the reader does: open, give transform entries their calibration profile (the one
+    the file embeds, else ``profile``: docs/format.md §6.5), verify every section, decode every tensor."""
     with KvpReader(path) as reader:
+        attach_profile(reader, None if PROFILE_TENSOR in reader.keys() else profile)
         reader.verify()
         return {name: read_tensor(reader, name) for name in reader.keys()}
 

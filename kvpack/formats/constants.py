@@ -14,7 +14,8 @@ FORMAT_MAJOR = 1
 #: 1.3 adds groups across layers: one stacked entry per role (``stack_layers``).
 #: 1.4 adds mixed precision: per-group code widths (``width_counts``, section ``bit_widths``).
 #: 1.5 adds the entropy stage: zstd sections and feature-major codes (``encoding``, ``transpose``).
-FORMAT_MINOR = 5
+#: 1.6 adds the transform codec: whole-tensor PCA coding from a calibration profile, range-coded.
+FORMAT_MINOR = 6
 
 #: Preamble, 64 bytes, little-endian: magic, major u16, minor u16, flags u32,
 #: header offset u64, header length u64, header CRC-32 u32, preamble CRC-32 u32 (of bytes
@@ -33,8 +34,8 @@ MAX_HEADER_EXPANSION = 32
 HEADER_EXPANSION_SLACK = 1 << 20
 
 #: Header keys (at any level) this reader understands when a file lists them under "required":
-#: every key format 1.5 defines. A later version lists the keys it adds that change decoding;
-#: a 1.2+ writer lists the transform keys its codec configs use.
+#: every key format 1.6 defines (codec options included, as ``symmetric`` is). A later version lists
+#: the keys it adds that change decoding; a 1.2+ writer lists the transform keys its codec configs use.
 KNOWN_REQUIRED_KEYS: frozenset[str] = frozenset(
     {"metadata", "tensors", "required", "shape", "dtype", "codec", "sections", "offset", "length", "crc32"}
     | {"method", "bits", "group_size", "outlier_ratio", "params", "symmetric", "normalization", "codebook_scope"}
@@ -42,6 +43,7 @@ KNOWN_REQUIRED_KEYS: frozenset[str] = frozenset(
     | {"unrope", "rope_dim", "rope_offset", "rope_scaling"}
     | {"stack_layers", "width_counts"}
     | {"encoding", "transpose"}
+    | {"chunk_tokens", "deadzone", "distortion", "stream_bytes", "profile"}
 )
 #: Section encodings (1.5): the stored bytes are one zstd frame of the section's bytes.
 SECTION_ENCODINGS = ("zstd",)

@@ -111,8 +111,27 @@ def section_specs(shape: tuple[int, ...], dtype: str, codec: CodecConfig | None,
     if codec is None:
         return {"data": SectionSpec(KIND_DATA, dtype, math.prod(shape), scope=SCOPE_ENTRY)}
     if codec.whole_tensor:
+        _check_whole_tensor(shape, codec, name)
         return transform_specs(shape, dtype, codec, name)
     return plan_for(shape, dtype, name, codec).section_specs()
+
+
+def _check_whole_tensor(shape: tuple[int, ...], codec: CodecConfig, name: str) -> None:
+    """What a transform-codec entry needs besides a valid config (docs/format.md §6.4, §6.5): a per-layer
+    K/V name (the profile's layer and role come from it), the profile's fingerprint, and for
+    un-RoPE'd keys a rotary dimension within the head."""
+    parsed = parse_kv_name(name)
+    if parsed is None:
+        raise InvalidInputError(f"method {codec.method} codes layers.<i>.key|value tensors, not {brief(name)}")
+    fingerprint = getattr(codec.params, "profile", "")
+    if not (len(fingerprint) == 16 and all(c in "0123456789abcdef" for c in fingerprint)):
+        raise InvalidInputError(f"method {codec.method} needs the profile's fingerprint (16 hex digits) in `profile`")
+    if getattr(codec.params, "stream_bytes", 0) % 4:
+        raise InvalidInputError(
+            f"`stream_bytes` must be a whole number of 32-bit words, got {codec.params.stream_bytes}"
+        )
+    if codec.unrope and parsed[1] == "key" and len(shape) == 4 and not 2 <= codec.rope_dim <= shape[3]:
+        raise InvalidInputError(f"un-RoPE needs a rotary dimension from 2 to head_dim {shape[3]}, got {codec.rope_dim}")
 
 
 def spec_nbytes(spec: SectionSpec) -> int:
@@ -326,6 +345,8 @@ def _decode_tensor(name: str, item: Any, fail, unknown) -> tuple[TensorEntry, li
         spec = specs.get(sec_name)
         label = f"{where}, section {brief(sec_name)}"
         encoding, transpose = _section_encoding(raw, spec, label, fail, unknown)
+        if spec is not None and codec is not None and codec.whole_tensor and (encoding or transpose):
+            raise fail(f"{label}: the sections of a transform entry are stored as they are (no encoding, transpose)")
         if spec is not None:
             derived = spec_nbytes(spec)
             if encoding is None and length != derived:

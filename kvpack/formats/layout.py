@@ -50,7 +50,8 @@ def header_and_padding(
             pad = padding_before(position)
             position, padding = position + pad, padding + pad
             length = spec_nbytes(spec)
-            encoded = "zstd" if entropy is not None and length and entropy.applies_to(spec.kind) else None
+            staged = entropy is not None and not (codec is not None and codec.whole_tensor)  # §6.4: stored as is
+            encoded = "zstd" if staged and length and entropy.applies_to(spec.kind) else None
             crc = zlib.crc32(f"{name}/{section}".encode())
             sections[section] = SectionEntry(position, length, crc, pad, -1, encoded, transposes.get(section, 0))
             position += length

@@ -101,7 +101,8 @@ class KvpWriter:
         """Append one tensor: ``sections`` maps each section name to its serialized bytes.
 
         Each section goes through the entropy stage of the writer's :class:`EntropyConfig`
-        (kept only where it makes the section smaller). ``transposes`` names the code sections
+        (kept only where it makes the section smaller), except those of a transform-codec entry
+        (docs/format.md §6.4), which are stored as they are. ``transposes`` names the code sections
         whose bytes are feature-major (:func:`kvpack.formats.entropy.transpose_width`) and their row length.
 
         Raises:
@@ -124,11 +125,15 @@ class KvpWriter:
             transpose = transposes.get(sec_name, 0)
             if transpose and (spec.dtype != "code" or not 1 <= spec.bits <= 8 or spec.count % transpose):
                 raise InvalidInputError(f"tensor {name!r}, section {sec_name}: cannot be transposed by {transpose}")
+        if any(transposes.values()) and codec is not None and codec.whole_tensor:
+            raise InvalidInputError(f"tensor {name!r}: the sections of a transform entry cannot be transposed")
         placed = {}
         for sec_name, spec in specs.items():
             data, transpose = views[sec_name], transposes.get(sec_name, 0)
             stored, encoding = data, None
-            if self.entropy.applies_to(spec.kind) and len(data):
+            # a transform entry (§6.4) is stored as it is: its stream is range-coded already, and zstd on
+            # its scales would let a few bytes declare chunks of up to 2**20 tokens each
+            if self.entropy.applies_to(spec.kind) and len(data) and not (codec is not None and codec.whole_tensor):
                 packed = compress_section(data, self.entropy.level, transpose, spec)
                 if len(packed) < len(data):  # only where it pays
                     stored, encoding = packed, "zstd"

@@ -1,11 +1,13 @@
 """Golden files: every committed ``.kvp`` decodes to what docs/format.md says, by an
 independent decoder written from the spec alone (struct, json, zstandard, numpy, Python
 integers for the bit stream, the standard library's NormalDist for the Gaussian levels, the
-minifloat formula of §8 for the element formats; none of kvpack's decoding code), and the
-current writer reproduces the current version's files byte for byte. Tensors that go through
-the Hadamard rotation or un-RoPE (§6.1 steps 3 and 4, specified to float32 accuracy) may
-differ from kvpack's by one ulp of their dtype; everything else must be equal."""
+minifloat formula of §8 for the element formats, hashlib and the `constriction` range coder for
+the transform codec of §6.5; none of kvpack's decoding code), and the current writer reproduces
+the current version's files byte for byte. Tensors that go through the Hadamard rotation or
+un-RoPE (§6.1 steps 3 and 4) or the transform codec's basis (§6.5), specified to float32
+accuracy, may differ from kvpack's by one ulp of their dtype; everything else must be equal."""
 
+import hashlib
 import json
 import math
 import re
@@ -22,7 +24,17 @@ import zstandard
 from kvpack import load_kvp
 from kvpack.errors import FormatError
 from kvpack.formats.reader import KvpReader
-from tests.golden_files import GOLDEN, GOLDEN_DIR, SINCE, current_folder, golden_inputs, write_golden
+from tests.golden_files import (
+    GOLDEN,
+    GOLDEN_DIR,
+    PROFILE,
+    PROFILE_FILE,
+    SINCE,
+    current_folder,
+    golden_inputs,
+    profile_file_bytes,
+    write_golden,
+)
 from tests.kvp_bytes import with_header
 
 SCHEMA = Path(__file__).resolve().parents[2] / "docs" / "kvp-header.schema.json"
@@ -348,25 +360,199 @@ def decode_quantized(name: str, shape: list[int], codec: dict, sections: dict[st
     return np.concatenate([kept[:, :, :kf], y.astype(np.float32), kept[:, :, kf:]], axis=2)
 
 
+#: §6.5: the profile file.
+PROFILE_FORMAT = "kvpack-profile-1"
+PROFILE_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(key|value)\.(mean|basis|variance|weight)")
+PROFILE_DTYPES = {"mean": ("F32", "<f4"), "basis": ("F16", "<f2"), "variance": ("F32", "<f4"), "weight": ("F32", "<f4")}
+#: §6.5: a chunk's largest |q|; the scale codes' log grid (codes per octave, the code of mean |q| 1); the
+#: embedded profile's entry.
+MAX_SUPPORT = 4095
+SCALE_CODE_STEPS = 8
+SCALE_CODE_ZERO = 160
+EMBEDDED_PROFILE = "kvpack.profile"
+
+
+def parse_profile(data: bytes) -> tuple[str, dict[str, str], dict[tuple[int, str], dict[str, np.ndarray]]]:
+    """§6.5 "The profile file": (fingerprint, metadata, {(layer, role): {part: array}}), every rule checked."""
+    (length,) = struct.unpack("<Q", data[:8])
+    assert 0 < length <= len(data) - 8
+    header = json.loads(data[8 : 8 + length])
+    body = data[8 + length :]
+    metadata = header.pop("__metadata__", {})
+    assert metadata["format"] == PROFILE_FORMAT and re.fullmatch(r"[0-9a-f]{16}", metadata["fingerprint"])
+    arrays, parts = {}, {}
+    for name, info in header.items():
+        layer, role, part = PROFILE_NAME.fullmatch(name).groups()
+        tag, dtype = PROFILE_DTYPES[part]
+        start, end = info["data_offsets"]
+        assert info["dtype"] == tag and 0 <= start <= end <= len(body)
+        arrays[name] = np.frombuffer(body[start:end], dtype).reshape(info["shape"])
+        parts.setdefault((int(layer), role), {})[part] = arrays[name].astype(np.float32)
+    layers = max(layer for layer, _ in parts) + 1
+    assert set(parts) == {(layer, role) for layer in range(layers) for role in ("key", "value")}
+    for values in parts.values():
+        features = values["mean"].shape[0]
+        assert values["mean"].shape == values["variance"].shape == values["weight"].shape == (features,)
+        assert values["basis"].shape == (features, features)
+        assert all(np.isfinite(v).all() for v in values.values())
+        assert (values["variance"] >= 0).all() and (values["weight"] >= 0).all()
+        basis = values["basis"].astype(np.float64)
+        assert np.abs(basis.T @ basis - np.eye(features)).max() <= 0.02  # orthonormal columns
+    digest = hashlib.sha256()  # the content fingerprint: names sorted, "name:dtype:shape;" then the bytes
+    for name in sorted(arrays):
+        array = arrays[name]
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    assert digest.hexdigest()[:16] == metadata["fingerprint"]
+    return metadata["fingerprint"], metadata, parts
+
+
+def code_mean(code: int) -> float:
+    """§6.5.5: the mean |q| of a scale code: 0 for code 0, else ldexp(t^j, e) with code - 160 = 8 e + j
+    (0 <= j < 8) and t^j the j-fold product of t = sqrt(sqrt(sqrt(2))), every operation in float64."""
+    if code == 0:
+        return 0.0
+    exponent, index = divmod(code - SCALE_CODE_ZERO, SCALE_CODE_STEPS)
+    root, power = math.sqrt(math.sqrt(math.sqrt(2.0))), 1.0
+    for _ in range(index):
+        power *= root
+    return math.ldexp(power, exponent)
+
+
+def geometric_ratio(code: int) -> float:
+    """§6.5.5: r of a scale code, r = m / (sqrt(1 + m m) + 1) for its mean |q| m (0 for code 0)."""
+    m = code_mean(code)
+    return m / (math.sqrt(1.0 + m * m) + 1.0)
+
+
+def centroid_offset(code: int) -> float:
+    """§6.5.5: where a nonzero bin's centroid lies above its lower edge, in steps, under the density
+    r^|x| of the code's ratio: 1/a - 1/(e^a - 1) with a = -ln r (0.5 - a/12 for a <= 1e-6; 0.5 without
+    a ratio in (0, 1))."""
+    r = geometric_ratio(code)
+    if not 0 < r < 1:
+        return 0.5
+    a = -math.log(r)
+    return 1.0 / a - 1.0 / math.expm1(a) if a > 1e-6 else 0.5 - a / 12
+
+
+def geometric_pmf(code: int, support: int) -> np.ndarray:
+    """§6.5: p(k) proportional to r^|k| for k in [-M, M], the powers as a sequential float64 product."""
+    r, powers = geometric_ratio(code), [1.0]
+    for _ in range(support):
+        powers.append(powers[-1] * r)
+    return np.array(powers[:0:-1] + powers, dtype=np.float64)
+
+
+def decode_transform(
+    name: str, entry: dict, sections: dict[str, bytes], profile: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """§6.5: one transform entry as float32 of its shape (step 7's rounding is the caller's), with the
+    integers and decoded coefficients (rows, F) and the steps (F,)."""
+    import constriction  # the entropy coder §6.5 names; its model and coder, not kvpack's
+
+    batch, heads, seq, dim = entry["shape"]
+    codec, dtype = entry["codec"], entry["dtype"]
+    params, t = codec["params"], transforms_of(codec)
+    layer, role = re.fullmatch(r"layers\.(0|[1-9][0-9]{0,8})\.(key|value)", name).groups()
+    assert codec["outlier_ratio"] == 0 and not t["stack_layers"] and not t["width_counts"]
+    assert (t["key_axis"], t["value_axis"], t["rotate"]) == ("token", "token", "none")
+    mean, basis, weight = (profile[(int(layer), role)][part] for part in ("mean", "basis", "weight"))
+    features = heads * dim
+    assert mean.shape == (features,)
+    kf = min(t["keep_first"], seq)
+    kl = min(t["keep_last"], seq - kf)
+    coded = seq - kf - kl
+    rows, chunk_tokens, deadzone = batch * coded, params["chunk_tokens"], params.get("deadzone", 0.0)
+    chunks = -(-rows // chunk_tokens)
+    kept = [j for j, bit in enumerate(unpack_bits(sections["components"], 1, features)) if bit]
+    support = np.frombuffer(sections["support"], "<i4")
+    scales = np.array(unpack_bits(sections["scales"], 8, chunks * features), dtype=np.int64).reshape(chunks, features)
+    stream = bytes(sections["stream"])
+    assert len(support) == chunks and all(0 <= m <= MAX_SUPPORT for m in support.tolist())
+    assert len(stream) == params["stream_bytes"] and len(stream) % 4 == 0
+    assert all(weight[j] > 0 for j in kept)
+    # steps s_j = sqrt(12 theta / w_j) in float64, rounded to float32
+    steps = np.array([math.sqrt(12.0 * params["distortion"] / float(w)) if w > 0 else math.inf for w in weight])
+    steps = steps.astype(np.float32)
+    decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(stream, "<u4").astype(np.uint32))
+    q = np.zeros((rows, features), dtype=np.int64)
+    level = np.zeros((rows, features), dtype=np.float32)
+    for chunk in range(chunks):  # rows [chunk T, min((chunk + 1) T, n)), kept components in increasing order
+        a, b, m = chunk * chunk_tokens, min((chunk + 1) * chunk_tokens, rows), int(support[chunk])
+        for j in kept:
+            code = int(scales[chunk, j])
+            if m:  # support 0: every integer of the chunk is 0, nothing in the stream
+                model = constriction.stream.model.Categorical(geometric_pmf(code, m), perfect=False)
+                q[a:b, j] = decoder.decode(model, b - a).astype(np.int64) - m
+            # nonzero q: sign(q) (|q| - 1/2 + deadzone + centroid offset) steps, in float64, to float32
+            magnitude = np.abs(q[a:b, j]) - 0.5 + deadzone + centroid_offset(code)
+            level[a:b, j] = np.where(q[a:b, j] == 0, 0.0, np.sign(q[a:b, j]) * magnitude).astype(np.float32)
+    shift = storage_values(sections["shift"], "float16")  # h_f, finite
+    assert shift.shape == (features,) and np.isfinite(shift).all()
+    c = np.repeat(shift[None, :], rows, axis=0)  # h_f + level s_f for a kept component, h_f for the others
+    c[:, kept] = shift[kept] + level[:, kept] * steps[kept]
+    x = (c @ basis.T + mean).astype(np.float32)  # float32: x = c B^T + mean
+    y = x.reshape(batch, coded, heads, dim).transpose(0, 2, 1, 3)
+    if t["unrope"] and role == "key":  # §6.1 step 4 on the decoded tokens
+        assert 2 <= t["rope_dim"] <= dim
+        inv_freq = storage_values(sections["rope_inv_freq"], "float32")
+        assert len(inv_freq) == t["rope_dim"] // 2
+        y = apply_rope(y, inv_freq, t["rope_offset"] + kf, t["rope_scaling"])
+    exact = storage_values(sections["kept"], dtype).reshape(batch, heads, kf + kl, dim)
+    return np.concatenate([exact[:, :, :kf], y.astype(np.float32), exact[:, :, kf:]], axis=2), q, c, steps
+
+
+def file_sections(data: bytes, entry: dict) -> dict[str, bytes]:
+    """An entry's sections, each checked (CRC-32 of the stored bytes) and its zstd stage undone (§6.3)."""
+    sections = {}
+    for section, where in entry["sections"].items():
+        raw = data[where["offset"] : where["offset"] + where["length"]]
+        assert zlib.crc32(raw) == where["crc32"]  # of the stored bytes
+        if where.get("encoding") == "zstd":  # §6.3: one frame, with its content size, nothing after it
+            assert zstandard.frame_content_size(raw) > len(raw)
+            raw = zstandard.ZstdDecompressor().decompress(raw, allow_extra_data=False)
+        else:
+            assert "encoding" not in where
+        sections[section] = Section(raw)
+        sections[section].transpose = where.get("transpose", 0)
+    return sections
+
+
+def file_profile(path: Path, header: dict, data: bytes) -> dict | None:
+    """§6.5: the profile the file's transform entries name (all the same one): the embedded
+    `kvpack.profile` entry, else the profile file beside the golden file."""
+    named = {e["codec"]["params"]["profile"] for e in header["tensors"].values() if is_transform(e)}
+    if not named:
+        return None
+    (fingerprint,) = named
+    if EMBEDDED_PROFILE in header["tensors"]:
+        entry = header["tensors"][EMBEDDED_PROFILE]
+        assert entry["codec"] is None and entry["dtype"] == "uint8"
+        raw = bytes(file_sections(data, entry)["data"])
+    else:
+        raw = (path.parent / PROFILE_FILE).read_bytes()
+    found, _, parts = parse_profile(raw)
+    assert found == fingerprint
+    return parts
+
+
+def is_transform(entry: dict) -> bool:
+    return entry["codec"] is not None and entry["codec"]["method"] == "transform"
+
+
 def decode_file(path: Path) -> dict[str, torch.Tensor]:
     data = path.read_bytes()
     _, header = parse_file(data)
+    profile = file_profile(path, header, data)
     out = {}
     for name, entry in header["tensors"].items():
-        sections = {}
-        for section, where in entry["sections"].items():
-            raw = data[where["offset"] : where["offset"] + where["length"]]
-            assert zlib.crc32(raw) == where["crc32"]  # of the stored bytes
-            if where.get("encoding") == "zstd":  # §6.3: one frame, with its content size, nothing after it
-                assert zstandard.frame_content_size(raw) > len(raw)
-                raw = zstandard.ZstdDecompressor().decompress(raw, allow_extra_data=False)
-            else:
-                assert "encoding" not in where
-            sections[section] = Section(raw)
-            sections[section].transpose = where.get("transpose", 0)
+        sections = file_sections(data, entry)
         dtype = entry["dtype"]
         if entry["codec"] is None:
             values = {name: storage_values(sections["data"], dtype).reshape(entry["shape"])}
+        elif is_transform(entry):
+            values = {name: decode_transform(name, entry, sections, profile)[0]}
         elif transforms_of(entry["codec"])["stack_layers"]:
             # §5: [L, B, H, S, D] decodes as one [B, L*H, S, D] tensor; layer i is heads i*H .. (i+1)*H - 1
             layers, batch, heads, seq, dim = entry["shape"]
@@ -382,12 +568,14 @@ def decode_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def float32_accuracy_tensors(path: Path) -> set[str]:
-    """The tensors that go through §6.1 step 3 or 4, specified to float32 accuracy only."""
+    """The tensors that go through §6.1 step 3 or 4 or the basis of §6.5, specified to float32 accuracy only."""
     _, header = parse_file(path.read_bytes())
     names = set()
     for name, entry in header["tensors"].items():
         t = transforms_of(entry["codec"] or {})
-        if entry["codec"] and (t["rotate"] == "hadamard" or (t["unrope"] and role_of(name) == "key")):
+        if entry["codec"] and (
+            is_transform(entry) or t["rotate"] == "hadamard" or (t["unrope"] and role_of(name) == "key")
+        ):
             if t["stack_layers"]:  # §5: the restored layers
                 names |= {f"layers.{i}.{role_of(name)}" for i in range(entry["shape"][0])}
             else:
@@ -411,13 +599,25 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_version_folder_holds_every_golden_file():
-    assert [p.name for p in VERSION_FOLDERS] == ["v1.0", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5"]
+    assert [p.name for p in VERSION_FOLDERS] == ["v1.0", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6"]
     assert all(p.is_file() for p in GOLDEN_PATHS)
+    assert all((folder / PROFILE_FILE).is_file() for folder in VERSION_FOLDERS if folder.name >= "v1.6")
+
+
+def profile_for(path: Path) -> Path | None:
+    """The profile file a golden file's transform entries decode with, unless it embeds its own (§6.5)."""
+    header = parse_file(path.read_bytes())[1]["tensors"]
+    needs = any(is_transform(e) for e in header.values()) and EMBEDDED_PROFILE not in header
+    return path.parent / PROFILE_FILE if needs else None
+
+
+def restore(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return load_kvp(path, profile=profile_for(path))
 
 
 @pytest.mark.parametrize("path", GOLDEN_PATHS, ids=golden_id)
 def test_golden_file_decodes_as_the_spec_says(path):
-    restored, metadata = load_kvp(path)
+    restored, metadata = restore(path)
     expected = decode_file(path)
     approximate = float32_accuracy_tensors(path)
     assert metadata["source"] == "kvpack golden file"
@@ -427,9 +627,10 @@ def test_golden_file_decodes_as_the_spec_says(path):
         mine = tensor.to(restored[name].dtype)
         if name in approximate:
             # §6.1: steps 3 and 4 to float32 accuracy, bounded relative to the head vector (block), then one
-            # rounding to the dtype
+            # rounding to the dtype; §6.5: the basis product likewise, relative to the token's vector (all heads)
             ours, theirs = restored[name].double(), mine.double()
-            bound = 2**-20 * theirs.norm(dim=-1, keepdim=True) + torch.finfo(mine.dtype).eps * theirs.abs()
+            vector = theirs.transpose(1, 2).flatten(2).norm(dim=-1)[:, None, :, None] if "transform" in path.stem else 0
+            bound = 2**-20 * (theirs.norm(dim=-1, keepdim=True) + vector) + torch.finfo(mine.dtype).eps * theirs.abs()
             close = (ours - theirs).abs() <= bound
             assert bool((close | (ulp_distance(restored[name], mine) <= 1)).all()), name
         else:
@@ -446,17 +647,17 @@ def test_only_the_rotated_and_unroped_tensors_are_compared_to_float32_accuracy()
         "uniform-a3-kchannel-g4-hadamard": ["layers.0.key", "layers.0.value"],
         "uniform-a4-kchannel-g2-unrope-partial-bf16": ["layers.0.key"],
     }
+    every_layer = ["layers.0.key", "layers.0.value", "layers.1.key", "layers.1.value"]
     assert {name: tensors for name, tensors in approximate.items() if tensors} == {
-        f"{folder}/{name}": tensors for folder in ("v1.2", "v1.3", "v1.4", "v1.5") for name, tensors in expected.items()
+        f"{folder}/{name}": tensors
+        for folder in ("v1.2", "v1.3", "v1.4", "v1.5", "v1.6")
+        for name, tensors in expected.items()
     } | {
-        f"{folder}/uniform-a3-kchannel-g4-all-layers-unrope-hadamard": [
-            "layers.0.key",
-            "layers.0.value",
-            "layers.1.key",
-            "layers.1.value",
-        ]
-        for folder in ("v1.3", "v1.4", "v1.5")
-    } | {f"{folder}/mxfp4-mixed-hadamard": ["layers.0.key", "layers.0.value"] for folder in ("v1.4", "v1.5")}
+        f"{folder}/uniform-a3-kchannel-g4-all-layers-unrope-hadamard": every_layer
+        for folder in ("v1.3", "v1.4", "v1.5", "v1.6")
+    } | {
+        f"{folder}/mxfp4-mixed-hadamard": ["layers.0.key", "layers.0.value"] for folder in ("v1.4", "v1.5", "v1.6")
+    } | {f"v1.6/{name}": every_layer for name in ("transform-unrope-keep1-1", "transform-embedded-profile-bf16")}
 
 
 #: Bounds on the relative squared error ``sum((x' - x)^2) / sum(x^2)`` of the codec families of format 1.0, by width.
@@ -488,13 +689,16 @@ ERROR_BOUNDS = {
     "adaptive-head-mixed-g64-all-layers": 0.6,  # 0.136 / 0.109, 0.211 / 0.244
     # format 1.5: the entropy stage is lossless; the mixed file has widths 0-8 in turn, as above
     "uniform-mixed-g16-zstd-long": 0.6,  # 0.26 / 0.28
+    # format 1.6: a random basis (not the data's PCA) at distortion 0.06: 1-4 of 16 components dropped
+    "transform-unrope-keep1-1": 0.6,  # 0.25 / 0.27 (layer 0), 0.21 / 0.25 (layer 1)
+    "transform-embedded-profile-bf16": 0.8,  # dead zone 0.25: 0.24 / 0.37, 0.18 / 0.36
 }
 
 
 @pytest.mark.parametrize("path", GOLDEN_PATHS, ids=golden_id)
 def test_golden_file_is_close_to_its_real_inputs(path):
     config, kind = GOLDEN[path.stem]
-    restored, _ = load_kvp(path)
+    restored, _ = restore(path)
     entries = parse_file(path.read_bytes())[1]["tensors"]
     bound = ERROR_BOUNDS[path.stem] if path.stem in ERROR_BOUNDS else BITS_ERROR_BOUNDS[config.bits] if config else None
     for name, x in golden_inputs(kind).items():
@@ -595,6 +799,150 @@ def test_transforms_by_hand():
     assert coded_tokens("layers.0.key", [1, 2, 6, 64], {"group_size": 32, "keep_first": 4, "keep_last": 4}) == (4, 0)
 
 
+def test_transform_codec_by_hand():
+    """§6.5 on a tiny entry: one head of D = 2, identity basis, mean (1, -1), weights (3, 0) (component 1
+    is dropped), distortion 0.25 (step sqrt(12 * 0.25 / 3) = 1), dead zone 0.25, three tokens in chunks of 2."""
+    import constriction
+
+    # scale codes: 160 is mean |q| 1, 8 codes an octave; r = m / (sqrt(1 + m^2) + 1); code 0 is r = 0
+    assert [code_mean(k) for k in (0, 152, 160, 168, 176)] == [0.0, 0.5, 1.0, 2.0, 4.0]
+    assert math.isclose(code_mean(164), math.sqrt(2)) and math.isclose(code_mean(163), 2 ** (3 / 8))
+    assert math.isclose(code_mean(1), 2 ** (-159 / 8)) and math.isclose(code_mean(255), 2 ** (95 / 8))
+    r1, r2 = geometric_ratio(160), geometric_ratio(168)
+    assert geometric_ratio(0) == 0.0 and r1 == 1 / (math.sqrt(2) + 1) and r2 == 2 / (math.sqrt(5) + 1)
+    assert math.isclose(2 * r2 / (1 - r2 * r2), 2.0)  # the two-sided geometric of r has mean |q| m
+    assert geometric_pmf(160, 2).tolist() == [r1 * r1, r1, 1.0, r1, r1 * r1]
+    assert geometric_pmf(0, 1).tolist() == [0.0, 1.0, 0.0]
+    # centroid offsets: 1/a - 1/(e^a - 1), a = -ln r: for r = 1/(1 + sqrt 2), e^a - 1 = sqrt 2
+    assert math.isclose(centroid_offset(160), 1 / math.log(1 + math.sqrt(2)) - 1 / math.sqrt(2), rel_tol=1e-12)
+    assert math.isclose(centroid_offset(168), 1 / math.log((1 + math.sqrt(5)) / 2) - 2 / (math.sqrt(5) - 1))
+    assert centroid_offset(0) == 0.5
+    # q of component 0: chunk 0 (tokens 0, 1) = 1, -1: M = 1, mean |q| 1 -> code 160 + round(8 log2 1) = 160;
+    # chunk 1 (token 2) = 2: M = 2, code 160 + round(8 log2 2) = 168. Symbols q + M: 2, 0 | 4.
+    encoder = constriction.stream.queue.RangeEncoder()
+    for symbols, code, support in (([2, 0], 160, 1), ([4], 168, 2)):
+        model = constriction.stream.model.Categorical(geometric_pmf(code, support), perfect=False)
+        encoder.encode(np.array(symbols, np.int32), model)
+    stream = encoder.get_compressed().astype("<u4").tobytes()
+    assert stream == bytes.fromhex("538a78d1")  # the coder's words (constriction 0.5), little-endian
+    entry = {
+        "shape": [1, 1, 3, 2],
+        "dtype": "float32",
+        "codec": {
+            "method": "transform",
+            "bits": 4,
+            "group_size": 64,
+            "outlier_ratio": 0.0,
+            "params": {
+                "chunk_tokens": 2,
+                "deadzone": 0.25,
+                "distortion": 0.25,
+                "stream_bytes": 4,
+                "profile": "0" * 16,
+            },
+        },
+    }
+    sections = {
+        "kept": b"",
+        "components": bytes([0b01]),  # component 0 kept, 1 dropped
+        "shift": np.array([0.5, -0.25], "<f2").tobytes(),
+        "support": struct.pack("<2i", 1, 2),
+        "scales": bytes([160, 0, 168, 0]),  # (chunk, component); 0 for the dropped one
+        "stream": stream,
+    }
+    profile = {
+        (0, "value"): {
+            "mean": np.array([1, -1], np.float32),
+            "basis": np.eye(2, dtype=np.float32),
+            "weight": np.array([3, 0], np.float32),
+        }
+    }
+    x, q, c, steps = decode_transform("layers.0.value", entry, sections, profile)
+    assert steps.tolist() == [1.0, math.inf] and q.tolist() == [[1, 0], [-1, 0], [2, 0]]
+    # nonzero q decodes to the shift plus sign(q) (|q| - 1/2 + deadzone + centroid offset) steps; the dropped
+    # component to its shift
+    first, second = 0.75 + centroid_offset(160), 1.75 + centroid_offset(168)
+    levels = [np.float32(first), np.float32(-first), np.float32(second)]
+    assert c.tolist() == [[np.float32(0.5) + level, -0.25] for level in levels]
+    expected = [[1.5 + first, -1.25], [1.5 - first, -1.25], [1.5 + second, -1.25]]  # c B^T + mean
+    assert np.allclose(x.reshape(3, 2), expected, rtol=0, atol=1e-6)
+    # a chunk of support 0 codes nothing: every q 0, decoded to the shift without reading the stream
+    empty = {**sections, "support": struct.pack("<2i", 0, 0), "stream": b""}
+    zero = {**entry, "codec": {**entry["codec"], "params": {**entry["codec"]["params"], "stream_bytes": 0}}}
+    assert decode_transform("layers.0.value", zero, empty, profile)[0].reshape(3, 2).tolist() == [[1.5, -1.25]] * 3
+
+
+def unrope(y: np.ndarray, inv_freq: np.ndarray, first_position: int, scaling: float) -> np.ndarray:
+    """The inverse of §6.1 step 4 (what an encoder applies): rotate by -p f, divide by the scaling (float64)."""
+    half = len(inv_freq)
+    theta = np.arange(first_position, first_position + y.shape[2], dtype=np.float64)[:, None] * inv_freq[None, :]
+    cos, sin = np.cos(theta), np.sin(theta)
+    low, high = y[..., :half].astype(np.float64), y[..., half : 2 * half].astype(np.float64)
+    x = y.astype(np.float64).copy()
+    x[..., :half], x[..., half : 2 * half] = (low * cos + high * sin) / scaling, (high * cos - low * sin) / scaling
+    return x
+
+
+TRANSFORM_PATHS = [
+    path for path in GOLDEN_PATHS if GOLDEN[path.stem][0] is not None and GOLDEN[path.stem][0].whole_tensor
+]
+
+
+@pytest.mark.parametrize("path", TRANSFORM_PATHS, ids=golden_id)
+def test_transform_coefficients_lie_in_the_bins_of_their_integers(path):
+    """§6.5's guarantee: the input's coefficient of a kept component, less its shift h, lies in the bin of
+    its decoded integer, |c - h| / s in [|q| - 1/2 + dz, |q| + 1/2 + dz) with the sign of q, or below
+    1/2 + dz for q = 0; a dropped component decodes to h (the input's coefficients computed here, in
+    float64, from the profile)."""
+    data = path.read_bytes()
+    header = parse_file(data)[1]
+    profile = file_profile(path, header, data)
+    kind = GOLDEN[path.stem][1]
+    for name, x in golden_inputs(kind).items():
+        entry = header["tensors"][name]
+        if not is_transform(entry):
+            continue
+        _, q, c, steps = decode_transform(name, entry, file_sections(data, entry), profile)
+        t, (batch, heads, seq, dim) = transforms_of(entry["codec"]), entry["shape"]
+        deadzone = entry["codec"]["params"].get("deadzone", 0.0)
+        kf = min(t["keep_first"], seq)
+        coded = seq - kf - min(t["keep_last"], seq - kf)
+        y = x.float().numpy()[:, :, kf : kf + coded]
+        if t["unrope"] and role_of(name) == "key":
+            inv_freq = storage_values(file_sections(data, entry)["rope_inv_freq"], "float32")
+            y = unrope(y, inv_freq.astype(np.float64), t["rope_offset"] + kf, t["rope_scaling"])
+        layer = int(name.split(".")[1])
+        parts = profile[(layer, role_of(name))]
+        rows = y.transpose(0, 2, 1, 3).reshape(batch * coded, heads * dim).astype(np.float64)
+        exact = (rows - parts["mean"]) @ parts["basis"].astype(np.float64)
+        kept = np.array(unpack_bits(file_sections(data, entry)["components"], 1, heads * dim), dtype=bool)
+        shift = storage_values(file_sections(data, entry)["shift"], "float16")
+        assert np.all(c[:, ~kept] == shift[~kept]) and np.all(q[:, ~kept] == 0)
+        scaled, ints, slack = (exact[:, kept] - shift[kept]) / steps[kept], q[:, kept], 1e-4
+        lower = np.where(ints == 0, -0.5 - deadzone, np.abs(ints) - 0.5 + deadzone)
+        upper = np.abs(ints) + 0.5 + deadzone
+        magnitude = np.where(ints == 0, scaled, np.sign(ints) * scaled)
+        assert np.all((lower - slack <= magnitude) & (magnitude < upper + slack)), name
+        assert np.all(np.sign(c[:, kept] - shift[kept]) == np.sign(ints))
+
+
+def test_golden_profile_file_is_what_the_helper_makes_and_both_readers_agree():
+    from kvpack.profile import load_profile
+
+    for folder in VERSION_FOLDERS:
+        if folder.name >= "v1.6":
+            stored = (folder / PROFILE_FILE).read_bytes()
+            assert stored == profile_file_bytes(PROFILE)
+            fingerprint, metadata, parts = parse_profile(stored)
+            assert fingerprint == PROFILE.fingerprint == load_profile(folder / PROFILE_FILE).fingerprint
+            assert metadata["keys"] == "pre_rope" and sorted(parts) == [
+                (0, "key"),
+                (0, "value"),
+                (1, "key"),
+                (1, "value"),
+            ]
+
+
 @pytest.mark.parametrize("path", GOLDEN_PATHS, ids=golden_id)
 def test_golden_headers_match_the_json_schema(path):
     jsonschema = pytest.importorskip("jsonschema")
@@ -628,6 +976,37 @@ def test_schema_and_reader_refuse_the_same_malformed_headers(edit, tmp_path):
     with pytest.raises(FormatError):
         with KvpReader(bad) as reader:
             reader.verify()
+
+
+def _transform_params(header: dict) -> dict:
+    return header["tensors"]["layers.0.key"]["codec"]["params"]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda h: _transform_params(h).update(chunk_tokens=0),
+        lambda h: _transform_params(h).update(chunk_tokens=2**20 + 1),
+        lambda h: _transform_params(h).update(distortion=-1.0),
+        lambda h: _transform_params(h).update(stream_bytes=70),
+        lambda h: _transform_params(h).update(profile="XYZ"),
+        lambda h: _transform_params(h).update(symmetric=True),
+        lambda h: h["tensors"]["layers.0.key"]["codec"].update(outlier_ratio=0.1),
+        lambda h: h["tensors"]["layers.0.key"]["codec"].update(key_axis="channel"),
+        lambda h: h["tensors"]["layers.0.key"]["codec"].update(stack_layers=True),
+    ],
+)
+def test_schema_and_reader_refuse_the_same_malformed_transform_headers(edit, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    data = (current_folder() / "transform-unrope-keep1-1.kvp").read_bytes()
+    header = parse_file(data)[1]
+    edit(header)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(header, json.loads(SCHEMA.read_text()))
+    bad = tmp_path / "bad.kvp"
+    bad.write_bytes(with_header(data, json.dumps(header).encode()))
+    with pytest.raises(FormatError):
+        KvpReader(bad)
 
 
 @pytest.mark.parametrize("normalization", ["meanstd", "minmax"])

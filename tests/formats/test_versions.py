@@ -24,7 +24,7 @@ def edited(header_edit, version=(1, 7), data: bytes | None = None) -> bytes:
     return with_header(data, dumps(header), version=version)
 
 
-@pytest.mark.parametrize("version", [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4)])
+@pytest.mark.parametrize("version", [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5)])
 def test_older_minor_version_reads_like_the_current_one(version):
     folder = GOLDEN_DIR / "v{}.{}".format(*version)
     for older in sorted(folder.glob("*.kvp")):
@@ -61,6 +61,19 @@ def test_files_using_the_1_2_transforms_require_them_and_others_look_like_1_1():
                 used |= set(section) - {"offset", "length", "crc32"}
         assert sorted(used - {"rotate_seed"}) == header.get("required", []), path.name  # the seed is informative
         assert not used & KEYS_OF_1_1
+
+
+def test_the_reader_knows_every_codec_option_as_a_required_key():
+    """A key `required` may name is any key this format defines, codec options included (format 1.6
+    added the transform codec's `chunk_tokens`, `deadzone`, `distortion`, `stream_bytes` and `profile`)."""
+    import dataclasses
+
+    from kvpack.codecs.base import Codec
+    from kvpack.formats.constants import KNOWN_REQUIRED_KEYS
+
+    options = {f.name for codec in Codec.registry.values() for f in dataclasses.fields(codec.Params)}
+    assert options <= KNOWN_REQUIRED_KEYS
+    assert {"chunk_tokens", "deadzone", "distortion", "stream_bytes", "profile"} <= options
 
 
 def test_newer_minor_version_with_unknown_optional_keys_and_sections_reads(tmp_path):
@@ -112,6 +125,28 @@ def test_newer_minor_version_needing_something_unknown_names_both_versions(edit,
     with pytest.raises(FormatError, match="corrupted header") as info:
         KvpReader(path)
     assert not isinstance(info.value, UnsupportedVersionError)
+
+
+@pytest.mark.parametrize("name", ["transform-unrope-keep1-1", "transform-embedded-profile-bf16"])
+def test_a_1_5_reader_asks_for_an_upgrade_on_a_transform_file(name, monkeypatch):
+    """docs/format.md §7: a 1.5 reader (no `transform` method, reading up to 1.5) refuses a 1.6 file that
+    uses the transform codec with an UnsupportedVersionError naming the method, both versions and what to
+    do; the same file claiming 1.5 would be corruption. (The real 1.5 reader, commit 96be2ac, says the same.)"""
+    from kvpack.codecs.base import Codec
+    from kvpack.formats import header
+
+    monkeypatch.delitem(Codec.registry, "transform")
+    monkeypatch.setattr(header, "FORMAT_MINOR", 5)
+    keys_of_1_6 = {"chunk_tokens", "deadzone", "distortion", "stream_bytes", "profile"}
+    monkeypatch.setattr(header, "KNOWN_REQUIRED_KEYS", header.KNOWN_REQUIRED_KEYS - keys_of_1_6)
+    path = current_folder() / f"{name}.kvp"
+    with pytest.raises(UnsupportedVersionError) as info:
+        KvpReader(path)
+    assert str(info.value).startswith(f"{path}: tensor 'layers.0.key': unknown method 'transform'")
+    assert str(info.value).endswith("the file is format 1.6, this kvpack reads up to 1.5; upgrade kvpack")
+    # a 1.6 file without the transform codec holds nothing a 1.5 reader lacks
+    with KvpReader(current_folder() / "uniform-a3-g16.kvp") as reader:
+        assert reader.version == (1, 6)
 
 
 def test_newer_major_version_is_refused_naming_both(tmp_path):

@@ -45,3 +45,24 @@ def test_writer_refuses_a_transpose_that_does_not_fit(real_tensors, tmp_path):
         writer.add_tensor("layers.0.key", tuple(x.shape), "float16", config, sections)  # nothing was written before
     compress_tensors({"layers.0.key": x}, tmp_path / "y.kvp", config, entropy=EntropyConfig(transpose=False))
     assert torch.equal(load_kvp(tmp_path / "x.kvp")[0]["layers.0.key"], load_kvp(tmp_path / "y.kvp")[0]["layers.0.key"])
+
+
+def test_transform_entries_are_stored_without_the_entropy_stage(tmp_path):
+    """docs/format.md §6.4: a transform entry's sections carry no `encoding` or `transpose`, even when
+    the writer's entropy stage would shrink them; other entries still go through it."""
+    from kvpack.formats.reader import KvpReader
+    from tests.golden_files import write_golden
+
+    path = tmp_path / "t.kvp"
+    write_golden("transform-unrope-keep1-1", path)  # the default entropy stage: zstd on every kind
+    with KvpReader(path) as reader:
+        coded = [e for e in reader.entries() if e.codec is not None]
+        sections = {name: bytes(data) for name, data in reader.read_sections("layers.0.key").items()}
+        assert len(coded) == 4
+        assert all(s.encoding is None and not s.transpose for e in coded for s in e.sections.values())
+        assert reader.entry("token_ids").sections["data"].encoding == "zstd"
+        entry = reader.entry("layers.0.key")
+    with KvpWriter(tmp_path / "u.kvp") as writer:
+        with pytest.raises(InvalidInputError, match="cannot be transposed"):
+            writer.add_tensor(entry.name, entry.shape, entry.dtype, entry.codec, sections, {"scales": 16})
+        writer.abort()
