@@ -94,14 +94,17 @@ def speed(cache: Path, scratch: Path, repeats: int) -> list[str]:
     ]
 
 
-def quality(config: Path) -> list[str]:
+def quality(config: Path, from_results: bool) -> list[str]:
     from kvpack.cli.plots import plot
 
     results_dir = HERE / "results" / "transform"
-    run, minutes = run_sweep(config, results_dir)
-    title = f"{run['model']}: transform codec vs grouped codecs, fp8, KIVI; ref PPL {run['ppl_ref']:.3f}"
-    plot(run["methods"], HERE.parent / "docs" / "transform.png", title)
-    shutil.copy(HERE.parent / "docs" / "transform.png", results_dir / "plot.png")
+    if from_results:
+        run, minutes = json.loads((results_dir / "results.json").read_text()), None
+    else:
+        run, minutes = run_sweep(config, results_dir)
+        title = f"{run['model']}: transform codec vs grouped codecs, fp8, KIVI; ref PPL {run['ppl_ref']:.3f}"
+        plot(run["methods"], HERE.parent / "docs" / "transform.png", title)
+        shutil.copy(HERE.parent / "docs" / "transform.png", results_dir / "plot.png")
     lines = [
         MARKER,
         "",
@@ -109,7 +112,7 @@ def quality(config: Path) -> list[str]:
         f"prefix {run['protocol']['prefix']}, continuation {run['protocol']['continuation']}; reference PPL "
         f"{run['ppl_ref']:.3f}). Bits are the file's: size × 8 / K-V elements, every byte counted; the profile "
         "(calibrated by `kvpack calibrate` on its bundled text, outside the 8 windows) is not in the files and is "
-        f"listed apart. {datetime.date.today()}, {minutes:.1f} minutes, torch threads: default.",
+        f"listed apart. {datetime.date.today()}" + ("" if minutes is None else f", {minutes:.1f} minutes") + ".",
         "",
         "![ΔPPL and KL versus file bits](transform.png)",
         "",
@@ -118,7 +121,7 @@ def quality(config: Path) -> list[str]:
     ]
     for r in sorted(run["methods"], key=lambda r: (r["bits_per_element"], r["kl_mean"])):
         lines.append(
-            f"| {r['label']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} | {r['kl_mean']:.4f} | "
+            f"| {r['label'].replace('|', '@')} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} | {r['kl_mean']:.4f} | "
             f"{r['top1_agreement_pct']:.2f} | {r['rel_mse_key']:.1e} | {r['rel_mse_value']:.1e} |"
         )
     return [*lines, ""]
@@ -131,10 +134,11 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/kvpack-speed/smollm2-wikitext-1GB.safetensors"))
     parser.add_argument("--scratch", type=Path, default=Path("/tmp"))
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--from-results", action="store_true", help="quality: render the last results.json again.")
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     args = parser.parse_args()
     if args.what == "quality":
-        replace_section(args.out, MARKER, "\n".join(quality(args.config)), before="## Model quality on WikiText-2")
+        replace_section(args.out, MARKER, "\n".join(quality(args.config, args.from_results)), before="## Model quality on WikiText-2")
     else:
         replace_section(args.out, SPEED_MARKER, "\n".join(speed(args.cache, args.scratch, args.repeats)))
 

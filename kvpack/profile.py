@@ -45,7 +45,9 @@ MAX_FEATURES = 1 << 15
 ORTHONORMAL_TOLERANCE = 2e-2
 #: Environment variable naming the profile directory.
 PROFILES_ENV = "KVPACK_PROFILES"
-_NAME = re.compile(r"^layers\.(\d+)\.(key|value)\.(mean|basis|variance|weight)$")
+_NAME = re.compile(r"^layers\.(0|[1-9][0-9]*)\.(key|value)\.(mean|basis|variance|weight)$", re.ASCII)
+#: The safetensors dtypes a profile holds (anything else is refused before the tensors are read).
+_STORED_DTYPES = {"F32", "F16"}
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
 
 
@@ -111,10 +113,22 @@ class Profile:
         }
 
     def to_bytes(self) -> bytes:
-        """The profile as a safetensors file (metadata includes the content ``fingerprint``)."""
-        from safetensors.numpy import save
-
-        return save(self.tensors(), metadata=self.metadata)
+        """The profile as a safetensors file (metadata includes the content ``fingerprint``), the same
+        bytes for the same profile: tensors and metadata in sorted order (the safetensors library's
+        own writer orders its metadata differently each run)."""
+        tensors = self.tensors()
+        header: dict = {"__metadata__": dict(sorted(self.metadata.items()))}
+        offset = 0
+        for name in sorted(tensors):
+            array = tensors[name]
+            dtype = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}[array.dtype]
+            header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+            offset += array.nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        body = b"".join(np.ascontiguousarray(tensors[name]).astype(tensors[name].dtype.newbyteorder("<")).tobytes()
+                        for name in sorted(tensors))
+        return len(text).to_bytes(8, "little") + text + body
 
     @property
     def nbytes(self) -> int:
@@ -158,9 +172,15 @@ def profile_from_bytes(data: bytes, where: str = "profile") -> Profile:
             raise ValueError("truncated or not a safetensors file")
         header = json.loads(data[8 : 8 + header_len])
         metadata = header.get("__metadata__") or {}
+        dtypes = {name: entry.get("dtype") for name, entry in header.items() if name != "__metadata__"}
+        odd = sorted(name for name, dtype in dtypes.items() if dtype not in _STORED_DTYPES)
+        if odd:
+            raise ValueError(f"tensor {brief(odd[0])} is {brief(dtypes[odd[0]])}, not F32 or F16")
         tensors = load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as exc:
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as exc:
         raise FormatError(f"{where}: not a kvpack profile ({exc})") from None
+    except RecursionError:
+        raise FormatError(f"{where}: not a kvpack profile (JSON nested too deeply)") from None
     return _validated(tensors, metadata, where)
 
 

@@ -104,7 +104,7 @@ def component_steps(theta: float, weight: np.ndarray) -> np.ndarray:
     """Uniform step of each component at distortion level ``theta``: ``sqrt(12 theta / w)`` (float32
     ``(F,)``; ``inf`` where the weight is 0). IEEE-exact, so encoder and decoder agree bit for bit."""
     w = weight.astype(np.float64)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         steps = np.sqrt(12.0 * float(theta) / w)
     return steps.astype(np.float32)
 
@@ -230,7 +230,7 @@ def encode_components(q: np.ndarray, kept: np.ndarray, chunk_tokens: int) -> Cod
         shifted = np.ascontiguousarray((block + peak).T)
         for column, code in zip(shifted, codes.tolist(), strict=True):
             encoder.encode(column, _model(code, peak))
-    return CodedComponents(support, scales, encoder.get_compressed().tobytes())
+    return CodedComponents(support, scales, encoder.get_compressed().astype("<u4").tobytes())
 
 
 def decode_components(coded: CodedComponents, kept: np.ndarray, rows: int, chunk_tokens: int) -> np.ndarray:
@@ -289,8 +289,10 @@ def reconstruction_levels(q: np.ndarray, codes: np.ndarray, chunk_tokens: int, d
     """float32 ``(rows, K)``: each integer's reconstruction in steps: 0 for 0, else the centroid of
     its bin ``[|q| - 1/2 + deadzone, |q| + 1/2 + deadzone)`` under the Laplace density of its chunk's
     scale code (``codes``: uint8 ``(chunks, K)``), ``sign(q) (|q| - 1/2 + deadzone + centroid(code))``."""
-    rows = q.shape[0]
-    per_row = np.repeat(np.arange(codes.shape[0]), chunk_tokens)[:rows]
-    offset = _CENTROIDS[codes[per_row]]
-    magnitude = np.abs(q) - 0.5 + deadzone + offset
-    return torch.from_numpy(np.where(q == 0, 0.0, np.sign(q) * magnitude).astype(np.float32))
+    out = np.empty(q.shape, dtype=np.float32)
+    table = (_CENTROIDS + (deadzone - 0.5)).astype(np.float32)  # level of |q| = |q| + table[code]
+    for chunk, (a, b) in enumerate(chunk_bounds(q.shape[0], chunk_tokens)):  # float32, one chunk at a time
+        block = q[a:b]
+        level = np.abs(block).astype(np.float32) + table[codes[chunk]]
+        out[a:b] = np.where(block == 0, np.float32(0), np.copysign(level, block.astype(np.float32)))
+    return torch.from_numpy(out)

@@ -195,7 +195,7 @@ def decode_transform(
     coded_components = CodedComponents(support, scales, bytes(as_uint8(sections["stream"])))
     try:
         q = decode_components(coded_components, kept, rows, config.params.chunk_tokens)
-    except (ValueError, RuntimeError, OverflowError) as exc:
+    except (ValueError, RuntimeError, OverflowError, AssertionError) as exc:  # constriction: AssertionError
         raise FormatError(f"tensor {name!r}: the transform stream cannot be decoded ({exc})") from None
     shift = from_bytes(sections["shift"], "float16").float()
     if not bool(torch.isfinite(shift).all()):

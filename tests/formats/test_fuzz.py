@@ -374,9 +374,7 @@ def outcomes(tmp_path_factory) -> Outcomes:
 
 def test_fuzzed_files_only_raise_format_errors(outcomes):
     assert outcomes.total >= 10_000
-    assert outcomes.crashes == []
-    if outcomes.known_bugs:
-        print(f"\nknown codec bug ({KNOWN_CODEC_BUG}): {len(outcomes.known_bugs)} cases, e.g. {outcomes.known_bugs[0]}")
+    assert outcomes.crashes == [] and outcomes.known_bugs == []  # constriction's AssertionError: now a FormatError
     assert set(outcomes.read) | set(outcomes.refused) == {"truncation at a field boundary"} | {
         m.__name__ for m in MUTATIONS
     }
@@ -626,7 +624,7 @@ HOSTILE_SECTIONS = [
     ("scales all 255", lambda c, p: (c, {**p, "scales": b"\xff" * len(p["scales"])}), None),
     ("scales garbage", lambda c, p: (c, {**p, "scales": random.Random(6).randbytes(len(p["scales"]))}), None),
     ("stream garbage", lambda c, p: (c, {**p, "stream": random.Random(16).randbytes(len(p["stream"]))}), None),
-    ("stream all ones", lambda c, p: (c, {**p, "stream": b"\xff" * len(p["stream"])}), None, "known bug"),
+    ("stream all ones", lambda c, p: (c, {**p, "stream": b"\xff" * len(p["stream"])}), "cannot be decoded"),
     ("stream empty", _stream(b""), None),
     ("stream truncated by a word", _stream_cut(4), None),
     ("stream with a word more", lambda c, p: _stream(p["stream"] + bytes(4))(c, p), None),
@@ -634,7 +632,7 @@ HOSTILE_SECTIONS = [
     ("shift NaN", _sections(shift=b"\x00\x7e" * 16), "shift holds NaN"),
     ("shift at the float16 limit", _sections(shift=b"\xff\x7b" * 16), None),
     ("chunks of 7 tokens (3 chunks still)", lambda c, p: (c.with_params(chunk_tokens=7), p), None),
-    ("distortion 0", lambda c, p: (c.with_params(distortion=0.0), p), None, "warning"),
+    ("distortion 0", lambda c, p: (c.with_params(distortion=0.0), p), None),
     ("distortion near the limit", lambda c, p: (c.with_params(distortion=9e29), p), None),
 ]
 
@@ -792,7 +790,7 @@ def hostile_profiles() -> dict[str, bytes]:
 HOSTILE_PROFILES = hostile_profiles()
 #: Known bugs in kvpack/profile.py (reported, not fixed here): profile_from_bytes catches neither json's
 #: RecursionError nor the KeyError safetensors.numpy raises for dtypes numpy lacks (BF16, F8_*).
-KNOWN_PROFILE_BUGS = {"deeply nested header": RecursionError, "bfloat16 tensor": KeyError}
+KNOWN_PROFILE_BUGS: dict = {}
 PROFILE_CASES = [
     pytest.param(
         label,
