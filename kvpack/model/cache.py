@@ -230,6 +230,7 @@ def load_cache(
     dtype: torch.dtype | None = None,
     check: bool = True,
     tokenizer: Any = None,
+    profile: Any = None,
 ) -> PromptCache:
     """Restore a prompt cache from a ``.kvp`` (or a safetensors dump) as a ``DynamicCache``.
 
@@ -244,6 +245,8 @@ def load_cache(
         dtype: K/V dtype; default the model's parameter dtype, or the stored one without a model.
         check: compare the file's identity with ``model`` (see :func:`check_model`).
         tokenizer: also compare its fingerprint (default: the tokenizer of a ``LoadedModel``).
+        profile: the calibration profile of a transform-coded file (a ``Profile`` or a path); default
+            the embedded one, else the profile directory's (:mod:`kvpack.restore.profiles`).
 
     Returns:
         A :class:`PromptCache`; pass ``result.cache`` to the model as ``cache=`` (``past_key_values=``
@@ -255,12 +258,13 @@ def load_cache(
             outside the model's vocabulary.
         ModelMismatchError: the file was made by another model.
     """
-    tensors, metadata = read_prompt_cache(path)
+    tensors, metadata = read_prompt_cache(path, profile)
     return restore_cache(path, tensors, metadata, model, device, dtype, check, tokenizer)
 
 
-def read_prompt_cache(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every K/V tensor and the token ids of a prompt cache file, decoded (no model needed).
+def read_prompt_cache(path: str | os.PathLike, profile: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every K/V tensor and the token ids of a prompt cache file, decoded (no model needed;
+    ``profile``: see :func:`load_cache`).
 
     Returns:
         ``(tensors, metadata)``: ``layers.{i}.key|value`` ``(batch, num_kv_heads, seq_len, head_dim)``
@@ -270,7 +274,7 @@ def read_prompt_cache(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         FormatError: the file is truncated or corrupted (every section is read and checked).
         InvalidInputError: the file holds no K/V tensors or no ``token_ids``.
     """
-    with open_cache(path) as source:
+    with open_cache(path, profile) as source:
         metadata = dict(source.metadata)
         names = source.keys()
         kv_names = sorted((n for n in names if parse_kv_name(n)), key=tensor_order)
