@@ -23,7 +23,7 @@ from kvpack.allocation.transform_rate import TOLERANCE, choose_distortion
 from kvpack.config import CodecConfig
 from kvpack.dtypes import check_float_dtype, dtype_name
 from kvpack.entry import decode_entry, encode_entry, entry_layout, stack
-from kvpack.errors import InvalidInputError
+from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.atomic import check_output_path
 from kvpack.formats.entropy import EntropyConfig, section_transposes
 from kvpack.formats.header import TensorEntry, section_specs
@@ -32,10 +32,11 @@ from kvpack.formats.safetensors_io import SafetensorsSource
 from kvpack.formats.writer import KvpWriter
 from kvpack.metrics import ErrorAccumulator
 from kvpack.names import parse_kv_name, tensor_order
-from kvpack.profile import Profile, find_profile
+from kvpack.profile import Profile, default_profile_path, find_profile
 from kvpack.report import build_report
 from kvpack.restore.profiles import PROFILE_TENSOR
 from kvpack.transforms.rope import ROTATE_HALF, cached_first_position, rope_for_layer
+from kvpack.weighted_error import estimated_kl
 
 Progress = Callable[[int, int, str], None]
 #: File bits per K/V element the transform codec aims at when no target is given.
@@ -177,6 +178,38 @@ def with_model_profile(
     return config.with_profile(found)
 
 
+def weighing_profile(
+    config: CodecConfig | None, metadata: dict[str, str], profile: Profile | str | os.PathLike | None = None
+) -> Profile | None:
+    """The profile that weighs a compressed cache's error (:mod:`kvpack.weighted_error`): the config's
+    (the transform codec's), else ``profile`` (a :class:`Profile` or a path), else the profile
+    directory's for the model ``metadata`` names; ``None`` when the directory has none or it is unreadable.
+
+    Raises:
+        InvalidInputError: a given ``profile`` of another model.
+        FormatError: a given ``profile`` file that is corrupted.
+    """
+    if config is not None and config.profile is not None:
+        return config.profile
+    model = metadata.get("weights_fingerprint")
+    if isinstance(profile, Profile):
+        found = profile
+    elif profile is not None:
+        found = find_profile(model, model=metadata.get("model", ""), path=profile)
+    else:
+        if not model or not default_profile_path(model).is_file():
+            return None
+        try:
+            found = find_profile(model, model=metadata.get("model", ""))
+        except (InvalidInputError, FormatError):
+            return None  # grouped codecs do not need it: no estimate rather than no file
+    if model and found.model_fingerprint and model != found.model_fingerprint:
+        raise InvalidInputError(
+            f"{found.label} does not belong to this cache's model {metadata.get('model', '?')} (weights {model})"
+        )
+    return found
+
+
 def embedded_profile(config: CodecConfig | None) -> torch.Tensor:
     """The profile's file bytes as a uint8 tensor (entry ``kvpack.profile``).
 
@@ -263,6 +296,9 @@ def compress_file(
         entropy = EntropyConfig() if entropy is None else entropy
         groups_allocation = None if config.whole_tensor else allocation  # the transform codec: one level
 
+        weighing = weighing_profile(config, source.metadata, profile)
+        estimates: dict[str, float | None] = {}
+
         def write(layout, force: bool) -> tuple[list[TensorEntry], dict[str, ErrorAccumulator]]:
             errors: dict[str, ErrorAccumulator] = {}
             mixed = allocate_entries(layout, shapes, get, config, groups_allocation, stats, file_metadata, entropy)
@@ -279,6 +315,9 @@ def compress_file(
                         for i, name in enumerate(sources):  # errors per layer, also of a stacked entry
                             errors[name] = ErrorAccumulator()
                             errors[name].add(x[i] if stacked else x, decoded[i] if stacked else decoded)
+                            if weighing is not None:
+                                original, restored = (x[i], decoded[i]) if stacked else (x, decoded)
+                                estimates[name] = estimated_kl(weighing, name, original, restored, source.metadata)
                     del x
                 if progress:
                     progress(len(layout), len(layout), "")
@@ -296,7 +335,7 @@ def compress_file(
                 entries, errors = write(chosen, True)
         file_size = Path(output_path).stat().st_size
         input_size = source.file_size
-    report = build_report(entries, file_size, errors)
+    report = build_report(entries, file_size, errors, estimates if weighing is not None else None)
     report.update(
         input=str(input_path),
         output=str(output_path),
@@ -304,6 +343,8 @@ def compress_file(
         ratio_vs_input=input_size / file_size,
         config=config.to_dict(),
     )
+    if weighing is not None:
+        report["weighted_by"] = weighing.fingerprint
     if config.profile is not None:
         report["profile"] = {
             "fingerprint": config.profile.fingerprint,
@@ -325,6 +366,7 @@ def layer_rope(
     token (:func:`~kvpack.transforms.rope.cached_first_position`: a sliding-window layer holds the
     last tokens). Entries without un-RoPE, value entries, and codecs that already carry their
     frequencies (:meth:`CodecConfig.with_rope`: the caller's, for every layer) are left as they are.
+    An un-RoPE the codec only recommended (``unrope_optional``) is dropped where it cannot apply.
 
     Raises:
         InvalidInputError: a layer without recorded rotary parameters (see ``rope_for_layer``), a
@@ -337,8 +379,17 @@ def layer_rope(
         if codec is None or not codec.unrope or codec.rope_inv_freq is not None or parsed[0][1] != "key":
             result.append((entry_name, sources, codec))
             continue
-        specs = [rope_for_layer(metadata, layer) for layer, _ in parsed]
+        try:
+            specs = [rope_for_layer(metadata, layer) for layer, _ in parsed]
+        except InvalidInputError:
+            if not codec.unrope_optional:
+                raise
+            specs = []
         differ = next((i for i, spec in enumerate(specs) if spec != specs[0]), None)
+        if codec.unrope_optional and (not specs or differ is not None or specs[0].layout != ROTATE_HALF):
+            # a recommended un-RoPE this cache's model does not allow: keys as cached
+            result.append((entry_name, sources, dataclasses.replace(codec, unrope=False, unrope_optional=False)))
+            continue
         if differ is not None:
             raise InvalidInputError(
                 f"groups across layers (`level=token`) un-RoPE every layer alike, but layers {parsed[0][0]} and "

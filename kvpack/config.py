@@ -108,6 +108,9 @@ class CodecConfig:
     #: the calibration profile of the transform codec (:mod:`kvpack.profile`; not serialized: the
     #: file names it by ``params.profile``, :meth:`with_profile` sets both)
     profile: Any = field(default=None, compare=False, repr=False)
+    #: ``unrope`` came from the codec's recommended settings, not the user: a cache whose model
+    #: records no rotary parameters kvpack can undo is compressed without it (not serialized)
+    unrope_optional: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         codec_class = get_codec_class(self.method)
@@ -213,26 +216,36 @@ class CodecConfig:
         group_size: int | None = None,
         outlier_ratio: float = 0.0,
         transforms: dict[str, Any] | None = None,
+        recommended: bool = False,
         **options: Any,
     ) -> CodecConfig:
         """Config from flat options; ``options`` go to the codec's parameter dataclass.
 
         ``bits`` / ``group_size`` default to the codec's fixed element width / block size,
-        else 4 / 64; ``transforms`` holds any of :data:`TRANSFORM_DEFAULTS`' keys.
+        else 4 / 64; ``transforms`` holds any of :data:`TRANSFORM_DEFAULTS`' keys. With
+        ``recommended``, transforms not given take the codec's measured best settings
+        (``recommended_transforms``: keys per channel, un-RoPE where the cache allows, a Hadamard
+        rotation, ...) and options not given the codec's ``recommended_params`` (normal's min/max
+        normalization), instead of the literal defaults; what the CLI does unless a preset is named.
 
         Raises:
             InvalidInputError: unknown method, an option the method does not take, or a bad value.
         """
         codec_class = get_codec_class(method)
+        if recommended:
+            options = {**codec_class.recommended_params, **options}
         try:
             params = codec_class.Params.from_dict(options)
         except InvalidInputError as exc:
             raise InvalidInputError(f"method {brief(method)}: {exc}") from None
-        transforms = {**codec_class.default_transforms, **(transforms or {})}
+        given = dict(transforms or {})
+        suggested = codec_class.recommended_transforms if recommended else {}
+        transforms = {**codec_class.default_transforms, **suggested, **given}
         unknown = sorted(set(transforms) - set(TRANSFORM_DEFAULTS))
         if unknown:
             raise InvalidInputError(f"unknown option(s) {brief_list(unknown)}")
-        return cls(method, bits, group_size, outlier_ratio, params, **transforms)
+        optional = bool(transforms.get("unrope")) and "unrope" in suggested and "unrope" not in given
+        return cls(method, bits, group_size, outlier_ratio, params, **transforms, unrope_optional=optional)
 
     def transforms(self) -> dict[str, Any]:
         """The transform settings (format 1.2+) that differ from their defaults (what a file's

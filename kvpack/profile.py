@@ -126,8 +126,10 @@ class Profile:
             offset += array.nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        body = b"".join(np.ascontiguousarray(tensors[name]).astype(tensors[name].dtype.newbyteorder("<")).tobytes()
-                        for name in sorted(tensors))
+        body = b"".join(
+            np.ascontiguousarray(tensors[name]).astype(tensors[name].dtype.newbyteorder("<")).tobytes()
+            for name in sorted(tensors)
+        )
         return len(text).to_bytes(8, "little") + text + body
 
     @property

@@ -129,8 +129,16 @@ def size_breakdown(entries: list[TensorEntry], file_size: int) -> dict:
     }
 
 
-def build_report(entries: list[TensorEntry], file_size: int, errors: dict[str, ErrorAccumulator] | None) -> dict:
+def build_report(
+    entries: list[TensorEntry],
+    file_size: int,
+    errors: dict[str, ErrorAccumulator] | None,
+    estimates: dict[str, float | None] | None = None,
+) -> dict:
     """Size breakdown (bits per element by section kind) joined with error statistics.
+
+    ``estimates``: each K/V tensor's profile-weighted error (:func:`kvpack.weighted_error.estimated_kl`);
+    with it every row gains ``estimated_kl``, the sum over its tensors (``None`` if one could not be weighed).
 
     Returns:
         ``{"file_bytes", "kv_elements", "ratio_vs_fp16", "rows": {"key"|"value"|"all": {...}},
@@ -159,6 +167,11 @@ def build_report(entries: list[TensorEntry], file_size: int, errors: dict[str, E
 
     rows = {name: finish(row, grouped[name]) for name, row in sizes["rows"].items()}
     layers = [finish(row, per_layer.get(row["layer"])) for row in sizes["layers"]]
+    if estimates is not None:
+        for name, row in rows.items():
+            row["estimated_kl"] = _summed(v for k, v in estimates.items() if name in ("all", parse_kv_name(k)[1]))
+        for row in layers:
+            row["estimated_kl"] = _summed(v for k, v in estimates.items() if parse_kv_name(k)[0] == row["layer"])
     return {
         "file_bytes": file_size,
         "kv_elements": sizes["kv_elements"],
@@ -166,6 +179,11 @@ def build_report(entries: list[TensorEntry], file_size: int, errors: dict[str, E
         "rows": rows,
         "layers": layers,
     }
+
+
+def _summed(values) -> float | None:
+    values = list(values)
+    return None if not values or any(v is None for v in values) else float(sum(values))
 
 
 def compare_caches(original: str | os.PathLike, reconstructed: str | os.PathLike, profile=None) -> dict:

@@ -50,7 +50,10 @@ def _tampered(profile, change):
         (lambda t, m: t.__setitem__("layers.0.key.mean", np.full_like(t["layers.0.key.mean"], np.nan)), "NaN"),
         (lambda t, m: t.__setitem__("layers.0.value.variance", -t["layers.0.value.variance"]), "negative"),
         (lambda t, m: t.__setitem__("layers.0.key.mean", t["layers.0.key.mean"][:3]), "basis must be float16"),
-        (lambda t, m: t.__setitem__("layers.0.key.weight", t["layers.0.key.weight"].astype(np.float64)), "not F32 or F16"),
+        (
+            lambda t, m: t.__setitem__("layers.0.key.weight", t["layers.0.key.weight"].astype(np.float64)),
+            "not F32 or F16",
+        ),
         (lambda t, m: t.__setitem__("layers.0.key.mean", t["layers.0.key.mean"] + 1), "corrupted"),
         (lambda t, m: t.__setitem__("layers.5.key.mean", t["layers.0.key.mean"]), "numbered 0 to L-1"),
         (lambda t, m: t.__setitem__("other", t["layers.0.key.mean"]), "unexpected tensor"),

@@ -74,9 +74,11 @@ def compress(
     config = shared.codec()  # every flag checked before the input is read
     workers = resolve_jobs(jobs)
     expansion = expand_inputs(inputs)
-    if (profile is not None or embed_profile) and not config.whole_tensor:
-        raise InvalidInputError("--profile and --embed-profile apply to --method transform")
+    if embed_profile and not config.whole_tensor:
+        raise InvalidInputError("--embed-profile applies to --method transform")
     if expansion.batch:
+        if profile is not None and not config.whole_tensor:
+            raise InvalidInputError("--profile weighs the report of one input at a time (other codecs than transform)")
         if profile is not None or embed_profile:
             from kvpack.profile import load_profile
 
@@ -129,6 +131,13 @@ def compress(
                 else "not in the file (--embed-profile)"
             )
         )
+    if "weighted_by" in report:
+        say(
+            f"est. KL: the error weighted by profile {report['weighted_by']} (query and output-projection "
+            "statistics, measured layer sensitivity), an estimate of the KL divergence it causes"
+        )
+    else:
+        say("est. KL: no profile of this model (`kvpack calibrate` makes one; --profile PATH)")
     if entropy_summary(report["rows"]["all"]):
         say(entropy_summary(report["rows"]["all"]))
     rows = report_rows(report, per_layer)

@@ -46,6 +46,8 @@ def registry_report() -> dict:
                 "options": {f.name: f.default for f in dataclasses.fields(codec.Params) if f.metadata.get("cli", True)},
                 "fixed_bits": codec.fixed_bits,
                 "block_size": codec.block_size,
+                "transforms": {**codec.default_transforms, **codec.recommended_transforms},
+                "recommended_options": dict(codec.recommended_params),
                 "source": codec.source,
             }
             for name, codec in sorted(Codec.registry.items())
@@ -88,6 +90,10 @@ def _print_methods() -> None:
             fixed.append(f"blocks of {codec.block_size}")
         if fixed:
             say(f"    fixed by its spec: {', '.join(fixed)}")
+        transforms = {**codec.recommended_params, **codec.default_transforms, **codec.recommended_transforms}
+        if transforms:
+            chosen = ", ".join(f"{key}={value}" for key, value in transforms.items())
+            say(f"    from the command line, unless given: {chosen}")
         say(f"    source: {codec.source}")
     say("")
     say("transforms, with every codec (flags of compress, eval and dump):")

@@ -251,7 +251,8 @@ class SharedOptions:
         return [self.flags[name] for name in self.groups.get(group, ()) if self.values[name] is not None]
 
     def codec(self, dims: tuple[int | None, int | None, int | None] | None = None):
-        """A :class:`~kvpack.config.CodecConfig` from the codec options, a preset under them, and the defaults.
+        """A :class:`~kvpack.config.CodecConfig` from the codec options, a preset under them, and the defaults:
+        without a preset, the codec's recommended transforms (:meth:`CodecConfig.build`, ``recommended``).
 
         Args:
             dims: ``(num_layers, num_kv_heads, head_dim)`` of the cache, needed to resolve
@@ -289,7 +290,11 @@ class SharedOptions:
             options["group_size"] = size if size is not None else options.get("group_size")
             if level == "token":
                 transforms["stack_layers"] = True
-        return CodecConfig.build(options.pop("method", "adaptive"), **options)
+            for axis in ("key_axis", "value_axis"):  # a level sizes token groups: no recommended channel axis
+                transforms.setdefault(axis, "token")
+        # a preset is a literal recipe; otherwise what the user left unset takes the codec's measured best
+        recommended = flags["preset"] is None
+        return CodecConfig.build(options.pop("method", "adaptive"), recommended=recommended, **options)
 
     def allocation(self):
         """The :class:`~kvpack.allocation.solver.Allocation` of the allocation options, or ``None``.

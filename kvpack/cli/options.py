@@ -195,7 +195,7 @@ ProfilePath = Annotated[
     Optional[Path],
     typer.Option(
         "--profile",
-        help="Calibration profile of the transform codec (default: the one embedded in the file, else the "
+        help="Calibration profile of the transform codec, also what weighs est. KL in reports (default: the one embedded in the file, else the "
         "profile directory's for the cache's model: $KVPACK_PROFILES or ~/.cache/kvpack/profiles; kvpack calibrate).",
         dir_okay=False,
     ),

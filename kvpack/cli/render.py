@@ -149,8 +149,10 @@ def bits_table(title: str, rows: list[tuple[str, dict]]) -> Table:
 def error_table(title: str, rows: list[tuple[str, dict]]) -> Table:
     """Rows of ``(label, row dict)``: element count, stored bytes (when known) and error statistics."""
     with_bytes = all("bytes" in row for _, row in rows)
+    weighted = any("estimated_kl" in row for _, row in rows)
     table = Table(title=escape(title), title_justify="left")
     columns = ["part", "elements"] + (["bytes"] if with_bytes else []) + ["rel MSE", "SNR dB", "max|err|", "cosine"]
+    columns += ["est. KL"] if weighted else []
     for column in columns:
         table.add_column(column, justify="left" if column == "part" else "right", no_wrap=True)
     for label, row in rows:
@@ -161,6 +163,7 @@ def error_table(title: str, rows: list[tuple[str, dict]]) -> Table:
             fmt_num(row["max_abs_err"], 4),
             fmt_num(row["cosine_mean"], 5),
         ]
+        cells += [fmt_sci(row.get("estimated_kl"))] if weighted else []
         table.add_row(*cells)
     return table
 

@@ -24,12 +24,14 @@ sensitivity-weighted k-means "nuqX" datatypes); Lloyd, "Least squares quantizati
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from kvpack.codecs.base import (
     FUSED_LEVELS,
     KIND_CODEBOOKS,
+    RECOMMENDED_GROUPED,
     SCOPE_GROUP,
     SCOPE_SHARED,
     Codec,
@@ -62,6 +64,7 @@ class AdaptiveParams(CodecParams):
 
 class AdaptiveCodec(Codec):
     name = "adaptive"
+    recommended_transforms: ClassVar[dict] = RECOMMENDED_GROUPED
     summary = "codebook of 2^B levels learned per kv head by weighted 1-D k-means (Lloyd)"
     source = "data-derived non-uniform levels as in KVQuant (arXiv 2401.18079); Lloyd 1982"
     Params = AdaptiveParams

@@ -106,6 +106,13 @@ def field_type(field: dataclasses.Field) -> type:
     return _FIELD_TYPES[field.type] if isinstance(field.type, str) else field.type
 
 
+#: What measures best for the integer and codebook codecs (docs/benchmarks.md, "Codec defaults"):
+#: keys grouped per channel (KIVI) before RoPE (KVQuant), every head vector Hadamard-rotated (QuaRot).
+RECOMMENDED_GROUPED: dict[str, Any] = {"key_axis": "channel", "unrope": True, "rotate": "hadamard"}
+#: Element formats: a Hadamard rotation spreads outliers over the block that shares a scale.
+RECOMMENDED_ELEMENTS: dict[str, Any] = {"rotate": "hadamard"}
+
+
 @dataclass(frozen=True)
 class CodecParams:
     """Base of every codec's frozen option dataclass.
@@ -197,6 +204,13 @@ class Codec(ABC):
     whole_tensor: ClassVar[bool] = False
     #: Transform settings (:data:`kvpack.config.TRANSFORM_DEFAULTS` keys) this codec uses unless told otherwise.
     default_transforms: ClassVar[dict[str, Any]] = {}
+    #: Transform settings a user gets by naming only the method, bits and group size (the CLI,
+    #: :meth:`kvpack.config.CodecConfig.build` with ``recommended=True``): what measures best for this
+    #: codec through the model (docs/benchmarks.md, "Codec defaults"). An ``unrope`` here applies only
+    #: where the cache records rotary parameters kvpack can undo.
+    recommended_transforms: ClassVar[dict[str, Any]] = {}
+    #: Likewise for the codec's own options (``Params`` fields), when the literal default measures worse.
+    recommended_params: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -58,6 +58,7 @@ import torch
 
 from kvpack.codecs.base import (
     KIND_SCALES,
+    RECOMMENDED_ELEMENTS,
     SCOPE_GROUP,
     Codec,
     SectionSpec,
@@ -242,6 +243,8 @@ def mx_shared_exponent(amax: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
 class _Fp16ScaledCodec(Codec):
     """Elements of ``element`` times one float16 scale per group (``amax / max`` rounded up)."""
 
+    recommended_transforms: ClassVar[dict] = RECOMMENDED_ELEMENTS
+
     element: ClassVar[ElementFormat]
 
     def section_specs(self, layout: GroupLayout) -> dict[str, SectionSpec]:
@@ -265,6 +268,8 @@ class _Fp16ScaledCodec(Codec):
 
 class _MxCodec(Codec):
     """OCP MX: elements of ``element`` times a shared power-of-two (E8M0) scale per block of 32."""
+
+    recommended_transforms: ClassVar[dict] = RECOMMENDED_ELEMENTS
 
     element: ClassVar[ElementFormat]
     block_size = MX_BLOCK_SIZE

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from scipy.special import ndtri
 
 from kvpack.codecs.base import (
     FUSED_LEVELS,
+    RECOMMENDED_GROUPED,
     Codec,
     CodecParams,
     FusedEncoding,
@@ -64,6 +66,9 @@ class NormalParams(CodecParams):
 
 class NormalCodec(Codec):
     name = "normal"
+    recommended_transforms: ClassVar[dict] = RECOMMENDED_GROUPED
+    #: mean/std normalization clips the keys' outlier channels (docs/benchmarks.md, "Codec defaults")
+    recommended_params: ClassVar[dict] = {"normalization": "minmax"}
     summary = "Gaussian-quantile levels per group, normalized by mean/std (or min/max)"
     source = "NormalFloat levels (QLoRA, arXiv 2305.14314) with Gaussian centroid reconstruction"
     Params = NormalParams

@@ -15,12 +15,14 @@ arXiv 2402.02750) and per group by most KV-cache int4/int2 schemes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from kvpack.codecs.base import (
     FUSED_UNIFORM_ASYMMETRIC,
     FUSED_UNIFORM_SYMMETRIC,
+    RECOMMENDED_GROUPED,
     Codec,
     CodecParams,
     FusedEncoding,
@@ -42,6 +44,7 @@ class UniformParams(CodecParams):
 
 class UniformCodec(Codec):
     name = "uniform"
+    recommended_transforms: ClassVar[dict] = RECOMMENDED_GROUPED
     summary = "integer grid per group: scale + zero-point from min/max (or scale from max|x|)"
     source = "min/max integer quantization as in KIVI (arXiv 2402.02750)"
     Params = UniformParams

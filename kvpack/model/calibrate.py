@@ -148,7 +148,7 @@ def calibrate(
                 progress(min(start + sequence, total), total)
     if not keys:
         raise InvalidInputError("calibration needs at least 2 tokens of text")
-    sensitivity = layer_sensitivity(model, ids, len(keys))
+    sensitivity, sink_kl, sink_noise = layer_sensitivity(model, ids, len(keys))
     head_dim = int(identity.get("head_dim") or 0) or None
     layers = []
     for layer in range(len(keys)):
@@ -164,6 +164,15 @@ def calibrate(
             keys[layer], values[layer], q_sq, scales[layer], kv_heads, _output_projection(model, layer), ropes[layer]
         )
         layers.append({role: _scaled(shapes[role], float(sensitivity[layer, r])) for r, role in enumerate(ROLES)})
+    # the sink token: measured KL over what the within-token weights predict for the same noise
+    predicted = [
+        sum(
+            sink_noise[layer, r] * float(layers[layer][role].weight.astype(np.float64).mean())
+            for layer in range(len(layers))
+        )
+        for r, role in enumerate(ROLES)
+    ]
+    sink = [float(kl / p) if p > 0 else 0.0 for kl, p in zip(sink_kl, predicted, strict=True)]
     text_config = decoder_config(model)
     metadata = {key: identity.get(key, "") for key in _IDENTITY_KEYS}
     metadata.update(
@@ -176,6 +185,7 @@ def calibrate(
         calibration_text_sha256=hashlib.sha256(text.encode()).hexdigest(),
         value_weight="o_proj" if _output_projection(model, 0) is not None else "identity",
         sensitivity=json.dumps([[round(float(v), 6) for v in row] for row in sensitivity.tolist()]),
+        sink_sensitivity=json.dumps([round(v, 6) for v in sink]),
         kvpack_version=__version__,
     )
     return make_profile(layers, metadata)
@@ -248,8 +258,10 @@ def _scaled(basis: LayerBasis, sensitivity: float) -> LayerBasis:
 
 
 @torch.no_grad()
-def layer_sensitivity(model: Any, ids: torch.Tensor, layers: int) -> np.ndarray:
-    """KL per unit relative squared error of each layer's keys and values: float64 ``(layers, 2)``.
+def layer_sensitivity(model: Any, ids: torch.Tensor, layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """KL per unit relative squared error of each layer's keys and values: float64 ``(layers, 2)``;
+    and the attention-sink probe: the KL ``(2,)`` of white noise on the first token's keys (values) of
+    every layer at once, and that noise's variance per element ``(layers, 2)``.
 
     On :data:`SENSITIVITY_PROBES` stretches of the calibration tokens, the prefix cache of
     :data:`SENSITIVITY_PREFIX` tokens gets white Gaussian noise of relative RMS
@@ -265,7 +277,9 @@ def layer_sensitivity(model: Any, ids: torch.Tensor, layers: int) -> np.ndarray:
         raise InvalidInputError(f"calibration needs at least {span} tokens of text, got {ids.shape[1]}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
+    sink_generator = torch.Generator().manual_seed(1)  # its own: the layer probes' noise stays as it was
     total = np.zeros((layers, len(ROLES)))
+    sink_kl, sink_noise = np.zeros(len(ROLES)), np.zeros((layers, len(ROLES)))
     for start in sorted(set(starts)):
         prefix = ids[:, start : start + SENSITIVITY_PREFIX].to(device)
         tokens = ids[:, start + SENSITIVITY_PREFIX : start + span].to(device)
@@ -286,7 +300,21 @@ def layer_sensitivity(model: Any, ids: torch.Tensor, layers: int) -> np.ndarray:
                 logp = _log_probs(model, noisy, tokens)
                 kl = float((reference.exp() * (reference - logp)).sum(dim=-1).mean())
                 total[layer, r] += max(kl, 0.0) / SENSITIVITY_NOISE**2
-    return total / len(set(starts))
+        for r in range(len(ROLES)):
+            noisy = [list(pair) for pair in pairs]
+            for layer in range(layers):
+                x = pairs[layer][r]
+                rms = x[:, :, :1].float().pow(2).mean().sqrt()
+                sink_noise[layer, r] += float(rms * SENSITIVITY_NOISE) ** 2
+                noise = torch.zeros_like(x)
+                noise[:, :, :1] = (
+                    torch.randn(noise[:, :, :1].shape, generator=sink_generator).to(x) * SENSITIVITY_NOISE * rms
+                )
+                noisy[layer][r] = x + noise
+            logp = _log_probs(model, [tuple(pair) for pair in noisy], tokens)
+            sink_kl[r] += max(float((reference.exp() * (reference - logp)).sum(dim=-1).mean()), 0.0)
+    count = len(set(starts))
+    return total / count, sink_kl / count, sink_noise / count
 
 
 def _log_probs(model: Any, pairs: list, tokens: torch.Tensor) -> torch.Tensor:

@@ -267,8 +267,12 @@ def check_codec_fits(model: Any, config: Any) -> Any:
     metadata: dict[str, str] = {}
     if config.unrope and config.rope_inv_freq is None:
         vocab = getattr(decoder_config(model), "vocab_size", None) or PROBE_TOKENS
-        metadata = rope_for_cache(model, torch.arange(PROBE_TOKENS)[None] % vocab)
-        layers = len(json.loads(metadata["rope_layers"]))
+        try:
+            metadata = rope_for_cache(model, torch.arange(PROBE_TOKENS)[None] % vocab)
+            layers = len(json.loads(metadata["rope_layers"]))
+        except InvalidInputError:
+            if not config.unrope_optional:
+                raise
     if not (kv_heads and head_dim) or config.whole_tensor:  # the transform codec checks shapes per entry
         return config
     shapes = {kv_tensor_name(i, role): ((1, kv_heads, 1, head_dim), "float16") for i in range(layers) for role in ROLES}

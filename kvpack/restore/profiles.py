@@ -44,7 +44,9 @@ def attach_profile(reader: KvpReader, profile: Profile | str | os.PathLike | Non
     elif profile is None and PROFILE_TENSOR in reader.keys():
         entry = reader.entry(PROFILE_TENSOR)
         if entry.codec is not None or entry.dtype != "uint8" or len(entry.shape) != 1:
-            raise FormatError(f"{reader.path}: the embedded profile {PROFILE_TENSOR!r} must be a lossless 1-D uint8 tensor")
+            raise FormatError(
+                f"{reader.path}: the embedded profile {PROFILE_TENSOR!r} must be a lossless 1-D uint8 tensor"
+            )
         raw = decode_entry(reader.entry(PROFILE_TENSOR), reader.read_sections(PROFILE_TENSOR))
         found = profile_from_bytes(raw.numpy().tobytes(), f"{reader.path} (embedded profile)")
     else:

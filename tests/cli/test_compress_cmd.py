@@ -207,7 +207,7 @@ def test_cli_compress_with_every_flag_and_presets(tmp_path, real_dump, capsys):
         (["--method", "mxfp4", "--bits", "3"], "4-bit elements"),
         (["--method", "uniform", "--group-size", "7", "--rotate", "hadamard"], "does not divide"),
         (["--keep-first", "-3"], "--keep-first must be an integer"),
-        (["--rotate-seed", "5"], "--rotate-seed only applies"),
+        (["--rotate", "none", "--rotate-seed", "5"], "--rotate-seed only applies"),
         (["--outlier-select", "magnitude"], "--outlier-select only applies"),
     ],
 )

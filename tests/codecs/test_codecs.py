@@ -11,7 +11,9 @@ from kvpack.formats.header import TensorEntry
 from kvpack.grouping import GroupLayout, outliers_per_side, to_groups
 from tests.codec_settings import encode_decode
 
-GROUPED = sorted(name for name, codec in Codec.registry.items() if not codec.whole_tensor)  # transform: tests/transforms
+GROUPED = sorted(
+    name for name, codec in Codec.registry.items() if not codec.whole_tensor
+)  # transform: tests/transforms
 GRID_CODECS = sorted(name for name in GROUPED if Codec.registry[name].fixed_bits is None)
 
 
