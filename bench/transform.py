@@ -138,7 +138,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     args = parser.parse_args()
     if args.what == "quality":
-        replace_section(args.out, MARKER, "\n".join(quality(args.config, args.from_results)), before="## Model quality on WikiText-2")
+        replace_section(
+            args.out,
+            MARKER,
+            "\n".join(quality(args.config, args.from_results)),
+            before="## Model quality on WikiText-2",
+        )
     else:
         replace_section(args.out, SPEED_MARKER, "\n".join(speed(args.cache, args.scratch, args.repeats)))
 
