@@ -61,6 +61,9 @@ def test_the_profile_is_a_valid_calibration(profile_file, real_dump, smollm):
             assert (np.diff(basis.variance) <= 1e-6).all() and (basis.weight >= 0).all()
     sensitivity = np.array(json.loads(profile.metadata["sensitivity"]))
     assert sensitivity.shape == (30, 2) and (sensitivity > 0).all()
+    # the sink token's keys and values have their own measured weight (kvpack.weighted_error)
+    sink = json.loads(profile.metadata["sink_sensitivity"])
+    assert len(sink) == 2 and all(np.isfinite(sink)) and min(sink) > 0
     fp16_weights = 2 * sum(p.numel() for p in smollm.model.parameters())
     assert profile.nbytes <= 0.02 * fp16_weights  # the bound on a profile's size
 
