@@ -41,7 +41,7 @@ def test_output_exists_says_force_true_in_the_api_and_force_on_the_command_line(
         (
             lambda: CodecConfig.build("uniform", 4, 64, transforms={"rotate_seed": 3}),
             "`rotate_seed` only applies with `rotate=hadamard`",
-            ["--rotate-seed", "3"],
+            ["--rotate", "none", "--rotate-seed", "3"],
             "--rotate-seed only applies with --rotate hadamard",
         ),
         (
