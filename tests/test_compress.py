@@ -113,7 +113,7 @@ def test_compressing_a_dump_twice_gives_the_same_bytes(real_dump, tmp_path):
     with safe_open(str(real_dump), "pt") as handle:
         assert len(handle.metadata()) > 5
     here, there = tmp_path / "a.kvp", tmp_path / "b.kvp"
-    compress_file(real_dump, here, CodecConfig.build("uniform", 4, 64))
+    compress_file(real_dump, here, CodecConfig.build("uniform", 4, 64, recommended=True))  # the CLI defaults
     args = ["compress", real_dump, "-o", there, "--method", "uniform", "--bits", "4", "--group-size", "64"]
     done = subprocess.run([sys.executable, "-m", "kvpack", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -30,6 +30,10 @@ def test_compress_inspect_decompress_stats(dump, tmp_path, capsys):
             "4",
             "--group-size",
             "32",
+            "--key-axis",
+            "token",  # keys per channel would keep this short prompt's keys exact
+            "--rotate",
+            "none",  # and the rotation's signs would count in the scales
             "--zstd-level",
             "0",  # dense sections: the accounting below is exact
             "--json",
