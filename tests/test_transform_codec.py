@@ -144,6 +144,6 @@ def test_cli_round_trip(tmp_path, cache, profile, capsys, monkeypatch):
     code, out, err = run(["decompress", packed, "-o", tmp_path / "x.safetensors"], capsys)
     assert_one_line_error(code, err, profile.fingerprint)
     assert not (tmp_path / "x.safetensors").exists()
-    wrong = ["compress", dump, "-o", tmp_path / "y.kvp", "--method", "uniform", *with_profile]
+    wrong = ["compress", dump, "-o", tmp_path / "y.kvp", "--method", "uniform", "--embed-profile"]
     code, out, err = run(wrong, capsys)
     assert_one_line_error(code, err, "--method transform")

@@ -46,6 +46,9 @@ def test_cli_token_level_shares_one_grid_per_token_across_all_layers(tmp_path, r
             out,
             "-m",
             "uniform",
+            "--rotate",
+            "none",  # the rotation's signs and rotary frequencies would count in the scales
+            "--no-unrope",
             "-b",
             "3",
             "--level",
