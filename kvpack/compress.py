@@ -164,11 +164,7 @@ def with_model_profile(
         found = profile
     else:
         found = find_profile(metadata.get("weights_fingerprint"), model=metadata.get("model", ""), path=profile)
-    model = metadata.get("weights_fingerprint")
-    if model and found.model_fingerprint and model != found.model_fingerprint:
-        raise InvalidInputError(
-            f"{found.label} does not belong to this cache's model {metadata.get('model', '?')} (weights {model})"
-        )
+    _check_model(found, metadata)
     pre_rope = found.metadata.get("keys") == "pre_rope"
     if pre_rope != config.unrope:
         raise InvalidInputError(
@@ -203,11 +199,17 @@ def weighing_profile(
             found = find_profile(model, model=metadata.get("model", ""))
         except (InvalidInputError, FormatError):
             return None  # grouped codecs do not need it: no estimate rather than no file
+    _check_model(found, metadata)
+    return found
+
+
+def _check_model(found: Profile, metadata: dict[str, str]) -> None:
+    """Refuse a profile of another model than the one the dump's ``metadata`` names."""
+    model = metadata.get("weights_fingerprint")
     if model and found.model_fingerprint and model != found.model_fingerprint:
         raise InvalidInputError(
             f"{found.label} does not belong to this cache's model {metadata.get('model', '?')} (weights {model})"
         )
-    return found
 
 
 def embedded_profile(config: CodecConfig | None) -> torch.Tensor:
