@@ -22,10 +22,10 @@ from kvpack.allocation.solver import Allocation
 from kvpack.allocation.transform_rate import TOLERANCE, choose_distortion
 from kvpack.config import CodecConfig
 from kvpack.dtypes import check_float_dtype, dtype_name
-from kvpack.entry import decode_entry, encode_entry, entry_layout, stack
+from kvpack.entry import decode_entry, encode_for_file, entry_layout, stack
 from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.atomic import check_output_path
-from kvpack.formats.entropy import EntropyConfig, section_transposes
+from kvpack.formats.entropy import EntropyConfig
 from kvpack.formats.header import TensorEntry, section_specs
 from kvpack.formats.reader import is_kvp_file
 from kvpack.formats.safetensors_io import SafetensorsSource
@@ -227,10 +227,8 @@ def _write_entry(
     writer: KvpWriter, name: str, x: torch.Tensor, codec: CodecConfig | None, widths: torch.Tensor | None
 ) -> tuple[TensorEntry, dict[str, bytes]]:
     """Encode one tensor and add it to ``writer`` (with its entropy stage); returns the entry and the sections."""
-    dtype = dtype_name(x.dtype)
-    transposes = section_transposes(name, tuple(x.shape), dtype, codec, writer.entropy) if x.numel() else {}
-    codec, sections = encode_entry(name, x, codec, widths, transposes)
-    return writer.add_tensor(name, tuple(x.shape), dtype, codec, sections, transposes), sections
+    codec, sections, transposes = encode_for_file(name, x, codec, widths, writer.entropy)
+    return writer.add_tensor(name, tuple(x.shape), dtype_name(x.dtype), codec, sections, transposes), sections
 
 
 def metadata_for_file(
@@ -300,10 +298,12 @@ def compress_file(
 
         weighing = weighing_profile(config, source.metadata, profile)
         estimates: dict[str, float | None] = {}
+        reached: dict = {}
 
         def write(layout, force: bool) -> tuple[list[TensorEntry], dict[str, ErrorAccumulator]]:
             errors: dict[str, ErrorAccumulator] = {}
             mixed = allocate_entries(layout, shapes, get, config, groups_allocation, stats, file_metadata, entropy)
+            reached.update(mixed.summary)
             with KvpWriter(output_path, file_metadata, force=force, entropy=entropy) as writer:
                 for index, (entry_name, sources, codec) in enumerate(layout):
                     if progress:
@@ -353,6 +353,8 @@ def compress_file(
             "bytes": config.profile.nbytes,
             "embedded": embed_profile,
         }
+    if reached:  # what rate control reached (file bits per element or decoded error)
+        report["allocation"] = reached
     return report
 
 

@@ -19,7 +19,7 @@ from kvpack.codecs.base import KIND_CODEBOOKS, KIND_CODES, KIND_SCALES, SectionS
 from kvpack.config import CodecConfig
 from kvpack.dtypes import TORCH_DTYPES, as_uint8, check_finite, check_float_dtype, dtype_name, from_bytes, tensor_bytes
 from kvpack.errors import FormatError, InvalidInputError
-from kvpack.formats.entropy import transposed, untransposed
+from kvpack.formats.entropy import EntropyConfig, section_transposes, transposed, untransposed
 from kvpack.formats.header import TensorEntry, section_specs, spec_nbytes
 from kvpack.formats.safetensors_io import SafetensorsSource
 from kvpack.names import ROLES, kv_tensor_name, parse_kv_name, stacked_name, tensor_order
@@ -125,6 +125,30 @@ def encode_entry(
         return encode_transform(name, x.detach().to("cpu"), config)
     except InvalidInputError as exc:
         raise InvalidInputError(f"tensor {name!r}: {exc}") from None
+
+
+def encode_for_file(
+    name: str, x: torch.Tensor, config: CodecConfig | None, widths: torch.Tensor | None, entropy: EntropyConfig
+) -> tuple[CodecConfig | None, dict[str, bytes], dict[str, int]]:
+    """One tensor as a file with the entropy stage ``entropy`` takes it, before that stage: the
+    single encode path of ``compress`` and of rate control's candidate files.
+
+    Args:
+        name, x, config, widths: see :func:`encode_entry` (whole-tensor codecs included).
+        entropy: the file's entropy stage (:class:`kvpack.formats.entropy.EntropyConfig`).
+
+    Returns:
+        ``(codec, sections, transposes)``: the entry's codec config (:func:`encode_entry`), section
+        name -> bytes with the code sections the file stores feature-major already transposed, and
+        those sections with their row length (:func:`kvpack.formats.entropy.section_transposes`), as
+        the writer takes them.
+
+    Raises:
+        InvalidInputError: see :func:`encode_entry`.
+    """
+    transposes = section_transposes(name, tuple(x.shape), dtype_name(x.dtype), config, entropy) if x.numel() else {}
+    codec, sections = encode_entry(name, x, config, widths, transposes)
+    return codec, sections, transposes
 
 
 def decode_entry(

@@ -2,8 +2,11 @@
 
 Reads each K/V entry once, measures its groups (:mod:`kvpack.transforms.mixed`), weights them
 by attention statistics where the dump has them (:mod:`kvpack.allocation.importance`), and asks
-the solver (:mod:`kvpack.allocation.solver`) for a width per group within the budget, counting
-the header and shared codebooks as the file will store them (:mod:`kvpack.formats.layout`).
+the solver (:mod:`kvpack.allocation.solver`) for a width per group within a dense budget, counting
+the header and shared codebooks as the file will store them (:mod:`kvpack.formats.layout`). Rate
+control (:mod:`kvpack.allocation.fit`) then moves that dense budget until the written file, after
+the entropy stage, lands on ``target_bits``, and checks ``max_error`` on the decoded file
+(:mod:`kvpack.allocation.measure`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Any
 
 import torch
 
+from kvpack.allocation.fit import Fitted, fit_error, fit_file_bits
 from kvpack.allocation.importance import importance_weights, layer_statistics
+from kvpack.allocation.measure import FileMeasure
 from kvpack.allocation.solver import (
     Allocation,
     GroupStats,
@@ -43,9 +48,11 @@ from kvpack.transforms.plan import plan_for, stacked_view
 @dataclass(frozen=True)
 class WidthMap:
     """The allocator's output: the code width of every group (int64 ``(n_groups,)``, 0 to 8) of each
-    quantized entry it allocated; other entries keep the file's fixed width."""
+    quantized entry it allocated; other entries keep the file's fixed width. ``summary`` says what
+    rate control reached (:func:`_summary`; empty without a bits or ``max_error`` budget)."""
 
     widths: dict[str, torch.Tensor] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
 
     def codec_for(self, name: str, codec: CodecConfig | None) -> tuple[CodecConfig | None, torch.Tensor | None]:
         """The codec config entry ``name`` is written with (mixed precision where allocated) and its group widths."""
@@ -83,25 +90,35 @@ def allocate_widths(
 ) -> WidthMap:
     """Per quantized entry, the width of every group (:mod:`kvpack.allocation.solver`).
 
-    Reads every K/V tensor once (``get``) and measures each group's error at every width.
+    Reads every K/V tensor once (``get``) and measures each group's error at every width; then
+    encodes the file a few times (:mod:`kvpack.allocation.fit`, each time reading the tensors again):
+
+    - ``target_bits``: the file written with ``metadata`` and ``entropy`` (every byte, header
+      included, after the entropy stage) lands within 2 % of ``target_bits`` bits per element of
+      K/V; when no widths can (a target above the widest widths, or widths in coarse steps on a
+      tiny cache), on the closest size below it, and :attr:`WidthMap.summary` says so in ``note``;
+    - ``max_error``: the decoded file's mean over the K/V tensors of ``||x - x_hat||^2 / ||x||^2``
+      is at most ``max_error`` (the solver's bound is tightened until it is).
 
     Args:
         layout: the file's entries (:func:`entry_layout`).
         shapes: tensor name -> ``(shape, dtype name)``.
         get: tensor name -> tensor.
-        metadata: the file's metadata (its header is counted).
-        entropy: the file's entropy stage (its header keys are counted; the budget is of dense sections).
+        metadata: the file's metadata, exactly as the writer gets it (its header is counted).
+        entropy: the file's entropy stage (default: :class:`EntropyConfig`'s).
         stats: attention statistics (:mod:`kvpack.allocation.importance`); ``target`` weights each value's
             error by what it costs the attention output with them, and counts every tensor's
             relative error alike without; ``importance`` and ``qaq`` need them.
 
     Raises:
-        InvalidInputError: a budget out of reach, or an allocator that needs missing statistics.
+        InvalidInputError: a target below the file of the narrowest usable widths, an error bound
+            the widest widths miss, or an allocator that needs missing statistics.
     """
 
     kv_elements = sum(math.prod(shapes[n][0]) for _, sources, codec in layout if codec is not None for n in sources)
     if not kv_elements:
         raise InvalidInputError("bit allocation needs K/V values: the cache holds none")
+    metadata, entropy = metadata or {}, EntropyConfig() if entropy is None else entropy  # as the writer takes them
     tables, tensor_costs, fixed_bits, entries, codecs = {}, {}, 0.0, {}, {}
     for entry_name, sources, codec in layout:
         if codec is None:
@@ -151,34 +168,27 @@ def allocate_widths(
                 codec = codecs[name].with_widths(tuple(counts))
             listed.append((name, shape, dtype, codec))
         shared = sum(float(tensor_costs[n][m].sum()) for n, m in zip(names, present, strict=True))
-        return shared + 8.0 * sum(header_and_padding(metadata or {}, listed, entropy))
+        return shared + 8.0 * sum(header_and_padding(metadata, listed, entropy))
 
+    measure = FileMeasure(layout, get, metadata, entropy)
+
+    def file_bits(chosen: list[torch.Tensor]) -> float:
+        return 8 * measure.measure(dict(zip(names, chosen, strict=True)))[0] / kv_elements
+
+    def file_error(chosen: list[torch.Tensor]) -> float:
+        return measure.measure(dict(zip(names, chosen, strict=True)), errors=True)[1]
+
+    usable = [torch.isfinite(t.errors) for t in ordered]
     if allocation.target_bits is not None:
-        available = allocation.target_bits * kv_elements - fixed_bits
-        usable = [torch.isfinite(t.errors) for t in ordered]
         narrowest = [u.to(torch.int8).argmax(dim=1) for u in usable]  # column of each group's narrowest width
         needed_mask = [torch.bincount(c, minlength=len(t.widths)) > 0 for c, t in zip(narrowest, ordered, strict=True)]
         narrowest_widths = [torch.tensor(t.widths)[c] for c, t in zip(narrowest, ordered, strict=True)]
-        if present_cost(needed_mask, narrowest_widths) + narrowest_bits(ordered) > available:
-            needed = (fixed_bits + present_cost(needed_mask, narrowest_widths) + narrowest_bits(ordered)) / kv_elements
-            if not math.isfinite(needed):
-                raise InvalidInputError(
-                    f"no width in [{allocation.bits_min}, {allocation.bits_max}] is usable for every group "
-                    "(qaq leaves out a width whose error is above a narrower one's): widen `bits_min` / `bits_max`"
-                )
-            needed = math.ceil(needed * 1000) / 1000
+        lowest = (fixed_bits + present_cost(needed_mask, narrowest_widths) + narrowest_bits(ordered)) / kv_elements
+        if not math.isfinite(lowest):
             raise InvalidInputError(
-                f"`target_bits={allocation.target_bits:g}` is below the {needed:.3f} bits per element this file "
-                f"needs with every group at its narrowest usable width (`bits_min={allocation.bits_min}`"
-                + (f", `recent_tokens={allocation.recent_tokens}`" if allocation.recent_tokens else "")
-                + "): give more bits, lower `bits_min` or use larger groups"
+                f"no width in [{allocation.bits_min}, {allocation.bits_max}] is usable for every group "
+                "(qaq leaves out a width whose error is above a narrower one's): widen `bits_min` / `bits_max`"
             )
-        # Shared codebooks and the header's sections cost bits per width that occurs, which the
-        # per-group allocators do not see. Rounds charge a set of widths and allocate the rest of
-        # the budget: (1) growing rounds charge every width chosen so far, from the narrowest,
-        # until a round chooses only widths charged (it then fits); (2) shrinking rounds allow
-        # and charge only the widths the last round chose, to spend what unused widths were
-        # charged. The fullest allocation within budget wins.
         allocate = allocate_qaq if allocation.method == "qaq" else allocate_bits
 
         def widths_in(chosen: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -194,32 +204,70 @@ def allocate_widths(
         def subset(used: list[torch.Tensor], present: list[torch.Tensor]) -> bool:
             return all(bool((u <= m).all()) for u, m in zip(used, present, strict=True))
 
-        candidates = []
-        present = needed_mask
-        for _ in range(max(len(t.widths) for t in ordered) + 1):
-            chosen = allocate(ordered, max(available - present_cost(present), narrowest_bits(ordered)))
-            candidates.append((total(chosen), chosen))
-            used = widths_in(chosen)
-            if subset(used, present):
-                break
-            present = [u | m for u, m in zip(used, present, strict=True)]
-        for _ in range(3):
-            present = widths_in(min(candidates, key=lambda c: abs(available - c[0]))[1])
-            allowed = [
-                WidthTable(t.widths, t.errors.masked_fill(~m[None, :], float("inf")), t.bits, t.energy)
-                for t, m in zip(ordered, present, strict=True)
-            ]
-            chosen = allocate(allowed, max(available - present_cost(present), narrowest_bits(allowed)))
-            candidates.append((total(chosen), chosen))
-            if all(bool((u == m).all()) for u, m in zip(widths_in(chosen), present, strict=True)):
-                break
-        fitting = [c for c in candidates if c[0] <= available + 1e-6]
-        chosen = max(fitting, key=lambda c: c[0])[1] if fitting else candidates[-1][1]
-    elif allocation.method == "qaq":
-        chosen = allocate_qaq(ordered, None, allocation.target_error)
+        def solve(dense: float) -> list[torch.Tensor]:
+            """Widths within ``dense`` bits per element of densely packed file (estimated before writing).
+
+            Shared codebooks and the header's sections cost bits per width that occurs, which the
+            per-group allocators do not see. Rounds charge a set of widths and allocate the rest of
+            the budget: (1) growing rounds charge every width chosen so far, from the narrowest,
+            until a round chooses only widths charged (it then fits); (2) shrinking rounds allow
+            and charge only the widths the last round chose, to spend what unused widths were
+            charged. The fullest allocation within budget wins."""
+            available = dense * kv_elements - fixed_bits
+            candidates = []
+            present = needed_mask
+            for _ in range(max(len(t.widths) for t in ordered) + 1):
+                chosen = allocate(ordered, max(available - present_cost(present), narrowest_bits(ordered)))
+                candidates.append((total(chosen), chosen))
+                used = widths_in(chosen)
+                if subset(used, present):
+                    break
+                present = [u | m for u, m in zip(used, present, strict=True)]
+            for _ in range(3):
+                present = widths_in(min(candidates, key=lambda c: abs(available - c[0]))[1])
+                allowed = [
+                    WidthTable(t.widths, t.errors.masked_fill(~m[None, :], float("inf")), t.bits, t.energy)
+                    for t, m in zip(ordered, present, strict=True)
+                ]
+                chosen = allocate(allowed, max(available - present_cost(present), narrowest_bits(allowed)))
+                candidates.append((total(chosen), chosen))
+                if all(bool((u == m).all()) for u, m in zip(widths_in(chosen), present, strict=True)):
+                    break
+            fitting = [c for c in candidates if c[0] <= available + 1e-6]
+            return max(fitting, key=lambda c: c[0])[1] if fitting else candidates[-1][1]
+
+        def too_low(smallest: float) -> str:
+            needed = math.ceil(smallest * 1000) / 1000
+            return (
+                f"`target_bits={allocation.target_bits:g}` is below the {needed:.3f} bits per element this file "
+                f"needs with every group at its narrowest usable width (`bits_min={allocation.bits_min}`"
+                + (f", `recent_tokens={allocation.recent_tokens}`" if allocation.recent_tokens else "")
+                + "): give more bits, lower `bits_min` or use larger groups"
+            )
+
+        widest = _widest(ordered, usable)
+        highest = (fixed_bits + total(widest)) / kv_elements
+        fitted = fit_file_bits(allocation.target_bits, solve, file_bits, lowest, highest, narrowest_widths, too_low)
     else:
-        chosen = allocate_error(ordered, allocation.max_error)  # each table's energy is 1: the mean over the tensors
-    return WidthMap(dict(zip(names, chosen, strict=True)))
+        if allocation.method == "qaq":
+            chosen = allocate_qaq(ordered, None, allocation.target_error)
+            return WidthMap(dict(zip(names, chosen, strict=True)))
+
+        def out_of_reach(smallest: float) -> str:
+            return (
+                f"`max_error={allocation.max_error:g}` is out of reach: with every group at its widest usable width "
+                f"(`bits_max={allocation.bits_max}`) the file's mean relative error is {smallest:.3g}"
+            )
+
+        # each table's energy is 1: the solver's bound is the mean over the tensors
+        fitted = fit_error(
+            allocation.max_error,
+            lambda bound: allocate_error(ordered, bound),
+            file_error,
+            _widest(ordered, usable),
+            out_of_reach,
+        )
+    return WidthMap(dict(zip(names, fitted.widths, strict=True)), _summary(allocation, fitted))
 
 
 def _group_view(
@@ -275,6 +323,27 @@ def _recent_groups(plan: Any, sources: list[str], recent: int) -> torch.Tensor:
         return torch.arange(shape[2], dtype=torch.float32)[None, None, :, None].expand(shape)
 
     return _group_view(plan, sources, tokens).amax(dim=1) >= plan.shape[2] - recent
+
+
+def _widest(tables: list[WidthTable], usable: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every group at its widest usable width (a finite error), per table."""
+    return [
+        torch.tensor(t.widths)[(u.long() * torch.arange(len(t.widths))).argmax(dim=1)]
+        for t, u in zip(tables, usable, strict=True)
+    ]
+
+
+def _summary(allocation: Allocation, fitted: Fitted) -> dict[str, Any]:
+    """What rate control reached, for the report: ``target_bits`` and ``file_bits_per_element`` (the
+    file's bits per element of K/V), or ``max_error`` and ``mean_rel_mse`` (the decoded file's mean
+    over the K/V tensors); ``dense_bits_per_element`` (the dense budget solved for), ``files_measured``
+    and ``note`` (a target out of reach, else ``None``)."""
+    if allocation.target_bits is not None:
+        reached = {"target_bits": allocation.target_bits, "file_bits_per_element": fitted.file_bits}
+        reached["dense_bits_per_element"] = fitted.dense_bits
+    else:
+        reached = {"max_error": allocation.max_error, "mean_rel_mse": fitted.error}
+    return {"method": allocation.method, **reached, "files_measured": fitted.files, "note": fitted.note}
 
 
 def _counts_at(n_groups: int, width: int) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ import typer
 from kvpack.cli.option_groups import ALLOCATION, CODEC, ENTROPY, SharedOptions, with_options
 from kvpack.cli.options import Force, Jobs, JsonOut, PerLayer, ProfilePath, check_json_path, command, json_only
 from kvpack.cli.render import (
+    allocation_summary,
     bits_table,
     entropy_summary,
     error_table,
@@ -140,6 +141,8 @@ def compress(
         say("est. KL: no profile of this model (`kvpack calibrate` makes one; --profile PATH)")
     if entropy_summary(report["rows"]["all"]):
         say(entropy_summary(report["rows"]["all"]))
+    for line in allocation_summary(report["allocation"]) if "allocation" in report else []:
+        say(line)
     rows = report_rows(report, per_layer)
     print_table(bits_table("bits per element (every byte of the file counted)", rows))
     print_table(error_table("reconstruction error (bytes: stored, header share included)", rows))

@@ -279,14 +279,19 @@ Allocate = Annotated[
     ),
 ]
 TargetBits = Annotated[
-    Optional[float], typer.Option("--target-bits", help="Bits per element of the file to land on (all bytes counted).")
+    Optional[float],
+    typer.Option(
+        "--target-bits",
+        help="Bits per element of K/V of the written file to land on, within 2 % (file bytes x 8 / K/V elements: "
+        "every byte counted, after the entropy stage).",
+    ),
 ]
 MaxError = Annotated[
     Optional[float],
     typer.Option(
         "--max-error",
-        help="Instead: the largest relative squared error sum((x - x')^2) / sum(x^2) of the coded values, "
-        "averaged over the K/V entries; attention-weighted when the dump has statistics (docs/allocation.md).",
+        help="Instead: the largest relative squared error sum((x - x')^2) / sum(x^2) of the decoded file, "
+        "averaged over the K/V tensors (checked on the file; docs/allocation.md).",
     ),
 ]
 TargetError = Annotated[

@@ -223,3 +223,21 @@ def entropy_summary(row: dict) -> str | None:
         f"entropy stage: {dense:.3f} -> {stored:.3f} bits per element "
         f"({100 * (1 - stored / dense):.1f}% fewer than dense packing)"
     )
+
+
+def allocation_summary(reached: dict) -> list[str]:
+    """What rate control reached (a report's ``allocation``): the file's bits per element of K/V beside
+    ``--target-bits`` (or the decoded file's error beside ``--max-error``), then a ``warning:`` line
+    when the target was out of reach."""
+    files = f"{reached['files_measured']} candidate file{'s' if reached['files_measured'] != 1 else ''} measured"
+    if reached.get("target_bits") is not None:
+        line = (
+            f"rate control: the file holds {reached['file_bits_per_element']:.3f} bits per element of K/V for "
+            f"--target-bits {reached['target_bits']:g} ({files}; dense budget {reached['dense_bits_per_element']:.3f})"
+        )
+    else:
+        line = (
+            f"rate control: the decoded file's mean relative error over the K/V tensors is "
+            f"{reached['mean_rel_mse']:.4g} for --max-error {reached['max_error']:g} ({files})"
+        )
+    return [line] + ([f"warning: {cli_terms(reached['note'])}"] if reached.get("note") else [])

@@ -1,6 +1,7 @@
 """`kvpack compress` (kvpack.cli.compress_cmd): options, outputs, reports and one-line errors."""
 
 import json
+import math
 import os
 
 import pytest
@@ -274,6 +275,42 @@ def test_cli_reports_effective_and_dense_bits(real_dump, tmp_path, capsys):
         == 0
     )
     assert "entropy stage" not in capsys.readouterr().out
+
+
+@pytest.mark.model
+def test_cli_target_bits_means_the_written_file(real_dump, tmp_path, capsys):
+    """`kvpack compress --allocate target --target-bits B` end to end: the file on disk holds B bits per K/V
+    element within 2 % (after the entropy stage, header included), and the report shows that number."""
+    with safe_open(str(real_dump), "pt") as f:
+        elements = sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys() if n.startswith("layers."))
+    out, report = tmp_path / "a.kvp", tmp_path / "r.json"
+    code, stdout, err = run(
+        ["compress", real_dump, "-o", out, "-m", "uniform", "--allocate", "target", "--target-bits", "2.5",
+         "--json", report], capsys)  # fmt: skip
+    assert code == 0, err
+    bits = os.path.getsize(out) * 8 / elements
+    assert abs(bits - 2.5) <= 0.05, bits
+    assert f"rate control: the file holds {bits:.3f} bits per element of K/V for --target-bits 2.5" in stdout
+    assert "warning" not in stdout
+    parsed = json.loads(report.read_text())
+    assert parsed["kv_elements"] == elements and parsed["rows"]["all"]["bits_per_element"]["total"] == pytest.approx(
+        bits
+    )
+    # more than the widest widths give: the widest file, and one warning line saying so
+    code, stdout, err = run(
+        ["compress", real_dump, "-o", out, "-m", "uniform", "--allocate", "target", "--target-bits", "6",
+         "--bits-max", "4", "--force"], capsys)  # fmt: skip
+    assert code == 0, err
+    warnings = [line for line in stdout.splitlines() if line.startswith("warning:")]
+    bits = os.path.getsize(out) * 8 / elements
+    assert len(warnings) == 1 and "--target-bits 6 is out of reach within 2%" in warnings[0], stdout
+    assert f"the file holds {bits:.3f} bits per element" in warnings[0] and bits < 4.6
+    # less than the narrowest widths' file: one error line, exit code 2, nothing written
+    code, _, err = run(
+        ["compress", real_dump, "-o", tmp_path / "x.kvp", "-m", "uniform", "--allocate", "target", "--target-bits",
+         "0.05"], capsys)  # fmt: skip
+    assert_one_line_error(code, err, "--target-bits 0.05 is below the ")
+    assert not (tmp_path / "x.kvp").exists()
 
 
 # --- a codec option is one field of the codec's Params ------------------------------------------

@@ -66,3 +66,60 @@ def test_transform_entries_are_stored_without_the_entropy_stage(tmp_path):
         with pytest.raises(InvalidInputError, match="cannot be transposed"):
             writer.add_tensor(entry.name, entry.shape, entry.dtype, entry.codec, sections, {"scales": 16})
         writer.abort()
+
+
+@pytest.mark.parametrize("level", [0, 1, 19])
+@pytest.mark.parametrize("codec", sorted(CODECS))
+def test_the_sizer_gives_the_size_of_the_file_the_writer_writes(tmp_path, codec, level):
+    """KvpSizer lays sections, padding and header out as KvpWriter writes them: the same size to the
+    byte, for every kind of section, one tensor at mixed widths, the entropy stage on or off; an
+    entry sized once can be placed in another sizer without its bytes, not in a writer."""
+    from kvpack.entry import encode_for_file
+    from kvpack.formats.writer import KvpSizer
+    from kvpack.transforms.mixed import candidate_widths
+    from kvpack.transforms.plan import plan_for
+    from tests.conftest import small_cache
+
+    tensors = small_cache(seed=3, seq=64, heads=2, dim=64)
+    config, entropy, metadata = CODECS[codec], EntropyConfig(level=level), {"model": "test", "note": "ü"}
+    n_groups = plan_for((1, 2, 64, 64), "float16", "layers.1.value", config).layout.n_groups
+    offered = torch.tensor(candidate_widths(config))
+    widths = offered[torch.arange(n_groups) % len(offered)]
+    sizer, again = KvpSizer(metadata, entropy), KvpSizer(metadata, entropy)
+    with KvpWriter(tmp_path / "w.kvp", metadata, entropy=entropy) as writer:
+        for name, x in tensors.items():
+            chosen = widths if name == "layers.1.value" else None
+            codec_of = None if name == "token_ids" else config if chosen is None else config.with_widths(chosen)
+            codec_of, sections, transposes = encode_for_file(name, x, codec_of, chosen, entropy)
+            shape, dtype = tuple(x.shape), str(x.dtype).removeprefix("torch.")
+            entry = writer.add_tensor(name, shape, dtype, codec_of, sections, transposes)
+            stored = sizer.stage(name, shape, dtype, codec_of, sections, transposes)
+            assert sizer.place(name, shape, dtype, codec_of, stored) == entry
+            again.place(name, shape, dtype, codec_of, {k: s.sized() for k, s in stored.items()})
+    assert sizer.file_size() == again.file_size() == os.path.getsize(tmp_path / "w.kvp")
+    with KvpWriter(tmp_path / "x.kvp") as writer:
+        with pytest.raises(InvalidInputError, match="without its bytes"):
+            writer.place("token_ids", (1, 64), "int64", None, {"data": stored["data"].sized()})
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_the_sizer_sizes_transform_entries_as_the_writer_stores_them(tmp_path, level):
+    """A whole-tensor (transform) entry goes through encode_for_file with the codec config its encoder
+    sets (``stream_bytes``) and is stored without the entropy stage: the sizer agrees to the byte."""
+    from kvpack.dtypes import dtype_name
+    from kvpack.entry import encode_for_file
+    from kvpack.formats.writer import KvpSizer
+    from tests.golden_files import GOLDEN, golden_inputs
+
+    config, kind = GOLDEN["transform-unrope-keep1-1"]
+    entropy, metadata = EntropyConfig(level=level), {"profile": config.profile.fingerprint}
+    sizer = KvpSizer(metadata, entropy)
+    with KvpWriter(tmp_path / "t.kvp", metadata, entropy=entropy) as writer:
+        for name, x in golden_inputs(kind).items():
+            codec = config if name.startswith("layers.") else None
+            codec, sections, transposes = encode_for_file(name, x, codec, None, entropy)
+            assert not transposes
+            shape, dtype = tuple(x.shape), dtype_name(x.dtype)
+            entry = writer.add_tensor(name, shape, dtype, codec, sections, transposes)
+            assert sizer.place(name, shape, dtype, codec, sizer.stage(name, shape, dtype, codec, sections)) == entry
+    assert sizer.file_size() == os.path.getsize(tmp_path / "t.kvp")
