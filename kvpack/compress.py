@@ -27,14 +27,15 @@ from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.atomic import check_output_path
 from kvpack.formats.entropy import EntropyConfig
 from kvpack.formats.header import TensorEntry, section_specs
-from kvpack.formats.reader import is_kvp_file
 from kvpack.formats.safetensors_io import SafetensorsSource
 from kvpack.formats.writer import KvpWriter
+from kvpack.llama_cpp.source import LlamaStateSource
 from kvpack.metrics import ErrorAccumulator
 from kvpack.names import parse_kv_name, tensor_order
-from kvpack.profile import Profile, default_profile_path, find_profile
+from kvpack.profile import Profile, default_profile_path, find_profile, model_key
 from kvpack.report import build_report
 from kvpack.restore.profiles import PROFILE_TENSOR
+from kvpack.sources import open_dump
 from kvpack.transforms.rope import ROTATE_HALF, cached_first_position, rope_for_layer
 from kvpack.weighted_error import estimated_kl
 
@@ -149,7 +150,7 @@ def with_model_profile(
     """``config`` with its calibration profile when its codec needs one (the transform codec).
 
     ``profile`` is a :class:`Profile`, a path, or ``None``: the config's own, else the profile
-    directory's profile of the model the dump's ``metadata`` names (``weights_fingerprint``).
+    directory's profile of the model the dump's ``metadata`` names (:func:`~kvpack.profile.model_key`).
 
     Raises:
         InvalidInputError: none found (naming the ``kvpack calibrate`` command that makes it), or a
@@ -163,7 +164,7 @@ def with_model_profile(
     elif isinstance(profile, Profile):
         found = profile
     else:
-        found = find_profile(metadata.get("weights_fingerprint"), model=metadata.get("model", ""), path=profile)
+        found = find_profile(model_key(metadata), model=metadata.get("model", ""), path=profile)
     _check_model(found, metadata)
     pre_rope = found.metadata.get("keys") == "pre_rope"
     if pre_rope != config.unrope:
@@ -187,7 +188,7 @@ def weighing_profile(
     """
     if config is not None and config.profile is not None:
         return config.profile
-    model = metadata.get("weights_fingerprint")
+    model = model_key(metadata)
     if isinstance(profile, Profile):
         found = profile
     elif profile is not None:
@@ -205,8 +206,8 @@ def weighing_profile(
 
 def _check_model(found: Profile, metadata: dict[str, str]) -> None:
     """Refuse a profile of another model than the one the dump's ``metadata`` names."""
-    model = metadata.get("weights_fingerprint")
-    if model and found.model_fingerprint and model != found.model_fingerprint:
+    model = model_key(metadata)
+    if model and found.model_fingerprints and model not in found.model_fingerprints:
         raise InvalidInputError(
             f"{found.label} does not belong to this cache's model {metadata.get('model', '?')} (weights {model})"
         )
@@ -255,12 +256,16 @@ def compress_file(
     entropy: EntropyConfig | None = None,
     profile: Profile | str | os.PathLike | None = None,
     embed_profile: bool = False,
+    model: str | os.PathLike | None = None,
 ) -> dict:
-    """Compress a safetensors KV-cache dump into a ``.kvp`` file and measure the result.
+    """Compress a safetensors KV-cache dump or a llama.cpp state file into a ``.kvp`` file and measure the result.
 
     Every ``layers.{i}.key|value`` tensor is quantized with ``config``; other tensors are
-    stored losslessly. Each tensor is decoded again from the bytes written, so the error
-    statistics are those of the file. ``profile`` and ``embed_profile``: see :func:`compress_tensors`.
+    stored losslessly; ``config=None`` stores every tensor exactly (lossless). Each tensor is decoded
+    again from the bytes written, so the error statistics are those of the file. ``profile`` and
+    ``embed_profile``: see :func:`compress_tensors`. ``model``: the GGUF a llama.cpp state file was
+    made with (:func:`kvpack.sources.open_dump`); the ``.kvp`` then keeps every other byte of the state
+    file (``llama_cpp.state``), so ``kvpack decompress --format llama-cpp`` rebuilds it.
 
     Returns:
         The report (see :func:`build_report`).
@@ -269,12 +274,10 @@ def compress_file(
         InvalidInputError: missing input, bad tensor (NaN/Inf, shape), group size that does
             not divide, an input without K/V tensors, a ``.kvp`` given as input, or a missing or
             foreign profile.
-        FormatError: the input is not a readable safetensors file.
+        FormatError: the input is not a readable safetensors dump or llama.cpp state file.
         OutputExistsError: the output exists and ``force`` is false.
     """
-    if is_kvp_file(input_path):
-        raise InvalidInputError(f"{input_path} is already a .kvp file; compress takes a safetensors dump")
-    with SafetensorsSource(input_path) as source:
+    with open_dump(input_path, model) as source:
         config = with_model_profile(config, source.metadata, profile)
         names = sorted((n for n in source.keys() if not is_stats_tensor(n)), key=tensor_order)
         layout = check_compressible(source, config, names, source.metadata)
@@ -294,7 +297,9 @@ def compress_file(
         # sorted: safetensors hands the metadata over in a different order each run; same input, same bytes
         file_metadata = metadata_for_file(dict(sorted(source.metadata.items())), config, allocation)
         entropy = EntropyConfig() if entropy is None else entropy
-        groups_allocation = None if config.whole_tensor else allocation  # the transform codec: one level
+        if config is None and allocation is not None:
+            raise InvalidInputError("a lossless file (no codec) has no bits to allocate; drop the allocation")
+        groups_allocation = None if config is None or config.whole_tensor else allocation  # transform: one level
 
         weighing = weighing_profile(config, source.metadata, profile)
         estimates: dict[str, float | None] = {}
@@ -325,7 +330,7 @@ def compress_file(
                     progress(len(layout), len(layout), "")
                 return writer.entries, errors
 
-        if not config.whole_tensor:
+        if config is None or not config.whole_tensor:
             entries, errors = write(layout, force)
         else:
             target = transform_target(allocation)
@@ -343,11 +348,11 @@ def compress_file(
         output=str(output_path),
         input_bytes=input_size,
         ratio_vs_input=input_size / file_size,
-        config=config.to_dict(),
+        config=config.to_dict() if config is not None else None,
     )
     if weighing is not None:
         report["weighted_by"] = weighing.fingerprint
-    if config.profile is not None:
+    if config is not None and config.profile is not None:
         report["profile"] = {
             "fingerprint": config.profile.fingerprint,
             "bytes": config.profile.nbytes,
@@ -411,7 +416,10 @@ def layer_rope(
 
 
 def check_compressible(
-    source: SafetensorsSource, config: CodecConfig, names: list[str], metadata: dict[str, str] | None = None
+    source: SafetensorsSource | LlamaStateSource,
+    config: CodecConfig | None,
+    names: list[str],
+    metadata: dict[str, str] | None = None,
 ) -> list[tuple[str, list[str], CodecConfig | None]]:
     """Check every K/V tensor's shape and dtype against ``config`` before any work (no data read).
 
@@ -436,7 +444,7 @@ def check_compressible(
         if codec is None:
             continue
         shape, dtype = shapes[sources[0]]
-        if config.stack_layers:
+        if config is not None and config.stack_layers:
             if len(shape) != 4:
                 raise InvalidInputError(
                     f"tensor {sources[0]!r}: a KV tensor must have shape (batch, num_kv_heads, seq_len, head_dim), "

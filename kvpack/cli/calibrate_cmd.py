@@ -58,7 +58,7 @@ def calibrate(
     from kvpack.model.calibrate import calibrate as run_calibration
     from kvpack.model.calibrate import calibration_text
     from kvpack.model.dump import load_model
-    from kvpack.profile import default_profile_path
+    from kvpack.profile import default_profile_path, link_aliases
 
     if max_tokens < 2:
         from kvpack.errors import InvalidInputError
@@ -77,6 +77,8 @@ def calibrate(
     data = profile.to_bytes()
     with atomic_output(target, force=force or output is None) as tmp:  # the directory's profile is replaced
         tmp.write_bytes(data)
+    if output is None:  # llama.cpp state files find it by the GGUF's fingerprint
+        link_aliases(target, profile)
     first = profile.layers[0]["key"]
     report = {
         "output": str(target),

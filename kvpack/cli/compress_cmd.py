@@ -8,7 +8,17 @@ from typing import Annotated, Optional
 import typer
 
 from kvpack.cli.option_groups import ALLOCATION, CODEC, ENTROPY, SharedOptions, with_options
-from kvpack.cli.options import Force, Jobs, JsonOut, PerLayer, ProfilePath, check_json_path, command, json_only
+from kvpack.cli.options import (
+    Force,
+    GgufModelPath,
+    Jobs,
+    JsonOut,
+    PerLayer,
+    ProfilePath,
+    check_json_path,
+    command,
+    json_only,
+)
 from kvpack.cli.render import (
     allocation_summary,
     bits_table,
@@ -34,7 +44,8 @@ def compress(
     inputs: Annotated[
         list[Path],
         typer.Argument(
-            help="Input .safetensors dump(s): files, directories (their *.safetensors) or quoted glob patterns.",
+            help="Input .safetensors dump(s) or llama.cpp state file (with --model): files, directories (their "
+            "*.safetensors) or quoted glob patterns.",
             metavar="INPUT",
         ),
     ],
@@ -50,6 +61,10 @@ def compress(
     *,
     shared: SharedOptions,
     per_layer: PerLayer = False,
+    model: GgufModelPath = None,
+    lossless: Annotated[
+        bool, typer.Option("--lossless", help="Store K/V exactly (in their dtype), no codec: a byte-exact archive.")
+    ] = False,
     profile: ProfilePath = None,
     embed_profile: Annotated[
         bool,
@@ -64,6 +79,7 @@ def compress(
     kvpack compress cache.safetensors --preset kivi-2-r128;
     kvpack compress cache.safetensors --method uniform --bits 3 --key-axis channel --unrope --keep-first 1;
     kvpack compress cache.safetensors --method transform --target-bits 2 (after kvpack calibrate);
+    kvpack compress slot.bin --model SmolLM2.gguf -o slot.kvp (a llama.cpp slot or session file);
     kvpack compress store/ 'more/*.safetensors' -o packed/ --jobs 0 (many files: a summary table, exit 2 if any failed)
     """
     from kvpack.batch import expand_inputs, output_path, resolve_jobs
@@ -73,9 +89,18 @@ def compress(
     allocation = shared.allocation()
     entropy = shared.entropy()
     config = shared.codec()  # every flag checked before the input is read
+    if lossless:
+        given = shared.given("codec") + shared.given("allocation")
+        if given:
+            raise InvalidInputError(f"--lossless stores K/V exactly; drop {', '.join(given)}")
+        config = None
     workers = resolve_jobs(jobs)
     expansion = expand_inputs(inputs)
-    if embed_profile and not config.whole_tensor:
+    if model is not None and expansion.batch:
+        raise InvalidInputError("--model applies to one llama.cpp state file at a time")
+    if lossless and (expansion.batch or embed_profile or profile is not None):
+        raise InvalidInputError("--lossless applies to one input, without --profile / --embed-profile")
+    if embed_profile and (config is None or not config.whole_tensor):
         raise InvalidInputError("--embed-profile applies to --method transform")
     if expansion.batch:
         if profile is not None and not config.whole_tensor:
@@ -94,7 +119,7 @@ def compress(
     if output is not None and output.is_dir():  # as in the batch form: DIR/<name>.kvp
         output = output_path(input, output)
     if shared["level"] is not None:
-        config = shared.codec(kv_dims(input))
+        config = shared.codec(kv_dims(input, model))
     output = output or input.with_suffix(".kvp")
     json_to_stdout = json_only(json_path)
     check_json_path(json_path, force, input, output)
@@ -109,13 +134,15 @@ def compress(
             entropy=entropy,
             profile=profile,
             embed_profile=embed_profile,
+            model=model,
         )
     if json_to_stdout:
         print_json(report)
         return
     say(
         f"{input} ({human_bytes(report['input_bytes'])}) -> {output} ({human_bytes(report['file_bytes'])}): "
-        f"{config.describe()}{_budget(config, allocation)}, {entropy.describe()}; "
+        f"{config.describe() if config is not None else 'lossless'}{_budget(config, allocation)}, "
+        f"{entropy.describe()}; "
         + (
             f"{report['ratio_vs_input']:.2f}x smaller than the input"
             if report["ratio_vs_input"] >= 1
@@ -165,7 +192,7 @@ def compress(
 
 def _budget(config, allocation) -> str:
     """How the file's bits were budgeted, for the summary line."""
-    if config.whole_tensor:
+    if config is not None and config.whole_tensor:
         from kvpack.compress import transform_target
 
         return f", {transform_target(allocation):g} bits per element of the file"

@@ -1,4 +1,4 @@
-"""``kvpack decompress``: restore a ``.kvp`` (or a selection of it) to safetensors."""
+"""``kvpack decompress``: restore a ``.kvp`` (or a selection of it) to safetensors, or to the llama.cpp state file it was made from."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvpack.cli.options import Force, JsonOut, ProfilePath, check_json_path, command, json_only
+from kvpack.cli.options import Force, GgufModelPath, JsonOut, ProfilePath, check_json_path, command, json_only
 from kvpack.cli.render import human_bytes, print_json, progress_bar, say, write_json
 from kvpack.errors import InvalidInputError, brief
 
@@ -22,7 +22,10 @@ def decompress(
     output: Annotated[
         Optional[Path],
         typer.Option(
-            "--output", "-o", help="Output .safetensors (default: INPUT.restored.safetensors).", dir_okay=False
+            "--output",
+            "-o",
+            help="Output file (default: INPUT.restored.safetensors; --format llama-cpp: INPUT.restored.bin).",
+            dir_okay=False,
         ),
     ] = None,
     dtype: Annotated[
@@ -45,11 +48,24 @@ def decompress(
             "--tokens", help="Only tokens A to B-1 of every K/V tensor and of token_ids: A:B, A: or :B (from 0)."
         ),
     ] = None,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="safetensors | llama-cpp (the llama.cpp slot or session file a .kvp was made from, which "
+            "llama_state_seq_load_file / llama_state_load_file and llama-server's slot restore load).",
+        ),
+    ] = "safetensors",
+    model: GgufModelPath = None,
     profile: ProfilePath = None,
     json_path: JsonOut = None,
     force: Force = False,
 ) -> None:
     """Decode a .kvp file, or part of it, and write it (with token ids and metadata) to safetensors.
+
+    With --format llama-cpp: the llama.cpp state file a .kvp was made from (`kvpack compress SLOT
+    --model MODEL.gguf`), every non-K/V byte as it was and K/V in their original GGML types; with
+    --model, a cache made for another model is refused before anything is written.
 
     Writes as it decodes: memory stays about one tensor's stored bytes, whatever the cache size.
     --layers, --tensors and --tokens each narrow what is restored; only the selected tensors'
@@ -63,6 +79,13 @@ def decompress(
     from kvpack.model.dump import DUMP_DTYPES
     from kvpack.restore.files import decompress_file
 
+    if output_format == "llama-cpp":
+        _to_llama_cpp(input, output, dtype, layers, tensors, tokens, model, profile, json_path, force)
+        return
+    if output_format != "safetensors":
+        raise InvalidInputError(f"--format must be safetensors or llama-cpp, got {brief(output_format)}")
+    if model is not None:
+        raise InvalidInputError("--model goes with --format llama-cpp")
     if dtype is not None and dtype not in DUMP_DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DUMP_DTYPES)}, got {dtype!r}")
     output = output or input.with_suffix(".restored.safetensors")
@@ -93,6 +116,34 @@ def decompress(
     say(f"wrote {output}: {result['tensors']} tensors, {human_bytes(result['output_bytes'])}")
     if json_path is not None:
         write_json(json_path, report, force=force)
+
+
+def _to_llama_cpp(input, output, dtype, layers, tensors, tokens, model, profile, json_path, force) -> None:
+    from kvpack.llama_cpp.restore import write_llama_cpp
+
+    narrowed = [
+        flag
+        for flag, value in (("--dtype", dtype), ("--layers", layers), ("--tensors", tensors), ("--tokens", tokens))
+        if value is not None
+    ]
+    if narrowed:
+        raise InvalidInputError(
+            f"--format llama-cpp restores the whole state in its own types; drop {', '.join(narrowed)}"
+        )
+    output = output or input.with_suffix(".restored.bin")
+    check_json_path(json_path, force, input, output)
+    with progress_bar("decompress") as update:
+        result = write_llama_cpp(input, output, model=model, force=force, profile=profile, progress=update)
+    if json_only(json_path):
+        print_json(result)
+        return
+    say(
+        f"wrote {output}: llama.cpp {'sequence state' if result['kind'] == 'seq' else 'session'} file, "
+        f"{result['tokens']} tokens, {result['layers']} layers ({'/'.join(result['types'])}), "
+        f"{human_bytes(result['output_bytes'])}"
+    )
+    if json_path is not None:
+        write_json(json_path, result, force=force)
 
 
 _LAYER_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?")

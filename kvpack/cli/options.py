@@ -191,6 +191,15 @@ def check_json_path(
         raise InvalidInputError(f"--json {target} must differ from {what}")
 
 
+GgufModelPath = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--model",
+        help="llama.cpp state files (slot / session): the GGUF model the cache was made with (heads, head_dim, "
+        "rotary parameters, identity); decompress --format llama-cpp: refuse a cache of another model.",
+        dir_okay=False,
+    ),
+]
 ProfilePath = Annotated[
     Optional[Path],
     typer.Option(

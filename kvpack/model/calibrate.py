@@ -32,6 +32,7 @@ import torch
 
 from kvpack import __version__
 from kvpack.errors import InvalidInputError
+from kvpack.llama_cpp.gguf_model import read_gguf_model
 from kvpack.model.cache import build_cache
 from kvpack.model.dump import (
     LoadedModel,
@@ -188,6 +189,8 @@ def calibrate(
         sink_sensitivity=json.dumps([round(v, 6) for v in sink]),
         kvpack_version=__version__,
     )
+    if loaded.gguf_path:  # llama.cpp state files name their model by the GGUF's fingerprint
+        metadata["gguf_fingerprint"] = read_gguf_model(loaded.gguf_path).fingerprint
     return make_profile(layers, metadata)
 
 

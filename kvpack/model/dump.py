@@ -75,6 +75,8 @@ class LoadedModel:
     tokenizer: Any
     name: str
     gguf_file: str | None
+    #: the GGUF file loaded, when it is a local file (its fingerprint names the model's llama.cpp caches)
+    gguf_path: str | None = None
 
 
 def load_model(model: str | None = None, gguf_file: str | None = None, device: str = "cpu") -> LoadedModel:
@@ -126,7 +128,8 @@ def load_model(model: str | None = None, gguf_file: str | None = None, device: s
         if bars_were_on:
             hf_logging.enable_progress_bar()
     lm.to(device).eval()
-    return LoadedModel(lm, tokenizer, str(label), gguf_file)
+    local = os.path.join(model, gguf_file) if gguf_file and os.path.isdir(model) else None
+    return LoadedModel(lm, tokenizer, str(label), gguf_file, local if local and os.path.isfile(local) else None)
 
 
 def _check_device(device: str) -> None:

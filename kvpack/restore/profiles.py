@@ -15,7 +15,7 @@ import os
 from kvpack.entry import decode_entry
 from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.reader import KvpReader
-from kvpack.profile import Profile, find_profile, profile_from_bytes
+from kvpack.profile import Profile, find_profile, model_key, profile_from_bytes
 
 #: The lossless entry an embedded profile is stored in (its safetensors bytes, uint8).
 PROFILE_TENSOR = "kvpack.profile"
@@ -38,7 +38,7 @@ def attach_profile(reader: KvpReader, profile: Profile | str | os.PathLike | Non
     (fingerprint,) = wanted
     metadata = reader.metadata
     model = metadata.get("model", "")
-    model_fingerprint = metadata.get("profile_model") or metadata.get("weights_fingerprint")
+    model_fingerprint = metadata.get("profile_model") or model_key(metadata)
     if isinstance(profile, Profile):
         found = profile
     elif profile is None and PROFILE_TENSOR in reader.keys():
