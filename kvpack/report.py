@@ -31,8 +31,10 @@ from kvpack.codecs.base import (
 from kvpack.dtypes import DTYPE_SIZES, check_finite
 from kvpack.errors import InvalidInputError
 from kvpack.formats.header import TensorEntry, section_specs
+from kvpack.formats.llama_state import is_llama_state
 from kvpack.formats.reader import KvpReader, is_kvp_file
 from kvpack.formats.safetensors_io import SafetensorsSource
+from kvpack.llama_cpp.source import describe_state
 from kvpack.metrics import ErrorAccumulator
 from kvpack.names import parse_kv_name, tensor_order
 from kvpack.restore.profiles import attach_profile
@@ -259,8 +261,8 @@ def _read_together(names: list[str], *sources: CacheSource) -> list[list[str]]:
     return sorted(ordered, key=lambda group: names.index(group[0]))
 
 
-def describe_file(path: str | os.PathLike, verify: bool = False, profile=None) -> dict:
-    """What a ``.kvp`` or safetensors file holds, without decoding any codes.
+def describe_file(path: str | os.PathLike, verify: bool = False, profile=None, model=None) -> dict:
+    """What a ``.kvp``, safetensors or llama.cpp state file holds, without decoding any codes.
 
     With ``verify``, every section of a ``.kvp`` is read and its CRC-32 checked (a
     :class:`~kvpack.errors.ChecksumMismatchError` names the first bad one) and every tensor
@@ -272,10 +274,15 @@ def describe_file(path: str | os.PathLike, verify: bool = False, profile=None) -
         "shape", "dtype", "codec", "bytes", "bits_per_element"}], "size": build_report(...)}``.
         For safetensors: ``{"format": "safetensors", "file_bytes", "metadata", "tensors": [{"name",
         "shape", "dtype", "bytes"}], "kv_bytes", "seq_len", "kv_bytes_per_token"}``.
+        For a llama.cpp state file: :func:`kvpack.llama_cpp.source.describe_state` (``model``: its GGUF).
 
     Raises:
         InvalidInputError, FormatError: unreadable or invalid file.
     """
+    if is_llama_state(path):
+        return describe_state(path, model)
+    if model is not None:
+        raise InvalidInputError("a model GGUF (`model`) describes llama.cpp state files; this is not one")
     if is_kvp_file(path):
         with KvpReader(path) as reader:
             entries = reader.entries()

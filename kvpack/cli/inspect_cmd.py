@@ -10,7 +10,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kvpack.cli.options import ForceJson, JsonOut, PerLayer, ProfilePath, check_json_path, command, json_only
+from kvpack.cli.options import (
+    ForceJson,
+    GgufModelPath,
+    JsonOut,
+    PerLayer,
+    ProfilePath,
+    check_json_path,
+    command,
+    json_only,
+)
 from kvpack.cli.render import (
     bits_table,
     entropy_summary,
@@ -28,24 +37,30 @@ def register(app: typer.Typer) -> None:
 
 
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A .kvp or .safetensors file.", dir_okay=False, metavar="FILE")],
+    path: Annotated[
+        Path, typer.Argument(help="A .kvp, .safetensors or llama.cpp state file.", dir_okay=False, metavar="FILE")
+    ],
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
     verify: Annotated[
         bool, typer.Option("--verify", help="Also read every section, check its checksum and decode every tensor.")
     ] = False,
     per_layer: PerLayer = False,
+    model: GgufModelPath = None,
     profile: ProfilePath = None,
     json_path: JsonOut = None,
     force: ForceJson = False,
 ) -> None:
     """Show the format version, source metadata, codecs, shapes and bits-per-element breakdown.
 
-    Examples: kvpack inspect cache.kvp --tensors; kvpack inspect cache.kvp --json
+    A llama.cpp slot or session file: its kind, tokens, layers, GGML types and bytes per token; with
+    --model MODEL.gguf also the K/V tensors kvpack reads from it (and a mismatch with that model).
+
+    Examples: kvpack inspect cache.kvp --tensors; kvpack inspect cache.kvp --json; kvpack inspect slot.bin --model M.gguf
     """
     from kvpack.report import describe_file
 
     check_json_path(json_path, force, path, what="the file inspected")
-    info = describe_file(path, verify=verify, profile=profile)
+    info = describe_file(path, verify=verify, profile=profile, model=model)
     if json_only(json_path):
         print_json(info)
         return
@@ -54,7 +69,36 @@ def inspect(
         write_json(json_path, info, force=force)
 
 
+def _print_llama_state(path: Path, info: dict, tensors: bool) -> None:
+    kind = "sequence state (slot)" if info["kind"] == "seq" else "session"
+    say(
+        f"{path}: llama.cpp {kind} file, version {info['version']}, {human_bytes(info['file_bytes'])}, "
+        f"{info['tokens']} tokens, {info['cells']} cells, {info['layers']} layers"
+        + (f", model architecture {info['arch']}" if info["arch"] else "")
+    )
+    say(
+        f"keys {'/'.join(info['key_types'])}, values {'/'.join(info['value_types'])}"
+        f"{' (transposed)' if any(info['v_trans']) else ''}; {info['kv_bytes_per_token']:,.0f} bytes of K/V per token, "
+        f"{human_bytes(info['other_bytes'])} of other data"
+    )
+    if "model" in info:
+        m = info["model"]
+        say(f"model {m['name']} (GGUF {m['gguf_fingerprint']}): {m['kv_heads']} kv heads x head_dim {m['head_dim']}")
+    else:
+        say("give --model MODEL.gguf to see the K/V tensors kvpack reads (heads, head_dim)")
+    if tensors and "tensors" in info:
+        table = Table(title="tensors compress reads", title_justify="left")
+        for column in ("name", "shape", "dtype"):
+            table.add_column(column)
+        for t in info["tensors"]:
+            table.add_row(escape(t["name"]), str(tuple(t["shape"])), t["dtype"])
+        print_table(table)
+
+
 def _print_info(path: Path, info: dict, tensors: bool, verify: bool, per_layer: bool) -> None:
+    if info["format"] == "llama-cpp":
+        _print_llama_state(path, info, tensors)
+        return
     if info["format"] == "kvp":
         say(
             f"{path}: kvpack container, format {info['version']}, {human_bytes(info['file_bytes'])} "

@@ -182,8 +182,8 @@ class LlamaStateSource:
         self.state: LlamaState = read_llama_state(path)
         if model is None:
             raise InvalidInputError(
-                f"{self.path} is a llama.cpp state file: give the model it was made with (--model MODEL.gguf, "
-                "`model=`) for its heads, head_dim and rotary parameters"
+                f"{self.path} is a llama.cpp state file: give the GGUF model it was made with (`model`) for its "
+                "kv heads, head_dim and rotary parameters"
             )
         self.model = model if isinstance(model, GgufModel) else read_gguf_model(model)
         self.stream = self.state.only_stream()
@@ -266,3 +266,54 @@ def check_against_model(state: LlamaState, model: GgufModel, path: str) -> None:
                 raise InvalidInputError(
                     f"{where}: layer {layer} holds {k.n_embd} key and {v.n_embd} value features per cell"
                 )
+
+
+def describe_state(path: str | os.PathLike, model: GgufModel | str | os.PathLike | None = None) -> dict:
+    """What a llama.cpp state file holds, without reading K/V data.
+
+    Returns:
+        ``{"format": "llama-cpp", "kind", "version", "file_bytes", "tokens", "arch", "n_stream",
+        "cells", "v_trans", "layers", "key_types", "value_types", "kv_bytes", "kv_bytes_per_token",
+        "other_bytes"}``; with ``model`` also ``"model"`` (its name, fingerprint, kv heads and head
+        sizes) and ``"tensors"`` (the K/V tensors compress reads: name, shape, dtype).
+
+    Raises:
+        FormatError: see :func:`~kvpack.formats.llama_state.read_llama_state`.
+        InvalidInputError: a ``model`` the state does not fit.
+    """
+    state = read_llama_state(path)
+    layers = [d for s in state.streams for d in (*s.keys, *s.values)]
+    kv_bytes = sum(d.nbytes for d in layers)
+    cells = sum(s.cell_count for s in state.streams)
+    info = {
+        "format": "llama-cpp",
+        "path": os.fspath(path),
+        "kind": state.kind,
+        "version": state.version,
+        "file_bytes": state.file_size,
+        "tokens": int(state.token_ids.size),
+        "arch": state.arch,
+        "n_stream": state.n_stream,
+        "cells": cells,
+        "v_trans": [s.v_trans for s in state.streams],
+        "layers": max((len(s.keys) for s in state.streams), default=0),
+        "key_types": sorted({d.type_name for s in state.streams for d in s.keys}),
+        "value_types": sorted({d.type_name for s in state.streams for d in s.values}),
+        "kv_bytes": kv_bytes,
+        "kv_bytes_per_token": kv_bytes / cells if cells else 0.0,
+        "other_bytes": state.file_size - kv_bytes,
+    }
+    if model is not None:
+        source = LlamaStateSource(path, model)
+        info["model"] = {
+            "name": source.model.name,
+            "gguf_fingerprint": source.model.fingerprint,
+            "kv_heads": source.model.kv_heads,
+            "head_dim": source.model.head_dim_k,
+            "head_dim_v": source.model.head_dim_v,
+        }
+        info["tensors"] = [
+            {"name": name, "shape": list(source.shape_dtype(name)[0]), "dtype": source.shape_dtype(name)[1]}
+            for name in source.keys()
+        ]
+    return info
