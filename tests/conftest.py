@@ -139,3 +139,51 @@ def tiny_gemma2(sliding_window: int, max_positions: int):
         max_position_embeddings=max_positions,
     )
     return Gemma2ForCausalLM(config).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real llama.cpp state files (tests/llama_cpp_harness.py): SmolLM2 through llama-cpp-python on LLAMA_TOKENS
+# tokens of ``wikitext_excerpt()``, each config saved once per session as a seq file and a session file with
+# the original context's reference continuation. Tests using them are marked ``model``.
+
+LLAMA_TOKENS = 300
+LLAMA_NEW_TOKENS = 16
+MODEL_FIXTURES = MODEL_FIXTURES | {"llama_state_f16", "llama_state_f16_fa", "llama_state_q8_0"}
+
+
+def _llama_state_files(tmp_path_factory, name: str, **options):
+    from tests import llama_cpp_harness as harness
+
+    if harness.LLAMA_CPP_MISSING:
+        pytest.skip(harness.LLAMA_CPP_MISSING)
+    return harness.make_state_files(
+        tmp_path_factory.mktemp(f"llama-{name}"),
+        name,
+        wikitext_excerpt(),
+        max_tokens=LLAMA_TOKENS,
+        n_new=LLAMA_NEW_TOKENS,
+        **options,
+    )
+
+
+@pytest.fixture(scope="session")
+def llama_state_f16(tmp_path_factory):
+    """``LlamaStateFiles``: f16 K and V cache, flash attention off, so V is stored transposed (``v_trans`` 1,
+    llama-cpp-python's ``Llama`` default). ``.seq`` / ``.session``: ``SavedState`` (``path``, ``token_ids``,
+    ``last_logits``, ``reference``, ``config``, ``v_trans``); ``.restore(path=...)`` restores a file the same way
+    and ``compare(files.reference, result)`` measures it."""
+    return _llama_state_files(tmp_path_factory, "f16", type_k="f16", type_v="f16", flash_attn=False)
+
+
+@pytest.fixture(scope="session")
+def llama_state_f16_fa(tmp_path_factory):
+    """``LlamaStateFiles``: f16 K and V cache, flash attention on, so V is stored by rows (``v_trans`` 0,
+    llama.cpp's own default on the CPU)."""
+    return _llama_state_files(tmp_path_factory, "f16-fa", type_k="f16", type_v="f16", flash_attn=True)
+
+
+@pytest.fixture(scope="session")
+def llama_state_q8_0(tmp_path_factory):
+    """``LlamaStateFiles``: q8_0 K and V cache (flash attention on, as a quantized V cache requires;
+    ``v_trans`` 0); llama.cpp stores every head vector Hadamard-rotated (tests/llama_cpp_harness.py)."""
+    return _llama_state_files(tmp_path_factory, "q8_0", type_k="q8_0", type_v="q8_0", flash_attn=True)
