@@ -301,10 +301,11 @@ def _parse_cells(cur: _Cursor, path: str, cell_count: int, cell_ext: bool) -> tu
     positions = np.empty(cell_count, dtype=np.int32)
     counts = np.empty(cell_count, dtype=np.int32)
     for i in range(cell_count):
-        positions[i], counts[i] = cur.i32("a cell position"), cur.u32("a cell's sequence count")
-        if counts[i] > MAX_SEQ_IDS:
-            raise FormatError(f"{path}: a cell in {counts[i]} sequences")
-        cur.skip((CELL_EXT_BYTES if cell_ext else 0) + 4 * int(counts[i]), "the cell metadata")
+        position, count = cur.i32("a cell position"), cur.u32("a cell's sequence count")
+        if count > MAX_SEQ_IDS:
+            raise FormatError(f"{path}: a cell in {count} sequences")
+        positions[i], counts[i] = position, count
+        cur.skip((CELL_EXT_BYTES if cell_ext else 0) + 4 * count, "the cell metadata")
     return positions, counts
 
 

@@ -177,3 +177,31 @@ def test_truncated_or_altered_files_fail_in_one_line(llama_state_f16, tmp_path):
         path.write_bytes(bytes(altered))
         with pytest.raises(FormatError):
             read_llama_state(path)
+
+
+def test_reader_survives_random_damage(llama_state_f16, tmp_path_factory):
+    """Bytes of a real file's metadata overwritten at random: a layout whose every span lies inside the
+    file, or one FormatError; never another exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    data = llama_state_f16.seq.path.read_bytes()
+    metadata_end = read_llama_state(llama_state_f16.seq.path).streams[0].keys[0].offset + 64
+    path = tmp_path_factory.mktemp("fuzz") / "damaged.bin"
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(st.integers(0, metadata_end - 1), st.integers(0, 255)), min_size=1, max_size=8))
+    def check(edits):
+        damaged = bytearray(data)
+        for offset, value in edits:
+            damaged[offset] = value
+        path.write_bytes(bytes(damaged))
+        try:
+            state = read_llama_state(path)
+        except FormatError:
+            return
+        for stream in state.streams:
+            for layer in (*stream.keys, *stream.values):
+                assert 0 <= layer.offset and layer.offset + layer.nbytes <= len(data)
+
+    check()
