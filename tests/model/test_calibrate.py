@@ -124,3 +124,32 @@ def test_eval_runs_the_transform_codec(profile_file, smollm, wiki_ids):
     result = evaluate(smollm, wiki_ids, [method], EvalProtocol(prefix=256, continuation=32, windows=1))["methods"][0]
     assert result["bits_per_element"] == pytest.approx(2.0, rel=0.03)
     assert 0 <= result["kl_mean"] < 0.5 and result["top1_agreement_pct"] > 60
+
+
+def test_transform_codec_on_a_llama_cpp_slot_file(profile_file, llama_state_f16_fa, tmp_path, monkeypatch):
+    """A profile calibrated from the GGUF names it; in the profile directory a llama.cpp slot file of that
+    GGUF finds it by the GGUF's fingerprint, and the transform-coded file restores in the real llama.cpp."""
+    from kvpack.llama_cpp.gguf_model import read_gguf_model
+    from kvpack.llama_cpp.restore import write_llama_cpp
+    from kvpack.profile import default_profile_path, link_aliases
+    from tests import llama_cpp_harness as harness
+
+    gguf = harness.default_gguf_path()
+    profile = load_profile(profile_file)
+    assert profile.metadata["gguf_fingerprint"] == read_gguf_model(gguf).fingerprint
+    monkeypatch.setenv(PROFILES_ENV, str(tmp_path / "profiles"))
+    target = default_profile_path(profile.model_fingerprint)
+    target.parent.mkdir()
+    target.write_bytes(profile_file.read_bytes())
+    (link,) = link_aliases(target, profile)
+    assert link.name == f"{profile.metadata['gguf_fingerprint']}.safetensors" and link.resolve() == target.resolve()
+
+    packed, back = tmp_path / "slot.kvp", tmp_path / "slot.bin"
+    config = CodecConfig.build(method="transform", recommended=True)
+    report = compress_file(
+        llama_state_f16_fa.seq.path, packed, config, allocation=Allocation("target", target_bits=3.0), model=gguf
+    )
+    assert abs(report["file_bytes"] * 8 / report["kv_elements"] / 3.0 - 1) <= 0.02
+    write_llama_cpp(packed, back, model=gguf)
+    restored = llama_state_f16_fa.restore(path=back, feed=llama_state_f16_fa.reference.tokens)
+    assert harness.compare(llama_state_f16_fa.reference, restored)["kl_mean"] < 0.1
