@@ -1,6 +1,6 @@
-"""Bridges from kvpack to the systems that store KV caches (LMCache); nothing here is imported by ``import kvpack``.
+"""Bridges from kvpack to the systems that store KV caches; nothing here is imported by ``import kvpack``.
 
-Each module imports its system when it is imported itself, and says which extra installs it:
-``kvpack.integrations.lmcache`` (``pip install 'kvpack[lmcache]'``) registers kvpack as LMCache's
-serde ``"kvpack"``.
+``chunks``: LMCache's chunks ``[2, layers, tokens, hidden]`` <-> ``.kvp`` streams (kvpack only).
+``lmcache``: LMCache's serde ``"kvpack"``; it imports LMCache (the ``lmcache`` extra:
+``pip install 'kvpack[lmcache]'``) and registers itself with LMCache when imported.
 """

@@ -41,8 +41,8 @@ try:
     )
 except ImportError as exc:  # the optional extra
     raise ImportError(
-        f"kvpack.integrations.lmcache needs LMCache's serde API (lmcache {LMCACHE_VERSION}): "
-        f"pip install 'kvpack[lmcache]' ({exc})"
+        f"kvpack.integrations.lmcache needs LMCache's serde API (lmcache {LMCACHE_VERSION}): install the "
+        f"lmcache extra, pip install 'kvpack[lmcache]' (CPU only: README, 'Using kvpack with LMCache') ({exc})"
     ) from exc
 
 #: The name LMCache's ``"serde": {"type": ...}`` selects kvpack by.
