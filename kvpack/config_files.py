@@ -62,9 +62,11 @@ def load_codec_config(path: str | Path) -> CodecConfig:
         raise InvalidInputError(f"{path}: {exc}") from None
 
 
-def config_from_flat(data: dict[str, Any]) -> CodecConfig:
+def config_from_flat(data: dict[str, Any], recommended: bool = False) -> CodecConfig:
     """A config from flat keys: ``method`` plus any of ``bits``, ``group_size``,
-    ``outlier_ratio``, the transform keys and the codec's options.
+    ``outlier_ratio``, the transform keys and the codec's options; literal, or with
+    ``recommended`` the codec's measured best settings for what is not given (as the command
+    line without a preset, :meth:`CodecConfig.build`).
 
     Raises:
         InvalidInputError: a missing method, unknown keys or a bad value.
@@ -84,6 +86,6 @@ def config_from_flat(data: dict[str, Any]) -> CodecConfig:
     main = {key: flat.pop(key) for key in ("bits", "group_size", "outlier_ratio") if key in flat}
     transforms = {key: flat.pop(key) for key in TRANSFORM_DEFAULTS if key in flat}
     try:
-        return CodecConfig.build(method, **main, transforms=transforms, **flat)
+        return CodecConfig.build(method, **main, transforms=transforms, recommended=recommended, **flat)
     except TypeError as exc:
         raise InvalidInputError(str(exc)) from None
