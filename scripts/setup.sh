@@ -38,4 +38,10 @@ if [ "${1:-}" = "--tests" ]; then
     fi
     pip_q "$wheel"
   fi
+  # LMCache's CPU-importable parts (its serde API) without its GPU stack: the package alone, then the
+  # few small packages those modules import
+  if ! .venv/bin/python -c "import lmcache.v1.distributed.serde" 2>/dev/null; then
+    pip_q --no-deps lmcache==0.5.6
+    pip_q cryptography prometheus_client py-cpuinfo aiohttp cachetools aiofiles
+  fi
 fi
