@@ -118,3 +118,19 @@ def test_compressing_a_dump_twice_gives_the_same_bytes(real_dump, tmp_path):
     done = subprocess.run([sys.executable, "-m", "kvpack", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert here.read_bytes() == there.read_bytes()
+
+
+@pytest.mark.model
+def test_lossless_compress_of_a_dump_is_exact(real_dump, real_tensors, tmp_path):
+    """``config=None`` (``kvpack compress --lossless``): every tensor back bit for bit, no allocation allowed."""
+    from kvpack.allocation.solver import Allocation
+    from kvpack.errors import InvalidInputError
+
+    report = compress_file(real_dump, tmp_path / "x.kvp", None)
+    assert report["rows"]["all"]["rel_mse"] == 0.0 and report["config"] is None
+    restored, _ = load_kvp(tmp_path / "x.kvp")
+    assert restored.keys() == real_tensors.keys()
+    assert all(torch.equal(restored[name], real_tensors[name]) for name in real_tensors)
+    with pytest.raises(InvalidInputError, match="no bits to allocate"):
+        compress_file(real_dump, tmp_path / "y.kvp", None, allocation=Allocation(target_bits=3.0))
+    assert not (tmp_path / "y.kvp").exists()
