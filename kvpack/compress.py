@@ -277,7 +277,7 @@ def compress_file(
         FormatError: the input is not a readable safetensors dump or llama.cpp state file.
         OutputExistsError: the output exists and ``force`` is false.
     """
-    with open_dump(input_path, model) as source:
+    with open_dump(input_path, model, lossless=config is None) as source:
         config = with_model_profile(config, source.metadata, profile)
         names = sorted((n for n in source.keys() if not is_stats_tensor(n)), key=tensor_order)
         layout = check_compressible(source, config, names, source.metadata)
@@ -432,7 +432,7 @@ def check_compressible(
             that does not divide a tensor's features, K/V tensors that cannot be stacked, or
             un-RoPE without usable rotary parameters (see :func:`layer_rope`).
     """
-    if not any(parse_kv_name(n) for n in names):
+    if config is not None and not any(parse_kv_name(n) for n in names):
         raise InvalidInputError(f"{source.path}: no layers.<i>.key / layers.<i>.value tensors found")
     shapes = {name: source.shape_dtype(name) for name in names}
     layout = entry_layout(shapes, config)

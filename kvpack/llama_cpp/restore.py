@@ -23,6 +23,7 @@ from kvpack.llama_cpp.gguf_model import GgufModel, read_gguf_model
 from kvpack.llama_cpp.source import (
     KEY_ORDER_KEY,
     PERMUTED,
+    RAW_PREFIX,
     ROPE_DIM_KEY,
     STATE_TENSOR,
     check_against_model,
@@ -94,6 +95,9 @@ def write_llama_cpp(
             data = (stream.keys if kind == "key" else stream.values)[layer]
             if progress:
                 progress(2 * layer + (kind == "value"), total, kv_tensor_name(layer, kind))
+            raw = f"{RAW_PREFIX}{layer}.{kind}"
+            if raw in reader.keys():  # a lossless file's block-type layer: its bytes as they were
+                return decoder.read_tensor(raw).numpy().tobytes()
             x = decoder.read_tensor(kv_tensor_name(layer, kind), _TORCH[tensor_dtype(data)])
             return tensor_to_rows(x, data, row_order(data, kind, permuted, rope_dim, x.shape[-1]))
 
@@ -132,6 +136,11 @@ def check_state_entries(state: LlamaState, reader: KvpReader, where: str) -> Non
     stream = state.only_stream()
     for kind, layers in (("key", stream.keys), ("value", stream.values)):
         for layer, data in enumerate(layers):
+            raw = f"{RAW_PREFIX}{layer}.{kind}"
+            if raw in reader.keys():
+                if tuple(reader.entry(raw).shape) != (data.nbytes,):
+                    raise InvalidInputError(f"{where}: {raw} does not hold the {data.nbytes} bytes of its layer")
+                continue
             name = kv_tensor_name(layer, kind)
             if name not in reader.tensor_names():
                 raise InvalidInputError(f"{where}: the stored state has {len(layers)} layers but no {name!r}")

@@ -29,6 +29,8 @@ from kvpack.transforms.rope import rope_metadata
 
 #: The tensor holding every non-K/V byte of the state file (uint8, in file order).
 STATE_TENSOR = "llama_cpp.state"
+#: A lossless file keeps a block-type layer's bytes as they are: ``llama_cpp.raw.{i}.key|value`` (uint8).
+RAW_PREFIX = "llama_cpp.raw."
 #: Metadata: the file kind (``seq`` / ``session``) and whether keys were permuted from adjacent pairs.
 KIND_KEY, KEY_ORDER_KEY = "llama_cpp_state", "llama_cpp_key_order"
 PERMUTED, AS_SAVED = "pairs_to_halves", "as_saved"
@@ -111,6 +113,18 @@ def _atoi(text: str) -> int:
     return sign * int(number) if number else 0
 
 
+def parse_raw_name(name: str) -> tuple[int, str] | None:
+    """``llama_cpp.raw.{i}.key|value`` -> ``(i, "key"|"value")``; ``None`` for other names."""
+    if not name.startswith(RAW_PREFIX):
+        return None
+    layer, _, kind = name[len(RAW_PREFIX) :].partition(".")
+    return (int(layer), kind) if layer.isdigit() and len(layer) < 8 and kind in ("key", "value") else None
+
+
+def _exact(data: LayerData) -> bool:
+    return GGMLQuantizationType(data.ggml_type) in _EXACT
+
+
 def tensor_dtype(data: LayerData) -> str:
     """The dtype a layer's K/V tensor is read as: exact for F16 / BF16 / F32, float32 for block types."""
     exact = _EXACT.get(GGMLQuantizationType(data.ggml_type))
@@ -169,7 +183,9 @@ def row_order(data: LayerData, kind: str, permuted: bool, rope_dim: int, head_di
 
 class LlamaStateSource:
     """A llama.cpp state file opened as a cache (the interface of ``SafetensorsSource``): one layer's
-    keys or values read per :meth:`get`.
+    keys or values read per :meth:`get`. With ``raw_blocks`` (lossless storage) the layers of block
+    types (Q8_0, Q4_0, ...) are their bytes as they are, ``llama_cpp.raw.{i}.key|value`` (uint8), not
+    dequantized values.
 
     Raises:
         InvalidInputError: no ``model`` GGUF given, or one whose layer count, kv heads, head sizes or
@@ -177,7 +193,7 @@ class LlamaStateSource:
         FormatError: see :func:`~kvpack.formats.llama_state.read_llama_state`.
     """
 
-    def __init__(self, path: str | os.PathLike, model: GgufModel | str | os.PathLike | None):
+    def __init__(self, path: str | os.PathLike, model: GgufModel | str | os.PathLike | None, raw_blocks: bool = False):
         self.path = os.fspath(path)
         self.state: LlamaState = read_llama_state(path)
         if model is None:
@@ -190,7 +206,11 @@ class LlamaStateSource:
         check_against_model(self.state, self.model, self.path)
         self.file_size = self.state.file_size
         self.metadata = dict(sorted(self._metadata().items()))
-        self._names = [kv_tensor_name(i, kind) for i in range(len(self.stream.keys)) for kind in ("key", "value")]
+        self._names = [
+            f"{RAW_PREFIX}{i}.{kind}" if raw_blocks and not _exact(data) else kv_tensor_name(i, kind)
+            for i in range(len(self.stream.keys))
+            for kind, data in (("key", self.stream.keys[i]), ("value", self.stream.values[i]))
+        ]
 
     def _metadata(self) -> dict[str, str]:
         meta = self.model.identity()
@@ -221,7 +241,7 @@ class LlamaStateSource:
         return [*self._names, STATE_TENSOR]
 
     def _layer(self, name: str) -> tuple[LayerData, int, str]:
-        parsed = parse_kv_name(name)
+        parsed = parse_raw_name(name) or parse_kv_name(name)
         if parsed is None or parsed[0] >= len(self.stream.keys):
             raise InvalidInputError(f"{self.path}: no tensor {name!r}")
         layer, kind = parsed
@@ -233,12 +253,16 @@ class LlamaStateSource:
         if name == STATE_TENSOR:
             return (self.file_size - sum(d.nbytes for d in (*self.stream.keys, *self.stream.values)),), "uint8"
         data, head_dim, _ = self._layer(name)
+        if name.startswith(RAW_PREFIX):
+            return (data.nbytes,), "uint8"
         return (1, self.model.kv_heads, self.stream.cell_count, head_dim), tensor_dtype(data)
 
     def get(self, name: str) -> torch.Tensor:
         if name == STATE_TENSOR:
             return torch.frombuffer(bytearray(kv_free_bytes(self.state)), dtype=torch.uint8)
         data, head_dim, kind = self._layer(name)
+        if name.startswith(RAW_PREFIX):
+            return torch.frombuffer(bytearray(self.state.read(data).tobytes()), dtype=torch.uint8)
         order = row_order(data, kind, self.model.permutes_keys, self.model.rope_dim, head_dim)
         return rows_to_tensor(self.state.read(data), data, self.stream.cell_count, self.model.kv_heads, order)
 

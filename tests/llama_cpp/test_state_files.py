@@ -78,6 +78,7 @@ def test_lossless_round_trip_is_byte_identical_and_restores_the_same(files, gguf
     for kind, saved in _kinds(files):
         kvp, back = tmp_path / f"{kind}.kvp", tmp_path / f"{kind}.bin"
         compress_file(saved.path, kvp, None, model=gguf)
+        assert kvp.stat().st_size < saved.path.stat().st_size  # block types kept as bytes, not as float32
         write_llama_cpp(kvp, back, model=gguf)
         assert back.read_bytes() == saved.path.read_bytes()
     result = files.restore(path=tmp_path / "seq.bin")
