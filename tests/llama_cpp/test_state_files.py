@@ -206,3 +206,24 @@ def test_reader_survives_random_damage(llama_state_f16, tmp_path_factory):
                 assert 0 <= layer.offset and layer.offset + layer.nbytes <= len(data)
 
     check()
+
+
+@pytest.mark.parametrize(("type_k", "type_v"), [("f32", "f32"), ("bf16", "bf16"), ("q8_0", "f16"), ("q4_0", "q4_0")])
+def test_other_cache_types_round_trip(tmp_path, gguf, type_k, type_v):
+    """F32, BF16, mixed and 4-bit block caches: lossless is byte-identical and restores the same; 4-bit
+    uniform codes restore in llama.cpp."""
+    from tests.conftest import wikitext_excerpt
+
+    files = harness.make_state_files(
+        tmp_path, "state", wikitext_excerpt(), max_tokens=96, n_new=8, type_k=type_k, type_v=type_v, flash_attn=True
+    )
+    kvp, back = tmp_path / "x.kvp", tmp_path / "x.bin"
+    compress_file(files.seq.path, kvp, None, model=gguf)
+    write_llama_cpp(kvp, back, model=gguf)
+    assert back.read_bytes() == files.seq.path.read_bytes()
+    assert harness.compare(files.reference, files.restore(path=back))["identical"]
+    config = CodecConfig.build(method="uniform", bits=4, group_size=32, recommended=True)
+    compress_file(files.seq.path, kvp, config, model=gguf, force=True)
+    write_llama_cpp(kvp, back, model=gguf, force=True)
+    forced = files.restore(path=back, feed=files.reference.tokens)
+    assert harness.compare(files.reference, forced)["kl_mean"] < 0.1
