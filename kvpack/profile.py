@@ -315,7 +315,8 @@ def find_profile(
         if not path.is_file():
             raise InvalidInputError(
                 f"no {wanted.replace('a profile', 'profile')}{of_model} in {profile_directory()}: make it with "
-                f"`kvpack calibrate --model MODEL -o {path}` (or pass --profile PATH)"
+                f"`kvpack calibrate --model MODEL -o {path}` (a GGUF: --model DIR --gguf-file NAME.gguf; "
+                "or pass --profile PATH)"
             )
     profile = load_profile(path)
     if fingerprint and profile.fingerprint != fingerprint:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from kvpack.errors import InvalidInputError
-from kvpack.formats.llama_state import is_llama_state
+from kvpack.formats.llama_state import is_llama_state, refuse_raw_blocks
 from kvpack.formats.reader import KvpReader, is_kvp_file
 from kvpack.formats.safetensors_io import SafetensorsSource
 from kvpack.llama_cpp.source import LlamaStateSource
@@ -33,8 +33,18 @@ class CacheSource:
                 self._kvp.close()
                 raise
             self._decoder = EntryDecoder(self._kvp)
+            try:
+                refuse_raw_blocks(self._kvp.keys(), self.path)
+            except BaseException:
+                self._kvp.close()
+                raise
             self.metadata = dict(self._kvp.metadata)
             self._keys = self._kvp.tensor_names()
+        elif is_llama_state(self.path):
+            raise InvalidInputError(
+                f"{self.path} is a llama.cpp state file: compress it (`kvpack compress {self.path.name} --model "
+                "MODEL.gguf`; with --lossless an F16/BF16/F32 cache's exact reference) and compare the .kvp files"
+            )
         else:
             self.kind = "safetensors"
             self._st = SafetensorsSource(self.path)

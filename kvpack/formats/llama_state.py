@@ -37,6 +37,10 @@ SESSION_MAGIC = 0x6767736E  # 'ggsn'
 SEQ_VERSION = 3
 SESSION_VERSION = 10
 KINDS = {SEQ_MAGIC: ("seq", SEQ_VERSION), SESSION_MAGIC: ("session", SESSION_VERSION)}
+#: In a ``.kvp`` made from a state file: every non-K/V byte of it (uint8, in file order), and, in a
+#: lossless one, a block-type layer's bytes as they were (``llama_cpp.raw.{i}.key|value``, uint8).
+STATE_TENSOR = "llama_cpp.state"
+RAW_PREFIX = "llama_cpp.raw."
 CELL_EXT_BYTES = 12  # llama_kv_cell_ext: i32 x, i32 y, i32 tok
 #: Bounds a hostile file cannot pass (llama.cpp has no larger models or contexts).
 MAX_STREAMS = 4096
@@ -44,6 +48,20 @@ MAX_LAYERS = 4096
 MAX_ARCH_BYTES = 256
 MAX_SEQ_IDS = 256  # LLAMA_MAX_SEQ
 MAX_DATA_BYTES = 1 << 40  # one layer's K or V data
+
+
+def refuse_raw_blocks(names, path) -> None:
+    """Refuse to read a ``.kvp`` whose K/V are partly llama.cpp blocks kept as bytes (a lossless archive of
+    a quantized cache) as a cache of tensors.
+
+    Raises:
+        InvalidInputError: ``names`` holds a ``llama_cpp.raw.*`` tensor.
+    """
+    if any(name.startswith(RAW_PREFIX) for name in names):
+        raise InvalidInputError(
+            f"{path} keeps a quantized llama.cpp cache's layers as their bytes (a lossless archive): restore it "
+            "with `kvpack decompress --format llama-cpp`, or compress the state file with a codec to compare it"
+        )
 
 
 def is_llama_state(path: str | os.PathLike) -> bool:

@@ -17,15 +17,19 @@ import torch
 
 from kvpack.errors import InvalidInputError
 from kvpack.formats.atomic import atomic_output
-from kvpack.formats.llama_state import LlamaState, state_from_skeleton, write_llama_state
+from kvpack.formats.llama_state import (
+    RAW_PREFIX,
+    STATE_TENSOR,
+    LlamaState,
+    state_from_skeleton,
+    write_llama_state,
+)
 from kvpack.formats.reader import KvpReader
 from kvpack.llama_cpp.gguf_model import GgufModel, read_gguf_model
 from kvpack.llama_cpp.source import (
     KEY_ORDER_KEY,
     PERMUTED,
-    RAW_PREFIX,
     ROPE_DIM_KEY,
-    STATE_TENSOR,
     check_against_model,
     row_order,
     tensor_dtype,

@@ -22,15 +22,18 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from kvpack.errors import InvalidInputError
-from kvpack.formats.llama_state import LayerData, LlamaState, kv_free_bytes, read_llama_state
+from kvpack.formats.llama_state import (
+    RAW_PREFIX,
+    STATE_TENSOR,
+    LayerData,
+    LlamaState,
+    kv_free_bytes,
+    read_llama_state,
+)
 from kvpack.llama_cpp.gguf_model import GgufModel, read_gguf_model
 from kvpack.names import kv_tensor_name, parse_kv_name
 from kvpack.transforms.rope import rope_metadata
 
-#: The tensor holding every non-K/V byte of the state file (uint8, in file order).
-STATE_TENSOR = "llama_cpp.state"
-#: A lossless file keeps a block-type layer's bytes as they are: ``llama_cpp.raw.{i}.key|value`` (uint8).
-RAW_PREFIX = "llama_cpp.raw."
 #: Metadata: the file kind (``seq`` / ``session``) and whether keys were permuted from adjacent pairs.
 KIND_KEY, KEY_ORDER_KEY = "llama_cpp_state", "llama_cpp_key_order"
 PERMUTED, AS_SAVED = "pairs_to_halves", "as_saved"

@@ -17,6 +17,7 @@ import torch
 from kvpack.dtypes import TORCH_DTYPES, dtype_name, restore_dtype
 from kvpack.errors import InvalidInputError
 from kvpack.formats.atomic import check_output_path
+from kvpack.formats.llama_state import refuse_raw_blocks
 from kvpack.formats.reader import KvpReader
 from kvpack.formats.safetensors_io import safetensors_writer
 from kvpack.names import parse_kv_name
@@ -68,6 +69,7 @@ def load_kvp(
     """
 
     with KvpReader(path) as reader:
+        refuse_raw_blocks(reader.keys(), path)
         attach_profile(reader, profile)
         outputs = select_outputs(reader, restore_dtype(dtype), layers, names, tokens)
         tensors = {o.name: torch.empty(o.shape, dtype=TORCH_DTYPES[o.dtype]) for o in outputs}
@@ -121,6 +123,7 @@ def decompress_file(
     if Path(output_path).resolve() == Path(input_path).resolve():
         raise InvalidInputError("input and output are the same file")
     with KvpReader(input_path) as reader:
+        refuse_raw_blocks(reader.keys(), input_path)
         attach_profile(reader, profile)
         outputs = select_outputs(reader, restore_dtype(dtype), layers, names, tokens)
         metadata = dict(reader.metadata)

@@ -51,3 +51,18 @@ def test_user_errors_are_one_line(llama_state_f16_fa, tmp_path, capsys):
     code, _, err = run(["inspect", str(cut)], capsys)
     assert_one_line_error(code, err, "truncated")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.bin", "l.kvp"]
+
+
+def test_archives_of_quantized_caches_restore_only_to_llama_cpp(llama_state_q8_0, tmp_path, capsys):
+    gguf = str(harness.default_gguf_path())
+    slot, packed = str(llama_state_q8_0.seq.path), tmp_path / "q8.kvp"
+    assert run(["compress", slot, "--model", gguf, "--lossless", "-o", str(packed)], capsys)[0] == 0
+    code, _, err = run(["decompress", str(packed), "-o", str(tmp_path / "q8.safetensors")], capsys)
+    assert_one_line_error(code, err, "--format llama-cpp")
+    code, _, err = run(["stats", str(packed), str(packed)], capsys)
+    assert_one_line_error(code, err, "lossless archive")
+    code, _, err = run(["stats", slot, str(packed)], capsys)
+    assert_one_line_error(code, err, "is a llama.cpp state file")
+    assert run(["decompress", str(packed), "--format", "llama-cpp", "-o", str(tmp_path / "q8.bin")], capsys)[0] == 0
+    assert (tmp_path / "q8.bin").read_bytes() == llama_state_q8_0.seq.path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q8.bin", "q8.kvp"]
