@@ -18,6 +18,7 @@ _EXPORTS = {
     "compare_caches": "kvpack.report",
     "compress_file": "kvpack.compress",
     "compress_tensors": "kvpack.compress",
+    "compress_on_dask": "kvpack.batch_dask",
     "decode_entry": "kvpack.entry",
     "decompress_file": "kvpack.restore.files",
     "describe_file": "kvpack.report",

@@ -6,11 +6,12 @@ returns; nothing here knows about terminals. Each file is compressed by
 output), and its outcome is a plain, picklable record::
 
     {"input": str, "output": str | None, "ok": bool, "error": str | None,
-     "report": dict | None, "seconds": float}
+     "report": dict | None, "seconds": float, "skipped": bool}
 
 ``error`` is the one-line message kvpack prints for that failure on its own
 (:func:`kvpack.errors.error_message`); ``report`` is :func:`~kvpack.compress.compress_file`'s
-report; ``seconds`` is the wall time spent on the file (0 for one that never ran).
+report; ``seconds`` is the wall time spent on the file (0 for one that never ran); ``skipped``: the
+output was already there and verified (:func:`skip_verified`: a rerun resumes), so nothing ran.
 
 Interrupts: in a pool, the workers ignore SIGINT and the caller's process stops them with
 SIGTERM (:func:`run_jobs`); a stopped worker unwinds out of the file it is writing, so its
@@ -39,6 +40,9 @@ from kvpack.compress import compress_file
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError, KvpackError, error_message
 from kvpack.formats.entropy import EntropyConfig
+from kvpack.formats.reader import KvpReader
+from kvpack.restore.profiles import attach_profile
+from kvpack.restore.streaming import verify_entries
 
 #: Suffix of the dumps a directory argument stands for.
 DUMP_SUFFIX = ".safetensors"
@@ -163,6 +167,7 @@ def record(
     error: str | None = None,
     report: dict | None = None,
     seconds: float = 0.0,
+    skipped: bool = False,
 ) -> dict:
     """A result record (see the module docstring) for input ``source`` and output ``target``;
     ``ok`` when there is no error."""
@@ -173,7 +178,23 @@ def record(
         "error": error,
         "report": report,
         "seconds": seconds,
+        "skipped": skipped,
     }
+
+
+def skip_verified(job: Job) -> dict | None:
+    """A skipped record when ``job``'s output already exists as a ``.kvp`` whose every section and
+    tensor verifies (a rerun of a batch resumes where it stopped); ``None`` when the job must run:
+    ``force``, no output yet, or one that does not verify (the job then refuses to overwrite it)."""
+    if job.force or not os.path.isfile(job.output):
+        return None
+    try:
+        with KvpReader(job.output) as reader:
+            attach_profile(reader)  # a transform-coded output decodes with its profile
+            verify_entries(reader)
+    except (KvpackError, OSError):
+        return None
+    return record(job.input, job.output, skipped=True)
 
 
 def run_job(job: Job) -> dict:
@@ -299,10 +320,16 @@ def _init_worker(threads: int) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C pending since start is dropped
+    use_threads(threads)
+
+
+def use_threads(threads: int) -> None:
+    """This process's torch and numba (fused kernels) thread counts: a worker's share of the cores, since
+    N workers x N threads would oversubscribe them."""
     from kvpack.codecs.kernels import set_threads  # first use of numba, in the worker only
 
     torch.set_num_threads(threads)
-    set_threads(threads)  # the fused kernels' pool too: N workers x N threads would oversubscribe the cores
+    set_threads(threads)
 
 
 class _sigint_blocked:

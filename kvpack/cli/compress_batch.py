@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvpack.allocation.solver import Allocation
-from kvpack.batch import Expansion, Job, plan_outputs, record, run_jobs, same_file_key
+from kvpack.batch import Expansion, Job, plan_outputs, record, run_jobs, same_file_key, skip_verified
 from kvpack.cli.option_groups import SharedOptions
 from kvpack.cli.options import json_only
 from kvpack.cli.render import (
@@ -40,8 +40,12 @@ def compress_many(
     json_path: Path | None,
     force: bool,
     entropy: EntropyConfig | None = None,
+    engine: str = "local",
+    scheduler: str | None = None,
 ) -> None:
-    """Compress every file of ``expansion`` with ``config`` (per file when ``--level`` needs its dims).
+    """Compress every file of ``expansion`` with ``config`` (per file when ``--level`` needs its dims),
+    in the local process pool or, with ``engine="dask"``, on a Dask cluster (``scheduler``, else a
+    local one). An output that already exists and verifies is skipped (a rerun resumes).
 
     Raises:
         InvalidInputError: ``-o`` is not a directory, two files would share an output, or the
@@ -69,9 +73,12 @@ def compress_many(
         except (KvpackError, OSError) as exc:
             slots.append(record(path, output, error=error_message(exc)))
             continue
-        jobs.append((len(slots), Job(path, output, file_config, allocation, force, entropy)))
-        slots.append(None)
-    for failed in [*results, *(s for s in slots if s is not None)]:
+        job = Job(path, output, file_config, allocation, force, entropy)
+        done = skip_verified(job)
+        if done is None:
+            jobs.append((len(slots), job))
+        slots.append(done)
+    for failed in [*results, *(s for s in slots if s is not None and not s["ok"])]:
         _error_line(failed)
 
     finished = 0
@@ -86,7 +93,12 @@ def compress_many(
                 _error_line(result)
             update(finished, len(jobs), Path(result["input"]).name)
 
-        run_jobs([job for _, job in jobs], workers, on_result)
+        if engine == "dask":
+            from kvpack.batch_dask import run_jobs_dask
+
+            run_jobs_dask([job for _, job in jobs], scheduler=scheduler, workers=workers, on_result=on_result)
+        else:
+            run_jobs([job for _, job in jobs], workers, on_result)
     results += slots
     wall = time.perf_counter() - start
 
@@ -126,6 +138,9 @@ def _summary_table(results: list[dict]) -> Table:
         table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
     for r in results:
         report = r["report"]
+        if r.get("skipped"):
+            table.add_row(escape(r["input"]), "skipped", *["-"] * 6)
+            continue
         if report is None:
             table.add_row(escape(r["input"]), "error", *["-"] * 5, fmt_num(r["seconds"], 1) if r["seconds"] else "-")
             continue
@@ -144,12 +159,14 @@ def _summary_table(results: list[dict]) -> Table:
 
 
 def _total_line(results: list[dict], wall: float) -> str:
-    reports = [r["report"] for r in results if r["ok"]]
+    reports = [r["report"] for r in results if r["ok"] and not r.get("skipped")]
+    skipped = sum(1 for r in results if r.get("skipped"))
     failed = [r["input"] for r in results if not r["ok"]]
     bytes_in = sum(report["input_bytes"] for report in reports)
     bytes_out = sum(report["file_bytes"] for report in reports)
     fp16_bytes = 2 * sum(report["kv_elements"] for report in reports)
-    line = f"{len(reports)} ok, {len(failed)} failed"
+    line = f"{len(reports)} ok, " + (f"{skipped} skipped (outputs there and verified), " if skipped else "")
+    line += f"{len(failed)} failed"
     if failed:
         line += " (" + ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "") + ")"
     if bytes_out:

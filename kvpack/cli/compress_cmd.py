@@ -58,6 +58,17 @@ def compress(
         ),
     ] = None,
     jobs: Jobs = 1,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="Batch: local (a process pool, --jobs) or dask (a Dask cluster: --scheduler, else a local one of "
+            "--jobs workers). Outputs that exist and verify are skipped (a rerun resumes).",
+        ),
+    ] = "local",
+    scheduler: Annotated[
+        Optional[str], typer.Option("--scheduler", help="--engine dask: the scheduler's address, tcp://HOST:8786.")
+    ] = None,
     *,
     shared: SharedOptions,
     per_layer: PerLayer = False,
@@ -102,7 +113,13 @@ def compress(
         raise InvalidInputError("--lossless applies to one input, without --profile / --embed-profile")
     if embed_profile and (config is None or not config.whole_tensor):
         raise InvalidInputError("--embed-profile applies to --method transform")
-    if expansion.batch:
+    if engine not in ("local", "dask"):
+        raise InvalidInputError(f"--engine must be local or dask, got {engine!r}")
+    if scheduler is not None and engine != "dask":
+        raise InvalidInputError("--scheduler goes with --engine dask")
+    if expansion.batch or engine == "dask":
+        if config is None or model is not None:
+            raise InvalidInputError("the batch form takes safetensors dumps and a codec (not --lossless or --model)")
         if profile is not None and not config.whole_tensor:
             raise InvalidInputError("--profile weighs the report of one input at a time (other codecs than transform)")
         if profile is not None or embed_profile:
@@ -113,7 +130,9 @@ def compress(
                 raise InvalidInputError("--embed-profile applies to one input at a time")
         from kvpack.cli.compress_batch import compress_many
 
-        compress_many(expansion, output, shared, config, allocation, workers, json_path, force, entropy)
+        compress_many(
+            expansion, output, shared, config, allocation, workers, json_path, force, entropy, engine, scheduler
+        )
         return
     input = expansion.files[0]
     if output is not None and output.is_dir():  # as in the batch form: DIR/<name>.kvp
