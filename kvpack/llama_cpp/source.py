@@ -14,6 +14,7 @@ expect; :func:`tensor_to_rows` undoes it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,15 +106,8 @@ def cache_rotation(ggml_type: int, head_dim: int, is_key: bool) -> int:
 
 def _atoi(text: str) -> int:
     """C's ``atoi``: the leading integer, 0 if none."""
-    digits = text.strip()
-    sign = -1 if digits[:1] == "-" else 1
-    digits = digits.lstrip("+-")
-    number = ""
-    for ch in digits:
-        if not ch.isdigit():
-            break
-        number += ch
-    return sign * int(number) if number else 0
+    match = re.match(r"\s*([+-]?\d+)", text)
+    return int(match.group(1)) if match else 0
 
 
 def parse_raw_name(name: str) -> tuple[int, str] | None:
@@ -308,7 +302,8 @@ def describe_state(path: str | os.PathLike, model: GgufModel | str | os.PathLike
         FormatError: see :func:`~kvpack.formats.llama_state.read_llama_state`.
         InvalidInputError: a ``model`` the state does not fit.
     """
-    state = read_llama_state(path)
+    source = LlamaStateSource(path, model) if model is not None else None
+    state = source.state if source is not None else read_llama_state(path)  # the file is parsed once
     layers = [d for s in state.streams for d in (*s.keys, *s.values)]
     kv_bytes = sum(d.nbytes for d in layers)
     cells = sum(s.cell_count for s in state.streams)
@@ -330,8 +325,7 @@ def describe_state(path: str | os.PathLike, model: GgufModel | str | os.PathLike
         "kv_bytes_per_token": kv_bytes / cells if cells else 0.0,
         "other_bytes": state.file_size - kv_bytes,
     }
-    if model is not None:
-        source = LlamaStateSource(path, model)
+    if source is not None:
         info["model"] = {
             "name": source.model.name,
             "gguf_fingerprint": source.model.fingerprint,
