@@ -34,6 +34,7 @@ _EXPORTS = {
     "KvpReader": "kvpack.formats.reader",
     "open_kvp": "kvpack.restore.decode",
     "KvpWriter": "kvpack.formats.writer",
+    "storage_options": "kvpack.storage",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -43,6 +43,21 @@ from kvpack.formats.entropy import EntropyConfig
 from kvpack.formats.reader import KvpReader
 from kvpack.restore.profiles import attach_profile
 from kvpack.restore.streaming import verify_entries
+from kvpack.storage import (
+    Location,
+    check_output_folder,
+    find,
+    has_pattern,
+    is_file,
+    is_folder,
+    is_url,
+    join,
+    location,
+    name_of,
+    storage_options,
+    with_suffix,
+)
+from kvpack.storage import glob as storage_glob
 
 #: Suffix of the dumps a directory argument stands for.
 DUMP_SUFFIX = ".safetensors"
@@ -63,7 +78,7 @@ class Expansion:
             pattern characters: the single-file form of ``kvpack compress``.
     """
 
-    files: list[Path] = field(default_factory=list)
+    files: list[Location] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     batch: bool = True
 
@@ -78,16 +93,35 @@ def is_pattern(argument: str | os.PathLike) -> bool:
 def expand_inputs(arguments: Sequence[str | os.PathLike]) -> Expansion:
     """The files named by input arguments: files, directories (their ``*.safetensors`` files,
     not recursive, sorted) and glob patterns (``**`` recurses; matched directories are skipped).
+    A URL argument (:mod:`kvpack.storage`) is a prefix when it ends with ``/`` or holds objects,
+    a pattern when it has pattern characters, else an object; its files are URLs.
 
     Duplicates (the same name in the same real folder) are kept once. No file is read.
+
+    Raises:
+        InvalidInputError: a URL's storage cannot be listed (no bucket, access denied, unreachable).
     """
-    files: list[Path] = []
+    files: list[Location] = []
     errors: list[tuple[str, str]] = []
-    seen: set[Path] = set()
+    seen: set[Location] = set()
     batch = len(arguments) != 1
     for argument in arguments:
         text = os.fspath(argument)
-        if os.path.isdir(text):
+        found: list[Location]
+        if is_url(text):
+            if has_pattern(text):
+                batch = True
+                found = list(storage_glob(text))
+                if not found:
+                    errors.append((text, f"no object matches {text}"))
+            elif is_folder(text):
+                batch = True
+                found = list(find(text, DUMP_SUFFIX))
+                if not found:
+                    errors.append((text, f"{text} holds no *{DUMP_SUFFIX} object"))
+            else:
+                found = [text]
+        elif os.path.isdir(text):
             batch = True
             found = sorted(
                 Path(p) for p in glob.glob(os.path.join(glob.escape(text), "*" + DUMP_SUFFIX)) if os.path.isfile(p)
@@ -100,7 +134,7 @@ def expand_inputs(arguments: Sequence[str | os.PathLike]) -> Expansion:
             if not found:
                 errors.append((text, f"no file matches {text}"))
         else:
-            found = [Path(text)]
+            found = [location(text)]
         for path in found:
             key = same_file_key(path)
             if key not in seen:
@@ -109,33 +143,38 @@ def expand_inputs(arguments: Sequence[str | os.PathLike]) -> Expansion:
     return Expansion(files, errors, batch)
 
 
-def same_file_key(path: Path) -> Path:
+def same_file_key(path: Location) -> Location:
     """``path`` with its folder resolved (links, ``..``): two names of one key are one file;
-    a link to a file is a file of its own (its output is named after the link)."""
+    a link to a file is a file of its own (its output is named after the link). A URL is its own key."""
+    if is_url(path):
+        return str(path)
+    path = Path(path)
     return path.absolute().parent.resolve() / path.name
 
 
-def output_path(input_path: Path, output_dir: Path | None = None) -> Path:
+def output_path(input_path: Location, output_dir: Location | None = None) -> Location:
     """Where a batch writes ``input_path``'s ``.kvp``: ``output_dir/<stem>.kvp``, or beside the input
-    (``cache.safetensors`` -> ``cache.kvp``)."""
-    name = input_path.with_suffix(".kvp").name
-    return input_path.with_suffix(".kvp") if output_dir is None else output_dir / name
+    (``cache.safetensors`` -> ``cache.kvp``); either may be a URL."""
+    beside = with_suffix(input_path, ".kvp")
+    return beside if output_dir is None else join(output_dir, name_of(beside))
 
 
-def plan_outputs(files: Sequence[Path], output_dir: Path | None = None) -> list[Path]:
+def plan_outputs(files: Sequence[Location], output_dir: Location | None = None) -> list[Location]:
     """The output of each file (:func:`output_path`), checked before any work.
 
     Raises:
-        InvalidInputError: ``output_dir`` is given and is not an existing directory; two files
-            would write the same output; an output is one of the inputs.
+        InvalidInputError: ``output_dir`` is given and is not an existing directory (a URL: its
+            bucket does not exist); two files would write the same output; an output is one of the inputs.
     """
-    if output_dir is not None and not output_dir.is_dir():
+    if output_dir is not None and is_url(output_dir):
+        check_output_folder(str(output_dir))
+    elif output_dir is not None and not Path(output_dir).is_dir():
         raise InvalidInputError(
             f"-o {output_dir} must be an existing directory when compressing several files (outputs go to DIR/<name>.kvp)"
         )
     outputs = [output_path(path, output_dir) for path in files]
     inputs = {same_file_key(path): path for path in files}
-    claimed: dict[Path, Path] = {}
+    claimed: dict[Location, Location] = {}
     for path, output in zip(files, outputs, strict=True):
         key = same_file_key(output)
         if key in claimed:
@@ -151,14 +190,16 @@ def plan_outputs(files: Sequence[Path], output_dir: Path | None = None) -> list[
 
 @dataclass(frozen=True)
 class Job:
-    """One file to compress: ``compress_file(input, output, config, force=..., allocation=..., entropy=...)``."""
+    """One file to compress: ``compress_file(input, output, config, force=..., allocation=..., entropy=...)``,
+    with ``storage_options`` for its URLs (:func:`kvpack.storage.storage_options`)."""
 
-    input: Path
-    output: Path
+    input: Location
+    output: Location
     config: CodecConfig
     allocation: Allocation | None = None
     force: bool = False
     entropy: EntropyConfig | None = None
+    storage_options: dict | None = None
 
 
 def record(
@@ -186,12 +227,13 @@ def skip_verified(job: Job) -> dict | None:
     """A skipped record when ``job``'s output already exists as a ``.kvp`` whose every section and
     tensor verifies (a rerun of a batch resumes where it stopped); ``None`` when the job must run:
     ``force``, no output yet, or one that does not verify (the job then refuses to overwrite it)."""
-    if job.force or not os.path.isfile(job.output):
-        return None
     try:
-        with KvpReader(job.output) as reader:
-            attach_profile(reader)  # a transform-coded output decodes with its profile
-            verify_entries(reader)
+        with storage_options(job.storage_options):
+            if job.force or not is_file(job.output):
+                return None
+            with KvpReader(job.output) as reader:
+                attach_profile(reader)  # a transform-coded output decodes with its profile
+                verify_entries(reader)
     except (KvpackError, OSError):
         return None
     return record(job.input, job.output, skipped=True)
@@ -208,9 +250,10 @@ def run_job(job: Job) -> dict:
 
     start = time.perf_counter()
     try:
-        report = compress_file(
-            job.input, job.output, job.config, force=job.force, allocation=job.allocation, entropy=job.entropy
-        )
+        with storage_options(job.storage_options):
+            report = compress_file(
+                job.input, job.output, job.config, force=job.force, allocation=job.allocation, entropy=job.entropy
+            )
     except _WorkerStopped as exc:  # the output's temp file is gone (atomic_output); end the worker quietly
         os._exit(exc.code)
     except (KvpackError, OSError) as exc:

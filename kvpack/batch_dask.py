@@ -3,22 +3,25 @@
 Each task runs :func:`kvpack.batch.run_job` on a worker, so a file is compressed exactly as the
 local process pool compresses it (same checks, same atomic output, same record); only where it
 runs differs. Without a client or a scheduler address a ``LocalCluster`` of this machine's cores
-runs the tasks. The workers must see the inputs and outputs at the same paths (one machine, or a
-shared file system).
+runs the tasks. The workers must see the inputs and outputs at the same names: one machine, a
+shared file system, or URLs of an object store (``s3://...``, read and written through fsspec on
+each worker with the job's storage options).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from kvpack.allocation.solver import Allocation
 from kvpack.batch import Job, cpu_cores, expand_inputs, plan_outputs, record, run_job, skip_verified, use_threads
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
 from kvpack.formats.entropy import EntropyConfig
+from kvpack.storage import location
+from kvpack.storage import storage_options as use_storage_options
 
 #: Seconds to wait for a scheduler before the batch is refused.
 CONNECT_TIMEOUT = 10
@@ -99,7 +102,33 @@ def _run_job_on_worker(job: Job, hosts: dict[str, int]) -> dict:
 
     host = get_worker().address.rsplit(":", 1)[0].split("://")[-1]
     use_threads(max(1, cpu_cores() // hosts.get(host, 1)))
+    keep_freed_memory()
     return run_job(job)
+
+
+#: glibc ``mallopt`` parameters (``malloc.h``).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Allocations below this come from the heap, not a fresh ``mmap`` (glibc's largest dynamic threshold).
+MMAP_THRESHOLD_BYTES = 32 << 20
+#: Freed heap memory kept for reuse before it is returned to the OS.
+TRIM_THRESHOLD_BYTES = 256 << 20
+
+
+def keep_freed_memory() -> None:
+    """Let this process's allocator reuse freed memory (glibc only; elsewhere nothing is done).
+
+    Dask's nanny starts each worker with ``MALLOC_TRIM_THRESHOLD_=65536`` (its
+    ``distributed.nanny.pre-spawn-environ``), which also fixes glibc's mmap threshold at 128 KiB: every
+    tensor-sized allocation is then a fresh ``mmap`` whose pages fault in again. Measured on a 1,024-token
+    SmolLM2 dump (uniform 4-bit): 1.95 s per file on a worker against 0.8 s in a plain process, and
+    0.7 s on the worker with these thresholds.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
 
 
 def compress_on_dask(
@@ -112,24 +141,29 @@ def compress_on_dask(
     entropy: EntropyConfig | None = None,
     force: bool = False,
     on_result: Callable[[int, dict], None] | None = None,
+    storage_options: dict | None = None,
 ) -> list[dict]:
     """The batch form of ``kvpack compress ... --engine dask`` as a function: expand ``inputs`` (files,
-    directories' ``*.safetensors``, glob patterns), plan the outputs (``output_dir/<name>.kvp`` or beside
-    each input), skip those that already exist and verify, and compress the rest on ``client`` (else
-    the ``scheduler`` address, else a local cluster).
+    directories' ``*.safetensors``, glob patterns; local or URLs such as ``s3://bucket/store/``), plan the
+    outputs (``output_dir/<name>.kvp`` or beside each input), skip those that already exist and verify,
+    and compress the rest on ``client`` (else the ``scheduler`` address, else a local cluster).
+    ``storage_options``: fsspec options for every URL, here and on the workers
+    (:func:`kvpack.storage.storage_options`).
 
     Returns:
         The records of :mod:`kvpack.batch`, one per input argument that named no file and one per
         file, in order; ``skipped`` for outputs that were there and verified.
 
     Raises:
-        InvalidInputError: two files would share an output, or the scheduler cannot be reached.
+        InvalidInputError: two files would share an output, an output bucket is missing, a URL cannot
+            be listed, or the scheduler cannot be reached.
     """
-    expansion = expand_inputs(inputs)
-    outputs = plan_outputs(expansion.files, None if output_dir is None else Path(output_dir))
+    with use_storage_options(storage_options) as options:
+        expansion = expand_inputs(inputs)
+        outputs = plan_outputs(expansion.files, None if output_dir is None else location(output_dir))
     results = [record(argument, None, error=message) for argument, message in expansion.errors]
     jobs = [
-        Job(path, output, config, allocation, force, entropy)
+        Job(path, output, config, allocation, force, entropy, options or None)
         for path, output in zip(expansion.files, outputs, strict=True)
     ]
     slots = [skip_verified(job) for job in jobs]

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -36,6 +35,7 @@ from kvpack.profile import Profile, default_profile_path, find_profile, model_ke
 from kvpack.report import build_report
 from kvpack.restore.profiles import PROFILE_TENSOR
 from kvpack.sources import open_dump
+from kvpack.storage import accepts_storage_options, same_location
 from kvpack.transforms.rope import ROTATE_HALF, cached_first_position, rope_for_layer
 from kvpack.weighted_error import estimated_kl
 
@@ -44,6 +44,7 @@ Progress = Callable[[int, int, str], None]
 DEFAULT_TRANSFORM_BITS = 2.0
 
 
+@accepts_storage_options
 def compress_tensors(
     tensors: dict[str, torch.Tensor],
     path: str | os.PathLike,
@@ -56,6 +57,8 @@ def compress_tensors(
     profile: Profile | str | os.PathLike | None = None,
     embed_profile: bool = False,
     rope: dict[str, str] | None = None,
+    *,
+    storage_options: dict | None = None,
 ) -> list[TensorEntry]:
     """Write a dict of tensors to a ``.kvp``: ``layers.{i}.key|value`` quantized, the rest lossless.
 
@@ -76,6 +79,9 @@ def compress_tensors(
     :data:`DEFAULT_TRANSFORM_BITS`) bits per K/V element; ``embed_profile`` stores the profile in
     the file (tensor ``kvpack.profile``, counted in its bits).
 
+    ``storage_options``: fsspec options (credentials, ``endpoint_url``, ...) for the URLs among the paths
+    (:mod:`kvpack.storage`: ``s3://``, ``gs://``, ``memory://`` ...), which any path argument may be.
+
     Raises:
         InvalidInputError, OutputExistsError: see :func:`encode_tensor`, :func:`entry_layout`
             and :class:`KvpWriter`; a missing or foreign profile.
@@ -91,6 +97,7 @@ def compress_tensors(
     file_metadata = metadata_for_file(metadata, config, allocation)
     entropy = EntropyConfig() if entropy is None else entropy
     groups_allocation = None if config is not None and config.whole_tensor else allocation  # the transform: one level
+    written: list[int] = []
 
     def write(layout, force: bool) -> list[TensorEntry]:
         mixed = allocate_entries(
@@ -101,14 +108,15 @@ def compress_tensors(
                 x = tensors[entry_name] if entry_name == sources[0] else stack(tensors, sources)
                 codec, widths = mixed.codec_for(entry_name, codec)
                 _write_entry(writer, entry_name, x, codec, widths)
-            return writer.entries
+        written.append(writer.close())  # the file's size in bytes (close is idempotent)
+        return writer.entries
 
     if config is None or not config.whole_tensor:
         return write(layout, force)
     target = transform_target(allocation)
     chosen = _transform_layout(layout, shapes, tensors.__getitem__, config, target, file_metadata, entropy)
     entries = write(chosen, force)
-    correction = _missed_target(path, entries, target)
+    correction = _missed_target(written[-1], entries, target)
     if correction is None:
         return entries
     chosen = _transform_layout(layout, shapes, tensors.__getitem__, config, target, file_metadata, entropy, correction)
@@ -136,11 +144,11 @@ def _transform_layout(layout, shapes, get, config, target, metadata, entropy, co
     ]
 
 
-def _missed_target(path, entries: list[TensorEntry], target: float) -> float | None:
-    """``target - actual`` bits per element when the written file missed ``target`` by more than the
-    tolerance, else None."""
+def _missed_target(file_size: int, entries: list[TensorEntry], target: float) -> float | None:
+    """``target - actual`` bits per element when the written file (``file_size`` bytes) missed ``target``
+    by more than the tolerance, else None."""
     kv_elements = sum(e.n_elements for e in entries if e.codec is not None)
-    actual = Path(path).stat().st_size * 8 / max(kv_elements, 1)
+    actual = file_size * 8 / max(kv_elements, 1)
     return None if abs(actual / target - 1) <= TOLERANCE else target - actual
 
 
@@ -246,6 +254,7 @@ def metadata_for_file(
     return meta
 
 
+@accepts_storage_options
 def compress_file(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -257,6 +266,8 @@ def compress_file(
     profile: Profile | str | os.PathLike | None = None,
     embed_profile: bool = False,
     model: str | os.PathLike | None = None,
+    *,
+    storage_options: dict | None = None,
 ) -> dict:
     """Compress a safetensors KV-cache dump or a llama.cpp state file into a ``.kvp`` file and measure the result.
 
@@ -266,6 +277,9 @@ def compress_file(
     ``embed_profile``: see :func:`compress_tensors`. ``model``: the GGUF a llama.cpp state file was
     made with (:func:`kvpack.sources.open_dump`); the ``.kvp`` then keeps every other byte of the state
     file (``llama_cpp.state``), so ``kvpack decompress --format llama-cpp`` rebuilds it.
+
+    ``storage_options``: fsspec options (credentials, ``endpoint_url``, ...) for the URLs among the paths
+    (:mod:`kvpack.storage`: ``s3://``, ``gs://``, ``memory://`` ...), which any path argument may be.
 
     Returns:
         The report (see :func:`build_report`).
@@ -282,7 +296,7 @@ def compress_file(
         names = sorted((n for n in source.keys() if not is_stats_tensor(n)), key=tensor_order)
         layout = check_compressible(source, config, names, source.metadata)
         check_output_path(output_path, force)
-        if Path(input_path).resolve() == Path(output_path).resolve():
+        if same_location(input_path, output_path):
             raise InvalidInputError("input and output are the same file")
         shapes = {name: source.shape_dtype(name) for name in names}
         extra = {PROFILE_TENSOR: embedded_profile(config)} if embed_profile else {}
@@ -304,6 +318,7 @@ def compress_file(
         weighing = weighing_profile(config, source.metadata, profile)
         estimates: dict[str, float | None] = {}
         reached: dict = {}
+        written: list[int] = []
 
         def write(layout, force: bool) -> tuple[list[TensorEntry], dict[str, ErrorAccumulator]]:
             errors: dict[str, ErrorAccumulator] = {}
@@ -328,7 +343,8 @@ def compress_file(
                     del x
                 if progress:
                     progress(len(layout), len(layout), "")
-                return writer.entries, errors
+            written.append(writer.close())  # the file's size in bytes (close is idempotent)
+            return writer.entries, errors
 
         if config is None or not config.whole_tensor:
             entries, errors = write(layout, force)
@@ -336,11 +352,11 @@ def compress_file(
             target = transform_target(allocation)
             chosen = _transform_layout(layout, shapes, get, config, target, file_metadata, entropy)
             entries, errors = write(chosen, force)
-            correction = _missed_target(output_path, entries, target)
+            correction = _missed_target(written[-1], entries, target)
             if correction is not None:
                 chosen = _transform_layout(layout, shapes, get, config, target, file_metadata, entropy, correction)
                 entries, errors = write(chosen, True)
-        file_size = Path(output_path).stat().st_size
+        file_size = written[-1]
         input_size = source.file_size
     report = build_report(entries, file_size, errors, estimates if weighing is not None else None)
     report.update(

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from kvpack.errors import FormatError, InvalidInputError, brief
+from kvpack.storage import is_url, open_read, translated
 
 PROFILE_FORMAT = "kvpack-profile-1"
 ROLES = ("key", "value")
@@ -198,10 +199,19 @@ def load_profile(path: str | os.PathLike) -> Profile:
     Checks the format, every layer's four arrays (shapes, dtypes, finite values, non-negative
     variances and weights, orthonormal bases) and that the content matches its fingerprint.
 
+    ``path`` may be a URL (:mod:`kvpack.storage`): the profile is read in one ranged request.
+
     Raises:
-        InvalidInputError: the file does not exist.
+        InvalidInputError: the file does not exist (or cannot be read from its storage).
         FormatError: a truncated, corrupted or foreign file, naming what is wrong.
     """
+    if is_url(path):
+        with open_read(str(path)) as handle:
+            if handle.size > MAX_PROFILE_BYTES:
+                raise FormatError(f"{path}: {handle.size} bytes, more than a profile may hold ({MAX_PROFILE_BYTES})")
+            with translated(str(path)):
+                data = handle.read()
+        return profile_from_bytes(data, str(path))
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"profile {path} does not exist")

@@ -40,6 +40,7 @@ from kvpack.names import parse_kv_name, tensor_order
 from kvpack.restore.profiles import attach_profile
 from kvpack.restore.streaming import piece_tokens, verify_entries
 from kvpack.sources import CacheSource, open_cache
+from kvpack.storage import accepts_storage_options, is_url, local_copy, named_as
 
 BIT_COLUMNS = ("codes", "scales", "codebooks", "outliers", "exact", "bitmap", "header")
 _KIND_COLUMN = {
@@ -261,13 +262,19 @@ def _read_together(names: list[str], *sources: CacheSource) -> list[list[str]]:
     return sorted(ordered, key=lambda group: names.index(group[0]))
 
 
-def describe_file(path: str | os.PathLike, verify: bool = False, profile=None, model=None) -> dict:
+@accepts_storage_options
+def describe_file(
+    path: str | os.PathLike, verify: bool = False, profile=None, model=None, *, storage_options: dict | None = None
+) -> dict:
     """What a ``.kvp``, safetensors or llama.cpp state file holds, without decoding any codes.
 
     With ``verify``, every section of a ``.kvp`` is read and its CRC-32 checked (a
     :class:`~kvpack.errors.ChecksumMismatchError` names the first bad one) and every tensor
     is decoded (a :class:`~kvpack.errors.FormatError` names values no encoder writes); the
     result has ``"verified_sections"``. Safetensors files are read tensor by tensor.
+
+    ``storage_options``: fsspec options (credentials, ``endpoint_url``, ...) for the URLs among the paths
+    (:mod:`kvpack.storage`: ``s3://``, ``gs://``, ``memory://`` ...), which any path argument may be.
 
     Returns:
         For ``.kvp``: ``{"format": "kvp", "version", "file_bytes", "metadata", "tensors": [{"name",
@@ -279,6 +286,10 @@ def describe_file(path: str | os.PathLike, verify: bool = False, profile=None, m
     Raises:
         InvalidInputError, FormatError: unreadable or invalid file.
     """
+    if is_url(path) and not is_kvp_file(path):  # a dump or state file: read from a local copy
+        with local_copy(str(path)) as local, named_as(local, str(path)):
+            info = describe_file(local, verify, profile, model)
+        return {**info, "path": str(path)}
     if is_llama_state(path):
         return describe_state(path, model)
     if model is not None:

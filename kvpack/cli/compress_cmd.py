@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -33,6 +32,7 @@ from kvpack.cli.render import (
     write_json,
 )
 from kvpack.errors import InvalidInputError
+from kvpack.storage import location
 
 
 def register(app: typer.Typer) -> None:
@@ -42,19 +42,22 @@ def register(app: typer.Typer) -> None:
 @with_options(CODEC, ALLOCATION, ENTROPY)
 def compress(
     inputs: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
             help="Input .safetensors dump(s) or llama.cpp state file (with --model): files, directories (their "
-            "*.safetensors) or quoted glob patterns.",
+            "*.safetensors) or quoted glob patterns; local paths or URLs (s3://bucket/store/, gs://..., memory://...).",
             metavar="INPUT",
+            parser=location,
         ),
     ],
     output: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option(
             "--output",
             "-o",
-            help="Output .kvp (default: INPUT with .kvp); with several inputs an existing directory (DIR/<name>.kvp).",
+            help="Output .kvp (default: INPUT with .kvp); with several inputs an existing directory (DIR/<name>.kvp) "
+            "or a URL prefix (s3://bucket/packed/).",
+            parser=location,
         ),
     ] = None,
     jobs: Jobs = 1,
@@ -96,6 +99,7 @@ def compress(
     from kvpack.batch import expand_inputs, output_path, resolve_jobs
     from kvpack.compress import compress_file
     from kvpack.sources import kv_dims
+    from kvpack.storage import is_directory, with_suffix
 
     allocation = shared.allocation()
     entropy = shared.entropy()
@@ -135,11 +139,11 @@ def compress(
         )
         return
     input = expansion.files[0]
-    if output is not None and output.is_dir():  # as in the batch form: DIR/<name>.kvp
+    if output is not None and is_directory(output):  # as in the batch form: DIR/<name>.kvp
         output = output_path(input, output)
     if shared["level"] is not None:
         config = shared.codec(kv_dims(input, model))
-    output = output or input.with_suffix(".kvp")
+    output = output or with_suffix(input, ".kvp")
     json_to_stdout = json_only(json_path)
     check_json_path(json_path, force, input, output)
     with progress_bar("compress") as update:

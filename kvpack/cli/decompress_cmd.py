@@ -11,6 +11,7 @@ import typer
 from kvpack.cli.options import Force, GgufModelPath, JsonOut, ProfilePath, check_json_path, command, json_only
 from kvpack.cli.render import human_bytes, print_json, progress_bar, say, write_json
 from kvpack.errors import InvalidInputError, brief
+from kvpack.storage import location, with_suffix
 
 
 def register(app: typer.Typer) -> None:
@@ -18,14 +19,15 @@ def register(app: typer.Typer) -> None:
 
 
 def decompress(
-    input: Annotated[Path, typer.Argument(help="Input .kvp file.", dir_okay=False, metavar="INPUT")],
+    input: Annotated[str, typer.Argument(help="Input .kvp file (a path or a URL).", metavar="INPUT", parser=location)],
     output: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option(
             "--output",
             "-o",
-            help="Output file (default: INPUT.restored.safetensors; --format llama-cpp: INPUT.restored.bin).",
-            dir_okay=False,
+            help="Output file, a path or a URL (default: INPUT.restored.safetensors; --format llama-cpp: "
+            "INPUT.restored.bin).",
+            parser=location,
         ),
     ] = None,
     dtype: Annotated[
@@ -88,7 +90,7 @@ def decompress(
         raise InvalidInputError("--model goes with --format llama-cpp")
     if dtype is not None and dtype not in DUMP_DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DUMP_DTYPES)}, got {dtype!r}")
-    output = output or input.with_suffix(".restored.safetensors")
+    output = output or with_suffix(input, ".restored.safetensors")
     selection = {
         "layers": None if layers is None else parse_layers(layers),
         "names": None if tensors is None else parse_names(tensors),
@@ -130,7 +132,7 @@ def _to_llama_cpp(input, output, dtype, layers, tensors, tokens, model, profile,
         raise InvalidInputError(
             f"--format llama-cpp restores the whole state in its own types; drop {', '.join(narrowed)}"
         )
-    output = output or input.with_suffix(".restored.bin")
+    output = output or with_suffix(input, ".restored.bin")
     check_json_path(json_path, force, input, output)
     with progress_bar("decompress") as update:
         result = write_llama_cpp(input, output, model=model, force=force, profile=profile, progress=update)

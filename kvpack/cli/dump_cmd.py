@@ -22,6 +22,7 @@ from kvpack.cli.options import (
 from kvpack.cli.render import err_console, human_bytes, print_json, progress_bar, say, write_json
 from kvpack.errors import InvalidInputError
 from kvpack.names import parse_kv_name
+from kvpack.storage import location, name_of, size_of
 
 
 def register(app: typer.Typer) -> None:
@@ -31,9 +32,12 @@ def register(app: typer.Typer) -> None:
 @with_options(CODEC)
 def dump(
     output: Annotated[
-        Path,
+        str,
         typer.Option(
-            "--output", "-o", help="Output file: .safetensors, or .kvp to compress in the same step.", dir_okay=False
+            "--output",
+            "-o",
+            help="Output file, a path or a URL: .safetensors, or .kvp to compress in the same step.",
+            parser=location,
         ),
     ],
     model: ModelName = None,
@@ -86,7 +90,7 @@ def dump(
         raise InvalidInputError("give either --text-file or --prompt, not both")
     if dtype not in DUMP_DTYPES:
         raise InvalidInputError(f"--dtype must be one of {', '.join(DUMP_DTYPES)}, got {dtype!r}")
-    to_kvp = output.suffix.lower() == ".kvp"
+    to_kvp = name_of(output).lower().endswith(".kvp")
     given = shared.given("codec") + (["--lossless"] if lossless else [])
     config = None
     if not to_kvp and given:
@@ -151,7 +155,7 @@ def dump(
 
         ordered = {name: tensors[name] for name in sorted(tensors, key=tensor_order)}
         entries = compress_tensors(ordered, output, config, metadata, force=force)
-        size = output.stat().st_size
+        size = size_of(output)
         bits = build_report(entries, size, None)["rows"]["all"]["bits_per_element"]["total"]
         report.update(file_bytes=size, bits_per_element=bits)
         if json_only(json_path):

@@ -30,6 +30,7 @@ from kvpack.cli.render import (
     say,
     write_json,
 )
+from kvpack.storage import location
 
 
 def register(app: typer.Typer) -> None:
@@ -38,7 +39,10 @@ def register(app: typer.Typer) -> None:
 
 def inspect(
     path: Annotated[
-        Path, typer.Argument(help="A .kvp, .safetensors or llama.cpp state file.", dir_okay=False, metavar="FILE")
+        str,
+        typer.Argument(
+            help="A .kvp, .safetensors or llama.cpp state file (a path or a URL).", metavar="FILE", parser=location
+        ),
     ],
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
     verify: Annotated[

@@ -11,6 +11,7 @@ import typer
 from typer.core import TyperCommand
 
 from kvpack.errors import InvalidInputError
+from kvpack.storage import location
 
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
 ForceJson = Annotated[bool, typer.Option("--force", help="Overwrite the --json file if it exists.")]
@@ -71,7 +72,16 @@ class Command(TyperCommand):
     def params(self) -> list:
         if self._deferred is not None:
             self._build()
+        if self.name not in NO_FILES and not any(p.name == STORAGE_PARAM for p in self._params):
+            self._params.append(storage_option())
         return self._params
+
+    def invoke(self, ctx: typer.Context):
+        """Run the command with its ``--storage-option`` values in effect for every URL it opens."""
+        from kvpack.storage import parse_storage_options, storage_options
+
+        with storage_options(parse_storage_options(ctx.params.pop(STORAGE_PARAM, None) or ())):
+            return super().invoke(ctx)
 
     @params.setter
     def params(self, value: list) -> None:
@@ -101,6 +111,39 @@ class Command(TyperCommand):
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, fill_optional_values(self, list(args)))
+
+
+#: Commands that open no file (no ``--storage-option``).
+NO_FILES = {"methods"}
+#: The parameter name of ``--storage-option``.
+STORAGE_PARAM = "storage_option"
+
+
+def storage_option():
+    """``--storage-option KEY=VALUE`` (repeatable): fsspec storage options for the command's URLs
+    (built by typer from :data:`StorageOptions`, like every other option)."""
+    from typer.main import get_command_from_info
+    from typer.models import CommandInfo
+
+    def holder(storage_option: StorageOptions = None) -> None:  # typer reads the option from its signature
+        pass
+
+    return get_command_from_info(
+        CommandInfo(callback=holder), pretty_exceptions_short=True, rich_markup_mode=None
+    ).params[0]
+
+
+StorageOptions = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--storage-option",
+        metavar="KEY=VALUE",
+        help="fsspec storage option for URL inputs and outputs (s3://, gs://, ...), repeatable: "
+        "endpoint_url=http://127.0.0.1:9000, key=..., secret=..., anon=true, client_kwargs.region_name=eu-west-1 "
+        "(a VALUE that parses as JSON is that value).",
+        show_default=False,
+    ),
+]
 
 
 #: The attribute of a registered stand-in function that builds the real one (see :class:`Command`).
@@ -186,8 +229,10 @@ def check_json_path(
 
     if target is None or json_only(target):
         return
+    from kvpack.storage import same_location
+
     check_output_path(target, force)
-    if any(other is not None and target.resolve() == Path(other).resolve() for other in others):
+    if any(other is not None and same_location(target, other) for other in others):
         raise InvalidInputError(f"--json {target} must differ from {what}")
 
 
@@ -201,12 +246,13 @@ GgufModelPath = Annotated[
     ),
 ]
 ProfilePath = Annotated[
-    Optional[Path],
+    Optional[str],
     typer.Option(
         "--profile",
-        help="Calibration profile of the transform codec, also what weighs est. KL in reports (default: the one embedded in the file, else the "
+        help="Calibration profile of the transform codec, also what weighs est. KL in reports, a path or a URL "
+        "(default: the one embedded in the file, else the "
         "profile directory's for the cache's model: $KVPACK_PROFILES or ~/.cache/kvpack/profiles; kvpack calibrate).",
-        dir_okay=False,
+        parser=location,
     ),
 ]
 ModelName = Annotated[

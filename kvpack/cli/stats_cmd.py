@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from kvpack.cli.options import ForceJson, JsonOut, PerLayer, ProfilePath, check_json_path, command, json_only
 from kvpack.cli.render import error_table, print_json, print_table, write_json
+from kvpack.storage import location
 
 
 def register(app: typer.Typer) -> None:
@@ -17,10 +17,16 @@ def register(app: typer.Typer) -> None:
 
 def stats(
     original: Annotated[
-        Path, typer.Argument(help="Reference cache (.safetensors or .kvp).", dir_okay=False, metavar="ORIGINAL")
+        str,
+        typer.Argument(
+            help="Reference cache (.safetensors or .kvp; a path or a URL).", metavar="ORIGINAL", parser=location
+        ),
     ],
     reconstructed: Annotated[
-        Path, typer.Argument(help="Cache to compare (.safetensors or .kvp).", dir_okay=False, metavar="RECONSTRUCTED")
+        str,
+        typer.Argument(
+            help="Cache to compare (.safetensors or .kvp; a path or a URL).", metavar="RECONSTRUCTED", parser=location
+        ),
     ],
     per_layer: PerLayer = False,
     profile: ProfilePath = None,

@@ -3,7 +3,8 @@
 Every file kvpack writes goes through :func:`atomic_output`: the data goes to a temporary
 file in the target folder, is flushed and fsynced, and only then renamed over the target
 (``os.replace``), so a failure at any point leaves either the previous file or nothing.
-An existing target is refused unless ``force`` is given.
+An existing target is refused unless ``force`` is given. A URL target (``s3://...``) is written
+locally the same way and uploaded only when complete (:func:`kvpack.storage.upload_on_success`).
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvpack.errors import InvalidInputError, OutputExistsError
+from kvpack.storage import check_output, is_url, upload_on_success
 
 
-def check_output_path(path: str | os.PathLike, force: bool) -> Path:
+def check_output_path(path: str | os.PathLike, force: bool) -> Path | str:
     """Refuse an existing output (without ``force``) or a missing folder, before any work.
 
     Raises:
         OutputExistsError: ``path`` exists and ``force`` is false.
-        InvalidInputError: the folder does not exist, or ``path`` is a directory or not a regular file.
+        InvalidInputError: the folder (a URL's bucket) does not exist, or ``path`` is a directory or
+            not a regular file.
 
     Returns:
-        The path to write: ``path``, or the file it links to.
+        The path to write: ``path``, or the file it links to; a URL as given.
     """
+    if is_url(path):
+        return check_output(str(path), force)
     path = Path(path)
     if path.is_symlink():  # write the file the link points to (the link stays)
         try:
@@ -51,9 +56,16 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     On any exception (including KeyboardInterrupt) the temporary file is removed and
     ``path`` is untouched.
 
+    A URL ``path``: the temporary file is local, and is uploaded (one complete upload, aborted on
+    any error) only on success.
+
     Raises:
         OutputExistsError, InvalidInputError: see :func:`check_output_path`.
     """
+    if is_url(path):
+        with upload_on_success(str(path), force) as local:
+            yield local
+        return
     target = check_output_path(path, force)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

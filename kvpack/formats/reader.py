@@ -41,14 +41,18 @@ from kvpack.formats.constants import (
 from kvpack.formats.entropy import decompress_section
 from kvpack.formats.header import SectionEntry, TensorEntry, decode_header
 from kvpack.names import kv_tensor_name, parse_kv_name
+from kvpack.storage import is_url, location, open_read
 
 
 def open_input(path: str | os.PathLike):
-    """Open a file for binary reading, turning OS errors into one readable error.
+    """Open a file (or a URL, :func:`kvpack.storage.open_read`: ranged reads) for binary reading,
+    turning OS and storage errors into one readable error.
 
     Raises:
         InvalidInputError: missing, a directory, or unreadable.
     """
+    if is_url(path):
+        return open_read(str(path))
     path = Path(path)
     if not path.exists():
         raise InvalidInputError(f"{path}: no such file")
@@ -89,7 +93,7 @@ class KvpReader:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = location(path)
         self._file = open_input(self.path)
         try:
             self._load_header()
@@ -99,7 +103,8 @@ class KvpReader:
 
     def _load_header(self) -> None:
         name = str(self.path)
-        self.file_size = os.fstat(self._file.fileno()).st_size
+        size = getattr(self._file, "size", None)  # a URL's reader knows its object's size
+        self.file_size = os.fstat(self._file.fileno()).st_size if size is None else int(size)
         preamble = self._file.read(PREAMBLE_SIZE)
         if not preamble:
             raise FormatError(f"{name}: empty file")

@@ -11,7 +11,6 @@ with the model's GGUF, against that model, so llama.cpp never sees a file it wou
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
@@ -39,8 +38,10 @@ from kvpack.names import kv_tensor_name
 from kvpack.profile import Profile
 from kvpack.restore.decode import EntryDecoder
 from kvpack.restore.profiles import attach_profile
+from kvpack.storage import accepts_storage_options, same_location
 
 
+@accepts_storage_options
 def write_llama_cpp(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -48,11 +49,16 @@ def write_llama_cpp(
     force: bool = False,
     profile: Profile | str | os.PathLike | None = None,
     progress=None,
+    *,
+    storage_options: dict | None = None,
 ) -> dict:
     """Restore a ``.kvp`` made from a llama.cpp state file to a state file (``ggsq`` / ``ggsn``).
 
     Decodes one layer's keys or values at a time (memory: one layer), writes to a temporary file
     renamed at the end (any error leaves no output).
+
+    ``storage_options``: fsspec options (credentials, ``endpoint_url``, ...) for the URLs among the paths
+    (:mod:`kvpack.storage`: ``s3://``, ``gs://``, ``memory://`` ...), which any path argument may be.
 
     Args:
         model: the GGUF the file will be loaded with; when given, a state made for another model
@@ -68,7 +74,7 @@ def write_llama_cpp(
         FormatError: a corrupted ``.kvp`` or stored state.
         OutputExistsError: the output exists and ``force`` is false.
     """
-    if Path(output_path).resolve() == Path(input_path).resolve():
+    if same_location(output_path, input_path):
         raise InvalidInputError("input and output are the same file")
     with KvpReader(input_path) as reader:
         attach_profile(reader, profile)

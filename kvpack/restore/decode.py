@@ -14,6 +14,7 @@ from kvpack.entry import decode_entry
 from kvpack.errors import FormatError, brief
 from kvpack.formats.reader import KvpReader
 from kvpack.names import parse_kv_name
+from kvpack.storage import accepts_storage_options
 
 
 class EntryDecoder:
@@ -72,10 +73,14 @@ class EntryDecoder:
         self.reader.close()
 
 
-def open_kvp(path: str | os.PathLike) -> EntryDecoder:
+@accepts_storage_options
+def open_kvp(path: str | os.PathLike, *, storage_options: dict | None = None) -> EntryDecoder:
     """Open a ``.kvp`` lazily: the header is read and validated, tensors are decoded one at a
     time with ``read_tensor(name, dtype=None)``; use with ``with``. ``profile``: the calibration
     profile of a transform-coded file (:mod:`kvpack.restore.profiles`).
+
+    ``storage_options``: fsspec options (credentials, ``endpoint_url``, ...) for the URLs among the paths
+    (:mod:`kvpack.storage`: ``s3://``, ``gs://``, ``memory://`` ...), which any path argument may be.
 
     Raises:
         FormatError: see :class:`KvpReader` (missing, truncated or corrupted file).

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
 
@@ -24,10 +23,12 @@ from kvpack.names import parse_kv_name
 from kvpack.profile import Profile
 from kvpack.restore.profiles import attach_profile
 from kvpack.restore.streaming import iter_outputs, select_outputs, token_bounds
+from kvpack.storage import accepts_storage_options, same_location
 
 Progress = Callable[[int, int, str], None]
 
 
+@accepts_storage_options
 def load_kvp(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
@@ -35,12 +36,17 @@ def load_kvp(
     names: Iterable[str] | None = None,
     tokens: tuple[int | None, int | None] | slice | None = None,
     profile: Profile | str | os.PathLike | None = None,
+    *,
+    storage_options: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read the tensors of a ``.kvp`` (decoded), or a selection of them, and its metadata.
 
     Entry by entry (:mod:`kvpack.restore.streaming`): the memory beyond the returned tensors is about one
     entry's sections plus one decoded entry (feature-major codes, the 1.5 default, are decoded
     whole) or one piece (codes in group order, decoded in pieces).
+
+    ``storage_options``: fsspec options (credentials, ``endpoint_url``, ...) for the URLs among the paths
+    (:mod:`kvpack.storage`: ``s3://``, ``gs://``, ``memory://`` ...), which any path argument may be.
 
     Args:
         path: the ``.kvp`` file.
@@ -82,6 +88,7 @@ def load_kvp(
         return tensors, dict(reader.metadata)
 
 
+@accepts_storage_options
 def decompress_file(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
@@ -92,6 +99,8 @@ def decompress_file(
     names: Iterable[str] | None = None,
     tokens: tuple[int | None, int | None] | slice | None = None,
     profile: Profile | str | os.PathLike | None = None,
+    *,
+    storage_options: dict | None = None,
 ) -> dict:
     """Restore a ``.kvp`` (or a selection of it) to a safetensors file with the same tensor names and metadata.
 
@@ -100,6 +109,9 @@ def decompress_file(
     (:mod:`kvpack.restore.streaming`) and written in place, so peak memory is about the stored bytes of
     the largest entry plus one piece, whatever the size of the cache. The output goes to a
     temporary file renamed at the end: any error leaves no output and no temporary file.
+
+    ``storage_options``: fsspec options (credentials, ``endpoint_url``, ...) for the URLs among the paths
+    (:mod:`kvpack.storage`: ``s3://``, ``gs://``, ``memory://`` ...), which any path argument may be.
 
     Args:
         dtype: dtype of the restored K/V tensors (float16 / bfloat16 / float32); default the
@@ -120,7 +132,7 @@ def decompress_file(
     """
 
     check_output_path(output_path, force)
-    if Path(output_path).resolve() == Path(input_path).resolve():
+    if same_location(output_path, input_path):
         raise InvalidInputError("input and output are the same file")
     with KvpReader(input_path) as reader:
         refuse_raw_blocks(reader.keys(), input_path)
