@@ -35,7 +35,7 @@ from kvpack.profile import Profile, default_profile_path, find_profile, model_ke
 from kvpack.report import build_report
 from kvpack.restore.profiles import PROFILE_TENSOR
 from kvpack.sources import open_dump
-from kvpack.storage import accepts_storage_options, same_location
+from kvpack.storage import accepts_storage_options, is_url, same_location
 from kvpack.transforms.rope import ROTATE_HALF, cached_first_position, rope_for_layer
 from kvpack.weighted_error import estimated_kl
 
@@ -291,6 +291,8 @@ def compress_file(
         FormatError: the input is not a readable safetensors dump or llama.cpp state file.
         OutputExistsError: the output exists and ``force`` is false.
     """
+    if is_url(input_path):  # refuse the output before the dump is downloaded
+        check_output_path(output_path, force)
     with open_dump(input_path, model, lossless=config is None) as source:
         config = with_model_profile(config, source.metadata, profile)
         names = sorted((n for n in source.keys() if not is_stats_tensor(n)), key=tensor_order)

@@ -44,6 +44,8 @@ READ_AHEAD_BYTES = 1 << 20
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _LOCAL_SCHEMES = {"file", "local"}
 _OPTIONS: ContextVar[dict | None] = ContextVar("kvpack_storage_options", default=None)
+#: Exceptions that are bugs (ours or a library's), never what a storage said: they keep their traceback.
+_BUGS = (AttributeError, NameError, AssertionError, ImportError, SyntaxError)
 #: The extra that installs each protocol's fsspec implementation.
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
@@ -128,24 +130,29 @@ def current_options() -> dict:
 
 
 def parse_storage_options(items: Sequence[str]) -> dict:
-    """``KEY=VALUE`` texts (``--storage-option``) as fsspec storage options: a VALUE that parses as JSON
-    is that value (``anon=true``, ``max_concurrency=4``), else the text; dotted KEYs nest
-    (``client_kwargs.region_name=eu-west-1``).
+    """``KEY=VALUE`` texts (``--storage-option``) as fsspec storage options: VALUE is text (``true`` /
+    ``false`` are booleans: ``anon=true``), so a numeric secret stays a string; ``KEY:=JSON`` gives the
+    parsed JSON value (``max_concurrency:=4``). Dotted KEYs nest (``client_kwargs.region_name=eu-west-1``).
 
     Raises:
-        InvalidInputError: an item without ``=`` or with an empty key.
+        InvalidInputError: an item without ``=``, with an empty key, or a ``:=`` value that is not JSON.
     """
     options: dict = {}
     for item in items:
         key, sep, text = item.partition("=")
+        as_json = key.endswith(":")
+        key = key.removesuffix(":")
         if not sep or not key.strip() or any(not part for part in key.split(".")):
             raise InvalidInputError(
                 f"--storage-option takes KEY=VALUE (e.g. endpoint_url=http://host:9000), got {item!r}"
             )
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
+        if as_json:
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise InvalidInputError(f"--storage-option {item!r}: the value after := is not JSON") from None
+        else:
+            value = {"true": True, "false": False}.get(text, text)
         *parents, last = key.strip().split(".")
         node = options
         for part in parents:
@@ -156,8 +163,10 @@ def parse_storage_options(items: Sequence[str]) -> dict:
     return options
 
 
-def filesystem(url: str):
-    """``(fsspec filesystem, path inside it)`` for ``url`` with the current storage options.
+def filesystem(url: str, fresh: bool = False):
+    """``(fsspec filesystem, path inside it)`` for ``url`` with the current storage options; ``fresh``: an
+    instance of its own (fsspec shares one instance of an async file system such as s3fs among all the
+    threads of a process, and with it its transaction state).
 
     Raises:
         InvalidInputError: an unknown protocol, its package not installed, or options it refuses.
@@ -165,7 +174,7 @@ def filesystem(url: str):
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url, **current_options())
+        return fsspec.core.url_to_fs(url, **current_options(), **({"skip_instance_cache": True} if fresh else {}))
     except ImportError:
         scheme = url.split("://", 1)[0].lower()
         extra = _EXTRAS.get(scheme)
@@ -200,9 +209,9 @@ def translated(url: str, doing: str = "cannot be read") -> Iterator[None]:
     (KvpackErrors and interrupts pass through)."""
     try:
         yield
-    except KvpackError:
+    except (KvpackError, *_BUGS):
         raise
-    except Exception as exc:  # s3fs / botocore / aiohttp raise their own types besides OSError
+    except Exception as exc:  # s3fs / botocore / aiohttp / gcsfs raise their own types besides OSError
         raise storage_error(url, exc, doing) from None
 
 
@@ -257,7 +266,36 @@ def open_read(url: str):
         raise InvalidInputError(f"{url}: is a directory (a prefix), expected a file")
     fs, path = filesystem(url)
     with translated(url):
-        return fs.open(path, "rb", block_size=READ_AHEAD_BYTES, cache_type="readahead")
+        return _ObjectReader(url, fs.open(path, "rb", block_size=READ_AHEAD_BYTES, cache_type="readahead"))
+
+
+class _ObjectReader:
+    """An fsspec file whose reads say what the storage said in one :class:`KvpackError` (a connection
+    lost midway is not a traceback); everything else is the file's."""
+
+    def __init__(self, url: str, handle):
+        self._url, self._handle = url, handle
+
+    def read(self, size: int = -1) -> bytes:
+        with translated(self._url):
+            return self._handle.read(size)
+
+    def readinto(self, buffer) -> int:
+        with translated(self._url):
+            return self._handle.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        with translated(self._url):
+            return self._handle.seek(offset, whence)
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
+
+    def __enter__(self) -> _ObjectReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
 
 
 @contextlib.contextmanager
@@ -316,6 +354,8 @@ def check_output_folder(url: str, output: str | None = None) -> None:
     top = path.strip("/").split("/", 1)[0]
     root = fs.root_marker + top if top else fs.root_marker or "/"
     with translated(url):
+        if output is None and fs.isfile(path):
+            raise InvalidInputError(f"output {url} is an object, not a prefix (end it with / for DIR/<name>.kvp)")
         if fs.isdir(path) or fs.exists(root):
             return
     raise InvalidInputError(f"output {output or url}: no such bucket (or folder) {top or root}")
@@ -353,7 +393,7 @@ def upload(
         OutputExistsError: the object exists and ``force`` is false.
         InvalidInputError: the storage refused the upload (no bucket, access denied, unreachable).
     """
-    fs, path = filesystem(url)
+    fs, path = filesystem(url, fresh=True)  # a transaction of its own, whatever other threads upload
     sent = 0
     with translated(url, "cannot be written"):
         handle = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -132,11 +133,12 @@ def _local_dump(fs, bucket: str, tmp_path: Path) -> Path:
     return target
 
 
-def test_the_cli_compresses_a_store_from_s3_to_s3_and_resumes(s3, store, cli_options, capsys, tmp_path):
+def test_the_cli_compresses_a_store_from_s3_to_s3_and_resumes(s3, store, client, cli_options, capsys, tmp_path):
     fs, bucket = s3
     packed = f"s3://{bucket}/packed/"
     report = tmp_path / "batch.json"
-    args = ["compress", store, "-o", packed, *UNIFORM_4, "--engine", "dask", "--jobs", "2", *cli_options]
+    scheduler = client.scheduler.address  # a running cluster, as `--scheduler tcp://HOST:8786` names one
+    args = ["compress", store, "-o", packed, *UNIFORM_4, "--engine", "dask", "--scheduler", scheduler, *cli_options]
     code, stdout, err = run([*args, "--json", report], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {store}bad.safetensors: "), err
@@ -212,6 +214,21 @@ def test_an_upload_interrupted_midway_leaves_no_object(s3, real_dump, options, t
     assert not fs.exists(f"{bucket}/big.safetensors")
     assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []  # aborted
 
+    # uploads from two threads at once (a Dask worker with 2 threads): each its own transaction
+    def put(name: str, interrupted: bool) -> None:
+        with storage_options(options):
+            upload(real_dump, f"s3://{bucket}/{name}", progress=interrupt if interrupted else None)
+
+    with ThreadPoolExecutor(2) as pool:
+        done = pool.submit(put, "kept.safetensors", False)
+        stopped = pool.submit(put, "stopped.safetensors", True)
+        done.result()
+        with pytest.raises(KeyboardInterrupt):
+            stopped.result()
+    assert fs.cat_file(f"{bucket}/kept.safetensors") == real_dump.read_bytes()
+    assert not fs.exists(f"{bucket}/stopped.safetensors")
+    fs.rm(f"{bucket}/kept.safetensors")
+
     def stop_at_layer_10(index: int, total: int, name: str) -> None:
         if index == 10:
             raise KeyboardInterrupt
@@ -229,7 +246,9 @@ def test_missing_bucket_bad_credentials_and_corrupted_objects_are_one_line_each(
 ):
     fs, bucket = s3
     _one_line(
-        run(["compress", "s3://kvpack-no-such-bucket/a.safetensors", *UNIFORM_4, *cli_options], capsys),
+        run(
+            ["compress", "s3://kvpack-no-such-bucket/a.safetensors", "-o", f"s3://{bucket}/a.kvp", *cli_options], capsys
+        ),
         "s3://kvpack-no-such-bucket/a.safetensors: no such object or bucket",
     )
     _one_line(

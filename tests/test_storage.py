@@ -44,17 +44,28 @@ def test_locations_keep_urls_and_make_local_names_paths():
 
 def test_storage_options_parse_json_values_and_dotted_keys():
     parsed = parse_storage_options(
-        ["endpoint_url=http://127.0.0.1:9000", "anon=true", "client_kwargs.region_name=eu-west-1", "retries=3"]
+        [
+            "endpoint_url=http://127.0.0.1:9000",
+            "anon=true",
+            "client_kwargs.region_name=eu-west-1",
+            "retries:=3",
+            "secret=1e5",
+            'config_kwargs.s3:={"addressing_style": "path"}',
+        ]
     )
     assert parsed == {
         "endpoint_url": "http://127.0.0.1:9000",
         "anon": True,
         "client_kwargs": {"region_name": "eu-west-1"},
         "retries": 3,
+        "secret": "1e5",  # a secret that looks like a number stays its text
+        "config_kwargs": {"s3": {"addressing_style": "path"}},
     }
     for bad in ("novalue", "=x", "a..b=1"):
         with pytest.raises(InvalidInputError, match="KEY=VALUE"):
             parse_storage_options([bad])
+    with pytest.raises(InvalidInputError, match="not JSON"):
+        parse_storage_options(["retries:=three"])
     with storage_options({"a": 1}), storage_options({"b": 2}):
         assert options_now() == {"a": 1, "b": 2}
     assert options_now() == {}

@@ -75,7 +75,8 @@ def calibrate(
     with progress_bar("calibrate tokens") as update:
         profile = run_calibration(loaded, text, max_tokens, progress=lambda done, total: update(done, total))
     target = output or default_profile_path(profile.model_fingerprint)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if output is None:  # the profile directory is ours to create
+        target.parent.mkdir(parents=True, exist_ok=True)
     data = profile.to_bytes()
     with atomic_output(target, force=force or output is None) as tmp:  # the directory's profile is replaced
         tmp.write_bytes(data)

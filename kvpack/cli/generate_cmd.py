@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from kvpack.cli.options import Device, ForceJson, GgufFile, JsonOut, ModelName, check_json_path, command, json_only
 from kvpack.cli.render import err_console, print_json, say, write_json
+from kvpack.storage import location
 
 
 def register(app: typer.Typer) -> None:
@@ -17,7 +17,12 @@ def register(app: typer.Typer) -> None:
 
 def generate(
     cache: Annotated[
-        Path, typer.Option("--cache", help="Prompt cache: a .kvp (or safetensors dump) with token ids.", dir_okay=False)
+        str,
+        typer.Option(
+            "--cache",
+            help="Prompt cache: a .kvp (or safetensors dump) with token ids; a path or a URL.",
+            parser=location,
+        ),
     ],
     prompt_suffix: Annotated[
         str, typer.Option("--prompt-suffix", help="Text that follows the cached prompt (may be empty).")

@@ -18,14 +18,14 @@ ForceJson = Annotated[bool, typer.Option("--force", help="Overwrite the --json f
 #: The value of a ``--json`` given without one: the JSON report alone, on stdout.
 JSON_STDOUT = "-"
 JsonOut = Annotated[
-    Optional[Path],
+    Optional[str],
     typer.Option(
         "--json",
         metavar="[PATH|-]",
-        help="Report as JSON. Bare or '-': print only the JSON on stdout. PATH: write it to PATH as well as "
-        "the usual output (an existing file needs --force). Put a bare --json after the arguments (or write "
+        help="Report as JSON. Bare or '-': print only the JSON on stdout. PATH (or a URL): write it to PATH as well "
+        "as the usual output (an existing file needs --force). Put a bare --json after the arguments (or write "
         "--json -).",
-        dir_okay=False,
+        parser=location,
         show_default=False,
     ),
 ]
@@ -140,7 +140,7 @@ StorageOptions = Annotated[
         metavar="KEY=VALUE",
         help="fsspec storage option for URL inputs and outputs (s3://, gs://, ...), repeatable: "
         "endpoint_url=http://127.0.0.1:9000, key=..., secret=..., anon=true, client_kwargs.region_name=eu-west-1 "
-        "(a VALUE that parses as JSON is that value).",
+        "KEY:=JSON for a number or a structure (max_concurrency:=4).",
         show_default=False,
     ),
 ]

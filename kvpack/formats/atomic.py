@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvpack.errors import InvalidInputError, OutputExistsError
-from kvpack.storage import check_output, is_url, upload_on_success
+from kvpack.storage import check_output, is_url, location, upload_on_success
 
 
 def check_output_path(path: str | os.PathLike, force: bool) -> Path | str:
@@ -30,9 +30,9 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path | str:
     Returns:
         The path to write: ``path``, or the file it links to; a URL as given.
     """
+    path = location(path)
     if is_url(path):
         return check_output(str(path), force)
-    path = Path(path)
     if path.is_symlink():  # write the file the link points to (the link stays)
         try:
             path = path.resolve(strict=False)
@@ -62,6 +62,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
     Raises:
         OutputExistsError, InvalidInputError: see :func:`check_output_path`.
     """
+    path = location(path)
     if is_url(path):
         with upload_on_success(str(path), force) as local:
             yield local

@@ -31,6 +31,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from kvpack.errors import FormatError, InvalidInputError
+from kvpack.storage import is_url, location
 
 SEQ_MAGIC = 0x67677371  # 'ggsq'
 SESSION_MAGIC = 0x6767736E  # 'ggsn'
@@ -66,8 +67,10 @@ def refuse_raw_blocks(names, path) -> None:
 
 def is_llama_state(path: str | os.PathLike) -> bool:
     """Whether the file starts with a llama.cpp state magic (``ggsq`` or ``ggsn``)."""
+    if is_url(path):  # read from a local copy (sources.open_dump)
+        return False
     try:
-        with open(path, "rb") as f:
+        with open(location(path), "rb") as f:
             head = f.read(4)
     except OSError:
         return False

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import zlib
-from pathlib import Path
 
 import numpy as np
 import zstandard
@@ -51,9 +50,9 @@ def open_input(path: str | os.PathLike):
     Raises:
         InvalidInputError: missing, a directory, or unreadable.
     """
+    path = location(path)
     if is_url(path):
         return open_read(str(path))
-    path = Path(path)
     if not path.exists():
         raise InvalidInputError(f"{path}: no such file")
     if path.is_dir():

@@ -26,6 +26,7 @@ from kvpack.errors import FormatError, InvalidInputError
 from kvpack.formats.atomic import atomic_output
 from kvpack.formats.reader import not_a_kvp_file, open_input
 from kvpack.names import KV_NAME, kv_tensor_name, parse_kv_name, parse_stacked_name, stacked_name  # noqa: F401
+from kvpack.storage import is_url, location
 
 
 class SafetensorsSource:
@@ -38,7 +39,9 @@ class SafetensorsSource:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        if is_url(path):  # safetensors memory-maps a local file: sources.open_dump makes a local copy first
+            raise InvalidInputError(f"{path}: a safetensors file at a URL is read through a local copy (open_dump)")
+        self.path = Path(location(path))
         open_input(self.path).close()
         if self.path.stat().st_size == 0:
             raise FormatError(f"{self.path}: empty file")

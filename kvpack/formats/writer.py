@@ -11,7 +11,6 @@ import contextlib
 import os
 import zlib
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +30,7 @@ from kvpack.formats.header import (
     spec_nbytes,
 )
 from kvpack.formats.layout import compress_header, padding_before
+from kvpack.storage import location
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ class KvpWriter(KvpSizer):
         entropy: EntropyConfig | None = None,
     ):
         super().__init__(metadata, entropy)
-        self.path = Path(path)
+        self.path = location(path)
         self._closed = False
         self._output = atomic_output(path, force)
         self._tmp_path = self._output.__enter__()
