@@ -35,7 +35,7 @@ from kvpack.profile import Profile, default_profile_path, find_profile, model_ke
 from kvpack.report import build_report
 from kvpack.restore.profiles import PROFILE_TENSOR
 from kvpack.sources import open_dump
-from kvpack.storage import accepts_storage_options, is_url, same_location
+from kvpack.storage import accepts_storage_options, is_url, named_as, same_location, upload_on_success
 from kvpack.transforms.rope import ROTATE_HALF, cached_first_position, rope_for_layer
 from kvpack.weighted_error import estimated_kl
 
@@ -86,6 +86,11 @@ def compress_tensors(
         InvalidInputError, OutputExistsError: see :func:`encode_tensor`, :func:`entry_layout`
             and :class:`KvpWriter`; a missing or foreign profile.
     """
+    if is_url(path):  # written locally, uploaded once complete (the transform codec may write twice)
+        with upload_on_success(str(path), force) as local, named_as(local, str(path)):
+            return compress_tensors(
+                tensors, local, config, metadata, True, allocation, stats, entropy, profile, embed_profile, rope
+            )
     metadata = metadata or {}
     config = with_model_profile(config, metadata, profile)
     stats = stats if stats is not None else {n: x for n, x in tensors.items() if is_stats_tensor(n)}
@@ -291,8 +296,15 @@ def compress_file(
         FormatError: the input is not a readable safetensors dump or llama.cpp state file.
         OutputExistsError: the output exists and ``force`` is false.
     """
-    if is_url(input_path):  # refuse the output before the dump is downloaded
-        check_output_path(output_path, force)
+    if is_url(output_path):  # written locally, uploaded once complete (the transform codec may write twice)
+        if same_location(input_path, output_path):
+            raise InvalidInputError("input and output are the same file")
+        url = str(output_path)
+        with upload_on_success(url, force) as local, named_as(local, url):  # refused before any download
+            report = compress_file(
+                input_path, local, config, True, progress, allocation, entropy, profile, embed_profile, model
+            )
+        return {**report, "output": url}
     with open_dump(input_path, model, lossless=config is None) as source:
         config = with_model_profile(config, source.metadata, profile)
         names = sorted((n for n in source.keys() if not is_stats_tensor(n)), key=tensor_order)
