@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from kvpack.allocation.solver import Allocation
-from kvpack.compress import compress_file
+from kvpack.compress import compress_file, metadata_for_file
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError, KvpackError, error_message
 from kvpack.formats.entropy import EntropyConfig
@@ -224,19 +224,38 @@ def record(
 
 
 def skip_verified(job: Job) -> dict | None:
-    """A skipped record when ``job``'s output already exists as a ``.kvp`` whose every section and
-    tensor verifies (a rerun of a batch resumes where it stopped); ``None`` when the job must run:
-    ``force``, no output yet, or one that does not verify (the job then refuses to overwrite it)."""
-    try:
-        with storage_options(job.storage_options):
+    """What a rerun of a batch does with ``job``'s existing output, before any work.
+
+    Returns:
+        ``None`` when the job must run: ``force``, or no output yet (or the storage cannot say: the job
+        then reports it). A skipped record when the output is a ``.kvp`` whose every section and tensor
+        verifies and that was made with the job's codec and allocation (the file's ``codec`` /
+        ``allocation`` metadata, :func:`kvpack.compress.metadata_for_file`; the transform codec's
+        settings depend on its profile and are not compared). Otherwise an error record saying why it
+        is kept: it does not verify, or it was made with other settings (``force`` replaces it).
+    """
+    with storage_options(job.storage_options):
+        try:
             if job.force or not is_file(job.output):
                 return None
+        except (KvpackError, OSError):
+            return None
+        exists = f"output {job.output} exists (pass `force=True` to overwrite it)"
+        try:
             with KvpReader(job.output) as reader:
+                made_with = {key: reader.metadata.get(key) for key in _SETTINGS}
                 attach_profile(reader)  # a transform-coded output decodes with its profile
                 verify_entries(reader)
-    except (KvpackError, OSError):
-        return None
+        except (KvpackError, OSError) as exc:
+            return record(job.input, job.output, error=f"{exists}: it does not verify ({error_message(exc)})")
+    expected = metadata_for_file({}, job.config, job.allocation)
+    if not job.config.whole_tensor and any(made_with[key] != expected.get(key) for key in _SETTINGS):
+        return record(job.input, job.output, error=f"{exists}: it was made with other settings ({made_with['codec']})")
     return record(job.input, job.output, skipped=True)
+
+
+#: The metadata of a file that say which settings made it (:func:`kvpack.compress.metadata_for_file`).
+_SETTINGS = ("codec", "allocation")
 
 
 def run_job(job: Job) -> dict:
@@ -320,7 +339,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, on_result: Callable[[int, dict],
     children_before = set(multiprocessing.active_children())
     executor = None
     try:
-        with _sigint_blocked():  # the workers start with SIGINT blocked and ignore it: Ctrl-C is ours to handle
+        with sigint_blocked():  # the workers start with SIGINT blocked and ignore it: Ctrl-C is ours to handle
             executor = ProcessPoolExecutor(
                 max_workers=processes,
                 mp_context=multiprocessing.get_context("spawn"),  # no fork of a process running torch threads
@@ -375,7 +394,7 @@ def use_threads(threads: int) -> None:
     set_threads(threads)
 
 
-class _sigint_blocked:
+class sigint_blocked:
     """Block SIGINT in this thread (children started meanwhile inherit the mask); a Ctrl-C that arrives
     meanwhile is delivered when the block ends."""
 

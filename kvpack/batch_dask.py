@@ -11,12 +11,24 @@ each worker with the job's storage options).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import signal
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 from kvpack.allocation.solver import Allocation
-from kvpack.batch import Job, cpu_cores, expand_inputs, plan_outputs, record, run_job, skip_verified, use_threads
+from kvpack.batch import (
+    Job,
+    cpu_cores,
+    expand_inputs,
+    plan_outputs,
+    record,
+    run_job,
+    sigint_blocked,
+    skip_verified,
+    use_threads,
+)
 from kvpack.config import CodecConfig
 from kvpack.errors import InvalidInputError
 from kvpack.formats.entropy import EntropyConfig
@@ -62,15 +74,17 @@ def run_jobs_dask(
                 raise InvalidInputError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
             owned.append(client)
         elif client is None:
-            cluster = LocalCluster(
-                n_workers=max(1, min(workers or cpu_cores(), len(jobs) or 1)),
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=":0",  # any free port: never collides with a running cluster
-            )
-            owned.append(cluster)
-            client = Client(cluster)
-            owned.append(client)
+            with sigint_blocked():  # a Ctrl-C while the cluster starts waits until it has started
+                cluster = LocalCluster(
+                    n_workers=max(1, min(workers or cpu_cores(), len(jobs) or 1)),
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=":0",  # any free port: never collides with a running cluster
+                )
+                owned.append(cluster)
+                client = Client(cluster)
+                owned.append(client)
+                client.run(_quiet_worker)
         results: list[dict | None] = [None] * len(jobs)
         hosts = Counter(worker["host"] for worker in client.scheduler_info()["workers"].values())
         futures = client.map(_run_job_on_worker, list(jobs), hosts=dict(hosts), pure=False)
@@ -93,6 +107,14 @@ def run_jobs_dask(
     finally:
         for resource in reversed(owned):
             resource.close()
+
+
+def _quiet_worker() -> None:
+    """A worker of a cluster kvpack started: Ctrl-C (sent to the whole process group) is the caller's to
+    handle, which cancels the tasks and closes the cluster; the worker neither dies of it with a
+    traceback nor warns about the tasks it cancels."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed").setLevel(logging.ERROR)
 
 
 def _run_job_on_worker(job: Job, hosts: dict[str, int]) -> dict:

@@ -26,11 +26,12 @@ class CacheSource:
     def __init__(self, path: str | os.PathLike, profile=None):
         self.path = location(path)
         self._copy = contextlib.ExitStack()
+        self._local = None  # the local copy of a dump at a URL, which errors name by the URL
         if is_url(self.path) and not is_kvp_file(self.path):  # a dump from a URL: read from a local copy
             try:
-                local = self._copy.enter_context(local_copy(str(self.path)))
-                with named_as(local, str(self.path)):
-                    self._open(local, profile)
+                self._local = self._copy.enter_context(local_copy(str(self.path)))
+                with self._named():
+                    self._open(self._local, profile)
             except BaseException:
                 self._copy.close()
                 raise
@@ -76,10 +77,15 @@ class CacheSource:
     def keys(self) -> list[str]:
         return list(self._keys)
 
+    def _named(self):
+        """Errors raised in the block name the URL, not its local copy."""
+        return contextlib.nullcontext() if self._local is None else named_as(self._local, str(self.path))
+
     def get(self, name: str) -> torch.Tensor:
         if self.kind == "kvp":
             return self._decoder.read_tensor(name)
-        return self._st.get(name)
+        with self._named():
+            return self._st.get(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of tensor ``name`` (no data read).
@@ -118,11 +124,13 @@ class CacheSource:
             return
         shapes = {name: self.shape(name) for name in names}
         if any(not parse_kv_name(n) or len(s) != 4 for n, s in shapes.items()):
-            yield 0, {name: self._st.get(name) for name in names}
+            yield 0, {name: self.get(name) for name in names}
             return
         tokens = max(s[2] for s in shapes.values())
         for begin in range(0, tokens, step):
-            yield begin, {n: self._st.get_slice(n, begin, min(begin + step, s[2])) for n, s in shapes.items()}
+            with self._named():
+                piece = {n: self._st.get_slice(n, begin, min(begin + step, s[2])) for n, s in shapes.items()}
+            yield begin, piece
 
 
 @accepts_storage_options

@@ -200,6 +200,8 @@ def storage_error(url: str, exc: BaseException, doing: str = "cannot be read") -
             "key / secret, or the AWS_* environment)"
         )
     kind = type(exc).__name__
+    if isinstance(exc, TypeError) and "keyword argument" in str(exc):  # raised when the client is first made
+        return InvalidInputError(f"{url}: a storage option is not accepted ({_first_line(exc)})")
     return InvalidInputError(f"{url}: {doing} ({kind}: {_first_line(exc)})")
 
 
@@ -215,7 +217,7 @@ def translated(url: str, doing: str = "cannot be read") -> Iterator[None]:
         raise storage_error(url, exc, doing) from None
 
 
-def info(url: str) -> dict | None:
+def info(url: str, doing: str = "cannot be read") -> dict | None:
     """fsspec's ``info`` of ``url`` (``type``: ``file`` / ``directory``, ``size`` in bytes), or None
     when nothing is there.
 
@@ -223,7 +225,7 @@ def info(url: str) -> dict | None:
         InvalidInputError: the storage cannot be asked (bucket missing is None; access denied, unreachable).
     """
     fs, path = filesystem(url)
-    with translated(url):
+    with translated(url, doing):
         try:
             return fs.info(path)
         except FileNotFoundError:
@@ -333,7 +335,7 @@ def check_output(url: str, force: bool) -> str:
     Raises:
         OutputExistsError, InvalidInputError.
     """
-    found = info(url)
+    found = info(url, "cannot be written")
     if found is not None and found.get("type") != "file":
         raise InvalidInputError(f"output {url} is a directory (a prefix); choose an object name")
     if found is not None and not force:
@@ -353,7 +355,7 @@ def check_output_folder(url: str, output: str | None = None) -> None:
     fs, path = filesystem(url)
     top = path.strip("/").split("/", 1)[0]
     root = fs.root_marker + top if top else fs.root_marker or "/"
-    with translated(url):
+    with translated(output or url, "cannot be written"):
         if output is None and fs.isfile(path):
             raise InvalidInputError(f"output {url} is an object, not a prefix (end it with / for DIR/<name>.kvp)")
         if fs.isdir(path) or fs.exists(root):

@@ -61,10 +61,12 @@ def test_directory_batch_compresses_the_good_files_and_names_the_bad_ones(store,
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), err
+    # d's output is there and is not a .kvp: said before any work, then bad fails while the others run
+    assert lines[0].startswith(f"error: {store / 'd.safetensors'}: ") and "exists (pass --force" in lines[0]
+    assert "it does not verify" in lines[0]
     assert (
-        lines[0].startswith(f"error: {store / 'bad.safetensors'}: ") and "not a readable safetensors file" in lines[0]
+        lines[1].startswith(f"error: {store / 'bad.safetensors'}: ") and "not a readable safetensors file" in lines[1]
     )
-    assert lines[1].startswith(f"error: {store / 'd.safetensors'}: ") and "exists (pass --force" in lines[1]
     assert "3 ok, 2 failed" in out and "bad.safetensors" in out.splitlines()[-1]
     for name in ("a", "b", "c"):
         assert_round_trip(store / f"{name}.kvp", real_tensors)
@@ -193,7 +195,8 @@ def test_bad_options_fail_once_and_misfits_fail_per_file(store, capsys):
     code, out, err = run(["compress", store, "--method", "uniform", "--group-size", "100"], capsys)  # per file
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 5 and "Traceback" not in err and "0 ok, 5 failed" in out
-    assert sum("does not divide" in line for line in lines) == 4  # and bad.safetensors: not readable
+    assert sum("does not divide" in line for line in lines) == 3  # bad.safetensors: not readable
+    assert sum("d.kvp exists (pass --force" in line for line in lines) == 1  # said before any work
     assert not any(p.suffix == ".kvp" and p.name != "d.kvp" for p in store.iterdir()) and temp_files(store) == []
 
 

@@ -148,6 +148,12 @@ def test_the_cli_compresses_a_store_from_s3_to_s3_and_resumes(s3, store, client,
 
     code, stdout, err = run(args, capsys)
     assert code == 2 and "0 ok, 3 skipped (outputs there and verified), 1 failed" in stdout
+    other = [a if a != "4" else "2" for a in args]  # --bits 2: the outputs were made with other settings
+    code, stdout, err = run(other, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 4 and "0 ok, 4 failed" in stdout
+    assert f"error: {store}a.safetensors: output {packed}a.kvp exists (pass --force" in lines[0]
+    assert "made with other settings (uniform 4-bit, group 64" in lines[0]
 
     # the local process pool reads and writes the same URLs
     code, stdout, _ = run(["compress", f"{store}[abc].safetensors", "-o", f"s3://{bucket}/pool/", *UNIFORM_4,
