@@ -4,7 +4,12 @@ with copies of the real SmolLM2 dump: the same files as the local pool, resumabl
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +92,31 @@ def test_an_unreachable_scheduler_is_one_line(store, tmp_path, capsys):
     )
     assert_one_line_error(code, err, "cannot reach the Dask scheduler tcp://127.0.0.1:9")
     assert not any(tmp_path.glob("*.kvp"))
+
+
+def test_ctrl_c_on_a_local_cluster_is_one_line_and_leaves_no_partial_output(real_dump, tmp_path):
+    """Ctrl-C reaches the whole process group, as from a terminal: the workers of the cluster kvpack
+    started ignore it, the caller cancels the tasks, and only whole files remain."""
+    store, out = tmp_path / "store", tmp_path / "packed"
+    store.mkdir()
+    out.mkdir()
+    for i in range(12):
+        shutil.copyfile(real_dump, store / f"c{i:02d}.safetensors")
+    command = [sys.executable, "-m", "kvpack", "compress", str(store), "-o", str(out), *UNIFORM_4]
+    process = subprocess.Popen(
+        [*command, "--engine", "dask", "--jobs", "2"], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while not any(out.glob("*.kvp")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err.strip() == "error: interrupted", err
+    written = sorted(out.iterdir())
+    assert written and len(written) < 12 and all(p.suffix == ".kvp" and not p.name.startswith(".") for p in written)
+    from kvpack.formats.reader import KvpReader
+    from kvpack.restore.streaming import verify_entries
+
+    for path in written:
+        with KvpReader(path) as reader:
+            verify_entries(reader)
