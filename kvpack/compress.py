@@ -35,7 +35,7 @@ from kvpack.profile import Profile, default_profile_path, find_profile, model_ke
 from kvpack.report import build_report
 from kvpack.restore.profiles import PROFILE_TENSOR
 from kvpack.sources import open_dump
-from kvpack.storage import accepts_storage_options, is_url, named_as, same_location, upload_on_success
+from kvpack.storage import accepts_storage_options, is_url, same_location, upload_on_success
 from kvpack.transforms.rope import ROTATE_HALF, cached_first_position, rope_for_layer
 from kvpack.weighted_error import estimated_kl
 
@@ -87,7 +87,7 @@ def compress_tensors(
             and :class:`KvpWriter`; a missing or foreign profile.
     """
     if is_url(path):  # written locally, uploaded once complete (the transform codec may write twice)
-        with upload_on_success(str(path), force) as local, named_as(local, str(path)):
+        with upload_on_success(str(path), force) as local:
             return compress_tensors(
                 tensors, local, config, metadata, True, allocation, stats, entropy, profile, embed_profile, rope
             )
@@ -300,11 +300,13 @@ def compress_file(
         if same_location(input_path, output_path):
             raise InvalidInputError("input and output are the same file")
         url = str(output_path)
-        with upload_on_success(url, force) as local, named_as(local, url):  # refused before any download
+        with upload_on_success(url, force) as local:  # refused before any download
             report = compress_file(
                 input_path, local, config, True, progress, allocation, entropy, profile, embed_profile, model
             )
         return {**report, "output": url}
+    if is_url(input_path):  # refuse the output before the dump is downloaded
+        check_output_path(output_path, force)
     with open_dump(input_path, model, lossless=config is None) as source:
         config = with_model_profile(config, source.metadata, profile)
         names = sorted((n for n in source.keys() if not is_stats_tensor(n)), key=tensor_order)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from kvpack.errors import FormatError, InvalidInputError, brief
-from kvpack.storage import is_url, open_read, translated
+from kvpack.storage import is_url, open_read
 
 PROFILE_FORMAT = "kvpack-profile-1"
 ROLES = ("key", "value")
@@ -209,8 +209,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
         with open_read(str(path)) as handle:
             if handle.size > MAX_PROFILE_BYTES:
                 raise FormatError(f"{path}: {handle.size} bytes, more than a profile may hold ({MAX_PROFILE_BYTES})")
-            with translated(str(path)):
-                data = handle.read()
+            data = handle.read()
         return profile_from_bytes(data, str(path))
     path = Path(path)
     if not path.is_file():

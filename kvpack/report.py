@@ -40,7 +40,7 @@ from kvpack.names import parse_kv_name, tensor_order
 from kvpack.restore.profiles import attach_profile
 from kvpack.restore.streaming import piece_tokens, verify_entries
 from kvpack.sources import CacheSource, open_cache
-from kvpack.storage import accepts_storage_options, is_url, local_copy, named_as
+from kvpack.storage import accepts_storage_options, is_url, local_copy
 
 BIT_COLUMNS = ("codes", "scales", "codebooks", "outliers", "exact", "bitmap", "header")
 _KIND_COLUMN = {
@@ -287,7 +287,7 @@ def describe_file(
         InvalidInputError, FormatError: unreadable or invalid file.
     """
     if is_url(path) and not is_kvp_file(path):  # a dump or state file: read from a local copy
-        with local_copy(str(path)) as local, named_as(local, str(path)):
+        with local_copy(str(path)) as local:
             info = describe_file(local, verify, profile, model)
         return {**info, "path": str(path)}
     if is_llama_state(path):

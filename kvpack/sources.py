@@ -177,7 +177,7 @@ def open_dump(path: str | os.PathLike, model: str | os.PathLike | None = None, l
 @contextlib.contextmanager
 def _staged_dump(url: str, model, lossless: bool):
     """:func:`open_dump` of a local copy of ``url``, for the length of a ``with`` block."""
-    with local_copy(url) as local, named_as(local, url), open_dump(local, model, lossless) as source:
+    with local_copy(url) as local, open_dump(local, model, lossless) as source:
         yield source
 
 

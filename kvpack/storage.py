@@ -186,7 +186,7 @@ def filesystem(url: str, fresh: bool = False):
         raise InvalidInputError(f"{url}: a storage option is not accepted ({exc})") from None
 
 
-def storage_error(url: str, exc: BaseException, doing: str = "cannot be read") -> KvpackError:
+def _storage_error(url: str, exc: BaseException, doing: str = "cannot be read") -> KvpackError:
     """One readable error for what the storage said about ``url``."""
     if isinstance(exc, KvpackError):
         return exc
@@ -214,7 +214,7 @@ def translated(url: str, doing: str = "cannot be read") -> Iterator[None]:
     except (KvpackError, *_BUGS):
         raise
     except Exception as exc:  # s3fs / botocore / aiohttp / gcsfs raise their own types besides OSError
-        raise storage_error(url, exc, doing) from None
+        raise _storage_error(url, exc, doing) from None
 
 
 def info(url: str, doing: str = "cannot be read") -> dict | None:
@@ -303,7 +303,8 @@ class _ObjectReader:
 @contextlib.contextmanager
 def local_copy(url: str) -> Iterator[Path]:
     """A local temporary copy of ``url``, streamed :data:`TRANSFER_BYTES` at a time (bounded memory),
-    removed at the end of the block; it keeps ``url``'s name, so format checks by suffix still apply.
+    removed at the end of the block; it keeps ``url``'s name, so format checks by suffix still apply,
+    and errors raised in the block that name the copy name ``url`` instead (:func:`named_as`).
 
     Raises:
         InvalidInputError: see :func:`open_read`; the copy cannot be written (local disk).
@@ -312,7 +313,8 @@ def local_copy(url: str) -> Iterator[Path]:
         target = Path(folder) / (name_of(url) or "object")
         with open_read(url) as source, open(target, "wb") as out, translated(url):
             shutil.copyfileobj(source, out, TRANSFER_BYTES)
-        yield target
+        with named_as(target, url):
+            yield target
 
 
 @contextlib.contextmanager
@@ -366,7 +368,8 @@ def check_output_folder(url: str, output: str | None = None) -> None:
 @contextlib.contextmanager
 def upload_on_success(url: str, force: bool = False) -> Iterator[Path]:
     """Yield a local temporary path; when the block succeeds, upload it to ``url`` (:func:`upload`).
-    On any exception (interrupts included) nothing is uploaded and the temporary file is removed.
+    On any exception (interrupts included) nothing is uploaded and the temporary file is removed;
+    errors raised in the block that name the temporary path name ``url`` instead (:func:`named_as`).
 
     Raises:
         OutputExistsError, InvalidInputError: see :func:`check_output` (before the block) and :func:`upload`.
@@ -375,7 +378,8 @@ def upload_on_success(url: str, force: bool = False) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="kvpack-upload-") as folder:
         local = Path(folder) / (name_of(url) or "object")
         local.touch()  # as a local atomic output: the file exists, empty, for writers that open it "r+b"
-        yield local
+        with named_as(local, url):
+            yield local
         upload(local, url, force)
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from kvpack import load_kvp
 from kvpack.batch import expand_inputs, plan_outputs
 from kvpack.errors import InvalidInputError
-from tests.cli_helpers import run
+from tests.cli_helpers import run, write_store
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIFORM_4 = ["--method", "uniform", "--bits", "4", "--group-size", "64"]  # the fastest codec: seconds per batch
@@ -44,11 +44,7 @@ def assert_round_trip(output: Path, real_tensors: dict) -> None:
 @pytest.fixture
 def store(real_dump, tmp_path) -> Path:
     """A prompt-cache store: a, b, c (good copies), bad (truncated), d (its output d.kvp exists)."""
-    folder = tmp_path / "store"
-    folder.mkdir()
-    for name in ("a", "b", "c", "d"):
-        shutil.copyfile(real_dump, folder / f"{name}.safetensors")
-    (folder / "bad.safetensors").write_bytes(real_dump.read_bytes()[: real_dump.stat().st_size // 2])
+    folder = write_store(real_dump, tmp_path / "store")
     (folder / "d.kvp").write_bytes(b"precious")
     (folder / "notes.txt").write_text("not a dump")
     return folder

@@ -16,7 +16,7 @@ import pytest
 
 from kvpack.batch import Job, run_job
 from kvpack.config import CodecConfig
-from tests.cli_helpers import assert_one_line_error, run
+from tests.cli_helpers import assert_one_line_error, run, write_store
 
 distributed = pytest.importorskip(
     "distributed", reason="dask.distributed is not installed (pip install 'kvpack[dask]')"
@@ -38,12 +38,7 @@ def client():
 @pytest.fixture
 def store(real_dump, tmp_path) -> Path:
     """a, b, c, d: copies of the real dump; bad: truncated."""
-    folder = tmp_path / "store"
-    folder.mkdir()
-    for name in ("a", "b", "c", "d"):
-        shutil.copyfile(real_dump, folder / f"{name}.safetensors")
-    (folder / "bad.safetensors").write_bytes(real_dump.read_bytes()[: real_dump.stat().st_size // 2])
-    return folder
+    return write_store(real_dump, tmp_path / "store")
 
 
 def test_the_api_on_a_client_writes_what_the_local_path_writes_and_resumes(store, client, tmp_path):

@@ -248,7 +248,7 @@ def test_an_upload_interrupted_midway_leaves_no_object(s3, real_dump, options, t
 
 
 def test_missing_bucket_bad_credentials_and_corrupted_objects_are_one_line_each(
-    s3, store, options, cli_options, capsys, real_dump
+    s3, store, options, cli_options, capsys, real_dump, tmp_path
 ):
     fs, bucket = s3
     _one_line(
@@ -264,6 +264,11 @@ def test_missing_bucket_bad_credentials_and_corrupted_objects_are_one_line_each(
     _one_line(
         run(["compress", store, "-o", "s3://kvpack-no-such-bucket/packed/", *cli_options], capsys), "no such bucket"
     )
+
+    kept = tmp_path / "kept.kvp"
+    kept.write_bytes(b"precious")  # a local output that exists: refused before the dump is downloaded
+    _one_line(run(["compress", f"{store}a.safetensors", "-o", kept, *cli_options], capsys), "exists (pass --force")
+    assert kept.read_bytes() == b"precious"
 
     with checking_credentials(options["endpoint_url"]):
         wrong = [a if not a.startswith("secret=") and not a.startswith("key=") else a.split("=")[0] + "=wrong"
